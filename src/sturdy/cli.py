@@ -1,0 +1,201 @@
+"""The ``sturdy`` command line: a thin layer over the library and :mod:`sturdy.experiments`.
+
+Errors a user can fix (bad arguments, missing files, unknown names) print one line on stderr and
+exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from sturdy import __version__
+from sturdy.errors import ConfigurationError, SturdyError
+
+__all__ = ["main", "build_parser"]
+
+PART_MODULES = ("lipschitz", "fourier", "flatness", "compression")
+EXIT_USAGE = 2
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so every error goes through one handler."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigurationError(f"{self.prog}: {message}")
+
+
+def _part_modules() -> List[Any]:
+    mods = []
+    for part in PART_MODULES:
+        name = f"sturdy.experiments.{part}"
+        if importlib.util.find_spec(name) is not None:
+            mods.append(importlib.import_module(name))
+    return mods
+
+
+def _model_arg(text: str) -> tuple:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. width=256 or channels=(16,32)), got {text!r}")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return key, parsed
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_train(subparsers: Any, parts: Sequence[Any]) -> None:
+    p = subparsers.add_parser("train", help="train a model; writes OUT/model.pt and OUT/results.json")
+    p.add_argument("--dataset", default="digits",
+                   help="digits (embedded), synthetic, mnist, fashion-mnist, cifar10, svhn")
+    p.add_argument("--data-root", default=None, help="folder holding torchvision data files")
+    p.add_argument("--download", action="store_true", help="let torchvision download missing data (needs internet)")
+    p.add_argument("--resize", type=_positive_int, default=None, help="resize images to SIDE x SIDE")
+    p.add_argument("--model", default="cnn", help="linear, mlp, cnn, resnet, wrn")
+    p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="architecture option, repeatable (e.g. --model-arg width=256)")
+    p.add_argument("--epochs", type=_positive_int, default=20)
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="per worker")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", choices=("cosine", "constant", "step"), default="cosine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label-noise", type=float, default=0.0, metavar="FRACTION",
+                   help="fraction of training labels replaced by a wrong random class")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--out", default="runs/train")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/model.pt exists")
+    p.add_argument("--no-progress", action="store_true")
+    core = {a.dest for a in p._actions}
+    for mod in parts:
+        if hasattr(mod, "add_train_arguments"):
+            mod.add_train_arguments(p)
+    p.set_defaults(func=_cmd_train, _core_dests=core)
+
+
+def _job_from_args(args: argparse.Namespace) -> Any:
+    from sturdy.experiments.train_job import TrainJob
+
+    values = vars(args)
+    skip = {"func", "_core_dests", "command", "debug", "help"}
+    options = {k: v for k, v in values.items() if k not in args._core_dests and k not in skip}
+    return TrainJob(
+        dataset=args.dataset, model=args.model, model_kwargs=dict(args.model_arg), resize=args.resize,
+        data_root=args.data_root, download=args.download, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
+        schedule=args.schedule, seed=args.seed, label_noise=args.label_noise, device=args.device,
+        out=args.out, options=options,
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    job = _job_from_args(args)
+    if int(job.options.get("nproc", 1)) > 1 or job.options.get("compress", "none") != "none":
+        from sturdy.experiments.compression import run_distributed_training
+
+        results = run_distributed_training(job)
+    else:
+        from sturdy.experiments.train_job import run_train_job
+
+        results = run_train_job(job, resume=not args.no_resume, progress=not args.no_progress)
+    summary = {k: results.get(k) for k in ("train_accuracy", "test_accuracy", "seconds_per_epoch")}
+    print(json.dumps(summary))
+    print(f"wrote {Path(job.out) / 'model.pt'} and {Path(job.out) / 'results.json'}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from sturdy.experiments.train_job import load_job_data, load_trained_model
+    from sturdy.training import evaluate, resolve_device
+
+    model, job = load_trained_model(args.checkpoint, device=resolve_device(args.device))
+    if args.dataset is not None:
+        job = job.replace(dataset=args.dataset)
+    _, test_set = load_job_data(job)
+    loss, acc = evaluate(model, test_set)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": job.dataset, "test_loss": loss,
+                      "test_accuracy": acc, "test_size": len(test_set)}))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sturdy.experiments.demo import run_demo
+
+    path = run_demo(out=args.out, quick=args.quick, device=args.device, seed=args.seed,
+                    progress=not args.no_progress)
+    print(f"report written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``sturdy`` argument parser (parts register their own sub-commands)."""
+    parser = _ArgumentParser(prog="sturdy", description="Certified robustness, Fourier sensitivity, "
+                             "normalized flatness and gradient compression for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"sturdy {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    parts = _part_modules()
+    _add_train(sub, parts)
+    p = sub.add_parser("evaluate", help="test accuracy of a trained model")
+    p.add_argument("--checkpoint", required=True, help="model.pt written by `sturdy train`")
+    p.add_argument("--dataset", default=None, help="evaluate on another data set of the same shape")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_evaluate)
+    p = sub.add_parser("demo", help="the main job on the embedded digits data; writes an HTML report")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="smoke-test sized run (about a minute)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+    for mod in parts:
+        mod.register_cli(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``sturdy`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "func", None) is None:
+            build_parser().print_help(sys.stderr)
+            return EXIT_USAGE
+        return int(args.func(args) or 0)
+    except (SturdyError, OSError) as exc:
+        if debug:
+            raise
+        print(f"sturdy: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sturdy: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

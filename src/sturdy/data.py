@@ -1,0 +1,229 @@
+"""Image data sets as in-memory tensors.
+
+Convention: images are float32 tensors of shape ``(N, C, H, W)`` with values in ``[0, 1]``;
+labels are int64 class indices in ``[0, num_classes)``.
+
+The default data set, ``digits``, is scikit-learn's 8x8 handwritten digits (1797 real images,
+shipped inside scikit-learn, no download). Torchvision data sets (``mnist``, ``fashion-mnist``,
+``cifar10``, ``svhn``) are loaded when the ``vision`` extra is installed and the files are present.
+
+Example:
+    >>> from sturdy.data import load_dataset
+    >>> train = load_dataset("digits", split="train")
+    >>> train.images.shape[1:], train.num_classes
+    (torch.Size([1, 8, 8]), 10)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from sturdy.errors import ConfigurationError, DataError, MissingDependencyError
+
+__all__ = ["ImageDataset", "load_dataset", "available_datasets", "apply_label_noise"]
+
+DIGITS_TEST_SIZE = 497  # fixed held-out size of the digits split (1797 images in total)
+DIGITS_SPLIT_SEED = 0  # the split never changes with the user's seed: results stay comparable
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset(Dataset):
+    """An in-memory labelled image data set.
+
+    Attributes:
+        images: float32 tensor ``(N, C, H, W)``, values in ``[0, 1]``.
+        labels: int64 tensor ``(N,)``.
+        num_classes: number of classes.
+        name: data set name (e.g. ``"digits"``).
+        split: ``"train"`` or ``"test"``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    name: str = ""
+    split: str = ""
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
+
+    def subset(self, indices: torch.Tensor | Sequence[int]) -> ImageDataset:
+        """A new data set holding only ``indices`` (same name, split and class count)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return ImageDataset(self.images[idx], self.labels[idx], self.num_classes, self.name, self.split)
+
+    def with_labels(self, labels: torch.Tensor) -> ImageDataset:
+        """A copy with replaced labels (e.g. after label noise)."""
+        if labels.shape != self.labels.shape:
+            raise DataError(f"labels must have shape {tuple(self.labels.shape)}, got {tuple(labels.shape)}")
+        return ImageDataset(self.images, labels.to(torch.long), self.num_classes, self.name, self.split)
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "test"):
+        raise ConfigurationError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def _resize(images: torch.Tensor, resize: Optional[int]) -> torch.Tensor:
+    if resize is None:
+        return images
+    if not isinstance(resize, int) or resize < 1:
+        raise ConfigurationError(f"resize must be a positive integer side length (e.g. 16 or 32), got {resize!r}")
+    if images.shape[-1] == resize and images.shape[-2] == resize:
+        return images
+    out = F.interpolate(images, size=(resize, resize), mode="bilinear", align_corners=False)
+    return out.clamp_(0.0, 1.0)
+
+
+def _load_digits(split: str, root: Optional[str], download: bool, seed: int, **_: object) -> ImageDataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+    test_idx, train_idx = perm[:DIGITS_TEST_SIZE], perm[DIGITS_TEST_SIZE:]
+    idx = train_idx if split == "train" else test_idx
+    return ImageDataset(images[idx].contiguous(), labels[idx].contiguous(), 10, "digits", split)
+
+
+def _load_synthetic(
+    split: str,
+    root: Optional[str],
+    download: bool,
+    seed: int,
+    *,
+    num_samples: int = 512,
+    image_shape: Sequence[int] = (3, 32, 32),
+    num_classes: int = 10,
+    **_: object,
+) -> ImageDataset:
+    if len(image_shape) != 3 or min(image_shape) < 1:
+        raise ConfigurationError(f"image_shape must be (C, H, W) with positive sizes, got {tuple(image_shape)}")
+    if num_samples < 1 or num_classes < 2:
+        raise ConfigurationError("synthetic data needs num_samples >= 1 and num_classes >= 2")
+    gen = torch.Generator().manual_seed(seed * 2 + (0 if split == "train" else 1))
+    images = torch.rand((num_samples, *image_shape), generator=gen)
+    labels = torch.randint(0, num_classes, (num_samples,), generator=gen)
+    return ImageDataset(images, labels, num_classes, "synthetic", split)
+
+
+_VISION = {
+    # name: (torchvision class name, how the split is passed, number of classes)
+    "mnist": ("MNIST", "train", 10),
+    "fashion-mnist": ("FashionMNIST", "train", 10),
+    "cifar10": ("CIFAR10", "train", 10),
+    "svhn": ("SVHN", "split", 10),
+}
+
+
+def _load_vision(name: str) -> Callable[..., ImageDataset]:
+    def load(split: str, root: Optional[str], download: bool, seed: int, **_: object) -> ImageDataset:
+        try:
+            import torchvision
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"data set {name!r} needs torchvision: install it with `pip install 'sturdy[vision]'` "
+                "(or `pip install torchvision`), or use the embedded data set 'digits'"
+            ) from exc
+        cls_name, split_kind, num_classes = _VISION[name]
+        folder = Path(root) if root is not None else Path("data")
+        kwargs = {"train": split == "train"} if split_kind == "train" else {"split": split}
+        try:
+            ds = getattr(torchvision.datasets, cls_name)(str(folder), download=download, **kwargs)
+        except RuntimeError as exc:
+            raise DataError(
+                f"data set {name!r} ({split}) not found under {str(folder)!r}: put the torchvision files there "
+                f"(root=... / --data-root DIR) or pass download=True (--download) on a machine with internet"
+            ) from exc
+        data = torch.as_tensor(ds.data)
+        if data.ndim == 3:  # (N, H, W) grayscale
+            data = data.unsqueeze(1)
+        elif data.shape[-1] in (1, 3):  # (N, H, W, C)
+            data = data.permute(0, 3, 1, 2)
+        labels = torch.as_tensor(getattr(ds, "targets", getattr(ds, "labels", None)), dtype=torch.long)
+        images = data.to(torch.float32) / 255.0
+        return ImageDataset(images.contiguous(), labels, num_classes, name, split)
+
+    return load
+
+
+_LOADERS: dict = {"digits": _load_digits, "synthetic": _load_synthetic}
+_LOADERS.update({name: _load_vision(name) for name in _VISION})
+
+
+def available_datasets() -> Tuple[str, ...]:
+    """Names accepted by :func:`load_dataset`."""
+    return tuple(_LOADERS)
+
+
+def load_dataset(
+    name: str = "digits",
+    *,
+    split: str = "train",
+    root: Optional[str] = None,
+    download: bool = False,
+    resize: Optional[int] = None,
+    seed: int = 0,
+    **kwargs: object,
+) -> ImageDataset:
+    """Load a labelled image data set into memory.
+
+    Args:
+        name: one of :func:`available_datasets` (``"digits"`` is embedded; ``"synthetic"`` is random
+            images, seeded, with ``num_samples``, ``image_shape`` and ``num_classes`` keywords).
+        split: ``"train"`` or ``"test"``. The digits split is fixed (1300 train / 497 test).
+        root: folder holding torchvision data files (default ``./data``).
+        download: let torchvision download missing files (needs internet).
+        resize: optional square side length; images are bilinearly resized (e.g. 8 -> 16 or 32).
+        seed: seed of the synthetic data set.
+
+    Returns:
+        An :class:`ImageDataset` with images in ``[0, 1]``, shape ``(N, C, H, W)``.
+
+    Raises:
+        DataError: unknown name or files missing. MissingDependencyError: torchvision needed.
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if key not in _LOADERS:
+        raise DataError(f"unknown data set {name!r}; known data sets: {', '.join(available_datasets())}")
+    _check_split(split)
+    ds = _LOADERS[key](split, root, download, seed, **kwargs)
+    if resize is not None:
+        ds = ImageDataset(_resize(ds.images, resize), ds.labels, ds.num_classes, ds.name, ds.split)
+    return ds
+
+
+def apply_label_noise(labels: torch.Tensor, *, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
+    """Replace exactly ``round(fraction * N)`` labels by a different, uniformly random class.
+
+    The corrupted positions and their new labels depend only on ``seed``, so the same noisy
+    data set is produced on every run and on every worker.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigurationError(f"label noise fraction must lie in [0, 1], got {fraction}")
+    n = int(labels.shape[0])
+    count = int(round(fraction * n))
+    if count == 0:
+        return labels.clone()
+    gen = torch.Generator().manual_seed(seed + 7919)
+    idx = torch.randperm(n, generator=gen)[:count]
+    shift = torch.randint(1, num_classes, (count,), generator=gen)
+    noisy = labels.clone()
+    noisy[idx] = (labels[idx] + shift) % num_classes
+    return noisy

@@ -1,0 +1,240 @@
+"""Reference architectures, created by name from a registry.
+
+Every model maps images ``(N, C, H, W)`` to logits ``(N, num_classes)``, ends in an
+``nn.Linear`` classifier (the "last linear layer" of the pairwise Lipschitz certificate), and is
+traceable by ``torch.fx`` (no data-dependent control flow).
+
+Example:
+    >>> from sturdy.models import create_model
+    >>> model = create_model("cnn", in_shape=(1, 8, 8), num_classes=10)
+    >>> model(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Dict, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from sturdy.errors import ConfigurationError
+
+__all__ = ["register_model", "create_model", "available_models"]
+
+_MODELS: Dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a model factory ``f(*, in_shape, num_classes, **kw) -> nn.Module``."""
+
+    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _MODELS:
+            raise ConfigurationError(f"a model named {name!r} is already registered")
+        _MODELS[name] = factory
+        return factory
+
+    return deco
+
+
+def available_models() -> Tuple[str, ...]:
+    """Registered model names."""
+    return tuple(sorted(_MODELS))
+
+
+def create_model(name: str, *, in_shape: Sequence[int], num_classes: int, **kwargs: object) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: registered name (see :func:`available_models`).
+        in_shape: ``(C, H, W)`` of one input image.
+        num_classes: number of output logits.
+        **kwargs: architecture options of that model (e.g. ``width``, ``batchnorm``, ``pool``).
+
+    Raises:
+        ConfigurationError: unknown name, unknown option, or invalid shape.
+    """
+    if name not in _MODELS:
+        raise ConfigurationError(f"unknown model {name!r}; known models: {', '.join(available_models())}")
+    in_shape = tuple(int(s) for s in in_shape)
+    if len(in_shape) != 3 or min(in_shape) < 1:
+        raise ConfigurationError(f"in_shape must be (C, H, W) with positive sizes, got {in_shape}")
+    if int(num_classes) < 2:
+        raise ConfigurationError(f"num_classes must be >= 2, got {num_classes}")
+    factory = _MODELS[name]
+    accepted = set(inspect.signature(factory).parameters) - {"in_shape", "num_classes"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ConfigurationError(
+            f"model {name!r} has no option(s) {', '.join(unknown)}; its options are: {', '.join(sorted(accepted))}"
+        )
+    return factory(in_shape=in_shape, num_classes=int(num_classes), **kwargs)
+
+
+def _flat(in_shape: Tuple[int, int, int]) -> int:
+    c, h, w = in_shape
+    return c * h * w
+
+
+@register_model("linear")
+def linear(*, in_shape: Tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Multinomial logistic regression on the flattened image."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(_flat(in_shape), num_classes))
+
+
+@register_model("mlp")
+def mlp(*, in_shape: Tuple[int, int, int], num_classes: int, width: int = 128, depth: int = 2) -> nn.Module:
+    """ReLU MLP with ``depth`` hidden layers of ``width`` units."""
+    if width < 1 or depth < 1:
+        raise ConfigurationError(f"mlp needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
+    layers: list = [nn.Flatten()]
+    fan_in = _flat(in_shape)
+    for _ in range(depth):
+        layers += [nn.Linear(fan_in, width), nn.ReLU()]
+        fan_in = width
+    layers.append(nn.Linear(fan_in, num_classes))
+    return nn.Sequential(*layers)
+
+
+@register_model("cnn")
+def cnn(
+    *,
+    in_shape: Tuple[int, int, int],
+    num_classes: int,
+    channels: Sequence[int] = (32, 64),
+    width: int = 128,
+    batchnorm: bool = False,
+    pool: str = "max",
+    convs_per_block: int = 1,
+) -> nn.Module:
+    """Conv-ReLU blocks (3x3, padding 1), each followed by 2x2 pooling, then a hidden and an output Linear.
+
+    Args:
+        channels: output channels of each block.
+        width: hidden units of the fully connected layer.
+        batchnorm: insert BatchNorm2d after every convolution.
+        pool: ``"max"``, ``"avg"`` or ``"none"`` (pooling after each block; skipped once the
+            feature map is 1 pixel wide).
+        convs_per_block: convolutions per block.
+    """
+    if pool not in ("max", "avg", "none"):
+        raise ConfigurationError(f"pool must be 'max', 'avg' or 'none', got {pool!r}")
+    if not channels or min(channels) < 1 or width < 1 or convs_per_block < 1:
+        raise ConfigurationError("cnn needs non-empty positive channels, width >= 1 and convs_per_block >= 1")
+    c, h, w = in_shape
+    layers: list = []
+    for out in channels:
+        for _ in range(convs_per_block):
+            layers.append(nn.Conv2d(c, out, 3, padding=1, bias=not batchnorm))
+            if batchnorm:
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(nn.ReLU())
+            c = out
+        if pool != "none" and min(h, w) >= 2:
+            layers.append(nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2))
+            h, w = h // 2, w // 2
+    layers += [nn.Flatten(), nn.Linear(c * h * w, width), nn.ReLU(), nn.Linear(width, num_classes)]
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """Pre-activation residual block: BN-ReLU-conv-BN-ReLU-conv plus a (projected) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, batchnorm: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        norm = (lambda c: nn.BatchNorm2d(c)) if batchnorm else (lambda c: nn.Identity())
+        self.bn1 = norm(c_in)
+        self.relu1 = nn.ReLU()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=not batchnorm)
+        self.bn2 = norm(c_out)
+        self.relu2 = nn.ReLU()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=not batchnorm)
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and c_in == c_out
+            else nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(x))
+        y = self.conv1(out)
+        y = self.conv2(self.dropout(self.relu2(self.bn2(y))))
+        return y + self.shortcut(x)
+
+
+class ResNet(nn.Module):
+    """Small pre-activation residual network: stem conv, residual stages, pooled Linear head."""
+
+    def __init__(
+        self,
+        in_shape: Tuple[int, int, int],
+        num_classes: int,
+        widths: Sequence[int],
+        blocks_per_stage: int,
+        batchnorm: bool,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        c = in_shape[0]
+        self.stem = nn.Conv2d(c, widths[0], 3, padding=1, bias=False)
+        blocks = []
+        c = widths[0]
+        for i, width in enumerate(widths):
+            for j in range(blocks_per_stage):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(BasicBlock(c, width, stride, batchnorm, dropout))
+                c = width
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(c) if batchnorm else nn.Identity()
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        x = self.pool(self.relu(self.bn(x)))
+        return self.fc(self.flatten(x))
+
+
+@register_model("resnet")
+def resnet(
+    *,
+    in_shape: Tuple[int, int, int],
+    num_classes: int,
+    widths: Sequence[int] = (16, 32, 64),
+    blocks_per_stage: int = 1,
+    batchnorm: bool = True,
+) -> nn.Module:
+    """Small pre-activation ResNet (one block per stage by default)."""
+    if not widths or min(widths) < 1 or blocks_per_stage < 1:
+        raise ConfigurationError("resnet needs non-empty positive widths and blocks_per_stage >= 1")
+    return ResNet(in_shape, num_classes, widths, blocks_per_stage, batchnorm)
+
+
+@register_model("wrn")
+def wrn(
+    *,
+    in_shape: Tuple[int, int, int],
+    num_classes: int,
+    depth: int = 16,
+    widen: int = 4,
+    dropout: float = 0.0,
+    batchnorm: bool = True,
+) -> nn.Module:
+    """Wide-ResNet-``depth``-``widen`` (Zagoruyko & Komodakis), designed for 32x32 inputs."""
+    if (depth - 4) % 6 != 0 or depth < 10:
+        raise ConfigurationError(f"wrn depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
+    if widen < 1:
+        raise ConfigurationError(f"wrn widen factor must be >= 1, got {widen}")
+    n = (depth - 4) // 6
+    widths = (16 * widen, 32 * widen, 64 * widen)
+    model = ResNet(in_shape, num_classes, widths, n, batchnorm, dropout)
+    # WRN's stem has 16 channels regardless of the widening factor.
+    model.stem = nn.Conv2d(in_shape[0], 16, 3, padding=1, bias=False)
+    first = model.blocks[0]
+    model.blocks[0] = BasicBlock(16, widths[0], 1, batchnorm, dropout)
+    del first
+    return model

@@ -1,0 +1,469 @@
+"""One training loop shared by every method.
+
+The loop knows no method: a caller plugs in a loss function (e.g. Lipschitz-margin training),
+extra stateful objects to checkpoint (e.g. power-iteration vectors, compression residuals) and,
+when ``torch.distributed`` is initialised, a DDP communication hook (e.g. gradient compression).
+
+Conventions:
+    * ``loss_fn(model, inputs, targets, *, epoch, step) -> (loss, logits)``; ``loss`` is the
+      **mean** over the batch, ``logits`` are the clean logits used for the accuracy metric.
+    * ``batch_size`` is per worker; under DDP each rank takes a disjoint, equally long shard of one
+      seeded permutation per epoch, so every rank runs the same number of steps.
+    * The data order of epoch ``e`` depends only on ``(seed, e)``; the global RNG state (dropout,
+      ...) is checkpointed, so resuming gives bit-identical weights.
+    * Checkpoints are written atomically (temporary file, then rename) and read with
+      ``torch.load(weights_only=True)``: a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from sturdy.data import ImageDataset, apply_label_noise
+from sturdy.errors import CheckpointError, ConfigurationError
+
+__all__ = [
+    "TrainConfig",
+    "EpochMetrics",
+    "TrainResult",
+    "LossFn",
+    "Stateful",
+    "train",
+    "evaluate",
+    "cross_entropy_loss",
+    "resolve_device",
+    "save_checkpoint",
+    "load_checkpoint",
+    "CHECKPOINT_FORMAT",
+]
+
+CHECKPOINT_FORMAT = "sturdy-checkpoint-v1"
+
+
+class LossFn(Protocol):
+    def __call__(
+        self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, epoch: int, step: int
+    ) -> Tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Dict[str, Any]: ...
+
+    def load_state_dict(self, state: Dict[str, Any]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of :func:`train`.
+
+    Attributes:
+        epochs: total number of epochs of the run (the LR schedule spans them).
+        batch_size: mini-batch size per worker.
+        lr: peak learning rate.
+        optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"``.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty coefficient passed to the optimizer.
+        schedule: ``"constant"``, ``"cosine"`` (per step, to 0) or ``"step"`` (x0.1 at 50% and 75%).
+        seed: seed of data order and label noise.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        label_noise: fraction of training labels replaced by a wrong random class (fixed by ``seed``).
+        eval_batch_size: batch size of evaluation passes.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    seed: int = 0
+    device: str = "auto"
+    label_noise: float = 0.0
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        checks = [
+            (isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}"),
+            (
+                isinstance(self.batch_size, int) and self.batch_size >= 1,
+                f"batch_size must be an integer >= 1, got {self.batch_size!r}",
+            ),
+            (math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr!r}"),
+            (self.optimizer in ("sgd", "adam"), f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}"),
+            (0 <= self.momentum < 1, f"momentum must lie in [0, 1), got {self.momentum!r}"),
+            (
+                math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                f"weight_decay must be >= 0, got {self.weight_decay!r}",
+            ),
+            (
+                self.schedule in ("constant", "cosine", "step"),
+                f"schedule must be 'constant', 'cosine' or 'step', got {self.schedule!r}",
+            ),
+            (0 <= self.label_noise <= 1, f"label_noise must be a fraction in [0, 1], got {self.label_noise!r}"),
+            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigurationError(message)
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """Metrics of one epoch (losses are means over samples; accuracies in [0, 1])."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    test_loss: Optional[float]
+    test_accuracy: Optional[float]
+    seconds: float
+    lr: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of :func:`train`: per-epoch history (resumed epochs included) and timings."""
+
+    history: Tuple[EpochMetrics, ...]
+    seconds: float
+    steps_per_epoch: int
+    resumed_from_epoch: int = 0
+    world_size: int = 1
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> EpochMetrics:
+        return self.history[-1]
+
+    def to_dict(self) -> Dict[str, Any]:
+        epoch_seconds = [m.seconds for m in self.history]
+        return {
+            "history": [asdict(m) for m in self.history],
+            "train_accuracy": self.final.train_accuracy,
+            "train_loss": self.final.train_loss,
+            "test_accuracy": self.final.test_accuracy,
+            "test_loss": self.final.test_loss,
+            "seconds": self.seconds,
+            "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds),
+            "steps_per_epoch": self.steps_per_epoch,
+            "resumed_from_epoch": self.resumed_from_epoch,
+            "world_size": self.world_size,
+        }
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; otherwise validate the given device."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigurationError(f"invalid device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return dev
+
+
+def cross_entropy_loss(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, epoch: int, step: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Standard training objective: mean cross-entropy of the logits."""
+    logits = model(inputs)
+    return F.cross_entropy(logits, targets), logits
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, dataset: ImageDataset, *, batch_size: int = 512, device: Optional[torch.device] = None
+) -> Tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``dataset``.
+
+    The model's training flag is restored afterwards.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        x = dataset.images[start : start + batch_size].to(device)
+        y = dataset.labels[start : start + batch_size].to(device)
+        logits = model(x)
+        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    model.train(was_training)
+    n = max(len(dataset), 1)
+    return total_loss / n, correct / n
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then a rename.
+
+    An interrupted save leaves the previous checkpoint intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(dict(state), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` without unpickling code.
+
+    Raises:
+        CheckpointError: the file is missing, corrupt, not a sturdy checkpoint, or contains
+            pickled objects other than tensors and plain containers (refused as unsafe).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {str(path)!r} (expected a model.pt written by `sturdy train`)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"refusing to load {str(path)!r}: it holds pickled objects other than tensors and plain containers, "
+            f"which could run code ({first[:160]}); only load checkpoints from sources you trust"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (corrupt or truncated file): {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a sturdy checkpoint (missing format tag {CHECKPOINT_FORMAT!r})")
+    return state
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _world() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
+    if schedule == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    if schedule == "step":
+        return lambda step: 0.1 ** ((step >= 0.5 * total_steps) + (step >= 0.75 * total_steps))
+    return lambda step: 1.0
+
+
+def _shard(n: int, *, seed: int, epoch: int, rank: int, world: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=gen)
+    per_rank = n // world
+    return perm[rank * per_rank : (rank + 1) * per_rank]
+
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    state: Dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _resume_key(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The settings a resumed run must share with its checkpoint (epochs may grow, device may change)."""
+    return {k: v for k, v in config.items() if k not in ("epochs", "device", "eval_batch_size")}
+
+
+def train(
+    model: nn.Module,
+    train_set: ImageDataset,
+    *,
+    config: TrainConfig,
+    test_set: Optional[ImageDataset] = None,
+    loss_fn: Optional[LossFn] = None,
+    extra_state: Optional[Mapping[str, Stateful]] = None,
+    comm_hook: Optional[Tuple[Any, Callable[..., Any]]] = None,
+    checkpoint_path: Optional[str | os.PathLike] = None,
+    checkpoint_extra: Optional[Mapping[str, Any]] = None,
+    resume: bool = True,
+    until_epoch: Optional[int] = None,
+    on_epoch_end: Optional[Callable[[EpochMetrics], None]] = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` in place.
+
+    Args:
+        model: the network; moved to the configured device.
+        train_set: training data (label noise from ``config`` is applied here).
+        config: hyper-parameters.
+        test_set: optional held-out data evaluated after each epoch.
+        loss_fn: objective (default: mean cross-entropy); see the module docstring.
+        extra_state: objects whose ``state_dict()`` is checkpointed and restored on resume.
+        comm_hook: ``(state, hook)`` for ``DistributedDataParallel.register_comm_hook`` when a
+            process group is initialised (ignored otherwise).
+        checkpoint_path: written after every epoch (by rank 0); when it exists and ``resume`` is
+            true, training continues from it.
+        checkpoint_extra: plain data stored in the checkpoint as ``checkpoint["extra"]``.
+        until_epoch: stop after this epoch (the schedule still spans ``config.epochs``), e.g. to
+            split a run in two.
+        on_epoch_end: called with each epoch's metrics.
+        progress: show a tqdm progress bar (rank 0 only).
+
+    Returns:
+        A :class:`TrainResult`; the model is left in eval mode.
+    """
+    device = resolve_device(config.device)
+    rank, world = _world()
+    loss_fn = loss_fn or cross_entropy_loss
+    extra_state = dict(extra_state or {})
+    model.to(device)
+    labels = train_set.labels
+    if config.label_noise > 0:
+        labels = apply_label_noise(
+            labels, fraction=config.label_noise, num_classes=train_set.num_classes, seed=config.seed
+        )
+    n = len(train_set)
+    per_rank = n // world
+    if per_rank < 1:
+        raise ConfigurationError(f"{n} training samples cannot be split over {world} workers")
+    steps_per_epoch = math.ceil(per_rank / config.batch_size)
+    optimizer = _make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_factor(config.schedule, config.epochs * steps_per_epoch)
+    )
+
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if comm_hook is not None:
+            net.register_comm_hook(*comm_hook)
+
+    history: List[EpochMetrics] = []
+    start_epoch = 0
+    if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
+        ckpt = load_checkpoint(checkpoint_path, map_location=device)
+        if _resume_key(ckpt.get("config", {})) != _resume_key(asdict(config)):
+            raise CheckpointError(
+                f"checkpoint {str(checkpoint_path)!r} was made with a different training configuration; "
+                "use a new output folder or pass resume=False (--no-resume) to start over"
+            )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        for name, obj in extra_state.items():
+            if name not in ckpt["state"]:
+                raise CheckpointError(f"checkpoint {str(checkpoint_path)!r} holds no state for {name!r}")
+            obj.load_state_dict(ckpt["state"][name])
+        _set_rng_state(ckpt["rng"], device)
+        history = [EpochMetrics(**m) for m in ckpt["history"]]
+        start_epoch = int(ckpt["epoch"])
+
+    last_epoch = config.epochs if until_epoch is None else min(until_epoch, config.epochs)
+    t_start = time.perf_counter()
+    bar = tqdm(
+        range(start_epoch, last_epoch),
+        desc="train",
+        unit="epoch",
+        disable=not progress or rank != 0,
+        initial=start_epoch,
+        total=last_epoch,
+    )
+    for epoch in bar:
+        t0 = time.perf_counter()
+        net.train()
+        order = _shard(n, seed=config.seed, epoch=epoch, rank=rank, world=world)
+        loss_sum, correct, seen = 0.0, 0, 0
+        lr = optimizer.param_groups[0]["lr"]
+        for step in range(steps_per_epoch):
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            x = train_set.images[idx].to(device, non_blocking=True)
+            y = labels[idx].to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss, logits = loss_fn(net, x, y, epoch=epoch, step=epoch * steps_per_epoch + step)
+            if not torch.isfinite(loss):
+                raise ConfigurationError(
+                    f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {float(loss)}); lower the lr"
+                )
+            loss.backward()
+            optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += len(idx)
+        test_loss = test_acc = None
+        if test_set is not None:
+            test_loss, test_acc = evaluate(model, test_set, batch_size=config.eval_batch_size, device=device)
+        metrics = EpochMetrics(epoch + 1, loss_sum / seen, correct / seen, test_loss, test_acc,
+                               time.perf_counter() - t0, lr)
+        history.append(metrics)
+        bar.set_postfix(loss=f"{metrics.train_loss:.3f}", acc=f"{metrics.train_accuracy:.3f}",
+                        test=f"{test_acc:.3f}" if test_acc is not None else "-")
+        if checkpoint_path is not None and rank == 0:
+            save_checkpoint(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "epoch": epoch + 1,
+                    "config": asdict(config),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "state": {name: obj.state_dict() for name, obj in extra_state.items()},
+                    "rng": _rng_state(device),
+                    "history": [asdict(m) for m in history],
+                    "extra": dict(checkpoint_extra or {}),
+                },
+                checkpoint_path,
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(metrics)
+    bar.close()
+    model.eval()
+    return TrainResult(
+        history=tuple(history),
+        seconds=time.perf_counter() - t_start,
+        steps_per_epoch=steps_per_epoch,
+        resumed_from_epoch=start_epoch,
+        world_size=world,
+    )
+
+
+def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
+    """Build a :class:`TrainConfig` from a mapping, ignoring keys it does not have."""
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if k in names})
