@@ -1,0 +1,75 @@
+"""Fourier-basis sensitivity heat maps and the Single Fourier Attack (DESIGN section 2).
+
+Images are ``(N, C, H, W)`` tensors in ``[0, 1]`` (any H, W); directions are the unit-L2 real Fourier
+basis functions ``cos(2 pi (k p / H + l q / W) + phi)`` generated on the fly with ``torch.fft.irfft2``.
+Analyses are keyword-only functions returning frozen dataclasses:
+
+* :func:`fourier_heatmap` -> :class:`FourierHeatmap` (error / fooling rate per frequency);
+* :func:`single_fourier_attack` -> :class:`UniversalPerturbation` (black-box universal perturbation);
+* :func:`evaluate_perturbation` -> :class:`PerturbationReport` (held-out and shifted fooling rates);
+* :func:`gradient_spectrum` -> :class:`GradientSpectrum` (one-backward predictor of the heat map).
+"""
+
+from sturdy.fourier.attack import (
+    Candidates,
+    PerturbationReport,
+    UniversalPerturbation,
+    enumerate_candidates,
+    evaluate_perturbation,
+    halving_schedule,
+    single_fourier_attack,
+)
+from sturdy.fourier.basis import (
+    DEFAULT_PHASE,
+    canonical_index_map,
+    fourier_basis,
+    fourier_basis_batch,
+    half_plane,
+    is_self_conjugate,
+    to_full_map,
+)
+from sturdy.fourier.gradient import GradientSpectrum, gradient_spectrum, rank_correlation
+from sturdy.fourier.heatmap import FourierHeatmap, fourier_heatmap, heatmap_draws, plot_fourier_maps
+from sturdy.fourier.perturbation import (
+    NORMS,
+    WAVES,
+    AppliedPerturbation,
+    apply_perturbation,
+    fourier_perturbation,
+    shape_directions,
+    sign_patterns,
+)
+from sturdy.fourier.shift import circular_shift, random_shifts
+
+__all__ = [
+    "DEFAULT_PHASE",
+    "NORMS",
+    "WAVES",
+    "fourier_basis",
+    "fourier_basis_batch",
+    "half_plane",
+    "is_self_conjugate",
+    "canonical_index_map",
+    "to_full_map",
+    "AppliedPerturbation",
+    "apply_perturbation",
+    "fourier_perturbation",
+    "shape_directions",
+    "sign_patterns",
+    "FourierHeatmap",
+    "fourier_heatmap",
+    "heatmap_draws",
+    "plot_fourier_maps",
+    "Candidates",
+    "UniversalPerturbation",
+    "PerturbationReport",
+    "enumerate_candidates",
+    "halving_schedule",
+    "single_fourier_attack",
+    "evaluate_perturbation",
+    "circular_shift",
+    "random_shifts",
+    "GradientSpectrum",
+    "gradient_spectrum",
+    "rank_correlation",
+]
