@@ -248,10 +248,12 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [ln.strip() for ln in str(exc).splitlines() if "global" in ln.lower()]
+        if not lines:  # not a forbidden object: the byte stream itself is broken
+            raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (corrupt or truncated file)") from exc
         raise CheckpointError(
             f"refusing to load {str(path)!r}: it holds pickled objects other than tensors and plain containers, "
-            f"which could run code ({first[:160]}); only load checkpoints from sources you trust"
+            f"which could run code ({lines[0][:160]}); only load checkpoints from sources you trust"
         ) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (corrupt or truncated file): {exc}") from exc
