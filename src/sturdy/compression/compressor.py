@@ -1,0 +1,132 @@
+"""Selection rules with error feedback, on flat vectors (one call per gradient bucket and step).
+
+Every rule takes the residual ``r`` (already holding ``r + g``), updates it in place so that
+``sent + r_after == r_before`` element by element (error feedback: nothing is lost), and returns the
+encoded payload (:mod:`sturdy.compression.codec`) plus what was sent.
+
+* :func:`variance_select` (Tsuzuku et al. 2018): send element ``i`` iff ``r_i^2 > alpha * v_i``;
+  sent elements reset ``v_i = 0``, all others decay ``v_i *= zeta``. With 4-bit values an element
+  below the smallest level ``max|r_sent| * 2^-7`` is *not* sent and keeps its residual (it decays
+  like any unsent element) *(choice)*: rounding it up would overshoot and flip the residual's sign.
+* :func:`strom_select` (Strom 2015): send ``+-tau`` where ``|r_i| > tau``.
+* :func:`topk_select`: send the ``k = ceil(ratio * n)`` largest ``|r_i|`` as float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sturdy.compression import codec
+from sturdy.errors import ConfigurationError
+
+__all__ = ["Selection", "variance_select", "strom_select", "topk_select", "QUANTIZERS"]
+
+QUANTIZERS = ("4bit", None)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What one rank sends for one bucket.
+
+    Attributes:
+        payload: the encoded message (CPU ``uint8``; empty when nothing is sent).
+        indices: sorted int64 indices sent (on ``r``'s device).
+        values: the values exactly as the receiver decodes them (``r``'s dtype and device).
+    """
+
+    payload: Tensor
+    indices: Tensor
+    values: Tensor
+
+    @property
+    def count(self) -> int:
+        """Number of elements sent."""
+        return int(self.indices.numel())
+
+
+def _empty(r: Tensor) -> Selection:
+    return Selection(
+        torch.zeros(0, dtype=torch.uint8),
+        torch.zeros(0, dtype=torch.int64, device=r.device),
+        torch.zeros(0, dtype=r.dtype, device=r.device),
+    )
+
+
+def variance_select(r: Tensor, v: Tensor, *, alpha: float, zeta: float, quantize: str | None) -> Selection:
+    """Variance-based selection: send ``i`` iff ``r_i^2 > alpha * v_i``; updates ``r`` and ``v`` in place.
+
+    Args:
+        r: residual plus this step's mean gradient, 1-D.
+        v: accumulated second moments ``sum s_i`` of the same shape.
+        alpha: threshold factor, ``>= 0`` (``alpha = 0`` sends every nonzero element).
+        zeta: decay of ``v`` for unsent elements, in ``[0, 1]``.
+        quantize: ``"4bit"`` or ``None`` (float32 values).
+    """
+    if alpha == 0:
+        candidates = r != 0
+    else:
+        candidates = r * r > alpha * v
+    indices = torch.nonzero(candidates).flatten()
+    v.mul_(zeta)
+    if indices.numel() == 0:
+        return _empty(r)
+    values = r[indices]
+    if quantize == "4bit":
+        scale = values.abs().max().to(torch.float32)
+        codes, quantised, ok = codec.quantize_down(values, scale)
+        indices, codes, quantised = indices[ok], codes[ok], quantised[ok]
+        if indices.numel() == 0:
+            return _empty(r)
+        sent = quantised.to(r.device, r.dtype)
+        payload = codec.encode(indices, codes, length=r.numel(), value_format="4bit", scale=float(scale))
+    else:
+        sent = values
+        payload = codec.encode(indices, values, length=r.numel(), value_format="float32")
+    r.index_add_(0, indices, -sent)
+    if quantize is None:
+        r.index_fill_(0, indices, 0.0)  # exact: r - r
+    v.index_fill_(0, indices, 0.0)
+    return Selection(payload, indices, sent)
+
+
+def strom_select(r: Tensor, *, tau: float) -> Selection:
+    """Strom's threshold method: send ``sign(r_i) * tau`` where ``|r_i| > tau``; updates ``r``."""
+    indices = torch.nonzero(r.abs() > tau).flatten()
+    if indices.numel() == 0:
+        return _empty(r)
+    signs = r[indices]
+    tau32 = float(torch.tensor(tau, dtype=torch.float32))  # the receiver decodes a float32 magnitude
+    sent = torch.where(signs < 0, -tau32, tau32).to(r.dtype)
+    payload = codec.encode(indices, signs, length=r.numel(), value_format="sign", scale=tau32)
+    r.index_add_(0, indices, -sent)
+    return Selection(payload, indices, sent)
+
+
+def topk_select(r: Tensor, *, ratio: float) -> Selection:
+    """Top-k with error feedback: send the ``ceil(ratio * n)`` largest ``|r_i|`` exactly; updates ``r``."""
+    n = r.numel()
+    if n == 0:
+        return _empty(r)
+    k = min(n, max(1, math.ceil(ratio * n)))
+    indices = torch.topk(r.abs(), k, sorted=False).indices.sort().values
+    values = r[indices]
+    keep = values != 0
+    indices, values = indices[keep], values[keep]
+    if indices.numel() == 0:
+        return _empty(r)
+    payload = codec.encode(indices, values, length=n, value_format="float32")
+    r.index_fill_(0, indices, 0.0)
+    return Selection(payload, indices, values.clone())
+
+
+def validate_rate(name: str, value: float, *, low: float, high: float, hint: str) -> float:
+    """Check ``low <= value <= high`` (floats, finite) and return it as float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigurationError(f"{name} must be a finite number, got {value!r}; {hint}")
+    if not low <= value <= high:
+        raise ConfigurationError(f"{name} must lie in [{low}, {high}], got {value}; {hint}")
+    return float(value)

@@ -1,0 +1,367 @@
+"""Per-parameter sums of squared per-sample gradients, computed during the normal backward pass.
+
+Convention: for a loss ``L`` that is backpropagated (usually the *mean* over a local mini-batch of
+size ``b``), the statistic of a parameter element ``i`` is ``sum_x (dL/dtheta_i restricted to sample
+x)^2``. With the mean reduction this is ``(1/b^2) sum_x g_{x,i}^2`` (``g_x`` the gradient of sample
+``x``'s own loss), i.e. exactly ``s_i`` of DESIGN section 4: the second moment of the mean gradient,
+an over-estimate of its variance *(choice)*. With a sum reduction it is ``sum_x g_{x,i}^2``.
+
+How: a forward hook on every module that owns parameters keeps its input ``a`` (a view, no copy)
+and registers a gradient hook on the module's output. That hook receives the output gradient
+``delta`` *before* autograd reaches the module's parameters, so the statistics are complete before
+the parameter's gradient is accumulated and before DDP's bucket for it fires. Per-layer rules live in a
+registry (:func:`register_squared_grad`):
+
+* ``nn.Linear``: ``(delta^2)^T (a^2)`` for 2-D inputs; a per-sample einsum over extra dimensions.
+* ``nn.Conv2d`` (any padding / padding mode / stride / dilation / groups): per-sample gradients by
+  ``unfold``, chunked over samples.
+* BatchNorm (``_BatchNorm``): per-sample terms ``sum_hw delta * xhat`` and ``sum_hw delta`` with the
+  normalisation statistics the forward used (batch statistics in training mode, running ones in eval).
+* anything else: ``torch.func.vmap(grad(...))`` over samples, chunked (the module must treat samples
+  independently).
+
+Chunks are sized so that per-sample tensors stay below ``chunk_bytes`` (default: the model's total
+parameter size), which keeps peak extra memory near one gradient's size.
+
+Limitations (checked, never silent): a parameterised module must run at most once per forward pass
+(shared weights miss cross terms and raise :class:`~sturdy.errors.UnsupportedModuleError`), and
+a grad-enabled forward must be followed by its backward (evaluate under ``torch.no_grad()``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sturdy.errors import ConfigurationError, DistributedError, UnsupportedModuleError
+
+__all__ = [
+    "SquaredGradientStatistics",
+    "attach_squared_gradient_statistics",
+    "register_squared_grad",
+    "squared_grad_rules",
+    "per_sample_squared_gradients",
+]
+
+SquaredGradRule = Callable[[nn.Module, Tensor, Tensor, int], Dict[str, Tensor]]
+_RULES: Dict[type, SquaredGradRule] = {}
+
+
+def register_squared_grad(*module_types: type) -> Callable[[SquaredGradRule], SquaredGradRule]:
+    """Register ``rule(module, a, delta, chunk) -> {param_name: sum_x g_x^2}`` for module types.
+
+    ``a`` is the module's input, ``delta`` the gradient of the loss with respect to its output, both
+    with the batch in dimension 0; ``chunk`` is the number of samples to process at once.
+    """
+
+    def decorator(rule: SquaredGradRule) -> SquaredGradRule:
+        for module_type in module_types:
+            _RULES[module_type] = rule
+        return rule
+
+    return decorator
+
+
+def squared_grad_rules() -> Dict[type, SquaredGradRule]:
+    """A copy of the registry: module type -> rule."""
+    return dict(_RULES)
+
+
+def _chunks(n: int, chunk: int) -> Iterator[slice]:
+    for start in range(0, n, chunk):
+        yield slice(start, min(n, start + chunk))
+
+
+@register_squared_grad(nn.Linear)
+def _linear_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> Dict[str, Tensor]:
+    out: Dict[str, Tensor] = {}
+    if a.dim() == 2:
+        if module.weight.requires_grad:
+            out["weight"] = (delta * delta).t().mm(a * a)
+        if module.bias is not None and module.bias.requires_grad:
+            out["bias"] = (delta * delta).sum(0)
+        return out
+    n = a.shape[0]
+    a3 = a.reshape(n, -1, a.shape[-1])
+    d3 = delta.reshape(n, -1, delta.shape[-1])
+    weight = torch.zeros_like(module.weight) if module.weight.requires_grad else None
+    bias = None
+    if module.bias is not None and module.bias.requires_grad:
+        bias = (d3.sum(1) ** 2).sum(0)
+    if weight is not None:
+        for sl in _chunks(n, chunk):
+            per_sample = torch.einsum("nto,nti->noi", d3[sl], a3[sl])
+            weight += (per_sample * per_sample).sum(0)
+        out["weight"] = weight
+    if bias is not None:
+        out["bias"] = bias
+    return out
+
+
+def _conv2d_padded_input(module: nn.Conv2d, a: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+    """Return the input padded as the convolution sees it, and the padding left for unfold."""
+    if module.padding_mode != "zeros":
+        return F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0, 0)
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return a, (0, 0)
+        pads: List[int] = []  # 'same' (stride 1): total dilation*(k-1), extra on the right/bottom
+        for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return F.pad(a, pads), (0, 0)
+    return a, tuple(module.padding)  # type: ignore[return-value]
+
+
+@register_squared_grad(nn.Conv2d)
+def _conv2d_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> Dict[str, Tensor]:
+    out: Dict[str, Tensor] = {}
+    n = a.shape[0]
+    groups = module.groups
+    c_out = module.out_channels
+    d_flat = delta.reshape(n, groups, c_out // groups, -1)  # (N, G, Cout/G, L)
+    if module.bias is not None and module.bias.requires_grad:
+        out["bias"] = (delta.sum((2, 3)) ** 2).sum(0)
+    if not module.weight.requires_grad:
+        return out
+    padded, padding = _conv2d_padded_input(module, a)
+    weight = torch.zeros(
+        groups, c_out // groups, module.weight[0].numel(), dtype=module.weight.dtype, device=a.device
+    )
+    for sl in _chunks(n, chunk):
+        cols = F.unfold(
+            padded[sl], module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+        )  # (c, Cin*kh*kw, L)
+        cols = cols.reshape(cols.shape[0], groups, -1, cols.shape[-1])
+        per_sample = torch.einsum("ngol,ngkl->ngok", d_flat[sl], cols)
+        weight += (per_sample * per_sample).sum(0)
+    out["weight"] = weight.reshape(module.weight.shape)
+    return out
+
+
+@register_squared_grad(nn.modules.batchnorm._BatchNorm)
+def _batchnorm_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> Dict[str, Tensor]:
+    out: Dict[str, Tensor] = {}
+    reduce_dims = [0] + list(range(2, a.dim()))
+    shape = [1, -1] + [1] * (a.dim() - 2)
+    if module.training or not module.track_running_stats or module.running_mean is None:
+        mean = a.mean(reduce_dims)
+        var = a.var(reduce_dims, unbiased=False)
+    else:
+        mean, var = module.running_mean, module.running_var
+    spatial = list(range(2, a.dim()))
+    if module.weight is not None and module.weight.requires_grad:
+        xhat = (a - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
+        per_sample = (delta * xhat).sum(spatial) if spatial else delta * xhat
+        out["weight"] = (per_sample * per_sample).sum(0)
+    if module.bias is not None and module.bias.requires_grad:
+        per_sample = delta.sum(spatial) if spatial else delta
+        out["bias"] = (per_sample * per_sample).sum(0)
+    return out
+
+
+def _generic_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> Dict[str, Tensor]:
+    """Per-sample gradients through ``torch.func`` (samples must be independent)."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {name: p.detach() for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+    def sample_objective(p: Dict[str, Tensor], a_x: Tensor, d_x: Tensor) -> Tensor:
+        y = functional_call(module, p, (a_x.unsqueeze(0),))
+        return (y * d_x.unsqueeze(0)).sum()
+
+    per_sample_grad = vmap(grad(sample_objective), in_dims=(None, 0, 0))
+    out = {name: torch.zeros_like(p) for name, p in params.items()}
+    for sl in _chunks(a.shape[0], chunk):
+        grads = per_sample_grad(params, a[sl], delta[sl])
+        for name, g in grads.items():
+            out[name] += (g * g).sum(0)
+    return out
+
+
+def _rule_for(module: nn.Module) -> SquaredGradRule:
+    for klass in type(module).__mro__:
+        if klass in _RULES:
+            return _RULES[klass]
+    return _generic_rule
+
+
+@dataclass
+class _Tracked:
+    name: str
+    module: nn.Module
+    params: Dict[str, Tensor]  # attribute name -> parameter
+    rule: SquaredGradRule
+    chunk: int
+    pending: int = 0
+
+
+class SquaredGradientStatistics:
+    """Accumulates ``sum_x g_{x,i}^2`` for every trainable parameter of a model (see module doc).
+
+    Create it with :func:`attach_squared_gradient_statistics`. After a backward pass,
+    :meth:`get` / :meth:`pop_flat` return the accumulated statistics; ``pop_flat`` also resets
+    them (that is what the compression hook calls per bucket). Call :meth:`remove` to detach.
+    """
+
+    def __init__(self, model: nn.Module, *, chunk_bytes: Optional[int] = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigurationError(
+                f"attach_squared_gradient_statistics expects an nn.Module, got {type(model).__name__}"
+            )
+        if chunk_bytes is not None and chunk_bytes <= 0:
+            raise ConfigurationError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes}")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigurationError("the model has no trainable parameters: nothing to compute statistics for")
+        model_bytes = sum(p.numel() * p.element_size() for p in params)
+        self.chunk_bytes = int(chunk_bytes if chunk_bytes is not None else model_bytes)
+        self.parameter_names: Dict[int, str] = {}
+        self._sq: Dict[int, Tensor] = {}
+        self._owner: Dict[int, _Tracked] = {}
+        self._handles: List[torch.utils.hooks.RemovableHandle] = []
+        self._tracked: List[_Tracked] = []
+        for module_name, module in model.named_modules():
+            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if not own:
+                continue
+            per_sample_numel = max(sum(p.numel() for p in own.values()), 1)
+            chunk = max(1, self.chunk_bytes // (per_sample_numel * 4))
+            tracked = _Tracked(module_name, module, own, _rule_for(module), chunk)
+            self._tracked.append(tracked)
+            for attr, p in own.items():
+                full = f"{module_name}.{attr}" if module_name else attr
+                self.parameter_names[id(p)] = full
+                self._owner[id(p)] = tracked
+            self._handles.append(module.register_forward_hook(self._make_forward_hook(tracked)))
+
+    def _make_forward_hook(self, tracked: _Tracked) -> Callable:
+        def forward_hook(module: nn.Module, args: Tuple, output: object) -> None:
+            if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            if len(args) != 1 or not isinstance(args[0], Tensor):
+                raise UnsupportedModuleError(
+                    f"module '{tracked.name}' ({type(module).__name__}) was called with {len(args)} "
+                    "positional arguments; squared-gradient statistics need modules called as module(x) "
+                    "with one tensor",
+                    module=module,
+                    path=tracked.name,
+                )
+            a = args[0].detach()
+            tracked.pending += 1
+            shared = tracked.pending > 1
+
+            def grad_hook(delta: Tensor) -> None:
+                tracked.pending -= 1
+                if shared:
+                    raise UnsupportedModuleError(
+                        f"module '{tracked.name}' ({type(module).__name__}) ran more than once before "
+                        "backward (shared weights, or a grad-enabled forward without backward): per-sample "
+                        "squared gradients would miss cross terms. Use one module instance per call, and "
+                        "run evaluation under torch.no_grad()",
+                        module=module,
+                        path=tracked.name,
+                    )
+                with torch.no_grad():
+                    result = tracked.rule(module, a, delta.detach(), tracked.chunk)
+                for attr, value in result.items():
+                    key = id(tracked.params[attr])
+                    if key in self._sq:
+                        self._sq[key] += value
+                    else:
+                        self._sq[key] = value
+
+            output.register_hook(grad_hook)
+
+        return forward_hook
+
+    def get(self, param: Tensor) -> Optional[Tensor]:
+        """The accumulated statistic of ``param`` (same shape), or ``None`` if no sample reached it."""
+        return self._sq.get(id(param))
+
+    def pop_flat(self, params: Sequence[Tensor]) -> Tensor:
+        """Concatenate the flattened statistics of ``params`` (zeros where none) and reset them.
+
+        Raises:
+            DistributedError: the backward of a parameter's module has not run yet (the statistics
+                would be incomplete), or a parameter is not tracked.
+        """
+        pieces = []
+        for p in params:
+            owner = self._owner.get(id(p))
+            if owner is None:
+                raise DistributedError(
+                    f"parameter of shape {tuple(p.shape)} is not tracked by these statistics: attach "
+                    "them to the same model that DDP wraps, after freezing parameters"
+                )
+            if owner.pending:
+                raise DistributedError(
+                    f"statistics of '{self.parameter_names[id(p)]}' are not ready when its gradient "
+                    "bucket fired; this happens when a module's output gradient is not computed before "
+                    "its parameters' gradients"
+                )
+            value = self._sq.pop(id(p), None)
+            pieces.append(value.reshape(-1) if value is not None else torch.zeros_like(p).reshape(-1))
+        if not pieces:
+            return torch.zeros(0)
+        return torch.cat(pieces)
+
+    def reset(self) -> None:
+        """Drop accumulated statistics and pending forward passes."""
+        self._sq.clear()
+        for tracked in self._tracked:
+            tracked.pending = 0
+
+    def remove(self) -> None:
+        """Remove every hook from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def attach_squared_gradient_statistics(
+    model: nn.Module, *, chunk_bytes: Optional[int] = None
+) -> SquaredGradientStatistics:
+    """Attach hooks to ``model`` that compute ``sum_x g_{x,i}^2`` during every backward pass.
+
+    Call it before wrapping the model in DDP. See the module docstring for the convention
+    (the statistic of the loss actually backpropagated, so ``(1/b^2) sum_x g_x^2`` for a mean loss).
+
+    Args:
+        model: the model; every module owning trainable parameters gets a forward hook.
+        chunk_bytes: memory budget of the per-sample tensors of one chunk (default: the size of the
+            model's trainable parameters).
+
+    Example:
+        >>> model = nn.Linear(3, 2)
+        >>> stats = attach_squared_gradient_statistics(model)
+        >>> model(torch.ones(4, 3)).sum().backward()
+        >>> stats.get(model.bias).tolist()  # four samples, each with gradient 1
+        [4.0, 4.0]
+    """
+    return SquaredGradientStatistics(model, chunk_bytes=chunk_bytes)
+
+
+def per_sample_squared_gradients(
+    model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]
+) -> Dict[str, Tensor]:
+    """Brute-force reference: one backward per sample, ``{name: sum_x (grad of loss_x / b)^2}``.
+
+    ``loss_fn(logits, targets)`` must return the per-sample mean loss of its batch; the result uses the
+    mean convention of the module docstring (each sample's gradient scaled by ``1/b``). Only valid
+    for models whose samples do not interact (no training-mode BatchNorm).
+    """
+    b = inputs.shape[0]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    out = {n: torch.zeros_like(p) for n, p in params.items()}
+    for x in range(b):
+        loss = loss_fn(model(inputs[x : x + 1]), targets[x : x + 1]) / b
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for (n, _), g in zip(params.items(), grads):
+            if g is not None:
+                out[n] += g * g
+    return out
