@@ -1,0 +1,253 @@
+"""Tightness diagnostics of certified radii (after Tsuzuku et al. 2018, Eq. 5).
+
+For each point: (A) the certified radius, (B) the first-order radius ``M / (sqrt(2) ||J(x)||_2)``
+from the exact local Jacobian (small models; not a certificate), (D) the L2 norm of the smallest
+adversarial perturbation found by :func:`pgd_l2` with restarts and bisection on ``eps``.
+``A <= D`` must always hold: a violation is a soundness bug.
+
+Conventions: L2 norms on flattened per-sample inputs; attacks are unconstrained in input range
+unless ``clip=(lo, hi)`` is given (the certificate covers all of R^n).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sturdy.errors import ConfigurationError
+from sturdy.lipschitz.certify import certify
+from sturdy.lipschitz.network import LipschitzBound, _model_ref, eval_mode
+
+__all__ = ["AttackResult", "Tightness", "pgd_l2", "minimal_adversarial_radius", "local_lipschitz", "tightness"]
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """Outcome of an L2 attack.
+
+    Attributes:
+        adversarial: perturbed inputs (the original input where the attack failed).
+        success: bool ``(N,)``, prediction differs from the label.
+        distance: float64 ``(N,)`` L2 norm of the perturbation (``inf`` where the attack failed).
+    """
+
+    adversarial: torch.Tensor
+    success: torch.Tensor
+    distance: torch.Tensor
+
+
+def _flat_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1)
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def pgd_l2(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: Any,
+    steps: int = 50,
+    restarts: int = 3,
+    step_size: Optional[float] = None,
+    clip: Optional[Tuple[float, float]] = None,
+    seed: int = 0,
+) -> AttackResult:
+    """L2 projected gradient attack on the margin loss ``max_{i != y} f_i - f_y``.
+
+    Args:
+        model: the classifier (run in eval mode).
+        x: inputs ``(N, ...)``.
+        y: labels to move away from ``(N,)``.
+        eps: L2 budget, a float or a per-sample tensor ``(N,)``.
+        steps: gradient steps per restart.
+        restarts: restarts; the first starts at ``x``, the others at a random point of the ball.
+        step_size: step length as a fraction of ``eps`` (default ``2.5 / steps``).
+        clip: optional valid input range ``(lo, hi)``.
+        seed: seed of the random starts.
+    """
+    if steps < 1 or restarts < 1:
+        raise ConfigurationError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
+    dtype, device = _model_ref(model)
+    x = x.to(device=device, dtype=dtype)
+    y = y.to(device)
+    eps_t = torch.as_tensor(eps, dtype=dtype, device=device).expand(x.shape[0]).clone()
+    if bool((eps_t < 0).any()):
+        raise ConfigurationError("eps must be >= 0")
+    alpha = (step_size if step_size is not None else 2.5 / steps) * eps_t
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    best = x.clone()
+    success = torch.zeros(x.shape[0], dtype=torch.bool, device=device)
+    dist = torch.full((x.shape[0],), math.inf, dtype=torch.float64, device=device)
+    e, a = _per_sample(eps_t, x), _per_sample(alpha, x)
+    with eval_mode(model):
+        for r in range(restarts):
+            if r == 0:
+                delta = torch.zeros_like(x)
+            else:
+                d = torch.randn(x.shape, generator=gen, dtype=dtype).to(device)
+                u = torch.rand(x.shape[0], generator=gen, dtype=dtype).to(device)
+                delta = d / _per_sample(_flat_norm(d).clamp_min(1e-12), x) * e * _per_sample(u, x)
+            for _ in range(steps + 1):
+                delta.requires_grad_(True)
+                adv = x + delta
+                if clip is not None:
+                    adv = adv.clamp(*clip)
+                logits = model(adv)
+                # record successes at the current iterate (also after the last step)
+                with torch.no_grad():
+                    hit = logits.argmax(dim=1) != y
+                    nrm = _flat_norm(adv - x).double()
+                    better = hit & (nrm < dist)
+                    best[better] = adv.detach()[better]
+                    dist = torch.where(better, nrm, dist)
+                    success |= hit
+                onehot = torch.nn.functional.one_hot(y, logits.shape[1]).bool()
+                loss = (logits.masked_fill(onehot, float("-inf")).max(dim=1).values - logits[onehot]).sum()
+                (g,) = torch.autograd.grad(loss, delta)
+                with torch.no_grad():
+                    g = g / _per_sample(_flat_norm(g).clamp_min(1e-12), g)
+                    delta = delta.detach() + a * g
+                    n = _per_sample(_flat_norm(delta), delta)
+                    delta = delta * torch.clamp(e / n.clamp_min(1e-12), max=1.0)
+    return AttackResult(adversarial=best.detach(), success=success.cpu(), distance=dist.cpu())
+
+
+def minimal_adversarial_radius(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    start: Any = 1.0,
+    max_radius: float = 64.0,
+    bisection_steps: int = 8,
+    steps: int = 50,
+    restarts: int = 3,
+    clip: Optional[Tuple[float, float]] = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Smallest adversarial L2 distance found per sample (an upper bound of the true minimum;
+    ``inf`` where no adversarial example was found up to ``max_radius``).
+
+    Doubles ``eps`` from ``start`` until :func:`pgd_l2` succeeds, then bisects ``bisection_steps``
+    times; the result is the norm of an actual adversarial perturbation.
+    """
+    n = x.shape[0]
+    hi = torch.as_tensor(start, dtype=torch.float64).expand(n).clone()
+    found = torch.full((n,), math.inf, dtype=torch.float64)
+    todo = torch.ones(n, dtype=torch.bool)
+    while bool(todo.any()) and float(hi[todo].min()) <= max_radius:
+        idx = todo.nonzero().flatten()
+        res = pgd_l2(model, x[idx], y[idx], eps=hi[idx], steps=steps, restarts=restarts, clip=clip, seed=seed)
+        found[idx] = torch.minimum(found[idx], res.distance)
+        todo[idx[res.success]] = False
+        hi[idx[~res.success]] *= 2.0
+        todo &= hi <= max_radius
+    hi = torch.where(torch.isfinite(found), found, hi)
+    lo = torch.zeros(n, dtype=torch.float64)
+    ok = torch.isfinite(found)
+    for _ in range(bisection_steps):
+        idx = ok.nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        mid = (lo[idx] + hi[idx]) / 2
+        res = pgd_l2(model, x[idx], y[idx], eps=mid, steps=steps, restarts=restarts, clip=clip, seed=seed)
+        found[idx] = torch.minimum(found[idx], res.distance)
+        hi[idx] = torch.where(res.success, torch.minimum(mid, found[idx]), hi[idx])
+        lo[idx] = torch.where(res.success, lo[idx], mid)
+    return found
+
+
+def local_lipschitz(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Spectral norm ``||J(x_n)||_2`` of the exact input-output Jacobian at each sample (float64)."""
+    net = copy.deepcopy(model).to(torch.float64).eval()
+    out = []
+    for xi in x.to(torch.float64):
+        jac = torch.autograd.functional.jacobian(lambda t: net(t.unsqueeze(0))[0], xi)
+        out.append(torch.linalg.matrix_norm(jac.reshape(jac.shape[0], -1), ord=2))
+    return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class Tightness:
+    """Tightness chain on a sample of points (see module doc).
+
+    Attributes:
+        certified: (A) certified radius ``(N,)``.
+        first_order: (B) ``M / (sqrt(2) ||J(x)||_2)`` ``(N,)``.
+        adversarial: (D) smallest adversarial distance found ``(N,)`` (``inf`` if none).
+        violations: number of points with ``A > D`` (must be 0).
+    """
+
+    certified: torch.Tensor
+    first_order: torch.Tensor
+    adversarial: torch.Tensor
+    violations: int
+
+    def summary(self) -> Dict[str, Any]:
+        ok = (self.certified > 0) & (self.first_order > 0)
+        ad = ok & torch.isfinite(self.adversarial)
+
+        def med(t: torch.Tensor) -> float:
+            return float(t.median()) if t.numel() else float("nan")
+
+        return {
+            "n": int(self.certified.numel()),
+            "n_certified": int((self.certified > 0).sum()),
+            "median_A": med(self.certified),
+            "median_B": med(self.first_order),
+            "median_D": med(self.adversarial[torch.isfinite(self.adversarial)]),
+            "median_A_over_B": med(self.certified[ok] / self.first_order[ok]),
+            "median_A_over_D": med(self.certified[ad] / self.adversarial[ad]),
+            "violations": self.violations,
+        }
+
+
+def tightness(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    bound: Optional[LipschitzBound] = None,
+    form: str = "pairwise",
+    steps: int = 50,
+    restarts: int = 3,
+    bisection_steps: int = 8,
+    progress: bool = False,
+    seed: int = 0,
+) -> Tightness:
+    """Compute (A), (B), (D) for the points ``x`` with labels ``y`` (see module doc).
+
+    (B) and (D) are computed for correctly classified points (others get 0, like A).
+    """
+    cert = certify(model, x, y, form=form, bound=bound)
+    steps_bar = tqdm(total=3, disable=not progress, desc="tightness")
+    dtype, device = _model_ref(model)
+    with eval_mode(model), torch.no_grad():
+        logits = model(x.to(device=device, dtype=dtype)).double().cpu()
+    top2 = logits.topk(2, dim=1).values
+    margin = (top2[:, 0] - top2[:, 1]).clamp_min(0.0)
+    steps_bar.update(1)
+    jac = local_lipschitz(model, x)
+    first = torch.where(cert.correct, margin / (math.sqrt(2.0) * jac.clamp_min(1e-300)), torch.zeros_like(margin))
+    steps_bar.update(1)
+    start = cert.radius.clamp_min(1e-3)
+    adv = minimal_adversarial_radius(
+        model, x, cert.predicted, start=start, steps=steps, restarts=restarts, bisection_steps=bisection_steps,
+        seed=seed,
+    )
+    adv = torch.where(cert.correct, adv, torch.zeros_like(adv))
+    steps_bar.update(1)
+    steps_bar.close()
+    violations = int((cert.radius > adv).sum())
+    return Tightness(certified=cert.radius, first_order=first, adversarial=adv, violations=violations)
+
