@@ -100,7 +100,7 @@ def test_trained_model_map_is_symmetric_and_plots(trained_cnn, digits, tmp_path)
     full = hm.full("fooling", centered=False)
     assert full.shape == (8, 8)
     torch.testing.assert_close(full, torch.roll(full.flip(0, 1), (1, 1), (0, 1)))
-    clean_error = float((trained_cnn(test.images[:60]).argmax(1) != test.labels[:60]).float().mean())
+    clean_error = float((trained_cnn(test.images[:60]).argmax(1) != test.labels[:60]).double().mean())
     assert hm.clean_error == clean_error
     assert float(hm.error.max()) > clean_error  # some direction hurts a trained CNN at L2 budget 2
     summary = hm.to_dict()

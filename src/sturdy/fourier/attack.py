@@ -457,7 +457,7 @@ def evaluate_perturbation(
     return PerturbationReport(
         fooling_rate=fooled / n,
         error_rate=errors / n,
-        clean_error_rate=float((clean != y).float().mean()),
+        clean_error_rate=float((clean != y).double().mean()),
         shifted_fooling_rate=shifted_fooled / (n * shifts) if shifts else None,
         shifted_error_rate=shifted_errors / (n * shifts) if shifts else None,
         mean_l2=l2 / n,

@@ -218,7 +218,7 @@ def fourier_heatmap(
     y = y.to(device)
     n, channels, height, width = x.shape
     clean = predict_labels(model, x, batch_size=batch_size)
-    clean_error = float((clean != y).float().mean())
+    clean_error = float((clean != y).double().mean())
     freqs = half_plane(height, width)
     n_freq = freqs.shape[0]
     errors = torch.zeros(n_freq, dtype=torch.float64, device=device)
