@@ -1,13 +1,13 @@
 """Wire format of a sparse gradient update: indices plus quantised values, as a ``uint8`` tensor.
 
-Layout of a non-empty payload (little endian), 13 header bytes then two sections::
+Layout of a non-empty payload (little endian), 13 header bytes then three sections::
 
     byte 0      format: bits 0-1 value format (0 float32, 1 4-bit, 2 sign), bit 2 index mode
                 (0 delta varint, 1 bitmap)
     bytes 1-4   n, the number of elements sent (int32)
-    bytes 5-8   scale (float32): max |value| for 4-bit, tau for sign, 0 for float32
+    bytes 5-8   k, the number of scales (int32)
     bytes 9-12  byte length of the index section (int32)
-    index section, then value section
+    scale section (k float32), index section, value section
 
 An empty selection encodes to an empty payload (0 bytes). Indices are sorted and stored either as
 LEB128 varints of the gaps ``i_k - i_{k-1} - 1`` or as a bitmap of ``ceil(length / 8)`` bytes,
@@ -15,16 +15,19 @@ whichever is smaller. Values:
 
 * ``float32``: 4 bytes each, exact.
 * ``4bit`` *(choice)*: one nibble per value, bit 3 the sign and bits 0-2 an exponent ``e`` in
-  ``0..7``; the value is ``+-scale * 2^-e``. :func:`quantize_down` never rounds a magnitude up: it
-  returns the largest level ``<= |r|`` and marks elements below the smallest level ``scale * 2^-7``
-  as not representable (the caller keeps them in the residual).
-* ``sign``: one bit per value, the value is ``+-scale`` (Strom's threshold method).
+  ``0..7``; the value is ``+-scale * 2^-e``. There is one scale per *segment* of the dense vector
+  (``boundaries``, one segment per parameter tensor of a gradient bucket: the largest sent ``|r|``
+  of that parameter), so the result does not depend on how DDP groups parameters into buckets.
+  :func:`quantize_down` never rounds a magnitude up: it returns the largest level ``<= |r|`` and
+  marks elements below the smallest level ``scale * 2^-7`` as not representable (the caller keeps
+  them in the residual).
+* ``sign``: one bit per value, the value is ``+-scale`` (one scale: Strom's threshold method).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -41,6 +44,8 @@ __all__ = [
     "decode_add_",
     "quantize_down",
     "dequantize",
+    "segment_ids",
+    "segment_scales",
 ]
 
 VALUE_FORMATS = ("float32", "4bit", "sign")
@@ -58,7 +63,10 @@ class DecodedPayload:
 
 
 def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
-    """Values of 4-bit ``codes`` (int64, sign in bit 3, exponent in bits 0-2) for a float32 ``scale``."""
+    """Values of 4-bit ``codes`` (int64, sign in bit 3, exponent in bits 0-2) for float32 ``scale``.
+
+    ``scale`` is a 0-d tensor or one scale per code.
+    """
     exponent = (codes & 7).to(torch.float32)
     magnitude = torch.ldexp(scale.to(torch.float32).expand_as(exponent), -exponent)
     return torch.where((codes & 8) != 0, -magnitude, magnitude)
@@ -69,7 +77,8 @@ def quantize_down(values: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor, Tensor
 
     Args:
         values: 1-D tensor of values with ``|value| <= scale``.
-        scale: 0-d float32 tensor, the largest magnitude (usually ``max |values|``).
+        scale: float32 tensor, 0-d or one per value: the largest magnitude (usually ``max |values|``
+            of the value's segment).
 
     Returns:
         ``(codes, quantised, representable)``: int64 codes, the quantised values (float32, exactly
@@ -89,6 +98,22 @@ def quantize_down(values: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor, Tensor
     representable = (exponent < NUM_LEVELS) & (mag > 0)
     codes = exponent.clamp(max=NUM_LEVELS - 1) | torch.where(values < 0, 8, 0)
     return codes, dequantize(codes, scale), representable
+
+
+def segment_ids(indices: Tensor, boundaries: Optional[Tensor], length: int) -> Tensor:
+    """Segment of each index for segment ``boundaries`` (``[0, ..., length]``; ``None``: one segment)."""
+    if boundaries is None:
+        return torch.zeros_like(indices)
+    inner = boundaries[1:-1].to(indices.device, torch.int64)
+    return torch.searchsorted(inner, indices, right=True)
+
+
+def segment_scales(indices: Tensor, values: Tensor, boundaries: Optional[Tensor], length: int) -> Tensor:
+    """Per-segment ``max |values|`` (float32, 0 where a segment has no value)."""
+    k = 1 if boundaries is None else boundaries.numel() - 1
+    seg = segment_ids(indices, boundaries, length)
+    out = torch.zeros(k, dtype=torch.float32, device=values.device)
+    return out.scatter_reduce(0, seg, values.abs().to(torch.float32), reduce="amax", include_self=True)
 
 
 def _int32_bytes(x: int) -> Tensor:
@@ -139,7 +164,14 @@ def _unpack_bits(data: Tensor, n: int) -> Tensor:
     return bits.reshape(-1)[:n].bool()
 
 
-def encode(indices: Tensor, values: Tensor, *, length: int, value_format: str, scale: float = 0.0) -> Tensor:
+def encode(
+    indices: Tensor,
+    values: Tensor,
+    *,
+    length: int,
+    value_format: str,
+    scale: Union[float, Tensor] = 0.0,
+) -> Tensor:
     """Encode a sparse update of a dense vector of ``length`` elements into a CPU ``uint8`` payload.
 
     Args:
@@ -148,7 +180,8 @@ def encode(indices: Tensor, values: Tensor, *, length: int, value_format: str, s
             for ``sign`` anything whose sign is the value's sign.
         length: size of the dense vector.
         value_format: one of :data:`VALUE_FORMATS`.
-        scale: the 4-bit scale or the sign format's magnitude ``tau``.
+        scale: ``4bit``: the scales, one per segment (a float or 1-D tensor); ``sign``: the
+            magnitude ``tau``; ignored for ``float32``.
     """
     if value_format not in VALUE_FORMATS:
         raise ConfigurationError(f"unknown value_format {value_format!r}; expected one of {VALUE_FORMATS}")
@@ -181,19 +214,28 @@ def encode(indices: Tensor, values: Tensor, *, length: int, value_format: str, s
         value_section = (codes[0::2] | (codes[1::2] << 4)).to(torch.uint8)
     else:
         value_section = _pack_bits(values < 0)
+    if value_format == "float32":
+        scales = torch.zeros(0, dtype=torch.float32)
+    else:
+        scales = torch.as_tensor(scale, dtype=torch.float32).detach().cpu().reshape(-1)
+        if value_format == "sign" and scales.numel() != 1:
+            raise ConfigurationError(f"the sign format has one scale (tau), got {scales.numel()}")
     header = torch.cat(
         [
             torch.tensor([VALUE_FORMATS.index(value_format) | (mode << 2)], dtype=torch.uint8),
             _int32_bytes(n),
-            torch.tensor([scale], dtype=torch.float32).view(torch.uint8),
+            _int32_bytes(scales.numel()),
             _int32_bytes(index_section.numel()),
         ]
     )
-    return torch.cat([header, index_section, value_section])
+    return torch.cat([header, scales.contiguous().view(torch.uint8), index_section, value_section])
 
 
-def decode(payload: Tensor, *, length: int) -> DecodedPayload:
-    """Decode a payload of :func:`encode` (an empty payload decodes to no element)."""
+def decode(payload: Tensor, *, length: int, boundaries: Optional[Tensor] = None) -> DecodedPayload:
+    """Decode a payload of :func:`encode` (an empty payload decodes to no element).
+
+    ``boundaries`` are the segment offsets ``[0, ..., length]`` of a multi-scale 4-bit payload.
+    """
     payload = payload.detach().to("cpu", torch.uint8).reshape(-1)
     if payload.numel() == 0:
         return DecodedPayload(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32))
@@ -202,10 +244,12 @@ def decode(payload: Tensor, *, length: int) -> DecodedPayload:
     fmt = int(payload[0])
     value_format, mode = VALUE_FORMATS[fmt & 3], (fmt >> 2) & 1
     n = _read_int32(payload, 1)
-    scale = payload[5:9].clone().view(torch.float32)
+    k = _read_int32(payload, 5)
     index_len = _read_int32(payload, 9)
-    index_section = payload[HEADER_BYTES : HEADER_BYTES + index_len]
-    value_section = payload[HEADER_BYTES + index_len :]
+    start = HEADER_BYTES + 4 * k
+    scales = payload[HEADER_BYTES:start].clone().view(torch.float32)
+    index_section = payload[start : start + index_len]
+    value_section = payload[start + index_len :]
     if mode == _DELTA:
         indices = _varint_decode(index_section, n)
     else:
@@ -217,18 +261,21 @@ def decode(payload: Tensor, *, length: int) -> DecodedPayload:
     elif value_format == "4bit":
         pairs = value_section.to(torch.int64)
         codes = torch.stack([pairs & 0xF, pairs >> 4], 1).reshape(-1)[:n]
-        values = dequantize(codes, scale)
+        if k > 1 and (boundaries is None or boundaries.numel() != k + 1):
+            raise DataError(f"payload has {k} scales: decode needs the {k + 1} segment boundaries")
+        seg = segment_ids(indices, boundaries if k > 1 else None, length)
+        values = dequantize(codes, scales[seg])
     else:
         negative = _unpack_bits(value_section, n)
-        values = torch.where(negative, -scale, scale)
+        values = torch.where(negative, -scales[0], scales[0])
     if values.numel() != n:
         raise DataError(f"corrupt payload: value section holds {values.numel()} values, header says {n}")
     return DecodedPayload(indices, values)
 
 
-def decode_add_(out: Tensor, payload: Tensor) -> Tensor:
+def decode_add_(out: Tensor, payload: Tensor, *, boundaries: Optional[Tensor] = None) -> Tensor:
     """Decode ``payload`` and add its values into the dense vector ``out`` in place."""
-    decoded = decode(payload, length=out.numel())
+    decoded = decode(payload, length=out.numel(), boundaries=boundaries)
     if decoded.indices.numel():
         out.index_add_(0, decoded.indices.to(out.device), decoded.values.to(out.device, out.dtype))
     return out

@@ -5,8 +5,9 @@ Every rule takes the residual ``r`` (already holding ``r + g``), updates it in p
 encoded payload (:mod:`sturdy.compression.codec`) plus what was sent.
 
 * :func:`variance_select` (Tsuzuku et al. 2018): send element ``i`` iff ``r_i^2 > alpha * v_i``;
-  sent elements reset ``v_i = 0``, all others decay ``v_i *= zeta``. With 4-bit values an element
-  below the smallest level ``max|r_sent| * 2^-7`` is *not* sent and keeps its residual (it decays
+  sent elements reset ``v_i = 0``, all others decay ``v_i *= zeta``. With 4-bit values (one scale
+  per parameter: its largest sent ``|r|``) an element below the smallest level ``scale * 2^-7``
+  is *not* sent and keeps its residual (it decays
   like any unsent element) *(choice)*: rounding it up would overshoot and flip the residual's sign.
 * :func:`strom_select` (Strom 2015): send ``+-tau`` where ``|r_i| > tau``.
 * :func:`topk_select`: send the ``k = ceil(ratio * n)`` largest ``|r_i|`` as float32.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -56,7 +58,15 @@ def _empty(r: Tensor) -> Selection:
     )
 
 
-def variance_select(r: Tensor, v: Tensor, *, alpha: float, zeta: float, quantize: str | None) -> Selection:
+def variance_select(
+    r: Tensor,
+    v: Tensor,
+    *,
+    alpha: float,
+    zeta: float,
+    quantize: Optional[str],
+    boundaries: Optional[Tensor] = None,
+) -> Selection:
     """Variance-based selection: send ``i`` iff ``r_i^2 > alpha * v_i``; updates ``r`` and ``v`` in place.
 
     Args:
@@ -65,6 +75,8 @@ def variance_select(r: Tensor, v: Tensor, *, alpha: float, zeta: float, quantize
         alpha: threshold factor, ``>= 0`` (``alpha = 0`` sends every nonzero element).
         zeta: decay of ``v`` for unsent elements, in ``[0, 1]``.
         quantize: ``"4bit"`` or ``None`` (float32 values).
+        boundaries: segment offsets ``[0, ..., n]`` (one segment per parameter); the 4-bit scale is
+            the largest sent ``|r|`` of each segment. ``None``: one segment.
     """
     if alpha == 0:
         candidates = r != 0
@@ -76,13 +88,13 @@ def variance_select(r: Tensor, v: Tensor, *, alpha: float, zeta: float, quantize
         return _empty(r)
     values = r[indices]
     if quantize == "4bit":
-        scale = values.abs().max().to(torch.float32)
-        codes, quantised, ok = codec.quantize_down(values, scale)
+        scales = codec.segment_scales(indices, values, boundaries, r.numel())
+        codes, quantised, ok = codec.quantize_down(values, scales[codec.segment_ids(indices, boundaries, r.numel())])
         indices, codes, quantised = indices[ok], codes[ok], quantised[ok]
         if indices.numel() == 0:
             return _empty(r)
         sent = quantised.to(r.device, r.dtype)
-        payload = codec.encode(indices, codes, length=r.numel(), value_format="4bit", scale=float(scale))
+        payload = codec.encode(indices, codes, length=r.numel(), value_format="4bit", scale=scales)
     else:
         sent = values
         payload = codec.encode(indices, values, length=r.numel(), value_format="float32")

@@ -214,6 +214,7 @@ class _ResidualState(_TrafficMeter):
             self._names = {id(p): name for name, p in named_parameters}
         self._layout: Dict[int, Tuple[int, ...]] = {}
         self._segments: Dict[int, List[_Segment]] = {}
+        self._boundaries: Dict[int, Tensor] = {}
         self._buffers: Dict[str, Dict[int, Tensor]] = {k: {} for k in self.buffer_kinds}
         self._pending: Dict[str, Dict[str, Tensor]] = {k: {} for k in self.buffer_kinds}
 
@@ -260,6 +261,7 @@ class _ResidualState(_TrafficMeter):
                 self._buffers[kind][index] = flat
             self._layout[index] = key
             self._segments[index] = segments
+            self._boundaries[index] = torch.tensor([seg.offset for seg in segments] + [offset], dtype=torch.int64)
         return {kind: self._buffers[kind][index] for kind in self.buffer_kinds}
 
     def _per_name(self) -> Dict[str, Dict[str, Tensor]]:
@@ -276,6 +278,7 @@ class _ResidualState(_TrafficMeter):
         if clear:
             self._layout.clear()
             self._segments.clear()
+            self._boundaries.clear()
             self._buffers = {k: {} for k in self.buffer_kinds}
 
     def _count_never_sent(self) -> Tuple[int, int]:
@@ -304,6 +307,7 @@ class _ResidualState(_TrafficMeter):
         self._pending = {k: {n: t.clone() for n, t in buffers[k].items()} for k in self.buffer_kinds}
         self._layout.clear()
         self._segments.clear()
+        self._boundaries.clear()
         self._buffers = {k: {} for k in self.buffer_kinds}
 
     def _select(self, bucket: dist.GradBucket, buffers: Dict[str, Tensor]) -> Selection:
@@ -324,6 +328,7 @@ def _sparse_hook(state: _ResidualState, bucket: dist.GradBucket) -> torch.future
     selection = state._select(bucket, buffers)
     if selection.count:
         buffers["ever_sent"][selection.indices] = True
+    boundaries = state._boundaries[bucket.index()]
     gathered = all_gather_variable(selection.payload, process_group=state.process_group, device=buffer.device)
     state._record(
         elements=buffer.numel(),
@@ -336,7 +341,7 @@ def _sparse_hook(state: _ResidualState, bucket: dist.GradBucket) -> torch.future
     def combine(fut: torch.futures.Future) -> Tensor:
         buffer.zero_()
         for payload in fut.value():
-            codec.decode_add_(buffer, payload)
+            codec.decode_add_(buffer, payload, boundaries=boundaries)
         return buffer.div_(world)
 
     return gathered.future.then(combine)
@@ -352,8 +357,8 @@ class VarianceCompressionState(_ResidualState):
             unless ``alpha == 0``. Also gives parameter names for checkpoints.
         alpha: send element ``i`` when ``r_i^2 > alpha * v_i``; ``>= 0``. Larger sends less.
         zeta: decay of ``v`` for elements not sent, in ``[0, 1]``.
-        quantize: ``"4bit"`` (sign + 3-bit exponent relative to the bucket's largest sent ``|r|``)
-            or ``None`` (float32 values).
+        quantize: ``"4bit"`` (sign + 3-bit exponent relative to the largest sent ``|r|`` of each
+            parameter in the bucket; never rounded up) or ``None`` (float32 values).
         start_iter: plain allreduce before this iteration.
         named_parameters: ``model.named_parameters()`` when ``statistics`` is not given.
     """
@@ -406,7 +411,12 @@ class VarianceCompressionState(_ResidualState):
         if self.statistics_source is not None:
             variance.add_(self.statistics_source.pop_flat(bucket.parameters()).to(variance))
         return variance_select(
-            buffers["residual"], variance, alpha=self.alpha, zeta=self.zeta, quantize=self.quantize
+            buffers["residual"],
+            variance,
+            alpha=self.alpha,
+            zeta=self.zeta,
+            quantize=self.quantize,
+            boundaries=self._boundaries[bucket.index()],
         )
 
 

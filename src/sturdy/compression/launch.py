@@ -172,7 +172,7 @@ def run_local_workers(
     timed_out = time.monotonic() > deadline
     detail = next(iter(errors.values()), "")
     raise DistributedError(
-        ("distributed run timed out after %.0f s; " % timeout_s if timed_out else "distributed run failed; ")
+        (f"distributed run timed out after {timeout_s:.0f} s; " if timed_out else "distributed run failed; ")
         + "; ".join(parts)
         + (f"\nfirst worker traceback:\n{detail}" if detail else "")
     )

@@ -177,7 +177,8 @@ def _generic_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> Di
     per_sample_grad = vmap(grad(sample_objective), in_dims=(None, 0, 0))
     out = {name: torch.zeros_like(p) for name, p in params.items()}
     for sl in _chunks(a.shape[0], chunk):
-        grads = per_sample_grad(params, a[sl], delta[sl])
+        with torch.enable_grad():  # torch.func needs grad mode, which is off inside a backward pass
+            grads = per_sample_grad(params, a[sl], delta[sl])
         for name, g in grads.items():
             out[name] += (g * g).sum(0)
     return out
@@ -225,6 +226,7 @@ class SquaredGradientStatistics:
         self._owner: Dict[int, _Tracked] = {}
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._tracked: List[_Tracked] = []
+        self._computing = False
         for module_name, module in model.named_modules():
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if not own:
@@ -241,7 +243,9 @@ class SquaredGradientStatistics:
 
     def _make_forward_hook(self, tracked: _Tracked) -> Callable:
         def forward_hook(module: nn.Module, args: Tuple, output: object) -> None:
-            if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+            if self._computing or not torch.is_grad_enabled():
+                return  # (_computing: the torch.func fallback calls the module again)
+            if not isinstance(output, Tensor) or not output.requires_grad:
                 return
             if len(args) != 1 or not isinstance(args[0], Tensor):
                 raise UnsupportedModuleError(
@@ -266,8 +270,12 @@ class SquaredGradientStatistics:
                         module=module,
                         path=tracked.name,
                     )
-                with torch.no_grad():
-                    result = tracked.rule(module, a, delta.detach(), tracked.chunk)
+                self._computing = True
+                try:
+                    with torch.no_grad():
+                        result = tracked.rule(module, a, delta.detach(), tracked.chunk)
+                finally:
+                    self._computing = False
                 for attr, value in result.items():
                     key = id(tracked.params[attr])
                     if key in self._sq:

@@ -1,0 +1,180 @@
+"""Squared-gradient statistics against brute-force per-sample references."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sturdy.compression.statistics import (
+    attach_squared_gradient_statistics,
+    per_sample_squared_gradients,
+    squared_grad_rules,
+)
+from sturdy.errors import ConfigurationError, DistributedError, UnsupportedModuleError
+
+REL_TOL = 1e-9
+ABS_TOL = 1e-12
+
+
+def _ce(logits, targets):
+    return F.cross_entropy(logits, targets)
+
+
+def _fast(model, x, y, **kw):
+    stats = attach_squared_gradient_statistics(model, **kw)
+    _ce(model(x), y).backward()
+    out = {n: stats.get(p) for n, p in model.named_parameters()}
+    stats.remove()
+    return out
+
+
+def _check(model, x, y, **kw):
+    model = model.double()
+    x = x.double()
+    reference = per_sample_squared_gradients(model, x, y, _ce)
+    fast = _fast(model, x, y, **kw)
+    assert set(fast) == set(reference)
+    for name in reference:
+        assert fast[name] is not None, name
+        torch.testing.assert_close(fast[name], reference[name], rtol=REL_TOL, atol=ABS_TOL, msg=name)
+
+
+def test_linear_mlp_matches_per_sample_loop():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    _check(model, torch.randn(6, 5), torch.randint(0, 3, (6,)))
+
+
+def test_linear_on_sequences_matches_per_sample_loop():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Flatten(), nn.Linear(15, 3))
+    _check(model, torch.randn(5, 3, 4), torch.randint(0, 3, (5,)))
+
+
+@pytest.mark.parametrize(
+    "conv_kwargs",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=3, padding=0, stride=2),
+        dict(kernel_size=(2, 3), padding=(1, 2), stride=(2, 1), dilation=(1, 2)),
+        dict(kernel_size=3, padding=1, groups=2),
+        dict(kernel_size=3, padding="same", dilation=2),
+        dict(kernel_size=3, padding=1, padding_mode="reflect"),
+        dict(kernel_size=3, padding=1, padding_mode="circular", bias=False),
+    ],
+)
+def test_conv2d_matches_per_sample_loop(conv_kwargs):
+    torch.manual_seed(3)
+    conv = nn.Conv2d(4, 6, **conv_kwargs)
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten())
+    with torch.no_grad():
+        features = model(torch.zeros(1, 4, 7, 6)).shape[1]
+    model.append(nn.Linear(features, 3))
+    _check(model, torch.randn(5, 4, 7, 6), torch.randint(0, 3, (5,)))
+
+
+def test_tiny_chunks_give_the_same_result():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    _check(model, torch.randn(7, 2, 6, 6), torch.randint(0, 2, (7,)), chunk_bytes=1)
+
+
+def test_batchnorm_eval_mode_matches_per_sample_loop():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2),
+                          nn.BatchNorm1d(2))
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 2, 6, 6) * 2 + 1)  # non-trivial running statistics
+    model.eval()
+    _check(model, torch.randn(5, 2, 6, 6), torch.randint(0, 2, (5,)))
+
+
+def test_batchnorm_training_mode_matches_per_sample_parameter_copies():
+    """In training mode samples interact; the reference gives every sample its own copy of gamma, beta."""
+    torch.manual_seed(6)
+    bn = nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    head = nn.Linear(3 * 4 * 4, 2).double()
+    model = nn.Sequential(bn, nn.Flatten(), head)
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (5,))
+    fast = _fast(model, x, y)
+
+    n = x.shape[0]
+    gamma = bn.weight.detach().expand(n, 3).clone().requires_grad_(True)
+    beta = bn.bias.detach().expand(n, 3).clone().requires_grad_(True)
+    mean = x.mean((0, 2, 3), keepdim=True)
+    var = x.var((0, 2, 3), unbiased=False, keepdim=True)
+    xhat = (x - mean) / torch.sqrt(var + bn.eps)
+    out = xhat * gamma[:, :, None, None] + beta[:, :, None, None]
+    loss = F.cross_entropy(head(out.flatten(1)), y)
+    g_gamma, g_beta = torch.autograd.grad(loss, [gamma, beta])
+    torch.testing.assert_close(fast["0.weight"], (g_gamma**2).sum(0), rtol=REL_TOL, atol=ABS_TOL)
+    torch.testing.assert_close(fast["0.bias"], (g_beta**2).sum(0), rtol=REL_TOL, atol=ABS_TOL)
+
+
+def test_generic_fallback_for_unregistered_layers():
+    torch.manual_seed(7)
+    assert nn.LayerNorm not in squared_grad_rules() and nn.Conv1d not in squared_grad_rules()
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Flatten(), nn.LayerNorm(15), nn.Linear(15, 3))
+    _check(model, torch.randn(4, 2, 5), torch.randint(0, 3, (4,)))
+
+
+def test_statistics_accumulate_and_pop_resets():
+    model = nn.Linear(3, 2)
+    stats = attach_squared_gradient_statistics(model)
+    x = torch.ones(4, 3)
+    model(x).sum().backward()
+    model(x).sum().backward()
+    torch.testing.assert_close(stats.get(model.bias), torch.full((2,), 8.0))
+    flat = stats.pop_flat([model.weight, model.bias])
+    assert flat.shape == (8,)
+    torch.testing.assert_close(flat[-2:], torch.full((2,), 8.0))
+    assert stats.get(model.bias) is None
+    torch.testing.assert_close(stats.pop_flat([model.bias]), torch.zeros(2))
+
+
+def test_no_statistics_under_no_grad_and_frozen_parameters_skipped():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    model[0].weight.requires_grad_(False)
+    stats = attach_squared_gradient_statistics(model)
+    with torch.no_grad():
+        model(torch.ones(2, 3))
+    model(torch.ones(2, 3)).sum().backward()
+    assert stats.get(model[0].weight) is None
+    assert stats.get(model[0].bias) is not None
+    assert "0.weight" not in stats.parameter_names.values()
+
+
+def test_shared_module_is_refused():
+    layer = nn.Linear(3, 3)
+    model = nn.Sequential(layer, nn.ReLU(), layer)
+    attach_squared_gradient_statistics(model)
+    with pytest.raises(UnsupportedModuleError, match="ran more than once before backward"):
+        model(torch.ones(2, 3)).sum().backward()
+
+
+def test_pop_before_backward_finished_is_an_error():
+    model = nn.Linear(3, 2)
+    stats = attach_squared_gradient_statistics(model)
+    model(torch.ones(2, 3))
+    with pytest.raises(DistributedError, match="not ready"):
+        stats.pop_flat([model.weight])
+    stats.reset()
+    assert stats.pop_flat([model.weight]).shape == (6,)
+
+
+def test_validation_messages():
+    with pytest.raises(ConfigurationError, match="expects an nn.Module"):
+        attach_squared_gradient_statistics("model")
+    with pytest.raises(ConfigurationError, match="chunk_bytes must be a positive"):
+        attach_squared_gradient_statistics(nn.Linear(2, 2), chunk_bytes=0)
+    with pytest.raises(ConfigurationError, match="no trainable parameters"):
+        attach_squared_gradient_statistics(nn.ReLU())
+    stats = attach_squared_gradient_statistics(nn.Linear(2, 2))
+    with pytest.raises(DistributedError, match="not tracked"):
+        stats.pop_flat([torch.zeros(3)])
