@@ -218,6 +218,10 @@ class _ResidualState(_TrafficMeter):
         self._buffers: Dict[str, Dict[int, Tensor]] = {k: {} for k in self.buffer_kinds}
         self._pending: Dict[str, Dict[str, Tensor]] = {k: {} for k in self.buffer_kinds}
 
+    def bind_model(self, model: nn.Module) -> None:
+        """Take parameter names from the model DDP wraps (for states built before the model)."""
+        self._names = {id(p): name for name, p in model.named_parameters()}
+
     def _bucket_buffers(self, bucket: dist.GradBucket) -> Dict[str, Tensor]:
         index = bucket.index()
         params = bucket.parameters()
@@ -361,6 +365,8 @@ class VarianceCompressionState(_ResidualState):
             parameter in the bucket; never rounded up) or ``None`` (float32 values).
         start_iter: plain allreduce before this iteration.
         named_parameters: ``model.named_parameters()`` when ``statistics`` is not given.
+        defer_statistics: build the state before the model exists; :meth:`bind_model` then attaches
+            the statistics (a compressed step without them raises ``DistributedError``).
     """
 
     kind = "vgc"
@@ -376,15 +382,17 @@ class VarianceCompressionState(_ResidualState):
         quantize: Optional[str] = "4bit",
         start_iter: int = 2,
         named_parameters: Optional[Iterable[Tuple[str, Tensor]]] = None,
+        defer_statistics: bool = False,
     ) -> None:
         self.alpha = validate_rate("alpha", alpha, low=0.0, high=math.inf, hint="typical values are 1 to 8")
         self.zeta = validate_rate("zeta", zeta, low=0.0, high=1.0, hint="typical value 0.999")
         if quantize not in ("4bit", None):
             raise ConfigurationError(f"quantize must be '4bit' or None, got {quantize!r}")
-        if statistics is None and self.alpha != 0:
+        if statistics is None and self.alpha != 0 and not defer_statistics:
             raise ConfigurationError(
                 "variance-based compression with alpha > 0 needs squared-gradient statistics: pass "
-                "statistics=attach_squared_gradient_statistics(model)"
+                "statistics=attach_squared_gradient_statistics(model), or defer_statistics=True and call "
+                "state.bind_model(model) before training"
             )
         if statistics is not None and not isinstance(statistics, SquaredGradientStatistics):
             raise ConfigurationError(
@@ -402,12 +410,23 @@ class VarianceCompressionState(_ResidualState):
     def config(self) -> Dict[str, Any]:
         return {"start_iter": self.start_iter, "alpha": self.alpha, "zeta": self.zeta, "quantize": self.quantize}
 
+    def bind_model(self, model: nn.Module) -> None:
+        """Attach squared-gradient statistics to ``model`` (the module DDP wraps) and take its names."""
+        if self.statistics_source is None:
+            self.statistics_source = attach_squared_gradient_statistics(model)
+        self._names = dict(self.statistics_source.parameter_names)
+
     def _before_plain_step(self, bucket: dist.GradBucket) -> None:
         if self.statistics_source is not None:
             self.statistics_source.pop_flat(bucket.parameters())
 
     def _select(self, bucket: dist.GradBucket, buffers: Dict[str, Tensor]) -> Selection:
         variance = buffers["variance"]
+        if self.statistics_source is None and self.alpha != 0:
+            raise DistributedError(
+                "variance-based compression has no squared-gradient statistics: call state.bind_model(model) "
+                "with the module DDP wraps before training"
+            )
         if self.statistics_source is not None:
             variance.add_(self.statistics_source.pop_flat(bucket.parameters()).to(variance))
         return variance_select(
@@ -535,6 +554,9 @@ class TorchHookState(_TrafficMeter):
                 min_compression_rate=2,
             )
 
+    def bind_model(self, model: nn.Module) -> None:
+        """Nothing to bind (PyTorch's hooks keep per-bucket state only)."""
+
     def _bytes(self, bucket: dist.GradBucket) -> int:
         n = bucket.buffer().numel()
         if self.kind == "none" or self.iter < self.start_iter:
@@ -605,21 +627,21 @@ def create_compression(
 ) -> Tuple[Any, Hook]:
     """Build ``(state, hook)`` for a method of :data:`METHODS` by name.
 
-    ``model`` (the module DDP wraps, before wrapping) is required for ``vgc`` (statistics are
-    attached to it) and gives parameter names to ``strom`` and ``topk``.
+    ``model`` is the module DDP wraps: ``vgc`` attaches its statistics to it and every state takes
+    parameter names from it. Without ``model`` the state is built unbound: call
+    ``state.bind_model(model)`` once the model exists (before training).
     """
     if method not in METHODS:
         raise ConfigurationError(f"unknown compression method {method!r}; expected one of {METHODS}")
     named = list(model.named_parameters()) if model is not None else None
     if method == "vgc":
-        if model is None:
-            raise ConfigurationError("method 'vgc' needs model= to attach squared-gradient statistics")
-        stats = attach_squared_gradient_statistics(model)
-        state = VarianceCompressionState(
-            process_group=process_group, statistics=stats, alpha=alpha, zeta=zeta, quantize=quantize,
-            start_iter=start_iter,
+        vgc = VarianceCompressionState(
+            process_group=process_group, alpha=alpha, zeta=zeta, quantize=quantize, start_iter=start_iter,
+            defer_statistics=True,
         )
-        return state, variance_hook
+        if model is not None:
+            vgc.bind_model(model)
+        return vgc, variance_hook
     if method == "strom":
         state = StromState(process_group=process_group, tau=tau, start_iter=start_iter, named_parameters=named)
         return state, strom_hook
