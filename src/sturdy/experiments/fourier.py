@@ -1,0 +1,335 @@
+"""Fourier sensitivity and the Single Fourier Attack in the CLI and the demo report.
+
+Commands (checkpoints are ``model.pt`` files written by ``sturdy train``):
+
+* ``sturdy fourier heatmap --checkpoint M --eps E [--norm l2|linf] [--images N] --out DIR`` writes
+  ``heatmap.png``, ``gradient.png`` and ``heatmap.json`` (maps, rates, gradient rank correlation);
+* ``sturdy fourier attack --checkpoint M --eps E [--search halving|exhaustive] --out DIR`` writes
+  ``delta.pt`` (the ``(C, H, W)`` perturbation tensor), ``delta.png``, ``examples.png`` and
+  ``attack.json`` (held-out and shifted fooling rates, queries, seconds).
+
+The attack runs on training images (``--attack-images`` of them, seeded) and is evaluated on the whole
+test split, so the reported fooling rate is held-out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from sturdy.data import ImageDataset, load_dataset
+from sturdy.errors import ConfigurationError
+from sturdy.fourier import (
+    PerturbationReport,
+    UniversalPerturbation,
+    evaluate_perturbation,
+    fourier_heatmap,
+    gradient_spectrum,
+    plot_fourier_maps,
+    rank_correlation,
+    single_fourier_attack,
+)
+
+__all__ = ["register_cli", "demo_section", "plot_perturbation", "plot_examples", "random_noise_baseline"]
+
+DEMO_EPS = 2.0  # L2 budget on 8x8 digits in [0, 1] (image norms are about 3.5)
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+
+def plot_perturbation(delta: Tensor, *, title: str = ""):
+    """Figure of a perturbation ``(C, H, W)``: one panel per channel, symmetric colour scale."""
+    import matplotlib.pyplot as plt
+
+    d = delta.detach().cpu().double()
+    top = float(d.abs().max()) or 1.0
+    fig, axes = plt.subplots(1, d.shape[0], figsize=(3.0 * d.shape[0], 2.8), squeeze=False)
+    for c, ax in enumerate(axes[0]):
+        im = ax.imshow(d[c].numpy(), cmap="RdBu_r", vmin=-top, vmax=top, interpolation="nearest")
+        ax.set_title(f"{title} channel {c}".strip(), fontsize=9)
+        ax.axis("off")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return fig
+
+
+def plot_examples(model: nn.Module, delta: Tensor, x: Tensor, *, n: int = 6, bounds=(0.0, 1.0)):
+    """Clean (top) and perturbed (bottom) images with the model's predicted labels."""
+    import matplotlib.pyplot as plt
+
+    device = next(model.parameters()).device
+    x = x[:n].to(device)
+    perturbed = (x + delta.to(device=device, dtype=x.dtype)).clamp(*bounds)
+    with torch.no_grad():
+        clean_pred = model(x).argmax(1).tolist()
+        adv_pred = model(perturbed).argmax(1).tolist()
+    fig, axes = plt.subplots(2, len(x), figsize=(1.6 * len(x), 3.6), squeeze=False)
+    for i in range(len(x)):
+        for row, (images, preds, name) in enumerate(((x, clean_pred, "clean"), (perturbed, adv_pred, "SFA"))):
+            img = images[i].detach().cpu()
+            img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
+            ax = axes[row][i]
+            ax.imshow(img.numpy(), cmap="gray" if img.dim() == 2 else None, vmin=0, vmax=1)
+            ax.set_title(f"{name}: {preds[i]}", fontsize=8, color="black" if preds[i] == clean_pred[i] else "red")
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def random_noise_baseline(
+    model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, seed: int = 0
+) -> PerturbationReport:
+    """A random Gaussian universal perturbation of the same budget (the chance level of SFA)."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x.shape[1:], generator=gen, dtype=torch.float64)
+    noise = eps * noise / (noise.norm() if norm == "l2" else noise.abs().max())
+    return evaluate_perturbation(model, noise.float(), x, y)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _phase(text: str) -> Optional[float]:
+    if text == "random":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a phase in radians or 'random', got {text!r}") from None
+
+
+def _common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="model.pt written by `sturdy train`")
+    p.add_argument("--eps", type=_positive_float, required=True, help="budget in --norm (images in [0, 1])")
+    p.add_argument("--norm", choices=("l2", "linf"), default="l2")
+    p.add_argument("--wave", choices=("sine", "square"), default="sine",
+                   help="sinusoid, or its sign (square wave; the strongest L-inf variant)")
+    p.add_argument("--batch-size", type=_positive_int, default=2048, help="perturbed images per model call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``sturdy fourier heatmap`` and ``sturdy fourier attack``."""
+    parent = subparsers.add_parser("fourier", help="Fourier sensitivity heat maps and the Single Fourier Attack")
+    sub = parent.add_subparsers(dest="fourier_command", metavar="SUBCOMMAND")
+    parent.set_defaults(func=_cmd_missing)
+
+    p = sub.add_parser("heatmap", help="error/fooling rate per Fourier direction; PNG + JSON")
+    _common_arguments(p)
+    p.add_argument("--images", type=_positive_int, default=500, help="test images used (at most the split)")
+    p.add_argument("--phase", type=_phase, default=-math.pi / 4,
+                   help="phase of the directions in radians, or 'random' (per image); default -pi/4")
+    p.add_argument("--out", default="runs/fourier/heatmap")
+    p.set_defaults(func=_cmd_heatmap)
+
+    p = sub.add_parser("attack", help="Single Fourier Attack: one black-box universal perturbation")
+    _common_arguments(p)
+    p.add_argument("--search", choices=("halving", "exhaustive"), default="halving")
+    p.add_argument("--attack-images", type=_positive_int, default=300,
+                   help="training images the attack searches on (held-out: the whole test split)")
+    p.add_argument("--phases", type=_positive_int, default=8, help="phases 2 pi j / PHASES searched")
+    p.add_argument("--max-queries", type=_positive_int, default=None, help="hard budget of model queries")
+    p.add_argument("--shifts", type=int, default=4, help="random circular shifts of delta per held-out image")
+    p.add_argument("--out", default="runs/fourier/attack")
+    p.set_defaults(func=_cmd_attack)
+
+
+def _cmd_missing(args: argparse.Namespace) -> int:
+    raise ConfigurationError("sturdy fourier: choose a sub-command: heatmap or attack (see sturdy fourier -h)")
+
+
+def _load(args: argparse.Namespace):
+    from sturdy.experiments.train_job import load_trained_model
+    from sturdy.training import resolve_device
+
+    model, job = load_trained_model(args.checkpoint, device=resolve_device(args.device))
+    kw = dict(root=job.data_root, download=job.download, resize=job.resize)
+    return model, job, kw
+
+
+def _write_json(data: Dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _cmd_heatmap(args: argparse.Namespace) -> int:
+    model, job, kw = _load(args)
+    test = load_dataset(job.dataset, split="test", **kw)
+    n = min(args.images, len(test))
+    x, y = test.images[:n], test.labels[:n]
+    hm = fourier_heatmap(model, x, y, eps=args.eps, norm=args.norm, wave=args.wave, phase=args.phase,
+                         batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+    grad = gradient_spectrum(model, x, y, batch_size=min(args.batch_size, 256))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hm.plot(out / "heatmap.png", title=job.model)
+    _save_figure(plot_fourier_maps([("input-gradient power (mean)", grad.full())]), out / "gradient.png")
+    summary = hm.to_dict()
+    summary.update(
+        checkpoint=str(args.checkpoint), dataset=job.dataset,
+        gradient_rank_correlation_fooling=rank_correlation(grad.power, hm.fooling),
+        gradient_rank_correlation_error=rank_correlation(grad.power, hm.error),
+        gradient_seconds=grad.seconds, gradient_power_map=grad.full().tolist(),
+    )
+    _write_json(summary, out / "heatmap.json")
+    keys = ("clean_error", "max_error", "mean_error", "max_fooling", "gradient_rank_correlation_fooling", "seconds")
+    print(json.dumps({k: summary[k] for k in keys}))
+    print(f"wrote {out / 'heatmap.png'}, {out / 'gradient.png'} and {out / 'heatmap.json'}")
+    return 0
+
+
+def _split_attack_set(train: ImageDataset, n: int, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return train.images[torch.randperm(len(train), generator=gen)[: min(n, len(train))]]
+
+
+def _cmd_attack(args: argparse.Namespace) -> int:
+    if args.shifts < 0:
+        raise ConfigurationError(f"--shifts must be >= 0, got {args.shifts}")
+    model, job, kw = _load(args)
+    train = load_dataset(job.dataset, split="train", **kw)
+    test = load_dataset(job.dataset, split="test", **kw)
+    x_attack = _split_attack_set(train, args.attack_images, args.seed)
+    sfa = single_fourier_attack(model, x_attack, eps=args.eps, norm=args.norm, wave=args.wave, search=args.search,
+                                phases=args.phases, max_queries=args.max_queries, batch_size=args.batch_size,
+                                seed=args.seed, progress=not args.no_progress)
+    held = evaluate_perturbation(model, sfa.delta, test.images, test.labels, shifts=args.shifts,
+                                 batch_size=args.batch_size, seed=args.seed)
+    noise = random_noise_baseline(model, test.images, test.labels, eps=args.eps, norm=args.norm, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(sfa.delta, out / "delta.pt")
+    _save_figure(plot_perturbation(sfa.delta, title=f"SFA (k,l)={sfa.frequency}"), out / "delta.png")
+    _save_figure(plot_examples(model, sfa.delta, test.images), out / "examples.png")
+    summary = _attack_summary(sfa, held)
+    summary.update(checkpoint=str(args.checkpoint), dataset=job.dataset, attack_images=len(x_attack),
+                   random_noise_fooling_rate=noise.fooling_rate)
+    _write_json(summary, out / "attack.json")
+    keys = ("heldout_fooling_rate", "shifted_fooling_rate", "attack_fooling_rate", "queries", "seconds")
+    print(json.dumps({k: summary[k] for k in keys}))
+    print(f"wrote {out / 'delta.pt'}, {out / 'delta.png'}, {out / 'examples.png'} and {out / 'attack.json'}")
+    return 0
+
+
+def _attack_summary(sfa: UniversalPerturbation, held: PerturbationReport) -> Dict[str, Any]:
+    summary = sfa.to_dict()
+    summary.update(
+        heldout_fooling_rate=held.fooling_rate, heldout_error_rate=held.error_rate,
+        heldout_clean_error_rate=held.clean_error_rate, shifted_fooling_rate=held.shifted_fooling_rate,
+        shifted_error_rate=held.shifted_error_rate, heldout_images=held.n_images, shifts=held.shifts,
+        mean_applied_l2=held.mean_l2, mean_applied_linf=held.mean_linf,
+    )
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ demo
+
+
+def demo_section(ctx: Any) -> None:
+    """Heat maps of the standard (and LMT) model, the SFA perturbation, held-out and shifted fooling rates.
+
+    Budget: about 20 s on 2 CPU cores (a few seconds with ``ctx.quick``).
+    """
+    quick = bool(ctx.quick)
+    n_map = 120 if quick else len(ctx.test_set)
+    n_attack = 100 if quick else 300
+    n_held = 200 if quick else len(ctx.test_set)
+    models = {"standard": ctx.models["standard"]}
+    if ctx.models.get("lmt") is not None:
+        models["lmt"] = ctx.models["lmt"]
+    x_map, y_map = ctx.test_set.images[:n_map], ctx.test_set.labels[:n_map]
+    x_attack = _split_attack_set(ctx.train_set, n_attack, ctx.seed)
+    x_held, y_held = ctx.test_set.images[:n_held], ctx.test_set.labels[:n_held]
+    results: Dict[str, Any] = {"eps": DEMO_EPS, "norm": "l2", "attack_images": len(x_attack),
+                               "heldout_images": len(x_held), "models": {}}
+    sec = ctx.report.section("Fourier sensitivity and the Single Fourier Attack")
+    sec.text(
+        f"Each Fourier direction of the {ctx.test_set.image_shape[1]}x{ctx.test_set.image_shape[2]} image plane "
+        f"is added with L2 norm {DEMO_EPS} (images in [0, 1], clipped) to {n_map} test digits; the maps show the "
+        "fraction of predictions that change (centred: frequency (0, 0) in the middle). The Single Fourier "
+        f"Attack searches frequency, 8 phases and channel signs on {len(x_attack)} training images using only "
+        f"predicted labels (successive halving), and is evaluated on {len(x_held)} held-out test digits, also "
+        "under random circular shifts of the perturbation."
+    )
+    panels, rows, maps = [], [], {}
+    for name, model in models.items():
+        hm = fourier_heatmap(model, x_map, y_map, eps=DEMO_EPS, seed=ctx.seed, progress=ctx.progress)
+        grad = gradient_spectrum(model, x_map, y_map)
+        sfa = single_fourier_attack(model, x_attack, eps=DEMO_EPS, seed=ctx.seed, progress=ctx.progress)
+        held = evaluate_perturbation(model, sfa.delta, x_held, y_held, shifts=2 if quick else 4, seed=ctx.seed)
+        noise = random_noise_baseline(model, x_held, y_held, eps=DEMO_EPS, norm="l2", seed=ctx.seed)
+        panels.append((f"{name}: fooling rate", hm.full("fooling")))
+        maps[name] = (sfa, grad, hm)
+        entry = _attack_summary(sfa, held)
+        entry.update(heatmap_mean_fooling=float(hm.fooling.mean()), heatmap_max_fooling=float(hm.fooling.max()),
+                     heatmap_clean_error=hm.clean_error, heatmap_top=hm.top(3),
+                     gradient_rank_correlation=rank_correlation(grad.power, hm.fooling),
+                     random_noise_fooling_rate=noise.fooling_rate, heatmap_seconds=hm.seconds)
+        if name == "standard" and not quick:
+            ex = single_fourier_attack(model, x_attack, eps=DEMO_EPS, search="exhaustive", seed=ctx.seed)
+            ex_held = evaluate_perturbation(model, ex.delta, x_held, y_held)
+            entry.update(exhaustive_attack_fooling_rate=ex.fooling_rate, exhaustive_queries=ex.queries,
+                         exhaustive_seconds=ex.seconds, exhaustive_heldout_fooling_rate=ex_held.fooling_rate)
+        results["models"][name] = entry
+        rows.append([name, 1.0 - held.clean_error_rate, float(hm.fooling.max()), held.fooling_rate,
+                     held.shifted_fooling_rate, noise.fooling_rate, sfa.queries, sfa.exhaustive_queries,
+                     round(sfa.seconds, 2), str(sfa.frequency)])
+    sec.figure(plot_fourier_maps(panels), name="fourier_heatmaps.png",
+               caption=f"Fooling rate per Fourier direction at L2 eps {DEMO_EPS}, one phase (-pi/4), random "
+               "channel signs; models side by side on one colour scale.")
+    sec.table(
+        header=["model", "clean accuracy", "heat-map max fooling", "SFA held-out fooling", "SFA shifted fooling",
+                "random noise fooling", "SFA queries", "exhaustive queries", "SFA seconds", "SFA (k, l)"],
+        rows=rows,
+        caption="SFA: black-box universal perturbation (successive halving); 'shifted': the same delta "
+        "circularly shifted at random per image.",
+    )
+    sfa, grad, hm = maps["standard"]
+    sec.figure(plot_perturbation(sfa.delta, title=f"standard SFA (k,l)={sfa.frequency}"), name="fourier_sfa_delta.png",
+               caption=f"The SFA perturbation of the standard model (L2 norm {DEMO_EPS}, phase {sfa.phase:.2f}).")
+    sec.figure(plot_examples(models["standard"], sfa.delta, x_held), name="fourier_sfa_examples.png",
+               caption="Held-out digits before (top) and after (bottom) adding the SFA perturbation; red: "
+               "prediction changed.")
+    rho = results["models"]["standard"]["gradient_rank_correlation"]
+    sec.figure(plot_fourier_maps([("standard: input-gradient power", grad.full())]), name="fourier_gradient.png",
+               caption="Gradient fast path: mean power spectrum of input gradients (one backward pass per image); "
+               f"Spearman rank correlation with the fooling map {rho:.2f}.")
+    ctx.results["fourier"] = results
+

@@ -1,0 +1,80 @@
+"""The `sturdy fourier` commands and the demo section, end to end on a tiny digits checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sturdy.cli import main
+from sturdy.experiments import fourier as fourier_experiments
+from sturdy.report import Report
+
+
+@pytest.fixture(scope="package")
+def checkpoint(tmp_path_factory, single_thread):
+    out = tmp_path_factory.mktemp("fourier_train")
+    argv = ["train", "--epochs", "2", "--lr", "0.01", "--out", str(out), "--no-progress", "--device", "cpu",
+            "--model-arg", "channels=(4,8)", "--model-arg", "width=16"]
+    assert main(argv) == 0
+    return out / "model.pt"
+
+
+def test_heatmap_command_writes_png_and_json(checkpoint, tmp_path, capsys):
+    out = tmp_path / "hm"
+    argv = ["fourier", "heatmap", "--checkpoint", str(checkpoint), "--eps", "2.0", "--images", "40",
+            "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0
+    data = json.loads((out / "heatmap.json").read_text())
+    assert data["n_images"] == 40 and data["eps"] == 2.0 and len(data["fooling_map"]) == 8
+    assert -1.0 <= data["gradient_rank_correlation_fooling"] <= 1.0
+    assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG" and (out / "gradient.png").is_file()
+    assert "max_fooling" in capsys.readouterr().out
+
+
+def test_attack_command_writes_delta_and_heldout_rates(checkpoint, tmp_path):
+    out = tmp_path / "attack"
+    argv = ["fourier", "attack", "--checkpoint", str(checkpoint), "--eps", "0.1", "--norm", "linf", "--wave",
+            "square", "--attack-images", "50", "--shifts", "1", "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0
+    data = json.loads((out / "attack.json").read_text())
+    delta = torch.load(out / "delta.pt", weights_only=True)
+    assert delta.shape == (1, 8, 8) and abs(float(delta.abs().max()) - 0.1) < 1e-6
+    assert data["heldout_images"] == 497 and data["attack_images"] == 50
+    assert data["queries"] < data["exhaustive_queries"]
+    for key in ("heldout_fooling_rate", "shifted_fooling_rate", "random_noise_fooling_rate"):
+        assert 0.0 <= data[key] <= 1.0
+    assert (out / "delta.png").is_file() and (out / "examples.png").is_file()
+
+
+def test_command_errors_are_one_line(checkpoint, tmp_path, capsys):
+    assert main(["fourier"]) == 2
+    assert "choose a sub-command: heatmap or attack" in capsys.readouterr().err
+    assert main(["fourier", "attack", "--checkpoint", str(checkpoint), "--eps", "0", "--out", str(tmp_path)]) == 2
+    assert "--eps: expected a positive number" in capsys.readouterr().err
+    assert main(["fourier", "heatmap", "--checkpoint", str(tmp_path / "missing.pt"), "--eps", "1"]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    argv = ["fourier", "attack", "--checkpoint", str(checkpoint), "--eps", "1", "--search", "exhaustive",
+            "--max-queries", "10", "--out", str(tmp_path), "--device", "cpu"]
+    assert main(argv) == 2
+    assert "use search='halving'" in capsys.readouterr().err
+
+
+def test_quick_demo_section(trained_cnn, digits, tmp_path):
+    from sturdy.experiments.demo import DemoContext
+
+    train, test = digits
+    report = Report("demo")
+    ctx = DemoContext(out=tmp_path, quick=True, device=torch.device("cpu"), seed=0, report=report, results={},
+                      train_set=train, test_set=test, models={"standard": trained_cnn, "lmt": trained_cnn},
+                      progress=False)
+    fourier_experiments.demo_section(ctx)
+    res = ctx.results["fourier"]
+    assert set(res["models"]) == {"standard", "lmt"}
+    std = res["models"]["standard"]
+    assert std["heldout_fooling_rate"] > std["random_noise_fooling_rate"]
+    assert std["shifted_fooling_rate"] is not None and std["queries"] < std["exhaustive_queries"]
+    json.dumps(res)  # JSON-able
+    page = report.write(tmp_path / "report.html").read_text()
+    assert "Single Fourier Attack" in page and (tmp_path / "fourier_heatmaps.png").is_file()
