@@ -1,0 +1,66 @@
+"""Normalized flatness: exact Hessian diagonals, normalized sharpness, baseline measures, correlations.
+
+Scale-invariant flatness after Tsuzuku, Sato and Sugiyama (ICML 2020), with the generalisation
+measures and rank-correlation protocol of Jiang et al. (ICLR 2020). Conventions: the training loss
+is the mean cross-entropy over the given data; models are evaluated in eval mode and never modified;
+device and dtype follow the model's parameters; solvers and references run in float64.
+"""
+
+from sturdy.flatness.correlation import MeasureCorrelation, correlate_measures, granulated_tau, kendall_tau
+from sturdy.flatness.curvature import (
+    EigenEstimate,
+    HessianDiagonal,
+    TraceEstimate,
+    hessian_diagonal,
+    hutchinson_trace,
+    top_hessian_eigenvalue,
+)
+from sturdy.flatness.measures import (
+    Measure,
+    MeasureSpec,
+    adaptive_average_sharpness,
+    available_measures,
+    compute_measures,
+    log_frobenius_product,
+    log_spectral_product,
+    measures_to_json,
+    pacbayes_flatness,
+    register_measure,
+)
+from sturdy.flatness.normalized import (
+    LayerSharpness,
+    NormalizedSharpness,
+    aggregate_layer,
+    normalized_sharpness,
+    solve_layer,
+)
+from sturdy.flatness.rescale import rescale_nodes
+
+__all__ = [
+    "HessianDiagonal",
+    "TraceEstimate",
+    "EigenEstimate",
+    "hessian_diagonal",
+    "hutchinson_trace",
+    "top_hessian_eigenvalue",
+    "LayerSharpness",
+    "NormalizedSharpness",
+    "aggregate_layer",
+    "solve_layer",
+    "normalized_sharpness",
+    "rescale_nodes",
+    "Measure",
+    "MeasureSpec",
+    "register_measure",
+    "available_measures",
+    "compute_measures",
+    "measures_to_json",
+    "log_spectral_product",
+    "log_frobenius_product",
+    "pacbayes_flatness",
+    "adaptive_average_sharpness",
+    "kendall_tau",
+    "granulated_tau",
+    "MeasureCorrelation",
+    "correlate_measures",
+]

@@ -1,0 +1,171 @@
+"""Hessian diagonals, traces and eigenvalues against dense autograd Hessians (float64, tiny nets)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sturdy.errors import ConfigurationError, DataError
+from sturdy.flatness import hessian_diagonal, hutchinson_trace, top_hessian_eigenvalue
+
+from .conftest import tiny_cnn, tiny_data, tiny_mlp
+from .flatness_reference import full_hessian, hessian_diagonal_reference
+
+EXACT_ATOL = 1e-12  # ggn-exact vs dense Hessian diagonal, float64 (entries are O(0.1))
+EXACT_RTOL = 1e-10
+HUTCHINSON_Z = 3.0  # an entry within 3 standard errors of the truth ...
+HUTCHINSON_COVERAGE = 0.95  # ... for at least 95% of the entries
+TRACE_Z = 4.0  # a trace estimate within 4 standard errors
+EIG_RTOL = 1e-4  # power iteration stops at relative change 1e-6
+
+
+class _Shared(nn.Module):
+    """Uses one Linear twice (weight sharing) and a Linear on a (N, T, F) input (per-sample sums over T)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = nn.Linear(3, 4)
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.seq(x.reshape(x.shape[0], 4, 3))).sum(1)
+        h = torch.relu(self.shared(torch.relu(self.shared(h))))
+        return self.head(h)
+
+
+class _WithNorm(nn.Module):
+    """Conv + eval-mode BatchNorm (its affine parameters take the torch.func fallback) + a bare parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.scale = nn.Parameter(torch.tensor([1.5, 0.5, 1.0]))
+        self.head = nn.Linear(3 * 4 * 4, 3)
+        with torch.no_grad():
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(0.2, 0.6)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x))) * self.scale[None, :, None, None]
+        return self.head(h.flatten(1))
+
+
+CASES = {
+    "mlp-inplace-relu": (lambda: tiny_mlp(0, inplace=True), (1, 3, 4)),
+    "cnn": (lambda: tiny_cnn(0), (2, 4, 4)),
+    "shared-and-3d-linear": (lambda: _Shared().double(), (12,)),
+    "batchnorm-fallback": (lambda: _WithNorm().double(), (2, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ggn_exact_equals_dense_hessian_diagonal(case):
+    make, shape = CASES[case]
+    model = make()
+    x, y = tiny_data(shape, n=7)
+    result = hessian_diagonal(model, (x, y), chunk_size=3, batch_size=5)
+    reference = hessian_diagonal_reference(model, x, y)
+    assert set(result.diagonal) == set(reference)
+    assert max(float(r.abs().max()) for r in reference.values()) > 1e-3  # the case is not degenerate
+    for name, ref in reference.items():
+        torch.testing.assert_close(result.diagonal[name], ref, atol=EXACT_ATOL, rtol=EXACT_RTOL, msg=name)
+        assert float(result.stderr[name].abs().max()) == 0.0
+    assert result.method == "ggn-exact" and result.num_samples == 7 and result.probes == 0
+
+
+def test_ggn_exact_independent_of_batching_and_restores_mode():
+    model = tiny_cnn(1)
+    model.train()
+    x, y = tiny_data((2, 4, 4), n=11)
+    a = hessian_diagonal(model, (x, y), chunk_size=2, batch_size=4)
+    b = hessian_diagonal(model, (x, y), chunk_size=64, batch_size=64)
+    for name in a.diagonal:
+        torch.testing.assert_close(a.diagonal[name], b.diagonal[name], atol=EXACT_ATOL, rtol=EXACT_RTOL)
+    assert model.training
+
+
+def test_ggn_exact_on_dataset_and_parameter_subset():
+    from sturdy.data import ImageDataset
+
+    model = tiny_cnn(2)
+    x, y = tiny_data((2, 4, 4), n=6)
+    ds = ImageDataset(x.float(), y, 3)
+    sub = hessian_diagonal(model, ds, parameters=["0.weight"])
+    full = hessian_diagonal(model, (x, y))
+    assert list(sub.diagonal) == ["0.weight"]
+    torch.testing.assert_close(sub.diagonal["0.weight"], full.diagonal["0.weight"], atol=1e-6, rtol=1e-5)
+
+
+def test_hutchinson_within_reported_error():
+    model = tiny_mlp(3)
+    x, y = tiny_data((1, 3, 4), n=8)
+    exact = hessian_diagonal_reference(model, x, y)
+    est = hessian_diagonal(model, (x, y), method="hutchinson", probes=400, seed=5, probe_chunk=64)
+    z = torch.cat([((est.diagonal[n] - exact[n]).abs() / est.stderr[n].clamp_min(1e-300)).reshape(-1) for n in exact])
+    covered = torch.cat([
+        ((est.diagonal[n] - exact[n]).abs() <= HUTCHINSON_Z * est.stderr[n] + 1e-12).reshape(-1) for n in exact
+    ])
+    assert float(covered.double().mean()) >= HUTCHINSON_COVERAGE, float(z.max())
+    assert est.probes == 400 and est.method == "hutchinson"
+
+
+def test_hutchinson_trace_and_top_eigenvalue_match_dense_hessian():
+    model = tiny_cnn(4)
+    x, y = tiny_data((2, 4, 4), n=10)
+    dense = full_hessian(model, x, y)
+    true_trace = float(dense.diagonal().sum())
+    est = hutchinson_trace(model, (x, y), probes=300, seed=1, batch_size=4)
+    assert abs(est.value - true_trace) <= TRACE_Z * est.stderr
+    assert est.stderr > 0
+    eigs = torch.linalg.eigvalsh(dense)
+    top = float(eigs[eigs.abs().argmax()])
+    eig = top_hessian_eigenvalue(model, (x, y), iterations=2000, tol=1e-9, batch_size=4)
+    assert eig.converged
+    assert abs(eig.value - top) <= EIG_RTOL * abs(top)
+
+
+def test_quadratic_loss_trace_and_eigenvalue():
+    """MSE linear regression: H = 2 X^T X / N exactly; Rademacher probes of a diagonal H have zero variance."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False).double()
+    x = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))  # N = 3 samples
+    y = torch.zeros(3, 1, dtype=torch.float64)
+
+    def mse(out, target):
+        return F.mse_loss(out, target)
+
+    hess = 2 * torch.diag(torch.tensor([9.0, 4.0, 1.0], dtype=torch.float64)) / 3
+    est = hutchinson_trace(model, (x, y), probes=5, loss_fn=mse)
+    assert est.value == pytest.approx(float(hess.trace()), rel=1e-12) and est.stderr == pytest.approx(0.0, abs=1e-12)
+    eig = top_hessian_eigenvalue(model, (x, y), loss_fn=mse, iterations=500, tol=1e-12)
+    assert eig.value == pytest.approx(6.0, rel=1e-6)
+    diag = hessian_diagonal(model, (x, y), method="hutchinson", probes=3, loss_fn=mse)
+    torch.testing.assert_close(diag.diagonal["weight"], hess.diagonal().reshape(1, 3), atol=1e-12, rtol=0)
+
+
+def test_validation_messages():
+    model = tiny_mlp(0)
+    x, y = tiny_data((1, 3, 4))
+    with pytest.raises(ConfigurationError, match="method must be one of ggn-exact, hutchinson"):
+        hessian_diagonal(model, (x, y), method="exact")
+    with pytest.raises(ConfigurationError, match="probes must be an integer >= 2"):
+        hessian_diagonal(model, (x, y), method="hutchinson", probes=1)
+    with pytest.raises(ConfigurationError, match="defined for the cross-entropy loss only"):
+        hessian_diagonal(model, (x, y), loss_fn=F.cross_entropy)
+    with pytest.raises(ConfigurationError, match="unknown or frozen parameter name.*'nope'"):
+        hessian_diagonal(model, (x, y), parameters=["nope"])
+    with pytest.raises(DataError, match="same number of samples"):
+        hessian_diagonal(model, (x, y[:2]))
+    with pytest.raises(DataError, match="holds no samples"):
+        hessian_diagonal(model, (x[:0], y[:0]))
+    with pytest.raises(DataError, match="cannot read samples from a int"):
+        hessian_diagonal(model, 3)
+    with pytest.raises(ConfigurationError, match="chunk_size must be an integer >= 1"):
+        hessian_diagonal(model, (x, y), chunk_size=0)
+    with pytest.raises(ConfigurationError, match="tol must be a finite number > 0"):
+        top_hessian_eigenvalue(model, (x, y), tol=0.0)
