@@ -190,9 +190,17 @@ def _model_ref(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
     return torch.float32, torch.device("cpu")
 
 
+class _Tracer(torch.fx.Tracer):
+    """Treats every module with a registered rule as a leaf (custom layers included)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return find_rule(m) is not None or super().is_leaf_module(m, module_qualified_name)
+
+
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
     try:
-        return torch.fx.symbolic_trace(model)
+        graph = _Tracer().trace(model)
+        return torch.fx.GraphModule(model, graph)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
         raise UnsupportedModuleError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); Lipschitz bounds "
@@ -212,6 +220,8 @@ def _target_name(node: torch.fx.Node, target: Any) -> str:
 def _build_program(model: nn.Module, input_shape: Sequence[int]) -> _Program:
     shape = _check_input_shape(input_shape)
     dtype, device = _model_ref(model)
+    if find_rule(model) is not None:  # a single registered operator: keep it a leaf instead of tracing inside
+        model = nn.Sequential(model)
     gm = _trace(model)
     values: Dict[str, Any] = {}
     dependent: Dict[str, bool] = {}
@@ -259,11 +269,14 @@ def _build_program(model: nn.Module, input_shape: Sequence[int]) -> _Program:
                 values[node.name] = getattr(args[0], target)(*args[1:], **kwargs)
                 path = node.name
             dep_inputs = [n for n in node.all_input_nodes if dependent[n.name]]
-            if not dep_inputs:
+            if not dep_inputs or not _has_tensor(values[node.name]):  # constants, sizes, shapes
                 dependent[node.name] = False
                 steps.append(_Step(node.name, "const", (), path))
                 continue
             dependent[node.name] = True
+            occurrences: List[torch.fx.Node] = []  # every use, so that x + x counts twice
+            torch.fx.node.map_arg((node.args, node.kwargs), occurrences.append)
+            dep_inputs = [n for n in occurrences if dependent[n.name]]
             dep_positions = tuple(
                 i for i, a in enumerate(node.args)
                 if isinstance(a, torch.fx.Node) and dependent[a.name]
@@ -317,6 +330,16 @@ def _build_program(model: nn.Module, input_shape: Sequence[int]) -> _Program:
     out_step = by_name[out_arg.name]
     last = out_step if out_step.kind == "op" and isinstance(out_step.op, LinearLayerOp) else None
     return _Program(steps, out_arg.name, last, shape)
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_has_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_tensor(v) for v in value.values())
+    return False
 
 
 def _fold_batchnorm(steps: List[_Step], gm: torch.fx.GraphModule) -> None:
@@ -565,7 +588,7 @@ class LipschitzTracker(nn.Module):
                 with torch.no_grad():
                     v = op.adjoint(op.apply(u))
                     u.copy_(v / v.norm().clamp_min(1e-30))
-            w = op.apply(u)
+            w = op.apply(u.clone())  # the clone is saved for backward; the buffer is updated in place below
             norms[name] = w.norm()
             with torch.no_grad():  # next step's vector: u <- A^T A u / ||.||
                 v = op.adjoint(w.detach())
