@@ -25,7 +25,6 @@ from sturdy.errors import ConfigurationError
 from sturdy.lipschitz import (
     Certificate,
     CWarmup,
-    LipschitzBound,
     LipschitzTracker,
     certify,
     lipschitz_bound,
@@ -46,7 +45,7 @@ __all__ = [
 ]
 
 DEFAULT_EPS = (0.1, 0.25, 0.5, 1.0)
-DEMO_C = 0.3  # target radius of the demo's LMT model (L2, pixels in [0, 1])
+DEMO_C = 0.5  # target radius of the demo's LMT model (L2, pixels in [0, 1])
 
 
 # --------------------------------------------------------------------------------------- training
@@ -236,7 +235,7 @@ def _cmd_certify(args: argparse.Namespace) -> int:
         t = tightness(model, x[:n], y[:n], bound=cert.bound, form=args.form, progress=not args.no_progress)
         summary["tightness"] = t.summary()
         if t.violations:
-            raise AssertionError(f"soundness violation: {t.violations} points have certified radius > attack radius")
+            raise RuntimeError(f"soundness violation: {t.violations} points have certified radius > attack radius")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fig = plot_certified_accuracy({Path(args.checkpoint).parent.name or "model": cert}, eps=eps)
@@ -275,12 +274,13 @@ def register_cli(subparsers: Any) -> None:
 
 
 def lmt_demo_job(out: Path, *, quick: bool, seed: int, device: str) -> Any:
-    """The demo's LMT digits CNN (same architecture family as the standard model, smaller)."""
+    """The demo's LMT digits CNN: conv-ReLU blocks without pooling (max pooling caps the certifiable
+    radius on 8x8 digits: measured 0-5% certified at eps 0.5 with it, 53% without), pairwise LMT loss."""
     from sturdy.experiments.train_job import TrainJob
 
     return TrainJob(
-        dataset="digits", model="cnn", model_kwargs={"channels": (16, 32), "width": 64},
-        epochs=4 if quick else 40, batch_size=64, lr=3e-3, seed=seed, device=device, out=str(out / "lmt"),
+        dataset="digits", model="cnn", model_kwargs={"channels": (16, 32), "width": 64, "pool": "none"},
+        epochs=4 if quick else 30, batch_size=64, lr=3e-3, seed=seed, device=device, out=str(out / "lmt"),
         options={"method": "lmt", "c": DEMO_C, "c_warmup_epochs": 1 if quick else 10, "lmt_form": "pairwise",
                  "lmt_clip": True, "lmt_iterations": 1},
     )
@@ -329,17 +329,14 @@ def demo_section(ctx: Any) -> None:
                caption="Certified accuracy on the 497 test digits against the L2 radius (dots: reported eps).")
     sec.figure(plot_radius_histogram(certs), name="lipschitz_radius_histogram.png",
                caption="Certified radii of correctly classified test digits (log counts).")
-    ts = summaries["lmt"]["tightness"]
+    ts = {k: ("n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else v))
+          for k, v in summaries["lmt"]["tightness"].items()}
     sec.text(
-        f"Tightness on {ts['n']} LMT test points: median certified radius A = {ts['median_A']:.3f}, first-order "
-        f"radius B = {ts['median_B']:.3f}, smallest attack radius D = {ts['median_D']:.3f}; median A/B = "
-        f"{ts['median_A_over_B']:.3f}, A/D = {ts['median_A_over_D']:.3f}; soundness violations (A > D): "
+        f"Tightness on {ts['n']} LMT test points: median certified radius A = {ts['median_A']}, first-order "
+        f"radius B = {ts['median_B']}, smallest attack radius D = {ts['median_D']}; median A/B = "
+        f"{ts['median_A_over_B']}, A/D = {ts['median_A_over_D']}; soundness violations (A > D): "
         f"{ts['violations']}."
     )
     layers = summaries["lmt"]["per_layer"]
     sec.table(header=["layer (LMT model)", "kind", "upper bound", "power-iteration estimate", "method"],
               rows=[[r["path"], r["kind"], r["upper"], r["estimate"], r["method"]] for r in layers])
-
-
-def _unused(bound: LipschitzBound) -> None:  # pragma: no cover - keeps the type import explicit
-    del bound

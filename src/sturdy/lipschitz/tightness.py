@@ -197,8 +197,8 @@ class Tightness:
         ok = (self.certified > 0) & (self.first_order > 0)
         ad = ok & torch.isfinite(self.adversarial)
 
-        def med(t: torch.Tensor) -> float:
-            return float(t.median()) if t.numel() else float("nan")
+        def med(t: torch.Tensor) -> Optional[float]:
+            return float(t.median()) if t.numel() else None
 
         return {
             "n": int(self.certified.numel()),

@@ -1,0 +1,98 @@
+"""LMT training step time / standard step time on the same model and batch.
+
+Both steps: forward, loss, backward, Adam step. The LMT step adds one power iteration per weight
+operator (LipschitzTracker) and the pairwise LMT loss. Steps are interleaved (standard, LMT,
+standard, ...) after a warm-up, so both see the same machine load; the ratio of medians is reported.
+
+Usage:
+    python benchmarks/lipschitz_step_time.py --out runs/bench/lipschitz_step_time.json
+    python benchmarks/lipschitz_step_time.py --model wrn --size 32 --device cuda   # WRN-16-4 on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sturdy.lipschitz import LipschitzTracker, lmt_loss
+from sturdy.models import create_model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="cnn", help="cnn (digits-sized) or wrn (WRN-16-4)")
+    p.add_argument("--size", type=int, default=8, help="image side (8: digits)")
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=60, help="timed steps per method")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="runs/bench/lipschitz_step_time.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    shape = (args.channels, args.size, args.size)
+    kwargs = {"depth": 16, "widen": 4} if args.model == "wrn" else {}
+    model = create_model(args.model, in_shape=shape, num_classes=10, **kwargs).to(device)
+    model.train()
+    x = torch.rand(args.batch, *shape, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    tracker = LipschitzTracker(model, input_shape=(1, *shape))
+
+    def standard() -> None:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def lmt() -> None:
+        loss = lmt_loss(model(x), y, c=0.3, bound=tracker(), form="pairwise")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    times = {"standard": [], "lmt": []}
+    for i in range(args.warmup + args.steps):
+        for name, fn in (("standard", standard), ("lmt", lmt)):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "benchmark": "lipschitz_step_time",
+        "model": args.model,
+        "input_shape": list(shape),
+        "batch": args.batch,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": args.threads,
+        "steps": args.steps,
+        "median_seconds": med,
+        "ratio_lmt_over_standard": med["lmt"] / med["standard"],
+        "power_iteration_operators": len(list(tracker.buffers())),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
