@@ -26,9 +26,11 @@ whichever is smaller. Values:
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,6 +48,7 @@ __all__ = [
     "dequantize",
     "segment_ids",
     "segment_scales",
+    "encode_unchecked",
 ]
 
 VALUE_FORMATS = ("float32", "4bit", "sign")
@@ -86,17 +89,13 @@ def quantize_down(values: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor, Tensor
         must not be sent; their code and quantised value are meaningless).
     """
     mag = values.abs().to(torch.float32)
-    scale = scale.to(torch.float32)
-    safe = torch.where(mag > 0, mag, torch.ones_like(mag))
-    ratio = (scale.to(torch.float64) / safe.to(torch.float64)).clamp(min=1.0)
-    exponent = torch.ceil(torch.log2(ratio)).to(torch.int64).clamp(0, 62)
-    level = torch.ldexp(scale.expand_as(mag), -exponent.to(torch.float32))
-    exponent = torch.where(level > mag, exponent + 1, exponent)  # guard log2 rounding: never round up
-    level = torch.ldexp(scale.expand_as(mag), -exponent.to(torch.float32))
-    lower = torch.ldexp(scale.expand_as(mag), -(exponent - 1).clamp(min=0).to(torch.float32))
-    exponent = torch.where((exponent > 0) & (lower <= mag), exponent - 1, exponent)
+    # |v| = m_v 2^e_v and scale = m_s 2^e_s with mantissas in [0.5, 1): the largest level
+    # scale 2^-e <= |v| has e = e_s - e_v, plus one when m_s > m_v (exact, no logarithm).
+    m_v, e_v = torch.frexp(mag)
+    m_s, e_s = torch.frexp(scale.to(torch.float32).expand_as(mag))
+    exponent = (e_s - e_v + (m_s > m_v).to(e_v.dtype)).to(torch.int64).clamp_(min=0)
     representable = (exponent < NUM_LEVELS) & (mag > 0)
-    codes = exponent.clamp(max=NUM_LEVELS - 1) | torch.where(values < 0, 8, 0)
+    codes = exponent.clamp_(max=NUM_LEVELS - 1) | ((values < 0).to(torch.int64) << 3)
     return codes, dequantize(codes, scale), representable
 
 
@@ -108,60 +107,55 @@ def segment_ids(indices: Tensor, boundaries: Optional[Tensor], length: int) -> T
     return torch.searchsorted(inner, indices, right=True)
 
 
-def segment_scales(indices: Tensor, values: Tensor, boundaries: Optional[Tensor], length: int) -> Tensor:
-    """Per-segment ``max |values|`` (float32, 0 where a segment has no value)."""
+def segment_scales(segments: Tensor, values: Tensor, boundaries: Optional[Tensor]) -> Tensor:
+    """Per-segment ``max |values|`` (float32, 0 where a segment has no value); see :func:`segment_ids`."""
     k = 1 if boundaries is None else boundaries.numel() - 1
-    seg = segment_ids(indices, boundaries, length)
+    if k == 1:
+        return values.abs().max().to(torch.float32).reshape(1)
     out = torch.zeros(k, dtype=torch.float32, device=values.device)
-    return out.scatter_reduce(0, seg, values.abs().to(torch.float32), reduce="amax", include_self=True)
+    return out.scatter_reduce(0, segments, values.abs().to(torch.float32), reduce="amax", include_self=True)
 
 
-def _int32_bytes(x: int) -> Tensor:
-    return torch.tensor([x], dtype=torch.int32).view(torch.uint8)
+_HEADER = struct.Struct("<Biii")
+_VARINT_LIMITS = np.array([1 << (7 * k) for k in range(1, 9)], dtype=np.int64)
+_SHIFTS = 7 * np.arange(9, dtype=np.int64)
+
+# The byte-level work below runs in numpy on the CPU: payloads are small and numpy's per-call
+# overhead is a fraction of torch's, which is what keeps the hook cheap per step.
 
 
-def _read_int32(payload: Tensor, offset: int) -> int:
-    return int(payload[offset : offset + 4].clone().view(torch.int32)[0])
-
-
-def _varint_encode(gaps: Tensor) -> Tensor:
-    if gaps.numel() == 0:
-        return torch.zeros(0, dtype=torch.uint8)
-    nbytes = torch.ones_like(gaps)
-    for k in range(1, 10):
-        nbytes += ((gaps >> (7 * k)) > 0).to(gaps.dtype)
+def _varint_encode(gaps: np.ndarray) -> np.ndarray:
+    """LEB128 varints (7 bits per byte, high bit = more bytes follow) of non-negative int64 gaps."""
+    if gaps.size == 0:
+        return np.zeros(0, dtype=np.uint8)
+    nbytes = np.searchsorted(_VARINT_LIMITS, gaps, side="right") + 1
     width = int(nbytes.max())
-    k = torch.arange(width, dtype=torch.int64)
-    digits = (gaps.unsqueeze(1) >> (7 * k)) & 0x7F
-    digits = digits | torch.where(k < nbytes.unsqueeze(1) - 1, 0x80, 0)
-    return digits[k < nbytes.unsqueeze(1)].to(torch.uint8)
+    if width == 1:
+        return gaps.astype(np.uint8)
+    k = np.arange(width)
+    digits = (gaps[:, None] >> _SHIFTS[:width]) & 0x7F
+    digits |= np.where(k < nbytes[:, None] - 1, 0x80, 0)
+    return digits[k < nbytes[:, None]].astype(np.uint8)
 
 
-def _varint_decode(data: Tensor, count: int) -> Tensor:
-    b = data.to(torch.int64)
+def _varint_decode(data: np.ndarray, count: int) -> np.ndarray:
+    """Sorted indices from the varint gaps in ``data``."""
+    b = data.astype(np.int64)
+    if b.size == count:  # every gap fits in one byte
+        return np.cumsum(b + 1) - 1
     ends = (b & 0x80) == 0
-    if int(ends.sum()) != count:
-        raise DataError(f"corrupt payload: index section holds {int(ends.sum())} varints, header says {count}")
-    group = torch.cumsum(ends.to(torch.int64), 0) - ends.to(torch.int64)
-    end_pos = torch.nonzero(ends).flatten()
-    starts = torch.cat([torch.zeros(1, dtype=torch.int64), end_pos[:-1] + 1])
-    position = torch.arange(b.numel(), dtype=torch.int64) - starts[group]
-    gaps = torch.zeros(count, dtype=torch.int64).scatter_add_(0, group, (b & 0x7F) << (7 * position))
-    return torch.cumsum(gaps + 1, 0) - 1
+    end_pos = np.flatnonzero(ends)
+    if end_pos.size != count or (count and end_pos[-1] != b.size - 1):
+        raise DataError(f"corrupt payload: index section holds {end_pos.size} varints, header says {count}")
+    starts = np.concatenate(([0], end_pos[:-1] + 1))
+    group = np.repeat(np.arange(count), end_pos - starts + 1)
+    position = np.arange(b.size) - starts[group]
+    gaps = np.add.reduceat((b & 0x7F) << (7 * position), starts)
+    return np.cumsum(gaps + 1) - 1
 
 
-def _pack_bits(bits: Tensor) -> Tensor:
-    n = bits.numel()
-    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.int64)
-    padded[:n] = bits.to(torch.int64)
-    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.int64)
-    return (padded.reshape(-1, 8) * weights).sum(1).to(torch.uint8)
-
-
-def _unpack_bits(data: Tensor, n: int) -> Tensor:
-    shifts = torch.arange(8, dtype=torch.int64)
-    bits = (data.to(torch.int64).unsqueeze(1) >> shifts) & 1
-    return bits.reshape(-1)[:n].bool()
+def _delta_size(gaps: np.ndarray) -> int:
+    return int((np.searchsorted(_VARINT_LIMITS, gaps, side="right") + 1).sum())
 
 
 def encode(
@@ -190,45 +184,45 @@ def encode(
     n = indices.numel()
     if values.numel() != n:
         raise ConfigurationError(f"got {n} indices but {values.numel()} values; they must match")
-    if n == 0:
-        return torch.zeros(0, dtype=torch.uint8)
     if n > 1 and bool((indices[1:] <= indices[:-1]).any()):
         raise ConfigurationError("indices must be strictly increasing (sorted, no duplicates)")
-    if int(indices[0]) < 0 or int(indices[-1]) >= length:
+    if n and (int(indices[0]) < 0 or int(indices[-1]) >= length):
         raise ConfigurationError(f"indices must lie in [0, {length}), got [{int(indices[0])}, {int(indices[-1])}]")
-    gaps = torch.cat([indices[:1], indices[1:] - indices[:-1] - 1])
-    delta = _varint_encode(gaps)
-    bitmap_bytes = (length + 7) // 8
-    if delta.numel() <= bitmap_bytes:
-        mode, index_section = _DELTA, delta
-    else:
-        mask = torch.zeros(length, dtype=torch.bool)
-        mask[indices] = True
-        mode, index_section = _BITMAP, _pack_bits(mask)
-    if value_format == "float32":
-        value_section = values.to(torch.float32).contiguous().view(torch.uint8)
-    elif value_format == "4bit":
-        codes = values.to(torch.int64) & 0xF
-        if n % 2:
-            codes = torch.cat([codes, torch.zeros(1, dtype=torch.int64)])
-        value_section = (codes[0::2] | (codes[1::2] << 4)).to(torch.uint8)
-    else:
-        value_section = _pack_bits(values < 0)
     if value_format == "float32":
         scales = torch.zeros(0, dtype=torch.float32)
     else:
         scales = torch.as_tensor(scale, dtype=torch.float32).detach().cpu().reshape(-1)
         if value_format == "sign" and scales.numel() != 1:
             raise ConfigurationError(f"the sign format has one scale (tau), got {scales.numel()}")
-    header = torch.cat(
-        [
-            torch.tensor([VALUE_FORMATS.index(value_format) | (mode << 2)], dtype=torch.uint8),
-            _int32_bytes(n),
-            _int32_bytes(scales.numel()),
-            _int32_bytes(index_section.numel()),
-        ]
-    )
-    return torch.cat([header, scales.contiguous().view(torch.uint8), index_section, value_section])
+    return encode_unchecked(indices, values, length=length, value_format=value_format, scales=scales)
+
+
+def encode_unchecked(indices: Tensor, values: Tensor, *, length: int, value_format: str, scales: Tensor) -> Tensor:
+    """:func:`encode` without argument checks (CPU tensors, valid sorted indices; the hooks' fast path)."""
+    n = indices.numel()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.uint8)
+    idx = indices.numpy()
+    gaps = np.diff(idx, prepend=-1) - 1
+    if _delta_size(gaps) <= (length + 7) // 8:
+        mode, index_section = _DELTA, _varint_encode(gaps)
+    else:
+        mask = np.zeros(length, dtype=bool)
+        mask[idx] = True
+        mode, index_section = _BITMAP, np.packbits(mask, bitorder="little")
+    if value_format == "float32":
+        value_section = values.to(torch.float32).numpy().view(np.uint8)
+    elif value_format == "4bit":
+        codes = values.numpy().astype(np.uint8) & 0xF
+        if n % 2:
+            codes = np.concatenate([codes, np.zeros(1, dtype=np.uint8)])
+        value_section = codes[0::2] | (codes[1::2] << 4)
+    else:
+        value_section = np.packbits(values.numpy() < 0, bitorder="little")
+    fmt = VALUE_FORMATS.index(value_format) | (mode << 2)
+    header = np.frombuffer(_HEADER.pack(fmt, n, scales.numel(), index_section.size), dtype=np.uint8)
+    scale_bytes = scales.to(torch.float32).numpy().view(np.uint8)
+    return torch.from_numpy(np.concatenate([header, scale_bytes, index_section, value_section]))
 
 
 def decode(payload: Tensor, *, length: int, boundaries: Optional[Tensor] = None) -> DecodedPayload:
@@ -236,41 +230,49 @@ def decode(payload: Tensor, *, length: int, boundaries: Optional[Tensor] = None)
 
     ``boundaries`` are the segment offsets ``[0, ..., length]`` of a multi-scale 4-bit payload.
     """
-    payload = payload.detach().to("cpu", torch.uint8).reshape(-1)
-    if payload.numel() == 0:
+    buf = payload.detach().to("cpu", torch.uint8).reshape(-1).numpy()
+    if buf.size == 0:
         return DecodedPayload(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32))
-    if payload.numel() < HEADER_BYTES:
-        raise DataError(f"corrupt payload: {payload.numel()} bytes, shorter than the {HEADER_BYTES}-byte header")
-    fmt = int(payload[0])
+    if buf.size < HEADER_BYTES:
+        raise DataError(f"corrupt payload: {buf.size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    fmt, n, k, index_len = _HEADER.unpack(buf[:HEADER_BYTES].tobytes())
+    if (fmt & 3) >= len(VALUE_FORMATS) or n < 0 or k < 0 or index_len < 0:
+        raise DataError(f"corrupt payload: bad header (format {fmt}, n {n}, scales {k}, index bytes {index_len})")
     value_format, mode = VALUE_FORMATS[fmt & 3], (fmt >> 2) & 1
-    n = _read_int32(payload, 1)
-    k = _read_int32(payload, 5)
-    index_len = _read_int32(payload, 9)
     start = HEADER_BYTES + 4 * k
-    scales = payload[HEADER_BYTES:start].clone().view(torch.float32)
-    index_section = payload[start : start + index_len]
-    value_section = payload[start + index_len :]
+    scales = buf[HEADER_BYTES:start].copy().view(np.float32)
+    index_section = buf[start : start + index_len]
+    value_section = buf[start + index_len :]
     if mode == _DELTA:
         indices = _varint_decode(index_section, n)
     else:
-        indices = torch.nonzero(_unpack_bits(index_section, length)).flatten()
-        if indices.numel() != n:
-            raise DataError(f"corrupt payload: bitmap holds {indices.numel()} indices, header says {n}")
+        indices = np.flatnonzero(np.unpackbits(index_section, count=length, bitorder="little"))
+        if indices.size != n:
+            raise DataError(f"corrupt payload: bitmap holds {indices.size} indices, header says {n}")
     if value_format == "float32":
-        values = value_section.clone().view(torch.float32)
+        if value_section.size != 4 * n:
+            raise DataError(f"corrupt payload: value section holds {value_section.size} bytes for {n} float32 values")
+        values = value_section.copy().view(np.float32)
     elif value_format == "4bit":
-        pairs = value_section.to(torch.int64)
-        codes = torch.stack([pairs & 0xF, pairs >> 4], 1).reshape(-1)[:n]
-        if k > 1 and (boundaries is None or boundaries.numel() != k + 1):
-            raise DataError(f"payload has {k} scales: decode needs the {k + 1} segment boundaries")
-        seg = segment_ids(indices, boundaries if k > 1 else None, length)
-        values = dequantize(codes, scales[seg])
+        if value_section.size != (n + 1) // 2:
+            raise DataError(f"corrupt payload: value section holds {value_section.size} bytes for {n} 4-bit values")
+        codes = np.empty(2 * value_section.size, dtype=np.int64)
+        codes[0::2] = value_section & 0xF
+        codes[1::2] = value_section >> 4
+        codes = codes[:n]
+        if k > 1:
+            if boundaries is None or boundaries.numel() != k + 1:
+                raise DataError(f"payload has {k} scales: decode needs the {k + 1} segment boundaries")
+            seg = np.searchsorted(boundaries.numpy()[1:-1], indices, side="right")
+            scale = scales[seg]
+        else:
+            scale = np.full(n, scales[0], dtype=np.float32)
+        values = np.ldexp(scale, -(codes & 7)).astype(np.float32)
+        values[(codes & 8) != 0] *= -1
     else:
-        negative = _unpack_bits(value_section, n)
-        values = torch.where(negative, -scales[0], scales[0])
-    if values.numel() != n:
-        raise DataError(f"corrupt payload: value section holds {values.numel()} values, header says {n}")
-    return DecodedPayload(indices, values)
+        negative = np.unpackbits(value_section, count=n, bitorder="little").astype(bool)
+        values = np.where(negative, -scales[0], scales[0]).astype(np.float32)
+    return DecodedPayload(torch.from_numpy(indices.astype(np.int64)), torch.from_numpy(values))
 
 
 def decode_add_(out: Tensor, payload: Tensor, *, boundaries: Optional[Tensor] = None) -> Tensor:

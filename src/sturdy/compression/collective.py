@@ -1,9 +1,16 @@
 """All-gather of variable-size ``uint8`` payloads over ``torch.distributed`` (gloo or NCCL).
 
-Two collectives: an all-gather of the sizes (int64, synchronous), then an asynchronous all-gather of
-the payloads padded to the largest size. When every rank sends nothing the second collective is
-skipped (every rank sees the same sizes, so they all skip it). Bytes on the wire per rank:
-``8 + max size`` (what the padded all-gather really transmits per rank).
+Two protocols, both correct for empty payloads:
+
+* :func:`all_gather_variable` (exact): an all-gather of the sizes (int64, synchronous), then an
+  asynchronous all-gather of the payloads padded to the largest size; skipped when every rank
+  sends nothing. Bytes on the wire per rank: ``8 + max size``.
+* :func:`all_gather_with_capacity` (one round in the steady state): every rank sends a slot of
+  ``8 + capacity`` bytes holding its size and the head of its payload; only if some payload is
+  longer than ``capacity`` a second all-gather carries the tails. ``capacity`` must be the same on
+  every rank (the hooks derive it from the previous step's sizes, which every rank knows). Bytes
+  per rank: ``8 + capacity`` (+ the padded tail round when it happens). Fewer round trips cost
+  padding: this trades bytes for latency.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["GatherResult", "all_gather_variable"]
+__all__ = ["GatherResult", "all_gather_variable", "all_gather_with_capacity"]
 
 SIZE_BYTES = 8
 
@@ -27,12 +34,14 @@ class GatherResult:
     Attributes:
         future: completes with the list of payloads (one ``uint8`` tensor per rank, trimmed).
         sizes: payload sizes in bytes, per rank.
-        wire_bytes: bytes this rank transmitted (size exchange plus the padded payload).
+        wire_bytes: bytes this rank transmitted (all rounds).
+        info: for :func:`all_gather_with_capacity`: ``sizes`` and ``extra_wire_bytes`` of a tail round.
     """
 
     future: torch.futures.Future
     sizes: List[int]
     wire_bytes: int
+    info: Optional[dict] = None
 
 
 def all_gather_variable(
@@ -66,3 +75,48 @@ def all_gather_variable(
         return [out[:n] for out, n in zip(outputs, sizes)]
 
     return GatherResult(work.get_future().then(trim), sizes, SIZE_BYTES + longest)
+
+
+def all_gather_with_capacity(
+    payload: Tensor,
+    *,
+    capacity: int,
+    process_group: Optional[dist.ProcessGroup] = None,
+    device: Optional[torch.device] = None,
+) -> GatherResult:
+    """Gather one 1-D ``uint8`` payload per rank in one round when every payload fits ``capacity`` bytes.
+
+    Args:
+        payload: this rank's message.
+        capacity: bytes of payload per slot, identical on every rank (``>= 0``).
+        process_group: the group (default: the world).
+        device: where collective buffers live; default ``payload.device``.
+    """
+    device = device if device is not None else payload.device
+    world = dist.get_world_size(process_group)
+    payload = payload.reshape(-1).to(device, torch.uint8)
+    n = payload.numel()
+    slot = torch.zeros(SIZE_BYTES + capacity, dtype=torch.uint8, device=device)
+    slot[:SIZE_BYTES] = torch.tensor([n], dtype=torch.int64).view(torch.uint8).to(device)
+    head = min(n, capacity)
+    slot[SIZE_BYTES : SIZE_BYTES + head] = payload[:head]
+    outputs = [torch.empty_like(slot) for _ in range(world)]
+    # Synchronous on purpose: whether a tail round follows must be decided in the same order on every
+    # rank, so no collective is ever issued from a future's callback (that would race between buckets).
+    dist.all_gather(outputs, slot, group=process_group)
+    sizes = [int(o[:SIZE_BYTES].cpu().view(torch.int64)[0]) for o in outputs]
+    info: dict = {"sizes": sizes, "extra_wire_bytes": 0}
+    longest = max(sizes)
+    payloads = [o[SIZE_BYTES : SIZE_BYTES + min(s, capacity)] for o, s in zip(outputs, sizes)]
+    if longest > capacity:
+        extra = longest - capacity
+        tail = torch.zeros(extra, dtype=torch.uint8, device=device)
+        if n > capacity:
+            tail[: n - capacity] = payload[capacity:]
+        tails = [torch.empty_like(tail) for _ in range(world)]
+        dist.all_gather(tails, tail, group=process_group)
+        info["extra_wire_bytes"] = extra
+        payloads = [torch.cat([h, t[: max(0, s - capacity)]]) for h, t, s in zip(payloads, tails, sizes)]
+    done: torch.futures.Future = torch.futures.Future()
+    done.set_result(payloads)
+    return GatherResult(done, sizes, SIZE_BYTES + capacity + info["extra_wire_bytes"], info)

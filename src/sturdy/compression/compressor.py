@@ -28,6 +28,7 @@ from sturdy.errors import ConfigurationError
 __all__ = ["Selection", "variance_select", "strom_select", "topk_select", "QUANTIZERS"]
 
 QUANTIZERS = ("4bit", None)
+_NO_SCALES = torch.zeros(0, dtype=torch.float32)
 
 
 @dataclass(frozen=True)
@@ -88,16 +89,20 @@ def variance_select(
         return _empty(r)
     values = r[indices]
     if quantize == "4bit":
-        scales = codec.segment_scales(indices, values, boundaries, r.numel())
-        codes, quantised, ok = codec.quantize_down(values, scales[codec.segment_ids(indices, boundaries, r.numel())])
-        indices, codes, quantised = indices[ok], codes[ok], quantised[ok]
-        if indices.numel() == 0:
-            return _empty(r)
-        sent = quantised.to(r.device, r.dtype)
-        payload = codec.encode(indices, codes, length=r.numel(), value_format="4bit", scale=scales)
+        segments = codec.segment_ids(indices, boundaries, r.numel())
+        scales = codec.segment_scales(segments, values, boundaries)
+        codes, quantised, ok = codec.quantize_down(values, scales[segments])
+        if not bool(ok.all()):
+            indices, codes, quantised = indices[ok], codes[ok], quantised[ok]
+            if indices.numel() == 0:
+                return _empty(r)
+        sent = quantised.to(r.dtype)
+        payload = codec.encode_unchecked(indices.cpu(), codes.cpu(), length=r.numel(), value_format="4bit",
+                                         scales=scales.cpu())
     else:
         sent = values
-        payload = codec.encode(indices, values, length=r.numel(), value_format="float32")
+        payload = codec.encode_unchecked(indices.cpu(), values.cpu(), length=r.numel(), value_format="float32",
+                                         scales=_NO_SCALES)
     r.index_add_(0, indices, -sent)
     if quantize is None:
         r.index_fill_(0, indices, 0.0)  # exact: r - r
@@ -113,7 +118,8 @@ def strom_select(r: Tensor, *, tau: float) -> Selection:
     signs = r[indices]
     tau32 = float(torch.tensor(tau, dtype=torch.float32))  # the receiver decodes a float32 magnitude
     sent = torch.where(signs < 0, -tau32, tau32).to(r.dtype)
-    payload = codec.encode(indices, signs, length=r.numel(), value_format="sign", scale=tau32)
+    payload = codec.encode_unchecked(indices.cpu(), signs.cpu(), length=r.numel(), value_format="sign",
+                                     scales=torch.tensor([tau32], dtype=torch.float32))
     r.index_add_(0, indices, -sent)
     return Selection(payload, indices, sent)
 
@@ -130,7 +136,7 @@ def topk_select(r: Tensor, *, ratio: float) -> Selection:
     indices, values = indices[keep], values[keep]
     if indices.numel() == 0:
         return _empty(r)
-    payload = codec.encode(indices, values, length=n, value_format="float32")
+    payload = codec.encode_unchecked(indices.cpu(), values.cpu(), length=n, value_format="float32", scales=_NO_SCALES)
     r.index_fill_(0, indices, 0.0)
     return Selection(payload, indices, values.clone())
 

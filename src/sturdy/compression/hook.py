@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sturdy.compression import codec
-from sturdy.compression.collective import all_gather_variable
+from sturdy.compression.collective import all_gather_variable, all_gather_with_capacity
 from sturdy.compression.compressor import (
     Selection,
     strom_select,
@@ -207,8 +207,13 @@ class _ResidualState(_TrafficMeter):
         start_iter: int,
         named_parameters: Optional[Iterable[Tuple[str, Tensor]]],
         parameter_names: Optional[Dict[int, str]] = None,
+        slack: Optional[float] = 1.25,
     ) -> None:
         super().__init__(process_group=process_group, start_iter=start_iter)
+        if slack is not None:
+            slack = validate_rate("slack", slack, low=1.0, high=math.inf, hint="e.g. 1.25, or None for exact sizes")
+        self.slack = slack
+        self._capacity: Dict[int, int] = {}
         self._names: Dict[int, str] = dict(parameter_names or {})
         if named_parameters is not None:
             self._names = {id(p): name for name, p in named_parameters}
@@ -332,8 +337,15 @@ def _sparse_hook(state: _ResidualState, bucket: dist.GradBucket) -> torch.future
     selection = state._select(bucket, buffers)
     if selection.count:
         buffers["ever_sent"][selection.indices] = True
-    boundaries = state._boundaries[bucket.index()]
-    gathered = all_gather_variable(selection.payload, process_group=state.process_group, device=buffer.device)
+    index = bucket.index()
+    boundaries = state._boundaries[index]
+    if state.slack is None:
+        gathered = all_gather_variable(selection.payload, process_group=state.process_group, device=buffer.device)
+    else:
+        gathered = all_gather_with_capacity(
+            selection.payload, capacity=state._capacity.get(index, 0), process_group=state.process_group,
+            device=buffer.device,
+        )
     state._record(
         elements=buffer.numel(),
         sent=selection.count,
@@ -342,9 +354,13 @@ def _sparse_hook(state: _ResidualState, bucket: dist.GradBucket) -> torch.future
     )
     state._end_bucket(bucket)
 
+    if state.slack is not None:  # next capacity from the sizes every rank saw
+        state._capacity[index] = math.ceil(state.slack * max(gathered.sizes))
+
     def combine(fut: torch.futures.Future) -> Tensor:
+        payloads = fut.value()
         buffer.zero_()
-        for payload in fut.value():
+        for payload in payloads:
             codec.decode_add_(buffer, payload, boundaries=boundaries)
         return buffer.div_(world)
 
@@ -367,6 +383,8 @@ class VarianceCompressionState(_ResidualState):
         named_parameters: ``model.named_parameters()`` when ``statistics`` is not given.
         defer_statistics: build the state before the model exists; :meth:`bind_model` then attaches
             the statistics (a compressed step without them raises ``DistributedError``).
+        slack: one-round all-gather with slots of ``slack`` times the previous step's largest payload
+            (a second round carries what does not fit); ``None``: exact sizes, two rounds per step.
     """
 
     kind = "vgc"
@@ -383,6 +401,7 @@ class VarianceCompressionState(_ResidualState):
         start_iter: int = 2,
         named_parameters: Optional[Iterable[Tuple[str, Tensor]]] = None,
         defer_statistics: bool = False,
+        slack: Optional[float] = 1.25,
     ) -> None:
         self.alpha = validate_rate("alpha", alpha, low=0.0, high=math.inf, hint="typical values are 1 to 8")
         self.zeta = validate_rate("zeta", zeta, low=0.0, high=1.0, hint="typical value 0.999")
@@ -405,6 +424,7 @@ class VarianceCompressionState(_ResidualState):
             start_iter=start_iter,
             named_parameters=named_parameters,
             parameter_names=statistics.parameter_names if statistics is not None else None,
+            slack=slack,
         )
 
     def config(self) -> Dict[str, Any]:
@@ -449,7 +469,7 @@ class StromState(_ResidualState):
 
     Args:
         tau: threshold and sent magnitude, ``> 0``.
-        process_group, start_iter, named_parameters: as in :class:`VarianceCompressionState`.
+        process_group, start_iter, named_parameters, slack: as in :class:`VarianceCompressionState`.
     """
 
     kind = "strom"
@@ -461,11 +481,14 @@ class StromState(_ResidualState):
         tau: float = 1e-3,
         start_iter: int = 2,
         named_parameters: Optional[Iterable[Tuple[str, Tensor]]] = None,
+        slack: Optional[float] = 1.25,
     ) -> None:
         self.tau = validate_rate("tau", tau, low=0.0, high=math.inf, hint="a gradient magnitude such as 1e-3")
         if self.tau == 0:
             raise ConfigurationError("tau must be > 0; a zero threshold would send every element as +-0")
-        super().__init__(process_group=process_group, start_iter=start_iter, named_parameters=named_parameters)
+        super().__init__(
+            process_group=process_group, start_iter=start_iter, named_parameters=named_parameters, slack=slack
+        )
 
     def config(self) -> Dict[str, Any]:
         return {"start_iter": self.start_iter, "tau": self.tau}
@@ -484,7 +507,7 @@ class TopKState(_ResidualState):
 
     Args:
         ratio: fraction of each bucket sent per step, in ``(0, 1]``.
-        process_group, start_iter, named_parameters: as in :class:`VarianceCompressionState`.
+        process_group, start_iter, named_parameters, slack: as in :class:`VarianceCompressionState`.
     """
 
     kind = "topk"
@@ -496,11 +519,14 @@ class TopKState(_ResidualState):
         ratio: float = 0.01,
         start_iter: int = 2,
         named_parameters: Optional[Iterable[Tuple[str, Tensor]]] = None,
+        slack: Optional[float] = 1.25,
     ) -> None:
         self.ratio = validate_rate("ratio", ratio, low=0.0, high=1.0, hint="e.g. 0.01 sends 1% per step")
         if self.ratio == 0:
             raise ConfigurationError("ratio must be > 0; use e.g. 0.01 to send 1% of each bucket per step")
-        super().__init__(process_group=process_group, start_iter=start_iter, named_parameters=named_parameters)
+        super().__init__(
+            process_group=process_group, start_iter=start_iter, named_parameters=named_parameters, slack=slack
+        )
 
     def config(self) -> Dict[str, Any]:
         return {"start_iter": self.start_iter, "ratio": self.ratio}
@@ -624,12 +650,14 @@ def create_compression(
     ratio: float = 0.01,
     rank: int = 1,
     start_iter: int = 2,
+    slack: Optional[float] = 1.25,
 ) -> Tuple[Any, Hook]:
     """Build ``(state, hook)`` for a method of :data:`METHODS` by name.
 
     ``model`` is the module DDP wraps: ``vgc`` attaches its statistics to it and every state takes
     parameter names from it. Without ``model`` the state is built unbound: call
-    ``state.bind_model(model)`` once the model exists (before training).
+    ``state.bind_model(model)`` once the model exists (before training). ``slack`` applies to the
+    sparse methods (``vgc``, ``strom``, ``topk``): see :class:`VarianceCompressionState`.
     """
     if method not in METHODS:
         raise ConfigurationError(f"unknown compression method {method!r}; expected one of {METHODS}")
@@ -637,15 +665,17 @@ def create_compression(
     if method == "vgc":
         vgc = VarianceCompressionState(
             process_group=process_group, alpha=alpha, zeta=zeta, quantize=quantize, start_iter=start_iter,
-            defer_statistics=True,
+            defer_statistics=True, slack=slack,
         )
         if model is not None:
             vgc.bind_model(model)
         return vgc, variance_hook
     if method == "strom":
-        state = StromState(process_group=process_group, tau=tau, start_iter=start_iter, named_parameters=named)
+        state = StromState(process_group=process_group, tau=tau, start_iter=start_iter, named_parameters=named,
+                           slack=slack)
         return state, strom_hook
     if method == "topk":
-        state = TopKState(process_group=process_group, ratio=ratio, start_iter=start_iter, named_parameters=named)
+        state = TopKState(process_group=process_group, ratio=ratio, start_iter=start_iter, named_parameters=named,
+                          slack=slack)
         return state, topk_hook
     return TorchHookState(method, process_group=process_group, rank=rank, start_iter=start_iter), torch_hook

@@ -1,0 +1,177 @@
+"""Per-step time of DDP with the variance-compression hook + statistics vs. plain DDP allreduce (CPU, gloo).
+
+Both configurations run in the same worker processes, interleaved in rounds (plain, vgc, plain, ...)
+so that load from other processes hits them alike; medians over all timed steps. Also reports the
+cost of the statistics alone (hook = plain allreduce) and of the torch.func per-sample fallback
+that the cheap statistics replace, and the peak extra memory of the statistics (live tensor bytes
+tracked with a dispatch mode).
+
+    python benchmarks/compression_overhead.py --out runs/bench/compression_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sturdy.compression import attach_squared_gradient_statistics, create_compression
+from sturdy.compression.launch import run_local_workers
+from sturdy.compression.statistics import _RULES, _generic_rule
+from sturdy.data import load_dataset
+from sturdy.models import create_model
+
+CONFIGS = ("plain", "stats_only", "vgc", "vgc_exact", "vgc_vmap")
+
+
+def _build(config, model_name, alpha):
+    torch.manual_seed(0)
+    train = load_dataset("digits")
+    model = create_model(model_name, in_shape=train.image_shape, num_classes=train.num_classes)
+    state = hook = None
+    saved_rules = dict(_RULES)
+    if config == "vgc_vmap":  # the per-sample torch.func path for every layer
+        for k in list(_RULES):
+            _RULES[k] = _generic_rule
+    try:
+        if config in ("vgc", "vgc_vmap", "vgc_exact"):
+            state, hook = create_compression("vgc", model=model, alpha=alpha,
+                                             slack=None if config == "vgc_exact" else 1.25)
+        elif config == "stats_only":
+            attach_squared_gradient_statistics(model)
+    finally:
+        _RULES.clear()
+        _RULES.update(saved_rules)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    if hook is not None:
+        ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return ddp, opt, train, state
+
+
+def _worker(rank, world, model_name, batch, rounds, steps, alpha):
+    import torch.distributed as dist
+
+    built = {c: _build(c, model_name, alpha) for c in CONFIGS}
+    times = {c: [] for c in CONFIGS}
+    g = torch.Generator().manual_seed(rank)
+    for r in range(rounds + 1):
+        for c in CONFIGS:
+            ddp, opt, train, _ = built[c]
+            for _ in range(steps if c != "vgc_vmap" else max(2, steps // 5)):
+                idx = torch.randint(0, len(train), (batch,), generator=g)
+                x, y = train.images[idx], train.labels[idx]
+                dist.barrier()
+                t0 = time.perf_counter()
+                opt.zero_grad()
+                F.cross_entropy(ddp(x), y).backward()
+                opt.step()
+                dt = time.perf_counter() - t0
+                if r > 0:  # round 0 warms up (bucket rebuild, compression start, allocator)
+                    times[c].append(dt)
+    med = {c: statistics.median(v) for c, v in times.items()}
+    vgc_state = built["vgc"][3]
+    return {"median_step_s": med, "vgc_ratio": vgc_state.statistics().compression_ratio}
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Tracks bytes of live tensor storages created inside the mode; remembers the peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}
+        self.current = self.peak = 0
+
+    def _release(self, key):
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._release, key)
+        return out
+
+
+def _peak_step_bytes(model, x, y, with_stats):
+    stats = attach_squared_gradient_statistics(model) if with_stats else None
+    for p in model.parameters():
+        p.grad = None
+    with _LiveBytes() as mode:
+        F.cross_entropy(model(x), y).backward()
+    if stats is not None:
+        stats.remove()
+    return mode.peak
+
+
+def memory_report(model_name, batch):
+    torch.manual_seed(0)
+    train = load_dataset("digits")
+    model = create_model(model_name, in_shape=train.image_shape, num_classes=train.num_classes)
+    x, y = train.images[:batch], train.labels[:batch]
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    base = _peak_step_bytes(model, x, y, False)
+    with_stats = _peak_step_bytes(model, x, y, True)
+    extra = with_stats - base
+    return {
+        "model": model_name, "batch": batch, "gradient_bytes": grad_bytes, "peak_step_bytes_plain": base,
+        "peak_step_bytes_with_statistics": with_stats, "peak_extra_bytes": extra,
+        "peak_extra_over_gradient": extra / grad_bytes,
+        "state_bytes": 2 * grad_bytes + grad_bytes // 4,  # residual + variance float32, ever_sent bool
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="mlp,cnn")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32, help="per worker")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=40, help="steps per configuration and round")
+    ap.add_argument("--alpha", type=float, default=4.0)
+    ap.add_argument("--out", default="runs/bench/compression_overhead.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    report = {"hardware": "CPU", "threads_per_worker": 1, "workers": args.workers, "batch_per_worker": args.batch,
+              "models": {}}
+    for name in args.models.split(","):
+        res = run_local_workers(_worker, nproc=args.workers,
+                                args=(name, args.batch, args.rounds, args.steps, args.alpha), timeout_s=3600)
+        med = {c: statistics.mean(r["median_step_s"][c] for r in res) for c in CONFIGS}
+        entry = {
+            "median_step_ms": {c: 1e3 * v for c, v in med.items()},
+            "vgc_over_plain": med["vgc"] / med["plain"],
+            "statistics_only_over_plain": med["stats_only"] / med["plain"],
+            "vgc_exact_over_plain": med["vgc_exact"] / med["plain"],
+            "vgc_vmap_over_plain": med["vgc_vmap"] / med["plain"],
+            "compression_ratio_during_benchmark": res[0]["vgc_ratio"],
+            "memory": memory_report(name, args.batch),
+        }
+        report["models"][name] = entry
+        print(f"{name}: step ms " + ", ".join(f"{c} {1e3 * v:.2f}" for c, v in med.items())
+              + f" | vgc/plain {entry['vgc_over_plain']:.2f}x (exact sizes {entry['vgc_exact_over_plain']:.2f}x),"
+              f" stats/plain {entry['statistics_only_over_plain']:.2f}x,"
+              f" vmap-vgc/plain {entry['vgc_vmap_over_plain']:.2f}x | statistics peak extra memory "
+              f"{entry['memory']['peak_extra_bytes']} B = {entry['memory']['peak_extra_over_gradient']:.2f} x gradient")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
