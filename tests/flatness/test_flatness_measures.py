@@ -141,3 +141,14 @@ def test_validation_messages():
         adaptive_average_sharpness(model, data, samples=0)
     with pytest.raises(ConfigurationError, match="at least one nn.Linear or nn.Conv2d"):
         log_spectral_product(nn.Sequential(nn.ReLU()))
+
+
+def test_settings_are_forwarded_and_checked():
+    model = tiny_cnn(2)
+    x, y = tiny_data((2, 4, 4), n=8)
+    out = compute_measures(model, (x, y), names=["hessian_trace"], settings={"hessian_trace": {"probes": 7}})
+    assert out["hessian_trace"].details["probes"] == 7
+    with pytest.raises(ConfigurationError, match="settings given for measure\\(s\\) not computed: ggn_trace"):
+        compute_measures(model, (x, y), names=["hessian_trace"], settings={"ggn_trace": {}})
+    with pytest.raises(ConfigurationError, match="'hessian_trace' does not accept the settings"):
+        compute_measures(model, (x, y), names=["hessian_trace"], settings={"hessian_trace": {"bogus": 1}})

@@ -127,6 +127,7 @@ def compute_measures(
     names: Optional[Sequence[str]] = None,
     seed: int = 0,
     batch_size: int = 1024,
+    settings: Optional[Mapping[str, Mapping[str, Any]]] = None,
     progress: bool = False,
 ) -> Dict[str, Measure]:
     """Compute registered measures of ``model`` on its training ``data``.
@@ -139,6 +140,8 @@ def compute_measures(
         names: measures to compute (default: all of :func:`available_measures`).
         seed: seed of every stochastic measure.
         batch_size: samples per forward pass (memory only).
+        settings: per-measure keyword overrides, e.g. ``{"hessian_trace": {"probes": 30},
+            "pacbayes_flatness": {"samples": 4, "steps": 14}}`` (passed to the measure's function).
         progress: show a tqdm bar over measures.
 
     Returns:
@@ -146,12 +149,25 @@ def compute_measures(
     """
     chosen = list(available_measures() if names is None else names)
     specs = [measure_spec(n) for n in chosen]
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(chosen))
+    if unknown:
+        raise ConfigurationError(f"settings given for measure(s) not computed: {', '.join(unknown)}")
     hessian: Optional[HessianDiagonal] = None
     if any(s.uses_hessian for s in specs):
         hessian = hessian_diagonal(model, data, batch_size=batch_size)
     out: Dict[str, Measure] = {}
     for spec in tqdm(specs, desc="measures", unit="measure", disable=not progress):
-        out[spec.name] = spec.fn(model, data, seed=seed, progress=False, batch_size=batch_size, hessian=hessian)
+        options = dict(settings.get(spec.name, {}))
+        try:
+            out[spec.name] = spec.fn(model, data, seed=seed, progress=False, batch_size=batch_size, hessian=hessian,
+                                     **options)
+        except TypeError as exc:
+            if options and "unexpected keyword" in str(exc):
+                raise ConfigurationError(
+                    f"measure {spec.name!r} does not accept the settings {options}: {exc}"
+                ) from exc
+            raise
     return out
 
 
@@ -161,21 +177,21 @@ def compute_measures(
 @register_measure("normalized_sharpness", description="normalized sharpness (arXiv variant, exact GGN diagonal)",
                   uses_hessian=True)
 def _ns_arxiv(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_size: int,
-              hessian: Optional[HessianDiagonal]) -> Measure:
-    return _ns(model, data, "arxiv", hessian, batch_size, progress)
+              hessian: Optional[HessianDiagonal], **options: Any) -> Measure:
+    return _ns(model, data, "arxiv", hessian, batch_size, progress, **options)
 
 
 @register_measure("normalized_sharpness_icml", description="normalized sharpness (ICML-2020 variant)",
                   uses_hessian=True)
 def _ns_icml(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_size: int,
-             hessian: Optional[HessianDiagonal]) -> Measure:
-    return _ns(model, data, "icml", hessian, batch_size, progress)
+             hessian: Optional[HessianDiagonal], **options: Any) -> Measure:
+    return _ns(model, data, "icml", hessian, batch_size, progress, **options)
 
 
 def _ns(model: nn.Module, data: Any, variant: str, hessian: Optional[HessianDiagonal], batch_size: int,
-        progress: bool) -> Measure:
+        progress: bool, **options: Any) -> Measure:
     ns = normalized_sharpness(model, data, variant=variant, hessian=hessian, batch_size=batch_size,
-                              progress=progress)
+                              progress=progress, **options)
     removed = sum(r.removed_rows + r.removed_cols for r in ns.per_layer.values())
     name = "normalized_sharpness" if variant == "arxiv" else "normalized_sharpness_icml"
     return Measure(name, ns.value, {
@@ -186,22 +202,23 @@ def _ns(model: nn.Module, data: Any, variant: str, hessian: Optional[HessianDiag
 
 @register_measure("ggn_trace", description="exact GGN trace (= Hessian trace for ReLU networks)", uses_hessian=True)
 def _ggn_trace(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_size: int,
-               hessian: Optional[HessianDiagonal]) -> Measure:
-    hd = hessian if hessian is not None else hessian_diagonal(model, data, batch_size=batch_size, progress=progress)
+               hessian: Optional[HessianDiagonal], **options: Any) -> Measure:
+    hd = hessian if hessian is not None else hessian_diagonal(model, data, batch_size=batch_size, progress=progress,
+                                                              **options)
     return Measure("ggn_trace", hd.trace(), {"method": hd.method})
 
 
 @register_measure("hessian_trace", description="Hessian trace, Hutchinson with 100 Rademacher probes")
 def _hessian_trace(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_size: int,
-                   hessian: Optional[HessianDiagonal]) -> Measure:
-    est = hutchinson_trace(model, data, probes=100, seed=seed, batch_size=batch_size, progress=progress)
+                   hessian: Optional[HessianDiagonal], probes: int = 100) -> Measure:
+    est = hutchinson_trace(model, data, probes=probes, seed=seed, batch_size=batch_size, progress=progress)
     return Measure("hessian_trace", est.value, {"stderr": est.stderr, "probes": est.probes})
 
 
 @register_measure("hessian_top_eigenvalue", description="top Hessian eigenvalue (power iteration on HVPs)")
 def _top_eig(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_size: int,
-             hessian: Optional[HessianDiagonal]) -> Measure:
-    est = top_hessian_eigenvalue(model, data, seed=seed, batch_size=batch_size, progress=progress)
+             hessian: Optional[HessianDiagonal], **options: Any) -> Measure:
+    est = top_hessian_eigenvalue(model, data, seed=seed, batch_size=batch_size, progress=progress, **options)
     return Measure("hessian_top_eigenvalue", est.value,
                    {"iterations": est.iterations, "residual": est.residual, "converged": est.converged})
 
@@ -240,12 +257,12 @@ def log_frobenius_product(model: nn.Module) -> Measure:
 
 
 @register_measure("log_spectral_product", description="sum of log squared spectral norms")
-def _spec(model: nn.Module, data: Any, **_: Any) -> Measure:
+def _spec(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_size: int, hessian: Any = None) -> Measure:
     return log_spectral_product(model)
 
 
 @register_measure("log_frobenius_product", description="sum of log squared Frobenius norms")
-def _fro(model: nn.Module, data: Any, **_: Any) -> Measure:
+def _fro(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_size: int, hessian: Any = None) -> Measure:
     return log_frobenius_product(model)
 
 
@@ -387,13 +404,16 @@ def pacbayes_flatness(
 
 
 @register_measure("pacbayes_flatness", description="PAC-Bayes flatness 1/sigma^2 (Jiang et al. 2020)")
-def _pb(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_size: int, **_: Any) -> Measure:
-    return pacbayes_flatness(model, data, seed=seed, batch_size=batch_size, progress=progress)
+def _pb(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_size: int, hessian: Any = None,
+        **options: Any) -> Measure:
+    return pacbayes_flatness(model, data, seed=seed, batch_size=batch_size, progress=progress, **options)
 
 
 @register_measure("pacbayes_mag_flatness", description="magnitude-aware PAC-Bayes flatness 1/alpha^2")
-def _pb_mag(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_size: int, **_: Any) -> Measure:
-    return pacbayes_flatness(model, data, magnitude_aware=True, seed=seed, batch_size=batch_size, progress=progress)
+def _pb_mag(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_size: int, hessian: Any = None,
+            **options: Any) -> Measure:
+    return pacbayes_flatness(model, data, magnitude_aware=True, seed=seed, batch_size=batch_size, progress=progress,
+                             **options)
 
 
 def adaptive_average_sharpness(
@@ -422,8 +442,9 @@ def adaptive_average_sharpness(
 
 
 @register_measure("adaptive_average_sharpness", description="adaptive average sharpness, rho = 0.1")
-def _aas(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_size: int, **_: Any) -> Measure:
-    return adaptive_average_sharpness(model, data, seed=seed, batch_size=batch_size)
+def _aas(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_size: int, hessian: Any = None,
+         **options: Any) -> Measure:
+    return adaptive_average_sharpness(model, data, seed=seed, batch_size=batch_size, **options)
 
 
 def measures_to_json(measures: Mapping[str, Measure]) -> Dict[str, Any]:

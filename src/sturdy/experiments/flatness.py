@@ -1,0 +1,308 @@
+"""Flatness part of the ``sturdy`` command and of the demo report.
+
+Commands:
+    ``sturdy flatness grid --out DIR [--quick]``: the generalisation-correlation harness
+    (:mod:`sturdy.experiments.flatness_grid`).
+    ``sturdy flatness measure --checkpoint M --out DIR``: every measure of one trained model, on the
+    training data it was trained on (label noise of its job included), written to ``DIR/measures.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from sturdy.errors import ConfigurationError, UnsupportedModuleError
+from sturdy.flatness import (
+    available_measures,
+    compute_measures,
+    hessian_diagonal,
+    log_frobenius_product,
+    log_spectral_product,
+    measures_to_json,
+    normalized_sharpness,
+    rescale_nodes,
+)
+
+__all__ = ["register_cli", "demo_section", "measure_checkpoint", "invariance_check"]
+
+DEMO_SAMPLES = (150, 500)  # training samples the demo measures on (quick, normal)
+DEMO_SETTINGS = {
+    True: {
+        "hessian_trace": {"probes": 20},
+        "hessian_top_eigenvalue": {"iterations": 20, "tol": 1e-3},
+        "pacbayes_flatness": {"samples": 2, "steps": 8, "bounds": (1e-4, 10.0)},
+        "pacbayes_mag_flatness": {"samples": 2, "steps": 8, "bounds": (1e-4, 10.0)},
+        "adaptive_average_sharpness": {"samples": 4},
+    },
+    False: {
+        "hessian_trace": {"probes": 100},
+        "hessian_top_eigenvalue": {"iterations": 50, "tol": 1e-3},
+        "pacbayes_flatness": {"samples": 4, "steps": 12, "bounds": (1e-4, 10.0)},
+        "pacbayes_mag_flatness": {"samples": 4, "steps": 12, "bounds": (1e-4, 10.0)},
+        "adaptive_average_sharpness": {"samples": 8},
+    },
+}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``sturdy flatness grid`` and ``sturdy flatness measure``."""
+    parent = subparsers.add_parser("flatness", help="normalized sharpness, generalisation measures, correlation grid")
+    sub = parent.add_subparsers(dest="flatness_command", metavar="SUBCOMMAND")
+    parent.set_defaults(func=_cmd_missing)
+
+    p = sub.add_parser("grid", help="train a grid of digits models, compute every measure, rank-correlate with the gap")
+    p.add_argument("--out", required=True, help="output folder (correlations.json, grid.json, PNGs)")
+    p.add_argument("--quick", action="store_true", help="8 small MLPs (about 2 minutes) instead of the 64-model grid")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stochastic measures and of the bootstrap")
+    p.add_argument("--bootstrap", type=_non_negative_int, default=None, help="bootstrap resamples (default: grid's)")
+    p.add_argument("--no-resume", action="store_true", help="retrain points whose records already exist")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_grid)
+
+    p = sub.add_parser("measure", help="every generalisation measure of one trained model")
+    p.add_argument("--checkpoint", required=True, help="model.pt written by `sturdy train`")
+    p.add_argument("--out", required=True, help="output folder (measures.json)")
+    p.add_argument("--measures", default=None,
+                   help=f"comma-separated subset of: {', '.join(available_measures())} (default: all)")
+    p.add_argument("--samples", type=_positive_int, default=None,
+                   help="measure on the first N training samples only (default: the whole training split)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_measure)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _cmd_missing(args: argparse.Namespace) -> int:
+    raise ConfigurationError("sturdy flatness: choose a sub-command: grid or measure (see sturdy flatness -h)")
+
+
+def _cmd_grid(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from sturdy.experiments.flatness_grid import DEFAULT_GRID, QUICK_GRID, run_grid
+
+    spec = QUICK_GRID if args.quick else DEFAULT_GRID
+    if args.bootstrap is not None:
+        spec = replace(spec, bootstrap=args.bootstrap)
+    summary = run_grid(out=args.out, spec=spec, device=args.device, resume=not args.no_resume,
+                       progress=not args.no_progress, seed=args.seed)
+    print(f"{summary['models']} models ({summary['converged']} reached the target loss) in "
+          f"{summary['seconds']:.0f} s; Kendall tau against the generalisation gap:")
+    for name, c in summary["correlations"].items():
+        tau, psi = c["tau"], c["granulated_tau"]
+        print(f"  {name:28s} tau {_fmt(tau)} [{_fmt(c['tau_ci'][0])}, {_fmt(c['tau_ci'][1])}]  "
+              f"granulated {_fmt(psi)}")
+    print(f"written to {Path(args.out) / 'correlations.json'}")
+    return 0
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "  n/a" if value is None else f"{value:+.2f}"
+
+
+def measure_checkpoint(
+    checkpoint: str | Path,
+    *,
+    out: str | Path,
+    measures: Optional[List[str]] = None,
+    samples: Optional[int] = None,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Compute measures of the model in ``checkpoint`` (``sturdy train`` output); writes ``out/measures.json``."""
+    from sturdy.data import apply_label_noise
+    from sturdy.experiments.train_job import load_job_data, load_trained_model, write_json
+    from sturdy.training import evaluate, resolve_device
+
+    dev = resolve_device(device)
+    model, job = load_trained_model(checkpoint, device=dev)
+    train_set, test_set = load_job_data(job)
+    labels = apply_label_noise(train_set.labels, fraction=job.label_noise, num_classes=train_set.num_classes,
+                               seed=job.seed)
+    train_set = train_set.with_labels(labels)
+    if samples is not None:
+        train_set = train_set.subset(torch.arange(min(samples, len(train_set))))
+    names = measures if measures else list(available_measures())
+    t0 = time.perf_counter()
+    measured = compute_measures(model, train_set, names=names, seed=seed, progress=progress)
+    train_loss, train_acc = evaluate(model, train_set, device=dev)
+    test_loss, test_acc = evaluate(model, test_set, device=dev)
+    result = {
+        "checkpoint": str(checkpoint), "job": job.to_dict(), "samples": len(train_set),
+        "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc,
+        "gap": train_acc - test_acc, "measures": measures_to_json(measured), "seconds": time.perf_counter() - t0,
+    }
+    write_json(result, Path(out) / "measures.json")
+    return result
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    names = [n.strip() for n in args.measures.split(",") if n.strip()] if args.measures else None
+    if names:
+        unknown = [n for n in names if n not in available_measures()]
+        if unknown:
+            raise ConfigurationError(
+                f"unknown measure(s) {', '.join(unknown)}; choose from: {', '.join(available_measures())}"
+            )
+    result = measure_checkpoint(args.checkpoint, out=args.out, measures=names, samples=args.samples,
+                                device=args.device, seed=args.seed, progress=not args.no_progress)
+    print(f"gap (train - test accuracy) {result['gap']:.4f}")
+    for name, m in result["measures"].items():
+        print(f"  {name:28s} {m['value']:.6g}")
+    print(f"written to {Path(args.out) / 'measures.json'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- invariance check
+
+
+def invariance_check(model: nn.Module, data: Tuple[torch.Tensor, torch.Tensor], *, seed: int = 0,
+                     low: float = 0.1, high: float = 10.0) -> Dict[str, Dict[str, Optional[float]]]:
+    """Original vs node-wise rescaled copy (float64): outputs, both normalized sharpnesses, trace, norm products.
+
+    Returns:
+        quantity -> ``{"original": ..., "rescaled": ..., "ratio": rescaled / original}``; norm products are
+        given as products (not logs) so that the ratio is the factor of change.
+    """
+    base = copy.deepcopy(model).double().eval()
+    scaled = rescale_nodes(base, seed=seed, low=low, high=high)
+    x, y = data[0].double(), data[1]
+    with torch.no_grad():
+        out_diff = float((base(x) - scaled(x)).abs().max())
+    rows: Dict[str, Dict[str, Optional[float]]] = {}
+
+    def add(name: str, a: float, b: float) -> None:
+        rows[name] = {"original": a, "rescaled": b, "ratio": b / a if a != 0 else None}
+
+    hd_a, hd_b = hessian_diagonal(base, (x, y)), hessian_diagonal(scaled, (x, y))
+    for variant in ("arxiv", "icml"):
+        add(f"normalized sharpness ({variant})", normalized_sharpness(base, hessian=hd_a, variant=variant).value,
+            normalized_sharpness(scaled, hessian=hd_b, variant=variant).value)
+    add("Hessian trace (exact GGN)", hd_a.trace(), hd_b.trace())
+    add("product of spectral norms", float(torch.tensor(log_spectral_product(base).value / 2).exp()),
+        float(torch.tensor(log_spectral_product(scaled).value / 2).exp()))
+    add("product of Frobenius norms", float(torch.tensor(log_frobenius_product(base).value / 2).exp()),
+        float(torch.tensor(log_frobenius_product(scaled).value / 2).exp()))
+    rows["max |output difference|"] = {"original": 0.0, "rescaled": out_diff, "ratio": None}
+    return rows
+
+
+def _tiny_mlp(ctx: Any, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
+    """A small ReLU MLP trained for a few seconds (when the demo's model cannot be rescaled)."""
+    from sturdy.models import create_model
+
+    torch.manual_seed(ctx.seed)
+    model = create_model("mlp", in_shape=ctx.train_set.image_shape, num_classes=ctx.train_set.num_classes, width=64)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60 if not ctx.quick else 20):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def demo_section(ctx: Any) -> None:
+    """Measures of the standard (and LMT) model and the rescaling-invariance table.
+
+    Budget: about 30 s on 2 CPU cores (about 8 s with ``ctx.quick``): measures use the first 500 (150)
+    training digits and reduced Monte-Carlo settings.
+    """
+    threads = torch.get_num_threads()
+    # The demo's models are tiny: on a loaded machine intra-op threads only add synchronisation (measured
+    # 10x slower with 2 threads on 2 busy cores), so the section runs single-threaded and restores the setting.
+    torch.set_num_threads(1)
+    try:
+        _demo_section(ctx)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _demo_section(ctx: Any) -> None:
+    from sturdy.training import evaluate
+
+    t0 = time.perf_counter()
+    quick = bool(ctx.quick)
+    n = min(DEMO_SAMPLES[0] if quick else DEMO_SAMPLES[1], len(ctx.train_set))
+    subset = ctx.train_set.subset(torch.arange(n))
+    settings = DEMO_SETTINGS[quick]
+    models = {"standard": ctx.models["standard"]}
+    if ctx.models.get("lmt") is not None:
+        models["lmt"] = ctx.models["lmt"]
+    names = list(available_measures())
+    results: Dict[str, Any] = {"samples": n, "settings": settings, "models": {}}
+    for label, model in models.items():
+        measured = compute_measures(model, subset, names=names, seed=ctx.seed, settings=settings)
+        train_acc = evaluate(model, ctx.train_set)[1]
+        test_acc = evaluate(model, ctx.test_set)[1]
+        results["models"][label] = {"train_accuracy": train_acc, "test_accuracy": test_acc,
+                                    "gap": train_acc - test_acc, "measures": measures_to_json(measured)}
+
+    sec = ctx.report.section("Normalized flatness and generalisation measures")
+    sec.text(
+        "Normalized sharpness (Tsuzuku et al., ICML 2020) minimises, per layer, "
+        "sum_ij H_ij alpha_i beta_j + W_ij^2 / (alpha_i beta_j) over row and column scales, with H the exact "
+        "Hessian diagonal of the mean training cross-entropy (generalised Gauss-Newton, one backward pass per "
+        f"class). All measures below are computed on the first {n} training digits; larger means sharper / more "
+        "complex. Perturbation measures are Monte-Carlo estimates with reduced sample counts in the demo."
+    )
+    header = ["measure"] + list(models)
+    rows: List[List[Any]] = [[name] + [results["models"][m]["measures"][name]["value"] for m in models]
+                             for name in names]
+    rows.append(["generalisation gap (train - test accuracy)"] + [results["models"][m]["gap"] for m in models])
+    sec.table(header=header, rows=rows, caption="Generalisation measures of the demo models")
+
+    # Invariance: rescale the demo model itself when it is a ReLU chain, else a tiny MLP trained here.
+    x, y = subset.images, subset.labels
+    try:
+        rescale_nodes(models["standard"], seed=ctx.seed)
+        inv_model, inv_label = models["standard"], "the standard CNN"
+    except (UnsupportedModuleError, ConfigurationError):
+        inv_model, inv_label = _tiny_mlp(ctx, x, y), "a small ReLU MLP trained for this check"
+    inv_n = 100 if quick else 300
+    inv = invariance_check(inv_model, (x[:inv_n], y[:inv_n]), seed=ctx.seed)
+    results["invariance"] = {"model": inv_label, "samples": inv_n, "rows": inv}
+    sec.text(
+        f"Reparametrisation check on {inv_label} (float64, {inv_n} samples): every hidden unit is multiplied by a "
+        "random factor in [0.1, 10] and the next layer's matching weights divided by it. The network function is "
+        "unchanged; normalized sharpness is unchanged, while the Hessian trace and norm products move."
+    )
+    sec.table(header=["quantity", "original", "rescaled", "rescaled / original"],
+              rows=[[k, v["original"], v["rescaled"], v["ratio"]] for k, v in inv.items()],
+              caption="Node-wise rescaling: invariance of normalized sharpness")
+    results["seconds"] = time.perf_counter() - t0
+    ctx.results["flatness"] = results
