@@ -6,23 +6,29 @@ import pytest
 import torch
 
 from sturdy.data import load_dataset
-from sturdy.lipschitz import LipschitzTracker, lmt_loss
+from sturdy.lipschitz import CWarmup, LipschitzTracker, lmt_loss
 from sturdy.models import create_model
 
 
-def train_lmt_digits(*, epochs: int = 12, c: float = 0.3, seed: int = 0, form: str = "pairwise"):
-    """A small digits CNN trained with the LMT loss (Adam, batch 64); returns (model in eval mode, test set)."""
+def train_lmt_digits(*, epochs: int = 12, c: float = 0.5, seed: int = 0):
+    """A small digits CNN (no pooling) trained with the pairwise LMT loss (clipped, c warm-up, Adam, batch 64).
+
+    Returns ``(model in eval mode, test set)``.
+    """
     torch.manual_seed(seed)
     train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
-    model = create_model("cnn", in_shape=train.image_shape, num_classes=10, channels=(8, 16), width=32)
+    model = create_model("cnn", in_shape=train.image_shape, num_classes=10, channels=(8, 16), width=32, pool="none")
     tracker = LipschitzTracker(model, input_shape=(1, *train.image_shape), seed=seed)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    schedule = CWarmup(c=c, warmup_epochs=epochs / 3)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    steps = (len(train) + 63) // 64
+    for epoch in range(epochs):
         order = torch.randperm(len(train), generator=gen)
-        for start in range(0, len(train), 64):
-            idx = order[start : start + 64]
-            loss = lmt_loss(model(train.images[idx]), train.labels[idx], c=c, bound=tracker(), form=form)
+        for step in range(steps):
+            idx = order[step * 64 : (step + 1) * 64]
+            c_now = schedule(epoch=epoch, step=step, steps_per_epoch=steps)
+            loss = lmt_loss(model(train.images[idx]), train.labels[idx], c=c_now, bound=tracker(), clip_factor=True)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -31,5 +37,19 @@ def train_lmt_digits(*, epochs: int = 12, c: float = 0.3, seed: int = 0, form: s
 
 @pytest.fixture(scope="session")
 def lmt_digits():
-    with torch.random.fork_rng():
-        return train_lmt_digits()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # session fixtures start before the per-test thread fixture below
+    try:
+        with torch.random.fork_rng():
+            return train_lmt_digits()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The Lipschitz tests use tiny models: one thread avoids oversubscription on the shared CI cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

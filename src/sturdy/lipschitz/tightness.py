@@ -62,7 +62,8 @@ def pgd_l2(
     clip: Optional[Tuple[float, float]] = None,
     seed: int = 0,
 ) -> AttackResult:
-    """L2 projected gradient attack on the margin loss ``max_{i != y} f_i - f_y``.
+    """L2 projected gradient attack on the margin loss ``f_t - f_y`` (``t`` the strongest other class,
+    or a fixed runner-up class in later restarts), with normalised steps and projection on the ball.
 
     Args:
         model: the classifier (run in eval mode).
@@ -70,7 +71,8 @@ def pgd_l2(
         y: labels to move away from ``(N,)``.
         eps: L2 budget, a float or a per-sample tensor ``(N,)``.
         steps: gradient steps per restart.
-        restarts: restarts; the first starts at ``x``, the others at a random point of the ball.
+        restarts: restarts; the first (untargeted) starts at ``x``, restart ``r >= 1`` starts at a random
+            point of the ball and targets the ``r``-th most likely other class.
         step_size: step length as a fraction of ``eps`` (default ``2.5 / steps``).
         clip: optional valid input range ``(lo, hi)``.
         seed: seed of the random starts.
@@ -90,6 +92,9 @@ def pgd_l2(
     dist = torch.full((x.shape[0],), math.inf, dtype=torch.float64, device=device)
     e, a = _per_sample(eps_t, x), _per_sample(alpha, x)
     with eval_mode(model):
+        with torch.no_grad():
+            ranked = model(x).argsort(dim=1, descending=True)  # runner-up classes, targets of later restarts
+        ranked = ranked[ranked != y[:, None]].reshape(x.shape[0], -1)
         for r in range(restarts):
             if r == 0:
                 delta = torch.zeros_like(x)
@@ -112,7 +117,11 @@ def pgd_l2(
                     dist = torch.where(better, nrm, dist)
                     success |= hit
                 onehot = torch.nn.functional.one_hot(y, logits.shape[1]).bool()
-                loss = (logits.masked_fill(onehot, float("-inf")).max(dim=1).values - logits[onehot]).sum()
+                if r == 0:  # untargeted: the currently strongest other class
+                    other = logits.masked_fill(onehot, float("-inf")).max(dim=1).values
+                else:  # targeted at the r-th runner-up (finds a nearer boundary the greedy attack skips)
+                    other = logits.gather(1, ranked[:, (r - 1) % ranked.shape[1]][:, None])[:, 0]
+                loss = (other - logits[onehot]).sum()
                 (g,) = torch.autograd.grad(loss, delta)
                 with torch.no_grad():
                     g = g / _per_sample(_flat_norm(g).clamp_min(1e-12), g)
