@@ -7,6 +7,7 @@ Analyses are keyword-only functions returning frozen dataclasses:
 * :func:`fourier_heatmap` -> :class:`FourierHeatmap` (error / fooling rate per frequency);
 * :func:`single_fourier_attack` -> :class:`UniversalPerturbation` (black-box universal perturbation);
 * :func:`evaluate_perturbation` -> :class:`PerturbationReport` (held-out and shifted fooling rates);
+* :func:`fourier_combination_attack` -> :class:`FourierCombination` (beyond the paper: a few directions mixed);
 * :func:`gradient_spectrum` -> :class:`GradientSpectrum` (one-backward predictor of the heat map).
 """
 
@@ -28,6 +29,7 @@ from sturdy.fourier.basis import (
     is_self_conjugate,
     to_full_map,
 )
+from sturdy.fourier.combine import FourierCombination, fourier_combination_attack, project_budget
 from sturdy.fourier.gradient import GradientSpectrum, gradient_spectrum, rank_correlation
 from sturdy.fourier.heatmap import FourierHeatmap, fourier_heatmap, heatmap_draws, plot_fourier_maps
 from sturdy.fourier.perturbation import (
@@ -67,6 +69,9 @@ __all__ = [
     "halving_schedule",
     "single_fourier_attack",
     "evaluate_perturbation",
+    "FourierCombination",
+    "fourier_combination_attack",
+    "project_budget",
     "circular_shift",
     "random_shifts",
     "GradientSpectrum",

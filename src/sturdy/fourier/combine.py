@@ -1,0 +1,245 @@
+"""Beyond the paper: a black-box universal perturbation made of a few Fourier directions.
+
+Starting from the Single Fourier Attack's perturbation ``d``, each round tries ``d + w * a`` for every
+atom ``a`` of a pool (the ``pool`` single Fourier perturbations of budget ``eps`` that fool most images
+of a small random scan subset) and every weight ``w`` in ``weights``, projected back onto the budget
+(L2: rescaled to norm exactly ``eps``; L-inf: clipped to ``[-eps, eps]``). The best mixture is chosen by
+successive halving over nested random image subsets (the SFA's schedule) and kept if it fools more
+attack images than ``d``; the search stops after ``patience`` rounds without gain or ``rounds`` rounds. Only
+predicted labels are read. The result is no longer exactly shift invariant (its components shift by
+different phases), which :func:`~sturdy.fourier.evaluate_perturbation` measures.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sturdy.errors import ConfigurationError
+from sturdy.fourier._common import Model, call_model, check_batch_size, model_device_dtype, predict_labels
+from sturdy.fourier.attack import (
+    UniversalPerturbation,
+    _plan_queries,
+    enumerate_candidates,
+    halving_schedule,
+    single_fourier_attack,
+)
+from sturdy.fourier.basis import fourier_basis_batch
+from sturdy.fourier.perturbation import (
+    Bounds,
+    check_bounds,
+    check_eps,
+    check_images,
+    check_norm,
+    shape_directions,
+)
+
+__all__ = ["FourierCombination", "fourier_combination_attack", "project_budget"]
+
+Step = Tuple[int, int, float, Tuple[int, ...], float]
+
+
+def project_budget(delta: Tensor, *, eps: float, norm: str) -> Tensor:
+    """Project perturbations ``(B, C, H, W)`` onto the budget: L2 rescaled to norm ``eps``; L-inf clipped."""
+    if norm == "l2":
+        scale = torch.linalg.vector_norm(delta.flatten(1), dim=1).clamp_min(torch.finfo(delta.dtype).tiny)
+        return delta * (eps / scale)[:, None, None, None]
+    return delta.clamp(-eps, eps)
+
+
+@dataclass(frozen=True)
+class FourierCombination:
+    """Result of :func:`fourier_combination_attack`.
+
+    Attributes:
+        delta: the perturbation ``(C, H, W)`` (CPU, the model's dtype).
+        steps: ``(k, l, phase, signs, weight)`` of the atom added at each accepted round (before the
+            projection rescales the mixture).
+        initial: the single-direction SFA result the search started from.
+        eps: budget; ``norm``/``wave`` give its kind.
+        norm: ``"l2"`` or ``"linf"``.
+        wave: ``"sine"`` or ``"square"``.
+        fooling_rate: fraction of the attack images whose predicted label it changes.
+        queries: image evaluations spent, those of the initial SFA included.
+        rounds: rounds run (accepted or not).
+        seconds: wall time, the initial SFA included.
+    """
+
+    delta: Tensor
+    steps: Tuple[Step, ...]
+    initial: UniversalPerturbation
+    eps: float
+    norm: str
+    wave: str
+    fooling_rate: float
+    queries: int
+    rounds: int
+    seconds: float
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-able summary (without ``delta``)."""
+        return {
+            "steps": [[k, col, p, list(s), w] for k, col, p, s, w in self.steps],
+            "initial": self.initial.to_dict(),
+            "eps": self.eps,
+            "norm": self.norm,
+            "wave": self.wave,
+            "attack_fooling_rate": self.fooling_rate,
+            "queries": self.queries,
+            "rounds": self.rounds,
+            "seconds": self.seconds,
+        }
+
+
+@torch.no_grad()
+def _count(model, x: Tensor, clean: Tensor, deltas: Tensor, images: Tensor, *, bounds, batch_size) -> Tensor:
+    """Fooled counts ``(B,)`` of perturbations ``deltas`` on the images with indices ``images``."""
+    counts = torch.zeros(deltas.shape[0], dtype=torch.long)
+    m = len(images)
+    if m == 0:
+        return counts
+    img_chunk = min(m, batch_size)
+    cand_chunk = max(1, batch_size // img_chunk)
+    images = images.to(x.device)
+    for c0 in range(0, deltas.shape[0], cand_chunk):
+        d = deltas[c0 : c0 + cand_chunk]
+        for i0 in range(0, m, img_chunk):
+            sel = images[i0 : i0 + img_chunk]
+            batch = (d[:, None] + x[sel]).view(-1, *x.shape[1:])
+            if bounds is not None:
+                batch.clamp_(bounds[0], bounds[1])
+            pred = call_model(model, batch).argmax(dim=1).view(d.shape[0], len(sel))
+            counts[c0 : c0 + d.shape[0]] += (pred != clean[sel]).sum(dim=1).cpu()
+    return counts
+
+
+@torch.no_grad()
+def fourier_combination_attack(
+    model: Model,
+    x: Tensor,
+    *,
+    eps: float,
+    norm: str = "l2",
+    wave: str = "sine",
+    initial: Optional[UniversalPerturbation] = None,
+    pool: int = 32,
+    weights: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    rounds: int = 12,
+    patience: int = 2,
+    scan_images: int = 32,
+    initial_images: int = 16,
+    eta: int = 2,
+    bounds: Bounds = (0.0, 1.0),
+    batch_size: int = 2048,
+    seed: int = 0,
+    progress: bool = False,
+) -> FourierCombination:
+    """Grow the SFA perturbation into a mixture of a few Fourier directions (black-box, universal).
+
+    Args:
+        model: classifier on ``(N, C, H, W)`` images (call ``model.eval()`` first).
+        x: attack images in ``bounds``.
+        eps: budget (> 0) in ``norm``.
+        norm: ``"l2"`` or ``"linf"``.
+        wave: ``"sine"`` or ``"square"`` (of the atoms).
+        initial: a :func:`single_fourier_attack` result on the same images and budget (computed with
+            the default halving search when ``None``).
+        pool: number of atoms tried per round.
+        weights: relative weights ``w`` of the atom added to the current perturbation.
+        rounds: maximum number of rounds.
+        patience: stop after this many consecutive rounds without gain (each round draws new subsets).
+        scan_images: images of the scan that ranks the atoms.
+        initial_images: images of the first halving step of each round.
+        eta: halving rate.
+        bounds: valid pixel range.
+        batch_size: perturbed images per model call.
+        seed: seeds the image subsets.
+        progress: show a tqdm bar over rounds.
+    """
+    start = time.perf_counter()
+    eps = check_eps(eps)
+    check_norm(norm, wave)
+    bounds = check_bounds(bounds)
+    batch_size = check_batch_size(batch_size)
+    limits = (("pool", pool, 1), ("rounds", rounds, 0), ("patience", patience, 1), ("scan_images", scan_images, 1),
+              ("initial_images", initial_images, 1), ("eta", eta, 2))
+    for name, value, low in limits:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigurationError(f"{name} must be an int >= {low}, got {value!r}")
+    weights_t = torch.as_tensor(list(weights), dtype=torch.float64)
+    if weights_t.dim() != 1 or len(weights_t) == 0 or not bool((weights_t > 0).all()):
+        raise ConfigurationError(f"weights must be a non-empty sequence of numbers > 0, got {weights!r}")
+    check_images(x, bounds)
+    device, dtype = model_device_dtype(model, x)
+    x = x.to(device=device, dtype=dtype)
+    n, channels, height, width = x.shape
+    if initial is None:
+        initial = single_fourier_attack(model, x, eps=eps, norm=norm, wave=wave, bounds=bounds,
+                                        batch_size=batch_size, seed=seed)
+    elif initial.delta.shape != x.shape[1:] or initial.eps != eps or initial.norm != norm:
+        raise ConfigurationError(
+            f"initial must be a single_fourier_attack result for images {tuple(x.shape[1:])}, eps={eps}, "
+            f"norm={norm!r}; got delta {tuple(initial.delta.shape)}, eps={initial.eps}, norm={initial.norm!r}"
+        )
+    queries = initial.queries + n  # the clean predictions below are queries of this search too
+    clean = predict_labels(model, x, batch_size=batch_size)
+    gen = torch.Generator().manual_seed(seed + 1)
+    cands = enumerate_candidates(channels, height, width)
+    scan = torch.randperm(n, generator=gen)[: min(scan_images, n)]
+
+    def make_atoms(idx: Tensor) -> Tensor:
+        u = fourier_basis_batch(height, width, cands.frequencies[idx], cands.phases[idx], dtype=dtype, device=device)
+        return shape_directions(u, cands.signs[idx].to(device=device, dtype=dtype), eps=eps, norm=norm, wave=wave)
+
+    chunk = max(1, batch_size // len(scan))
+    scores = torch.cat([
+        _count(model, x, clean, make_atoms(idx), scan, bounds=bounds, batch_size=batch_size)
+        for idx in torch.arange(len(cands)).split(chunk)
+    ])
+    queries += len(cands) * len(scan)
+    top = torch.argsort(scores, descending=True, stable=True)[: min(pool, len(cands))]
+    atoms = make_atoms(top)  # (pool, C, H, W)
+    delta = initial.delta.to(device=device, dtype=dtype)
+    best = int(_count(model, x, clean, delta[None], torch.arange(n), bounds=bounds, batch_size=batch_size)[0])
+    queries += n
+    steps = []
+    w = weights_t.to(device=device, dtype=dtype)
+    done = misses = 0
+    for _ in tqdm(range(rounds), desc="Fourier combination", disable=not progress, leave=False):
+        done += 1
+        mix = delta[None, None] + w[None, :, None, None, None] * atoms[:, None]  # (pool, W, C, H, W)
+        mix = project_budget(mix.reshape(-1, channels, height, width), eps=eps, norm=norm)
+        plan = halving_schedule(mix.shape[0], n, initial_images=initial_images, eta=eta)
+        order = torch.randperm(n, generator=gen)
+        alive = torch.arange(mix.shape[0])
+        counts = torch.zeros(mix.shape[0], dtype=torch.long)
+        seen = 0
+        for r, (keep, images) in enumerate(plan):
+            if r > 0:
+                ranking = torch.argsort(counts[alive], descending=True, stable=True)
+                alive = torch.sort(alive[ranking[:keep]]).values
+            counts[alive] += _count(model, x, clean, mix[alive], order[seen:images], bounds=bounds,
+                                    batch_size=batch_size)
+            seen = images
+        queries += _plan_queries(plan)
+        winner = int(alive[torch.argsort(counts[alive], descending=True, stable=True)[0]])
+        if int(counts[winner]) <= best:
+            misses += 1
+            if misses >= patience:
+                break
+            continue
+        misses = 0
+        best = int(counts[winner])
+        delta = mix[winner]
+        atom = int(top[winner // len(w)])
+        steps.append((int(cands.frequencies[atom, 0]), int(cands.frequencies[atom, 1]), float(cands.phases[atom]),
+                      tuple(int(s) for s in cands.signs[atom].tolist()), float(weights_t[winner % len(w)])))
+    return FourierCombination(
+        delta=delta.detach().cpu(), steps=tuple(steps), initial=initial, eps=eps, norm=norm, wave=wave,
+        fooling_rate=best / n, queries=queries, rounds=done, seconds=time.perf_counter() - start,
+    )
