@@ -67,7 +67,7 @@ class FourierCombination:
         fooling_rate: fraction of the attack images whose predicted label it changes.
         queries: image evaluations spent, those of the initial SFA included.
         rounds: rounds run (accepted or not).
-        seconds: wall time, the initial SFA included.
+        seconds: wall time, the initial SFA's included (also when it was passed in).
     """
 
     delta: Tensor
@@ -178,6 +178,7 @@ def fourier_combination_attack(
     device, dtype = model_device_dtype(model, x)
     x = x.to(device=device, dtype=dtype)
     n, channels, height, width = x.shape
+    given_seconds = 0.0 if initial is None else initial.seconds
     if initial is None:
         initial = single_fourier_attack(model, x, eps=eps, norm=norm, wave=wave, bounds=bounds,
                                         batch_size=batch_size, seed=seed)
@@ -241,5 +242,5 @@ def fourier_combination_attack(
                       tuple(int(s) for s in cands.signs[atom].tolist()), float(weights_t[winner % len(w)])))
     return FourierCombination(
         delta=delta.detach().cpu(), steps=tuple(steps), initial=initial, eps=eps, norm=norm, wave=wave,
-        fooling_rate=best / n, queries=queries, rounds=done, seconds=time.perf_counter() - start,
+        fooling_rate=best / n, queries=queries, rounds=done, seconds=time.perf_counter() - start + given_seconds,
     )
