@@ -36,7 +36,8 @@ def test_heatmap_command_writes_png_and_json(checkpoint, tmp_path, capsys):
 def test_attack_command_writes_delta_and_heldout_rates(checkpoint, tmp_path):
     out = tmp_path / "attack"
     argv = ["fourier", "attack", "--checkpoint", str(checkpoint), "--eps", "0.1", "--norm", "linf", "--wave",
-            "square", "--attack-images", "50", "--shifts", "1", "--out", str(out), "--no-progress", "--device", "cpu"]
+            "square", "--attack-images", "50", "--shifts", "1", "--combine", "--out", str(out), "--no-progress",
+            "--device", "cpu"]
     assert main(argv) == 0
     data = json.loads((out / "attack.json").read_text())
     delta = torch.load(out / "delta.pt", weights_only=True)
@@ -46,6 +47,9 @@ def test_attack_command_writes_delta_and_heldout_rates(checkpoint, tmp_path):
     for key in ("heldout_fooling_rate", "shifted_fooling_rate", "random_noise_fooling_rate"):
         assert 0.0 <= data[key] <= 1.0
     assert (out / "delta.png").is_file() and (out / "examples.png").is_file()
+    combined = torch.load(out / "delta_combination.pt", weights_only=True)
+    assert float(combined.abs().max()) <= 0.1 + 1e-6
+    assert data["combination"]["attack_fooling_rate"] >= data["attack_fooling_rate"]
 
 
 def test_command_errors_are_one_line(checkpoint, tmp_path, capsys):

@@ -132,3 +132,15 @@ def test_bad_inputs_give_clear_errors():
         fourier_heatmap(model, x, y, eps=1.0, norm="l3")
     with pytest.raises(ConfigurationError, match="batch_size must be a positive int"):
         fourier_heatmap(model, x, y, eps=1.0, batch_size=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    """One code path: the same map on CUDA (model and images moved) as on the CPU, in float64."""
+    model = tiny_cnn((3, 6, 7))
+    x = torch.rand(12, 3, 6, 7, dtype=torch.float64)
+    y = torch.randint(0, 4, (12,))
+    cpu = fourier_heatmap(model, x, y, eps=1.0, seed=2)
+    gpu = fourier_heatmap(model.cuda(), x.cuda(), y.cuda(), eps=1.0, seed=2)
+    torch.testing.assert_close(gpu.fooling, cpu.fooling)
+    torch.testing.assert_close(gpu.applied, cpu.applied)
