@@ -511,8 +511,8 @@ class LipschitzTracker(nn.Module):
     adjoint) and returns a :class:`LipschitzEstimate` whose values are differentiable in the
     weights through ``||W u||`` with ``u`` held constant. The vectors ``u`` are buffers (saved in
     ``state_dict``); they start from a seeded random vector followed by ``warmup_iterations``
-    iterations, so every DDP rank builds identical vectors and keeps them identical (the weights
-    are synchronised). Estimates are lower bounds of the true norms: never use them to certify.
+    iterations, so every DDP rank builds identical vectors; with ``sync`` they are averaged over ranks
+    after each update and stay identical. Estimates are lower bounds of the true norms: never use them to certify.
 
     Args:
         model: the network (its parameters are used live, never copied).
@@ -520,6 +520,8 @@ class LipschitzTracker(nn.Module):
         iterations: power iterations per call (1 in training).
         warmup_iterations: iterations run at construction.
         seed: seed of the start vectors.
+        sync: under ``torch.distributed``, average the vectors over ranks after each update (one small
+            all-reduce per step), so they stay identical even when folded BatchNorm statistics differ per rank.
 
     Example:
         >>> from torch import nn
@@ -538,6 +540,7 @@ class LipschitzTracker(nn.Module):
         iterations: int = 1,
         warmup_iterations: int = 30,
         seed: int = 0,
+        sync: bool = True,
     ) -> None:
         super().__init__()
         if iterations < 1 or warmup_iterations < 0:
@@ -546,6 +549,7 @@ class LipschitzTracker(nn.Module):
             )
         self._program = _build_program(model, input_shape)
         self.iterations = int(iterations)
+        self.sync = bool(sync)
         self._fixed: Dict[str, float] = {}
         self._power: Dict[str, Tuple[str, LinearOp]] = {}
         self._closed: Dict[str, LinearOp] = {}
@@ -593,6 +597,8 @@ class LipschitzTracker(nn.Module):
             with torch.no_grad():  # next step's vector: u <- A^T A u / ||.||
                 v = op.adjoint(w.detach())
                 u.copy_(v / v.norm().clamp_min(1e-30))
+        if self.sync:
+            self._average_vectors()
         ref = next(iter(self.buffers()), None)
         one = torch.ones((), dtype=ref.dtype if ref is not None else torch.float32,
                          device=ref.device if ref is not None else None)
@@ -618,6 +624,24 @@ class LipschitzTracker(nn.Module):
             for name, value in self._fixed.items():
                 out[by_name[name].path] = value
         return out
+
+    @torch.no_grad()
+    def _average_vectors(self) -> None:
+        # Under DDP every rank holds the same weights, but eval-mode BatchNorm statistics (folded into the
+        # operators) are updated from each rank's own batch, so the vectors would drift apart: average them.
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        bufs = [getattr(self, buf) for buf, _ in self._power.values()]
+        if world == 1 or not bufs:
+            return
+        flat = torch.cat([b.flatten() for b in bufs])
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for b in bufs:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
 
     def broadcast_(self, src: int = 0) -> None:
         """Copy the vectors of rank ``src`` to every rank (no-op without ``torch.distributed``)."""
