@@ -98,6 +98,19 @@ def test_halving_reaches_95_percent_of_exhaustive_with_fewer_queries(trained_cnn
     assert held_out.fooling_rate > 0.2 and held_out.shifts == 2 and held_out.shifted_fooling_rate is not None
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("eps,norm,wave", [(2.0, "l2", "sine"), (0.1, "linf", "square"), (1.0, "l2", "square")])
+def test_halving_target_holds_over_seeds(trained_cnn, digits, eps, norm, wave):
+    """The statistical version of the halving check: 300 attack images, five image orders, three budgets."""
+    train, _ = digits
+    x = train.images[:300]
+    exhaustive = single_fourier_attack(trained_cnn, x, eps=eps, norm=norm, wave=wave, search="exhaustive")
+    for seed in range(5):
+        halving = single_fourier_attack(trained_cnn, x, eps=eps, norm=norm, wave=wave, seed=seed)
+        assert halving.fooling_rate >= HALVING_MIN_RATIO * exhaustive.fooling_rate, seed
+        assert halving.queries < 0.25 * exhaustive.queries
+
+
 def test_attack_reads_only_predicted_labels():
     """Replacing the logits by a one-hot of their argmax changes nothing (black-box, label-only)."""
     shape = (2, 5, 5)
