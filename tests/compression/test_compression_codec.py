@@ -219,3 +219,25 @@ def test_strom_and_topk_conserve_and_select_like_a_loop():
     sent = torch.zeros(100)
     sent[sel.indices] = sel.values
     torch.testing.assert_close(sent + r, before, rtol=0, atol=0)
+
+
+def test_variance_select_truncates_to_a_byte_budget_by_priority():
+    torch.manual_seed(3)
+    r = torch.randn(400)
+    v = torch.rand(400) * 0.5
+    before_r, before_v = r.clone(), v.clone()
+    full = variance_select(r.clone(), v.clone(), alpha=1.0, zeta=0.9, quantize="4bit")
+    budget = full.payload.numel() // 3
+    sel = variance_select(r, v, alpha=1.0, zeta=0.9, quantize="4bit", max_bytes=budget)
+    assert 0 < sel.payload.numel() <= budget and 0 < sel.count < full.count
+    assert sel.wanted_bytes == full.payload.numel()
+    assert set(sel.indices.tolist()) <= set(full.indices.tolist())
+    priority = before_r**2 / before_v
+    dropped = sorted(set(full.indices.tolist()) - set(sel.indices.tolist()))
+    assert float(priority[sel.indices].min()) >= float(priority[dropped].max())  # the most significant are sent
+    sent = torch.zeros(400)
+    sent[sel.indices] = sel.values
+    torch.testing.assert_close(sent + r, before_r, rtol=0, atol=0)  # nothing lost
+    torch.testing.assert_close(v[dropped], before_v[dropped] * 0.9)  # unsent: decayed, not reset
+    empty = variance_select(before_r.clone(), before_v.clone(), alpha=1.0, zeta=0.9, quantize="4bit", max_bytes=5)
+    assert empty.count == 0 and empty.wanted_bytes == full.payload.numel()

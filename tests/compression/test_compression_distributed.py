@@ -69,11 +69,11 @@ class _RecordingVGC(VarianceCompressionState):
         super().__init__(**kw)
         self.grad_sum, self.sent_sum = {}, {}
 
-    def _select(self, bucket, buffers):
+    def _select(self, bucket, buffers, max_bytes=None):
         grad = bucket.buffer().detach().clone()
         i = bucket.index()
         self.grad_sum[i] = self.grad_sum.get(i, torch.zeros_like(grad)) + grad
-        selection = super()._select(bucket, buffers)
+        selection = super()._select(bucket, buffers, max_bytes)
         sent = torch.zeros_like(grad)
         sent[selection.indices] = selection.values
         self.sent_sum[i] = self.sent_sum.get(i, torch.zeros_like(grad)) + sent
@@ -132,7 +132,20 @@ def _hooks_worker(rank, world):
     _step(ddp, opt, rank, 99)
     report["all_empty_unchanged"] = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
-    # 4. baselines keep replicas identical.
+    # 4. bounded gather (one asynchronous round, selections truncated to the slot): still conserves.
+    model = _model(4)
+    stats = attach_squared_gradient_statistics(model)
+    state = _RecordingVGC(statistics=stats, alpha=1.0, quantize="4bit", gather="bounded", slack=1.0)
+    ddp = _ddp(model, state, variance_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(15):
+        _step(ddp, opt, rank, step)
+    for i, grad_sum in state.grad_sum.items():
+        torch.testing.assert_close(state.sent_sum[i] + state._buffers["residual"][i], grad_sum, **CONSERVATION_TOL)
+    report["bounded_identical"] = _same_everywhere(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    report["bounded_sent"] = sum(state.statistics().elements_sent_per_step[2:])
+
+    # 5. baselines keep replicas identical.
     for name, make, hook in [
         ("strom", lambda m: StromState(tau=0.01, named_parameters=m.named_parameters()), strom_hook),
         ("topk", lambda m: TopKState(ratio=0.1, named_parameters=m.named_parameters()), topk_hook),
@@ -207,6 +220,7 @@ def test_hooks_in_a_two_rank_gloo_group():
         assert report["one_empty_identical"]
         assert report["all_empty_unchanged"]
         assert report["strom_identical"] and report["topk_identical"]
+        assert report["bounded_identical"] and report["bounded_sent"] > 0
     assert sum(reports[1]["one_empty_sent"]) == 0 and sum(reports[0]["one_empty_sent"]) > 0
 
 

@@ -79,6 +79,9 @@ class FakeBucket:
         (lambda: TorchHookState("int8"), "wraps 'none', 'fp16' or 'powersgd'"),
         (lambda: TorchHookState("powersgd", rank=0), "rank must be a positive int"),
         (lambda: create_compression("gzip"), "unknown compression method 'gzip'"),
+        (lambda: TopKState(gather="bounded"), "implemented for 'vgc' only"),
+        (lambda: StromState(gather="fast"), "gather must be one of"),
+        (lambda: StromState(slack=0.5), r"slack must lie in \[1.0, inf\]"),
     ],
 )
 def test_state_validation_messages(make, match):

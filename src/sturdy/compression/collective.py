@@ -11,6 +11,10 @@ Two protocols, both correct for empty payloads:
   every rank (the hooks derive it from the previous step's sizes, which every rank knows). Bytes
   per rank: ``8 + capacity`` (+ the padded tail round when it happens). Fewer round trips cost
   padding: this trades bytes for latency.
+* :func:`all_gather_slots` (one asynchronous round, like a plain allreduce): fixed slots of
+  ``8 + capacity`` bytes; the caller guarantees that its payload fits (the bounded compression
+  mode truncates its selection, the rest stays in the residual). Each slot also carries the size the
+  rank *wanted* to send, so every rank can derive the same next capacity.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["GatherResult", "all_gather_variable", "all_gather_with_capacity"]
+__all__ = ["GatherResult", "all_gather_variable", "all_gather_with_capacity", "all_gather_slots"]
 
 SIZE_BYTES = 8
 
@@ -120,3 +124,37 @@ def all_gather_with_capacity(
     done: torch.futures.Future = torch.futures.Future()
     done.set_result(payloads)
     return GatherResult(done, sizes, SIZE_BYTES + capacity + info["extra_wire_bytes"], info)
+
+
+def all_gather_slots(
+    payload: Tensor,
+    *,
+    capacity: int,
+    wanted: int,
+    process_group: Optional[dist.ProcessGroup] = None,
+    device: Optional[torch.device] = None,
+) -> GatherResult:
+    """One asynchronous all-gather of fixed slots; the future yields ``(payloads, wanted sizes)``.
+
+    Args:
+        payload: this rank's message, at most ``capacity`` bytes.
+        capacity: slot size in bytes, identical on every rank.
+        wanted: the size this rank would have sent without the capacity limit.
+    """
+    device = device if device is not None else payload.device
+    world = dist.get_world_size(process_group)
+    n = payload.numel()
+    if n > capacity:
+        raise ValueError(f"payload of {n} bytes does not fit a slot of {capacity} bytes")
+    slot = torch.zeros(SIZE_BYTES + capacity, dtype=torch.uint8)
+    slot[:SIZE_BYTES] = torch.tensor([n, wanted], dtype=torch.int32).view(torch.uint8)
+    slot[SIZE_BYTES : SIZE_BYTES + n] = payload.reshape(-1).to("cpu", torch.uint8)
+    slot = slot.to(device)
+    outputs = [torch.empty_like(slot) for _ in range(world)]
+    work = dist.all_gather(outputs, slot, group=process_group, async_op=True)
+
+    def unpack(_: torch.futures.Future) -> tuple:
+        heads = [o[:SIZE_BYTES].cpu().view(torch.int32).tolist() for o in outputs]
+        return [o[SIZE_BYTES : SIZE_BYTES + h[0]] for o, h in zip(outputs, heads)], [h[1] for h in heads]
+
+    return GatherResult(work.get_future().then(unpack), [], SIZE_BYTES + capacity, None)

@@ -25,7 +25,7 @@ from torch import Tensor
 from sturdy.compression import codec
 from sturdy.errors import ConfigurationError
 
-__all__ = ["Selection", "variance_select", "strom_select", "topk_select", "QUANTIZERS"]
+__all__ = ["Selection", "variance_select", "strom_select", "topk_select", "max_payload_bytes", "QUANTIZERS"]
 
 QUANTIZERS = ("4bit", None)
 _NO_SCALES = torch.zeros(0, dtype=torch.float32)
@@ -44,6 +44,12 @@ class Selection:
     payload: Tensor
     indices: Tensor
     values: Tensor
+    desired_bytes: Optional[int] = None
+
+    @property
+    def wanted_bytes(self) -> int:
+        """Payload size before truncation to ``max_bytes`` (equal to the payload size if none)."""
+        return int(self.payload.numel()) if self.desired_bytes is None else self.desired_bytes
 
     @property
     def count(self) -> int:
@@ -67,6 +73,7 @@ def variance_select(
     zeta: float,
     quantize: Optional[str],
     boundaries: Optional[Tensor] = None,
+    max_bytes: Optional[int] = None,
 ) -> Selection:
     """Variance-based selection: send ``i`` iff ``r_i^2 > alpha * v_i``; updates ``r`` and ``v`` in place.
 
@@ -78,6 +85,9 @@ def variance_select(
         quantize: ``"4bit"`` or ``None`` (float32 values).
         boundaries: segment offsets ``[0, ..., n]`` (one segment per parameter); the 4-bit scale is
             the largest sent ``|r|`` of each segment. ``None``: one segment.
+        max_bytes: payload budget; when the selection does not fit, only the elements with the largest
+            ``r_i^2 / v_i`` are sent and the others stay in the residual, unsent (``v`` decays).
+            ``Selection.desired_bytes`` reports the size the full selection would have had.
     """
     if alpha == 0:
         candidates = r != 0
@@ -88,6 +98,7 @@ def variance_select(
     if indices.numel() == 0:
         return _empty(r)
     values = r[indices]
+    scales = _NO_SCALES
     if quantize == "4bit":
         segments = codec.segment_ids(indices, boundaries, r.numel())
         scales = codec.segment_scales(segments, values, boundaries)
@@ -96,18 +107,35 @@ def variance_select(
             indices, codes, quantised = indices[ok], codes[ok], quantised[ok]
             if indices.numel() == 0:
                 return _empty(r)
-        sent = quantised.to(r.dtype)
-        payload = codec.encode_unchecked(indices.cpu(), codes.cpu(), length=r.numel(), value_format="4bit",
-                                         scales=scales.cpu())
+        sent, wire_values, fmt = quantised.to(r.dtype), codes, "4bit"
     else:
-        sent = values
-        payload = codec.encode_unchecked(indices.cpu(), values.cpu(), length=r.numel(), value_format="float32",
-                                         scales=_NO_SCALES)
+        sent, wire_values, fmt = values, values, "float32"
+    scales_cpu = scales.cpu()
+    payload = codec.encode_unchecked(indices.cpu(), wire_values.cpu(), length=r.numel(), value_format=fmt,
+                                     scales=scales_cpu)
+    desired = int(payload.numel())
+    if max_bytes is not None and desired > max_bytes:
+        fixed = codec.HEADER_BYTES + 4 * scales_cpu.numel()
+        priority = r[indices] ** 2 / v[indices].clamp_min(torch.finfo(v.dtype).tiny)
+        while payload.numel() > max_bytes:
+            keep = int(indices.numel() * (max_bytes - fixed) / max(1, payload.numel() - fixed) * 0.95)
+            if keep <= 0:
+                return Selection(torch.zeros(0, dtype=torch.uint8), indices[:0], sent[:0], desired)
+            chosen = torch.topk(priority, keep, sorted=False).indices.sort().values
+            indices, sent, wire_values, priority = indices[chosen], sent[chosen], wire_values[chosen], priority[chosen]
+            payload = codec.encode_unchecked(indices.cpu(), wire_values.cpu(), length=r.numel(), value_format=fmt,
+                                             scales=scales_cpu)
     r.index_add_(0, indices, -sent)
     if quantize is None:
         r.index_fill_(0, indices, 0.0)  # exact: r - r
     v.index_fill_(0, indices, 0.0)
-    return Selection(payload, indices, sent)
+    return Selection(payload, indices, sent, desired)
+
+
+def max_payload_bytes(length: int, *, value_format: str, num_scales: int) -> int:
+    """Largest payload :func:`~sturdy.compression.codec.encode` can produce for a vector of ``length``."""
+    values = {"float32": 4 * length, "4bit": (length + 1) // 2, "sign": (length + 7) // 8}[value_format]
+    return codec.HEADER_BYTES + 4 * num_scales + (length + 7) // 8 + values
 
 
 def strom_select(r: Tensor, *, tau: float) -> Selection:

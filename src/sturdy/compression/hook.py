@@ -32,9 +32,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sturdy.compression import codec
-from sturdy.compression.collective import all_gather_variable, all_gather_with_capacity
+from sturdy.compression.collective import all_gather_slots, all_gather_variable, all_gather_with_capacity
 from sturdy.compression.compressor import (
     Selection,
+    max_payload_bytes,
     strom_select,
     topk_select,
     validate_rate,
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 METHODS = ("vgc", "strom", "topk", "fp16", "powersgd", "none")
+GATHER_MODES = ("exact", "capacity", "bounded")
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 
 
@@ -207,12 +209,16 @@ class _ResidualState(_TrafficMeter):
         start_iter: int,
         named_parameters: Optional[Iterable[Tuple[str, Tensor]]],
         parameter_names: Optional[Dict[int, str]] = None,
-        slack: Optional[float] = 1.25,
+        gather: str = "capacity",
+        slack: float = 1.25,
     ) -> None:
         super().__init__(process_group=process_group, start_iter=start_iter)
-        if slack is not None:
-            slack = validate_rate("slack", slack, low=1.0, high=math.inf, hint="e.g. 1.25, or None for exact sizes")
-        self.slack = slack
+        if gather not in GATHER_MODES:
+            raise ConfigurationError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
+        if gather == "bounded" and self.kind != "vgc":
+            raise ConfigurationError("gather='bounded' truncates selections and is implemented for 'vgc' only")
+        self.gather = gather
+        self.slack = validate_rate("slack", slack, low=1.0, high=math.inf, hint="e.g. 1.25")
         self._capacity: Dict[int, int] = {}
         self._names: Dict[int, str] = dict(parameter_names or {})
         if named_parameters is not None:
@@ -319,7 +325,9 @@ class _ResidualState(_TrafficMeter):
         self._boundaries.clear()
         self._buffers = {k: {} for k in self.buffer_kinds}
 
-    def _select(self, bucket: dist.GradBucket, buffers: Dict[str, Tensor]) -> Selection:
+    def _select(
+        self, bucket: dist.GradBucket, buffers: Dict[str, Tensor], max_bytes: Optional[int] = None
+    ) -> Selection:
         raise NotImplementedError
 
     def _before_plain_step(self, bucket: dist.GradBucket) -> None:
@@ -334,18 +342,21 @@ def _sparse_hook(state: _ResidualState, bucket: dist.GradBucket) -> torch.future
     world = dist.get_world_size(state.process_group)
     buffers = state._bucket_buffers(bucket)
     buffers["residual"].add_(buffer)
+    index = bucket.index()
+    boundaries = state._boundaries[index]
+    if state.gather == "bounded":
+        return _bounded_exchange(state, bucket, buffers, world)
     selection = state._select(bucket, buffers)
     if selection.count:
         buffers["ever_sent"][selection.indices] = True
-    index = bucket.index()
-    boundaries = state._boundaries[index]
-    if state.slack is None:
+    if state.gather == "exact":
         gathered = all_gather_variable(selection.payload, process_group=state.process_group, device=buffer.device)
     else:
         gathered = all_gather_with_capacity(
             selection.payload, capacity=state._capacity.get(index, 0), process_group=state.process_group,
             device=buffer.device,
         )
+        state._capacity[index] = math.ceil(state.slack * max(gathered.sizes))  # every rank saw the same sizes
     state._record(
         elements=buffer.numel(),
         sent=selection.count,
@@ -354,11 +365,39 @@ def _sparse_hook(state: _ResidualState, bucket: dist.GradBucket) -> torch.future
     )
     state._end_bucket(bucket)
 
-    if state.slack is not None:  # next capacity from the sizes every rank saw
-        state._capacity[index] = math.ceil(state.slack * max(gathered.sizes))
+    def combine(fut: torch.futures.Future) -> Tensor:
+        buffer.zero_()
+        for payload in fut.value():
+            codec.decode_add_(buffer, payload, boundaries=boundaries)
+        return buffer.div_(world)
+
+    return gathered.future.then(combine)
+
+
+def _bounded_exchange(
+    state: _ResidualState, bucket: dist.GradBucket, buffers: Dict[str, Tensor], world: int
+) -> torch.futures.Future:
+    """One asynchronous all-gather of fixed slots; what does not fit stays in the residual."""
+    buffer = bucket.buffer()
+    index = bucket.index()
+    boundaries = state._boundaries[index]
+    fmt = "4bit" if getattr(state, "quantize", None) == "4bit" else "float32"
+    worst = max_payload_bytes(buffer.numel(), value_format=fmt, num_scales=boundaries.numel() - 1)
+    capacity = min(state._capacity.get(index, worst), worst)
+    selection = state._select(bucket, buffers, max_bytes=capacity)
+    if selection.count:
+        buffers["ever_sent"][selection.indices] = True
+    gathered = all_gather_slots(
+        selection.payload, capacity=capacity, wanted=selection.wanted_bytes, process_group=state.process_group,
+        device=buffer.device,
+    )
+    state._record(elements=buffer.numel(), sent=selection.count, payload=int(selection.payload.numel()),
+                  wire=gathered.wire_bytes)
+    state._end_bucket(bucket)
 
     def combine(fut: torch.futures.Future) -> Tensor:
-        payloads = fut.value()
+        payloads, wanted = fut.value()
+        state._capacity[index] = max(1, math.ceil(state.slack * max(wanted)))  # identical on every rank
         buffer.zero_()
         for payload in payloads:
             codec.decode_add_(buffer, payload, boundaries=boundaries)
@@ -383,8 +422,13 @@ class VarianceCompressionState(_ResidualState):
         named_parameters: ``model.named_parameters()`` when ``statistics`` is not given.
         defer_statistics: build the state before the model exists; :meth:`bind_model` then attaches
             the statistics (a compressed step without them raises ``DistributedError``).
-        slack: one-round all-gather with slots of ``slack`` times the previous step's largest payload
-            (a second round carries what does not fit); ``None``: exact sizes, two rounds per step.
+        gather: how payloads travel (:mod:`sturdy.compression.collective`). ``"capacity"``: one
+            synchronous round with slots of ``slack`` times the previous step's largest payload, a
+            second round for what does not fit (numerics independent of the mode); ``"exact"``: a size
+            round then a payload round; ``"bounded"``: one asynchronous round of fixed slots, the
+            elements that do not fit stay in the residual (sends at most ``slack`` times the last
+            step's largest wanted payload; not bit-identical across bucket layouts).
+        slack: slot growth factor of ``"capacity"`` and ``"bounded"``, ``>= 1``.
     """
 
     kind = "vgc"
@@ -401,7 +445,8 @@ class VarianceCompressionState(_ResidualState):
         start_iter: int = 2,
         named_parameters: Optional[Iterable[Tuple[str, Tensor]]] = None,
         defer_statistics: bool = False,
-        slack: Optional[float] = 1.25,
+        gather: str = "capacity",
+        slack: float = 1.25,
     ) -> None:
         self.alpha = validate_rate("alpha", alpha, low=0.0, high=math.inf, hint="typical values are 1 to 8")
         self.zeta = validate_rate("zeta", zeta, low=0.0, high=1.0, hint="typical value 0.999")
@@ -424,6 +469,7 @@ class VarianceCompressionState(_ResidualState):
             start_iter=start_iter,
             named_parameters=named_parameters,
             parameter_names=statistics.parameter_names if statistics is not None else None,
+            gather=gather,
             slack=slack,
         )
 
@@ -440,7 +486,9 @@ class VarianceCompressionState(_ResidualState):
         if self.statistics_source is not None:
             self.statistics_source.pop_flat(bucket.parameters())
 
-    def _select(self, bucket: dist.GradBucket, buffers: Dict[str, Tensor]) -> Selection:
+    def _select(
+        self, bucket: dist.GradBucket, buffers: Dict[str, Tensor], max_bytes: Optional[int] = None
+    ) -> Selection:
         variance = buffers["variance"]
         if self.statistics_source is None and self.alpha != 0:
             raise DistributedError(
@@ -456,6 +504,7 @@ class VarianceCompressionState(_ResidualState):
             zeta=self.zeta,
             quantize=self.quantize,
             boundaries=self._boundaries[bucket.index()],
+            max_bytes=max_bytes,
         )
 
 
@@ -469,7 +518,8 @@ class StromState(_ResidualState):
 
     Args:
         tau: threshold and sent magnitude, ``> 0``.
-        process_group, start_iter, named_parameters, slack: as in :class:`VarianceCompressionState`.
+        process_group, start_iter, named_parameters, gather, slack: as in :class:`VarianceCompressionState`
+            (``gather="bounded"`` is for ``vgc`` only).
     """
 
     kind = "strom"
@@ -481,19 +531,23 @@ class StromState(_ResidualState):
         tau: float = 1e-3,
         start_iter: int = 2,
         named_parameters: Optional[Iterable[Tuple[str, Tensor]]] = None,
-        slack: Optional[float] = 1.25,
+        gather: str = "capacity",
+        slack: float = 1.25,
     ) -> None:
         self.tau = validate_rate("tau", tau, low=0.0, high=math.inf, hint="a gradient magnitude such as 1e-3")
         if self.tau == 0:
             raise ConfigurationError("tau must be > 0; a zero threshold would send every element as +-0")
         super().__init__(
-            process_group=process_group, start_iter=start_iter, named_parameters=named_parameters, slack=slack
+            process_group=process_group, start_iter=start_iter, named_parameters=named_parameters, gather=gather,
+            slack=slack,
         )
 
     def config(self) -> Dict[str, Any]:
         return {"start_iter": self.start_iter, "tau": self.tau}
 
-    def _select(self, bucket: dist.GradBucket, buffers: Dict[str, Tensor]) -> Selection:
+    def _select(
+        self, bucket: dist.GradBucket, buffers: Dict[str, Tensor], max_bytes: Optional[int] = None
+    ) -> Selection:
         return strom_select(buffers["residual"], tau=self.tau)
 
 
@@ -507,7 +561,8 @@ class TopKState(_ResidualState):
 
     Args:
         ratio: fraction of each bucket sent per step, in ``(0, 1]``.
-        process_group, start_iter, named_parameters, slack: as in :class:`VarianceCompressionState`.
+        process_group, start_iter, named_parameters, gather, slack: as in :class:`VarianceCompressionState`
+            (``gather="bounded"`` is for ``vgc`` only).
     """
 
     kind = "topk"
@@ -519,19 +574,23 @@ class TopKState(_ResidualState):
         ratio: float = 0.01,
         start_iter: int = 2,
         named_parameters: Optional[Iterable[Tuple[str, Tensor]]] = None,
-        slack: Optional[float] = 1.25,
+        gather: str = "capacity",
+        slack: float = 1.25,
     ) -> None:
         self.ratio = validate_rate("ratio", ratio, low=0.0, high=1.0, hint="e.g. 0.01 sends 1% per step")
         if self.ratio == 0:
             raise ConfigurationError("ratio must be > 0; use e.g. 0.01 to send 1% of each bucket per step")
         super().__init__(
-            process_group=process_group, start_iter=start_iter, named_parameters=named_parameters, slack=slack
+            process_group=process_group, start_iter=start_iter, named_parameters=named_parameters, gather=gather,
+            slack=slack,
         )
 
     def config(self) -> Dict[str, Any]:
         return {"start_iter": self.start_iter, "ratio": self.ratio}
 
-    def _select(self, bucket: dist.GradBucket, buffers: Dict[str, Tensor]) -> Selection:
+    def _select(
+        self, bucket: dist.GradBucket, buffers: Dict[str, Tensor], max_bytes: Optional[int] = None
+    ) -> Selection:
         return topk_select(buffers["residual"], ratio=self.ratio)
 
 
@@ -650,14 +709,15 @@ def create_compression(
     ratio: float = 0.01,
     rank: int = 1,
     start_iter: int = 2,
-    slack: Optional[float] = 1.25,
+    gather: str = "capacity",
+    slack: float = 1.25,
 ) -> Tuple[Any, Hook]:
     """Build ``(state, hook)`` for a method of :data:`METHODS` by name.
 
     ``model`` is the module DDP wraps: ``vgc`` attaches its statistics to it and every state takes
     parameter names from it. Without ``model`` the state is built unbound: call
     ``state.bind_model(model)`` once the model exists (before training). ``slack`` applies to the
-    sparse methods (``vgc``, ``strom``, ``topk``): see :class:`VarianceCompressionState`.
+    sparse methods (``vgc``, ``strom``, ``topk``), like ``gather``: see :class:`VarianceCompressionState`.
     """
     if method not in METHODS:
         raise ConfigurationError(f"unknown compression method {method!r}; expected one of {METHODS}")
@@ -665,17 +725,17 @@ def create_compression(
     if method == "vgc":
         vgc = VarianceCompressionState(
             process_group=process_group, alpha=alpha, zeta=zeta, quantize=quantize, start_iter=start_iter,
-            defer_statistics=True, slack=slack,
+            defer_statistics=True, gather=gather, slack=slack,
         )
         if model is not None:
             vgc.bind_model(model)
         return vgc, variance_hook
     if method == "strom":
         state = StromState(process_group=process_group, tau=tau, start_iter=start_iter, named_parameters=named,
-                           slack=slack)
+                           gather=gather, slack=slack)
         return state, strom_hook
     if method == "topk":
         state = TopKState(process_group=process_group, ratio=ratio, start_iter=start_iter, named_parameters=named,
-                          slack=slack)
+                          gather=gather, slack=slack)
         return state, topk_hook
     return TorchHookState(method, process_group=process_group, rank=rank, start_iter=start_iter), torch_hook

@@ -44,6 +44,7 @@ DEFAULTS: Dict[str, Any] = {
     "strom_tau": 1e-3,
     "powersgd_rank": 1,
     "start_iter": 2,
+    "gather": "capacity",
     "gather_slack": 1.25,
     "dist_timeout": 300.0,
 }
@@ -67,9 +68,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--powersgd-rank", type=int, default=DEFAULTS["powersgd_rank"], help="powersgd: rank")
     g.add_argument("--start-iter", type=int, default=DEFAULTS["start_iter"],
                    help="plain allreduce before this iteration (DDP rebuilds its buckets after the first)")
+    g.add_argument("--gather", choices=("exact", "capacity", "bounded"), default=DEFAULTS["gather"],
+                   help="sparse methods: how payloads travel (exact: sizes then payloads; capacity: one round "
+                        "with slots sized from the last step; bounded (vgc): one async round, what does not "
+                        "fit stays in the residual)")
     g.add_argument("--gather-slack", type=float, default=DEFAULTS["gather_slack"],
-                   help="sparse methods: one-round all-gather with slots of SLACK x the last largest payload; "
-                        "0: exact sizes in two rounds")
+                   help="slot size as a multiple of the last step's largest payload")
     g.add_argument("--dist-timeout", type=float, default=DEFAULTS["dist_timeout"],
                    help="seconds a collective may wait before the run fails (a dead worker)")
 
@@ -96,7 +100,8 @@ def _build_state(opts: Dict[str, Any]) -> Tuple[Any, Callable]:
         ratio=opts["topk_ratio"],
         rank=opts["powersgd_rank"],
         start_iter=opts["start_iter"],
-        slack=opts["gather_slack"] or None,
+        gather=opts["gather"],
+        slack=opts["gather_slack"],
     )
 
 
