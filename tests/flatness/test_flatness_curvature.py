@@ -78,6 +78,16 @@ def test_ggn_exact_equals_dense_hessian_diagonal(case):
     assert result.method == "ggn-exact" and result.num_samples == 7 and result.probes == 0
 
 
+@pytest.mark.parametrize("case", ["mlp-inplace-relu", "cnn"])
+def test_torch_func_backend_equals_dense_hessian_diagonal(case):
+    make, shape = CASES[case]
+    model = make()
+    x, y = tiny_data(shape, n=5)
+    result = hessian_diagonal(model, (x, y), backend="func", chunk_size=2)
+    for name, ref in hessian_diagonal_reference(model, x, y).items():
+        torch.testing.assert_close(result.diagonal[name], ref, atol=EXACT_ATOL, rtol=EXACT_RTOL, msg=name)
+
+
 def test_ggn_exact_independent_of_batching_and_restores_mode():
     model = tiny_cnn(1)
     model.train()
@@ -165,6 +175,8 @@ def test_validation_messages():
         hessian_diagonal(model, (x[:0], y[:0]))
     with pytest.raises(DataError, match="cannot read samples from a int"):
         hessian_diagonal(model, 3)
+    with pytest.raises(ConfigurationError, match="backend must be 'hooks' or 'func'"):
+        hessian_diagonal(model, (x, y), backend="jax")
     with pytest.raises(ConfigurationError, match="chunk_size must be an integer >= 1"):
         hessian_diagonal(model, (x, y), chunk_size=0)
     with pytest.raises(ConfigurationError, match="tol must be a finite number > 0"):

@@ -62,7 +62,7 @@ def register_cli(subparsers: Any) -> None:
 
     p = sub.add_parser("grid", help="train a grid of digits models, compute every measure, rank-correlate with the gap")
     p.add_argument("--out", required=True, help="output folder (correlations.json, grid.json, PNGs)")
-    p.add_argument("--quick", action="store_true", help="8 small MLPs (about 2 minutes) instead of the 64-model grid")
+    p.add_argument("--quick", action="store_true", help="16 MLPs (1-2 minutes) instead of the 64-model grid")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the stochastic measures and of the bootstrap")
     p.add_argument("--bootstrap", type=_non_negative_int, default=None, help="bootstrap resamples (default: grid's)")

@@ -274,7 +274,7 @@ def normalized_sharpness(
     tol: float = 1e-10,
     max_iter: int = 10_000,
     batch_size: int = 1024,
-    chunk_size: int = 128,
+    chunk_size: int = 512,
     progress: bool = False,
 ) -> NormalizedSharpness:
     """Normalized sharpness of the ``nn.Linear`` and ``nn.Conv2d`` weights of ``model``.

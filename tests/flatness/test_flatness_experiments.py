@@ -1,0 +1,117 @@
+"""The flatness CLI commands, the grid harness on a tiny grid, and the demo section."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sturdy.cli import main
+from sturdy.data import load_dataset
+from sturdy.experiments.flatness import demo_section, invariance_check
+from sturdy.experiments.flatness_grid import GridSpec, run_grid
+from sturdy.models import create_model
+from sturdy.report import Report
+
+INVARIANCE_RTOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    argv = ["train", "--model", "mlp", "--epochs", "1", "--label-noise", "0.1", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    return out / "model.pt"
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    return err[0]
+
+
+def test_measure_command(checkpoint, tmp_path, capsys):
+    out = tmp_path / "m"
+    argv = ["flatness", "measure", "--checkpoint", str(checkpoint), "--out", str(out), "--samples", "120",
+            "--measures", "normalized_sharpness,ggn_trace,log_spectral_product", "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads((out / "measures.json").read_text())
+    assert list(result["measures"]) == ["normalized_sharpness", "ggn_trace", "log_spectral_product"]
+    assert result["samples"] == 120 and result["job"]["label_noise"] == 0.1
+    assert result["measures"]["normalized_sharpness"]["value"] > 0
+    assert result["gap"] == pytest.approx(result["train_accuracy"] - result["test_accuracy"])
+    assert "normalized_sharpness" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["flatness"], "choose a sub-command: grid or measure"),
+        (["flatness", "measure", "--checkpoint", "CKPT", "--out", "OUT", "--measures", "flatness"],
+         "unknown measure\\(s\\) flatness; choose from: normalized_sharpness"),
+        (["flatness", "measure", "--checkpoint", "missing.pt", "--out", "OUT"], "missing.pt"),
+        (["flatness", "grid", "--out", "OUT", "--bootstrap", "-1"], "expected an integer >= 0"),
+    ],
+)
+def test_cli_errors(argv, message, checkpoint, tmp_path, capsys):
+    argv = [str(checkpoint) if a == "CKPT" else str(tmp_path / a) if a in ("OUT", "missing.pt") else a
+            for a in argv]
+    assert main(argv) == 2
+    assert re.search(message, _error_line(capsys))
+
+
+def test_grid_harness_on_a_tiny_grid(tmp_path):
+    spec = GridSpec(name="test", architectures=("mlp", "cnn"), batch_sizes=(128,), lrs=(1e-2,), widths=(16,),
+                    weight_decays=(0.0,), label_noise=(0.0, 0.5), max_epochs=2,
+                    measures=("normalized_sharpness", "log_frobenius_product", "pacbayes_flatness"),
+                    measure_settings={"pacbayes_flatness": {"samples": 1, "steps": 4}}, bootstrap=20)
+    summary = run_grid(out=tmp_path, spec=spec, progress=False)
+    assert summary["models"] == 4
+    corr = json.loads((tmp_path / "correlations.json").read_text())
+    assert set(corr["correlations"]) == set(spec.measures)
+    for name in spec.measures:
+        c = corr["correlations"][name]
+        assert c["models"] == 4 and -1 <= c["tau"] <= 1
+        assert (tmp_path / f"scatter_{name}.png").stat().st_size > 0
+    assert (tmp_path / "scatter.png").is_file() and (tmp_path / "correlations.png").is_file()
+    records = json.loads((tmp_path / "grid.json").read_text())["records"]
+    noisy = [r for r in records if r["hyperparams"]["label_noise"] == 0.5]
+    assert all(r["gap"] == pytest.approx(r["train_accuracy"] - r["test_accuracy"]) for r in records)
+    assert len(noisy) == 2
+    # resuming reuses every stored point (the records are identical, nothing is retrained)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "points").iterdir()}
+    again = run_grid(out=tmp_path, spec=spec, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "points").iterdir()} == stamps
+    assert again["correlations"] == summary["correlations"]
+
+
+def test_demo_section_and_invariance(tmp_path):
+    train_set = load_dataset("digits", split="train")
+    test_set = load_dataset("digits", split="test")
+    torch.manual_seed(0)
+    model = create_model("cnn", in_shape=(1, 8, 8), num_classes=10, channels=(4, 8), width=16).eval()
+    ctx = SimpleNamespace(out=Path(tmp_path), quick=True, device=torch.device("cpu"), seed=0,
+                          report=Report("t"), results={}, train_set=train_set, test_set=test_set,
+                          models={"standard": model}, progress=False)
+    demo_section(ctx)
+    res = ctx.results["flatness"]
+    assert set(res["models"]) == {"standard"}
+    assert res["invariance"]["model"] == "the standard CNN"
+    rows = res["invariance"]["rows"]
+    for variant in ("arxiv", "icml"):
+        assert rows[f"normalized sharpness ({variant})"]["ratio"] == pytest.approx(1.0, rel=INVARIANCE_RTOL)
+    assert rows["max |output difference|"]["rescaled"] < 1e-10
+    json.dumps(res)  # JSON-able
+    # a model with BatchNorm cannot be rescaled: the section falls back to a small MLP of its own
+    bn = create_model("cnn", in_shape=(1, 8, 8), num_classes=10, channels=(4, 8), width=16, batchnorm=True).eval()
+    ctx.models = {"standard": bn, "lmt": model}
+    demo_section(ctx)
+    assert ctx.results["flatness"]["invariance"]["model"].startswith("a small ReLU MLP")
+    assert set(ctx.results["flatness"]["models"]) == {"standard", "lmt"}
+    x, y = train_set.images[:40], train_set.labels[:40]
+    inv = invariance_check(model, (x, y), seed=3)
+    assert inv["Hessian trace (exact GGN)"]["ratio"] != pytest.approx(1.0, rel=0.1)
