@@ -61,7 +61,7 @@ SEARCHES = ("halving", "exhaustive")
 _MAX_SIGN_CHANNELS = 8
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Candidates:
     """The SFA search space, one row per distinct candidate perturbation.
 
@@ -145,7 +145,7 @@ def _plan_queries(plan: List[Tuple[int, int]]) -> int:
     return total
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class UniversalPerturbation:
     """Result of :func:`single_fourier_attack`.
 

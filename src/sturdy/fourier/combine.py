@@ -52,7 +52,7 @@ def project_budget(delta: Tensor, *, eps: float, norm: str) -> Tensor:
     return delta.clamp(-eps, eps)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FourierCombination:
     """Result of :func:`fourier_combination_attack`.
 

@@ -26,7 +26,7 @@ from sturdy.fourier.perturbation import check_images
 __all__ = ["GradientSpectrum", "gradient_spectrum", "rank_correlation"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GradientSpectrum:
     """Mean power spectrum of input gradients of the cross-entropy loss (sum over channels).
 

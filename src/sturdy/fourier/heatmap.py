@@ -50,7 +50,7 @@ def heatmap_draws(
     return signs, phases
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FourierHeatmap:
     """Per-frequency sensitivity of a model at one budget.
 

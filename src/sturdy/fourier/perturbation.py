@@ -187,7 +187,7 @@ def sign_patterns(channels: int, *, fix_first: bool = False) -> Tensor:
     return patterns
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AppliedPerturbation:
     """Perturbed images and the budget actually applied after clipping.
 
