@@ -5,7 +5,8 @@ so that load from other processes hits them alike; medians over all timed steps.
 default one-round "capacity" gather (synchronous), ``vgc_bounded`` the asynchronous "bounded" one. Also
 reports the cost of the statistics alone (hook = plain allreduce) and of the torch.func per-sample
 fallback that the cheap statistics replace, and the peak extra memory of the statistics (live tensor bytes
-tracked with a dispatch mode).
+tracked with a dispatch mode). Wall-clock medians suffer from other processes on a shared machine;
+mean CPU time per step (time.process_time, all threads of the worker) is reported beside them.
 
     python benchmarks/compression_overhead.py --out runs/bench/compression_overhead.json
 """
@@ -63,6 +64,7 @@ def _worker(rank, world, model_name, batch, rounds, steps, alpha):
 
     built = {c: _build(c, model_name, alpha) for c in CONFIGS}
     times = {c: [] for c in CONFIGS}
+    cpu = {c: [] for c in CONFIGS}
     g = torch.Generator().manual_seed(rank)
     for r in range(rounds + 1):
         for c in CONFIGS:
@@ -71,15 +73,18 @@ def _worker(rank, world, model_name, batch, rounds, steps, alpha):
                 idx = torch.randint(0, len(train), (batch,), generator=g)
                 x, y = train.images[idx], train.labels[idx]
                 dist.barrier()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 opt.zero_grad()
                 F.cross_entropy(ddp(x), y).backward()
                 opt.step()
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
                 if r > 0:  # round 0 warms up (bucket rebuild, compression start, allocator)
                     times[c].append(dt)
+                    cpu[c].append(dc)
     med = {c: statistics.median(v) for c, v in times.items()}
-    return {"median_step_s": med, "vgc_ratio": built["vgc"][3].statistics().compression_ratio,
+    med_cpu = {c: statistics.mean(v) for c, v in cpu.items()}
+    return {"median_step_s": med, "mean_step_cpu_s": med_cpu,
+            "vgc_ratio": built["vgc"][3].statistics().compression_ratio,
             "vgc_bounded_ratio": built["vgc_bounded"][3].statistics().compression_ratio}
 
 
@@ -153,8 +158,13 @@ def main() -> None:
         res = run_local_workers(_worker, nproc=args.workers,
                                 args=(name, args.batch, args.rounds, args.steps, args.alpha), timeout_s=3600)
         med = {c: statistics.mean(r["median_step_s"][c] for r in res) for c in CONFIGS}
+        cpu = {c: statistics.mean(r["mean_step_cpu_s"][c] for r in res) for c in CONFIGS}
         entry = {
             "median_step_ms": {c: 1e3 * v for c, v in med.items()},
+            "mean_step_cpu_ms": {c: 1e3 * v for c, v in cpu.items()},
+            "cpu_vgc_over_plain": cpu["vgc"] / cpu["plain"],
+            "cpu_vgc_bounded_over_plain": cpu["vgc_bounded"] / cpu["plain"],
+            "cpu_statistics_only_over_plain": cpu["stats_only"] / cpu["plain"],
             "vgc_over_plain": med["vgc"] / med["plain"],
             "statistics_only_over_plain": med["stats_only"] / med["plain"],
             "vgc_bounded_over_plain": med["vgc_bounded"] / med["plain"],
@@ -167,6 +177,9 @@ def main() -> None:
         print(f"{name}: step ms " + ", ".join(f"{c} {1e3 * v:.2f}" for c, v in med.items())
               + f" | vgc/plain {entry['vgc_over_plain']:.2f}x (bounded {entry['vgc_bounded_over_plain']:.2f}x),"
               f" stats/plain {entry['statistics_only_over_plain']:.2f}x,"
+              f" CPU time vgc/plain {entry['cpu_vgc_over_plain']:.2f}x"
+              f" (bounded {entry['cpu_vgc_bounded_over_plain']:.2f}x,"
+              f" stats {entry['cpu_statistics_only_over_plain']:.2f}x),"
               f" vmap-vgc/plain {entry['vgc_vmap_over_plain']:.2f}x | statistics peak extra memory "
               f"{entry['memory']['peak_extra_bytes']} B = {entry['memory']['peak_extra_over_gradient']:.2f} x gradient")
     out = Path(args.out)

@@ -100,6 +100,18 @@ def test_quantize_down_never_rounds_up_and_picks_the_largest_level(raw):
         assert math.copysign(1, float(quantised[j])) == math.copysign(1, float(values[j]))
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=50))
+def test_numpy_quantizer_matches_the_torch_one(raw):
+    values = torch.tensor(raw, dtype=torch.float32)
+    scale = values.abs().max()
+    codes, quantised, ok = codec.quantize_down(values, scale)
+    codes_np, quantised_np, ok_np = codec.quantize_down_numpy(values.numpy(), scale.numpy())
+    assert torch.equal(ok, torch.from_numpy(ok_np))
+    assert torch.equal(codes[ok], torch.from_numpy(codes_np)[ok])
+    assert torch.equal(quantised[ok], torch.from_numpy(quantised_np)[ok])
+
+
 def test_bitmap_is_chosen_for_dense_selections_and_delta_for_sparse_ones():
     length = 1000
     dense = torch.arange(0, length, 2)

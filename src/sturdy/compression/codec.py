@@ -49,6 +49,7 @@ __all__ = [
     "segment_ids",
     "segment_scales",
     "encode_unchecked",
+    "quantize_down_numpy",
 ]
 
 VALUE_FORMATS = ("float32", "4bit", "sign")
@@ -97,6 +98,19 @@ def quantize_down(values: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor, Tensor
     representable = (exponent < NUM_LEVELS) & (mag > 0)
     codes = exponent.clamp_(max=NUM_LEVELS - 1) | ((values < 0).to(torch.int64) << 3)
     return codes, dequantize(codes, scale), representable
+
+
+def quantize_down_numpy(values: np.ndarray, scale: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`quantize_down` on float32 numpy arrays (the hooks' fast path; same results)."""
+    mag = np.abs(values).astype(np.float32)
+    m_v, e_v = np.frexp(mag)
+    m_s, e_s = np.frexp(np.broadcast_to(np.asarray(scale, dtype=np.float32), mag.shape))
+    exponent = np.maximum(e_s.astype(np.int64) - e_v + (m_s > m_v), 0)
+    representable = (exponent < NUM_LEVELS) & (mag > 0)
+    codes = np.minimum(exponent, NUM_LEVELS - 1) | ((values < 0).astype(np.int64) << 3)
+    quantised = np.ldexp(np.broadcast_to(np.asarray(scale, dtype=np.float32), mag.shape), -(codes & 7))
+    quantised = np.where((codes & 8) != 0, -quantised, quantised).astype(np.float32)
+    return codes, quantised, representable
 
 
 def segment_ids(indices: Tensor, boundaries: Optional[Tensor], length: int) -> Tensor:

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -98,21 +99,29 @@ def variance_select(
     if indices.numel() == 0:
         return _empty(r)
     values = r[indices]
-    scales = _NO_SCALES
-    if quantize == "4bit":
-        segments = codec.segment_ids(indices, boundaries, r.numel())
-        scales = codec.segment_scales(segments, values, boundaries)
-        codes, quantised, ok = codec.quantize_down(values, scales[segments])
-        if not bool(ok.all()):
-            indices, codes, quantised = indices[ok], codes[ok], quantised[ok]
-            if indices.numel() == 0:
+    idx_cpu = indices.cpu()
+    if quantize == "4bit":  # on the CPU in numpy: a few thousand values, many small operations
+        idx_np, val_np = idx_cpu.numpy(), values.detach().to("cpu", torch.float32).numpy()
+        if boundaries is None:
+            segments = np.zeros(idx_np.size, dtype=np.int64)
+            scales_np = np.abs(val_np).max(keepdims=True)
+        else:
+            segments = np.searchsorted(boundaries.numpy()[1:-1], idx_np, side="right")
+            scales_np = np.zeros(boundaries.numel() - 1, dtype=np.float32)
+            np.maximum.at(scales_np, segments, np.abs(val_np))
+        codes_np, quantised_np, ok = codec.quantize_down_numpy(val_np, scales_np[segments])
+        if not ok.all():
+            keep_np = np.flatnonzero(ok)
+            if keep_np.size == 0:
                 return _empty(r)
-        sent, wire_values, fmt = quantised.to(r.dtype), codes, "4bit"
+            keep = torch.from_numpy(keep_np)
+            indices, idx_cpu = indices[keep.to(indices.device)], idx_cpu[keep]
+            codes_np, quantised_np = codes_np[keep_np], quantised_np[keep_np]
+        sent = torch.from_numpy(quantised_np).to(r.device, r.dtype)
+        wire_values, fmt, scales_cpu = torch.from_numpy(codes_np), "4bit", torch.from_numpy(scales_np)
     else:
-        sent, wire_values, fmt = values, values, "float32"
-    scales_cpu = scales.cpu()
-    payload = codec.encode_unchecked(indices.cpu(), wire_values.cpu(), length=r.numel(), value_format=fmt,
-                                     scales=scales_cpu)
+        sent, wire_values, fmt, scales_cpu = values, values.cpu(), "float32", _NO_SCALES
+    payload = codec.encode_unchecked(idx_cpu, wire_values, length=r.numel(), value_format=fmt, scales=scales_cpu)
     desired = int(payload.numel())
     if max_bytes is not None and desired > max_bytes:
         fixed = codec.HEADER_BYTES + 4 * scales_cpu.numel()
@@ -122,8 +131,10 @@ def variance_select(
             if keep <= 0:
                 return Selection(torch.zeros(0, dtype=torch.uint8), indices[:0], sent[:0], desired)
             chosen = torch.topk(priority, keep, sorted=False).indices.sort().values
-            indices, sent, wire_values, priority = indices[chosen], sent[chosen], wire_values[chosen], priority[chosen]
-            payload = codec.encode_unchecked(indices.cpu(), wire_values.cpu(), length=r.numel(), value_format=fmt,
+            indices, sent, priority = indices[chosen], sent[chosen], priority[chosen]
+            chosen = chosen.cpu()
+            idx_cpu, wire_values = idx_cpu[chosen], wire_values[chosen]
+            payload = codec.encode_unchecked(idx_cpu, wire_values, length=r.numel(), value_format=fmt,
                                              scales=scales_cpu)
     r.index_add_(0, indices, -sent)
     if quantize is None:

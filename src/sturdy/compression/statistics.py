@@ -20,8 +20,9 @@ registry (:func:`register_squared_grad`):
 * anything else: ``torch.func.vmap(grad(...))`` over samples, chunked (the module must treat samples
   independently).
 
-Chunks are sized so that per-sample tensors stay below ``chunk_bytes`` (default: the model's total
-parameter size), which keeps peak extra memory near one gradient's size.
+Chunks are sized so that the per-sample tensors of one chunk stay below ``chunk_bytes`` (default: a
+quarter of the model's parameter bytes); with the accumulated statistics themselves (one gradient's
+size) the peak extra memory stays below twice the gradient size.
 
 Limitations (checked, never silent): a parameterised module must run at most once per forward pass
 (shared weights miss cross terms and raise :class:`~sturdy.errors.UnsupportedModuleError`), and
@@ -95,7 +96,7 @@ def _linear_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> Dic
     if weight is not None:
         for sl in _chunks(n, chunk):
             per_sample = torch.einsum("nto,nti->noi", d3[sl], a3[sl])
-            weight += (per_sample * per_sample).sum(0)
+            weight += per_sample.square_().sum(0)
         out["weight"] = weight
     if bias is not None:
         out["bias"] = bias
@@ -138,7 +139,8 @@ def _conv2d_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> Dic
         )  # (c, Cin*kh*kw, L)
         cols = cols.reshape(cols.shape[0], groups, -1, cols.shape[-1])
         per_sample = torch.einsum("ngol,ngkl->ngok", d_flat[sl], cols)
-        weight += (per_sample * per_sample).sum(0)
+        del cols
+        weight += per_sample.square_().sum(0)
     out["weight"] = weight.reshape(module.weight.shape)
     return out
 
@@ -180,7 +182,7 @@ def _generic_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> Di
         with torch.enable_grad():  # torch.func needs grad mode, which is off inside a backward pass
             grads = per_sample_grad(params, a[sl], delta[sl])
         for name, g in grads.items():
-            out[name] += (g * g).sum(0)
+            out[name] += g.square_().sum(0)
     return out
 
 
@@ -220,7 +222,7 @@ class SquaredGradientStatistics:
         if not params:
             raise ConfigurationError("the model has no trainable parameters: nothing to compute statistics for")
         model_bytes = sum(p.numel() * p.element_size() for p in params)
-        self.chunk_bytes = int(chunk_bytes if chunk_bytes is not None else model_bytes)
+        self.chunk_bytes = int(chunk_bytes if chunk_bytes is not None else max(1, model_bytes // 4))
         self.parameter_names: Dict[int, str] = {}
         self._sq: Dict[int, Tensor] = {}
         self._owner: Dict[int, _Tracked] = {}
@@ -341,8 +343,8 @@ def attach_squared_gradient_statistics(
 
     Args:
         model: the model; every module owning trainable parameters gets a forward hook.
-        chunk_bytes: memory budget of the per-sample tensors of one chunk (default: the size of the
-            model's trainable parameters).
+        chunk_bytes: memory budget of the per-sample tensors of one chunk (default: a quarter of the
+            model's trainable parameter bytes).
 
     Example:
         >>> model = nn.Linear(3, 2)
