@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics as pystats
 import time
 from pathlib import Path
@@ -214,7 +215,11 @@ def run_distributed_training(job: TrainJob, *, resume: bool = True, progress: bo
     """
     opts = compression_options(job)
     if launched_by_torchrun():
-        init_from_env(device=job.device if job.device != "auto" else "cpu", timeout_s=opts["dist_timeout"])
+        from sturdy.training import resolve_device
+
+        if resolve_device(job.device).type == "cuda":  # one GPU per process: NCCL on cuda:LOCAL_RANK
+            job = job.replace(device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        init_from_env(device=job.device, timeout_s=opts["dist_timeout"])
         try:
             rank = dist.get_rank()
             return _train_in_group(job, resume=resume, progress=progress and rank == 0)
