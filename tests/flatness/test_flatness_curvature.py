@@ -181,3 +181,14 @@ def test_validation_messages():
         hessian_diagonal(model, (x, y), chunk_size=0)
     with pytest.raises(ConfigurationError, match="tol must be a finite number > 0"):
         top_hessian_eigenvalue(model, (x, y), tol=0.0)
+
+
+@pytest.mark.slow
+def test_hutchinson_standard_error_is_calibrated():
+    """Over many seeds, about 95% of trace estimates fall within 2 reported standard errors of the truth."""
+    model = tiny_cnn(7)
+    x, y = tiny_data((2, 4, 4), n=10)
+    truth = float(full_hessian(model, x, y).diagonal().sum())
+    hits = [abs(est.value - truth) <= 2 * est.stderr
+            for est in (hutchinson_trace(model, (x, y), probes=50, seed=s) for s in range(200))]
+    assert 0.88 <= sum(hits) / len(hits) <= 0.99

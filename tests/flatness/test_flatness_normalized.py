@@ -146,3 +146,27 @@ def test_validation_messages():
         normalized_sharpness(model, hessian={})
     with pytest.raises(ConfigurationError, match="at least one nn.Linear or nn.Conv2d"):
         normalized_sharpness(nn.Sequential(nn.ReLU()), hessian={})
+
+
+def test_invariance_on_a_trained_digits_mlp_with_dead_units():
+    """Trained ReLU nets have many dead units; their analytic removal keeps the invariance at 1e-6."""
+    from sturdy.data import load_dataset
+
+    data = load_dataset("digits", split="train").subset(torch.arange(400))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(40):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(data.images), data.labels).backward()
+        opt.step()
+    model = model.double().eval()
+    x, y = data.images.double(), data.labels
+    scaled = rescale_nodes(model, seed=2, low=0.05, high=20.0)
+    for variant in ("arxiv", "icml"):
+        a = normalized_sharpness(model, (x, y), variant=variant)
+        b = normalized_sharpness(scaled, (x, y), variant=variant)
+        assert b.value == pytest.approx(a.value, rel=INVARIANCE_RTOL), variant
+        assert a.grad_norm < 1e-4
+    removed = sum(r.removed_rows + r.removed_cols for r in normalized_sharpness(model, (x, y)).per_layer.values())
+    assert removed > 0  # the case exercises dead units
