@@ -69,3 +69,17 @@ def test_compressed_training_writes_results_and_feeds_the_cost_model(tmp_path, c
     with pytest.raises(DataError, match="no measured compression ratio"):
         exp._cmd_costmodel(argparse.Namespace(checkpoint=str(plain / "model.pt"), ratio=None, workers=[2],
                                               bandwidth_gbps=[1.0], latency_us=50.0, threads=1, out=None))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_vgc_keeps_accuracy_at_high_compression_on_digits(tmp_path):
+    """Statistical check (slow): 2 workers, 15 epochs, alpha 4 vs. plain allreduce on the same seed."""
+    accuracy, ratio = {}, {}
+    for method in ("none", "vgc"):
+        job = TrainJob(dataset="digits", model="mlp", epochs=15, batch_size=32, lr=0.05, optimizer="sgd",
+                       device="cpu", out=str(tmp_path / method), options={"nproc": 2, "compress": method})
+        res = exp.run_distributed_training(job, progress=False)
+        accuracy[method], ratio[method] = res["test_accuracy"], res["compression"]["compression_ratio"]
+    assert ratio["vgc"] > 25
+    assert accuracy["vgc"] > accuracy["none"] - 0.03
