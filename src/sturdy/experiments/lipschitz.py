@@ -37,6 +37,7 @@ __all__ = [
     "build_lmt_objective",
     "register_cli",
     "demo_section",
+    "lmt_demo_job",
     "certify_model",
     "plot_certified_accuracy",
     "plot_radius_histogram",

@@ -146,7 +146,7 @@ class LinearOp:
         """Number of entries of the dense matrix (decides dense SVD vs. structured bound)."""
         n = math.prod(self.in_shape)
         with torch.no_grad():
-            out = self.apply(torch.zeros((1, *self.in_shape), dtype=self._dtype(), device=self._device()))
+            out = self.apply(torch.zeros((1, *self.in_shape), dtype=self.param_dtype(), device=self.param_device()))
         return n * out[0].numel()
 
     def closed_form_norm(self) -> Optional[torch.Tensor]:
@@ -157,10 +157,12 @@ class LinearOp:
         """A guaranteed float64 upper bound that avoids the dense matrix, and its method name."""
         return None
 
-    def _dtype(self) -> torch.dtype:
+    def param_dtype(self) -> torch.dtype:
+        """dtype of the operator's parameters (of its example input for weight-free operators)."""
         return torch.float64
 
-    def _device(self) -> torch.device:
+    def param_device(self) -> torch.device:
+        """device of the operator's parameters (of its example input for weight-free operators)."""
         return torch.device("cpu")
 
 
@@ -197,13 +199,13 @@ class LinearLayerOp(LinearOp):
     def structured_upper(self) -> Optional[Tuple[float, str]]:
         from sturdy.lipschitz.power import DENSE_SAFETY, dense_spectral_norm
 
-        matrix = self.dense_matrix(dtype=torch.float64, device=self._device())
+        matrix = self.dense_matrix(dtype=torch.float64, device=self.param_device())
         return dense_spectral_norm(matrix) * DENSE_SAFETY, "dense-svd"
 
-    def _dtype(self) -> torch.dtype:
+    def param_dtype(self) -> torch.dtype:
         return self._weight().dtype
 
-    def _device(self) -> torch.device:
+    def param_device(self) -> torch.device:
         return self._weight().device
 
 
@@ -287,10 +289,10 @@ class Conv2dOp(LinearOp):
         )
         return base * math.sqrt(mult), "fft+pad"
 
-    def _dtype(self) -> torch.dtype:
+    def param_dtype(self) -> torch.dtype:
         return self._weight().dtype
 
-    def _device(self) -> torch.device:
+    def param_device(self) -> torch.device:
         return self._weight().device
 
 
@@ -321,10 +323,10 @@ class BatchNormOp(LinearOp):
     def closed_form_norm(self) -> Optional[torch.Tensor]:
         return self.scale().abs().max()
 
-    def _dtype(self) -> torch.dtype:
+    def param_dtype(self) -> torch.dtype:
         return self.module.running_var.dtype
 
-    def _device(self) -> torch.device:
+    def param_device(self) -> torch.device:
         return self.module.running_var.device
 
 
@@ -355,10 +357,10 @@ class FunctionOp(LinearOp):
         cols = self.adjoint(torch.ones_like(rows))
         return math.sqrt(float(rows.max()) * float(cols.max())), "holder"
 
-    def _dtype(self) -> torch.dtype:
+    def param_dtype(self) -> torch.dtype:
         return self._dt
 
-    def _device(self) -> torch.device:
+    def param_device(self) -> torch.device:
         return self._dev
 
 

@@ -70,9 +70,11 @@ def lmt_logits(
         w = torch.as_tensor(weight, device=logits.device).to(logits.dtype)
         if w.shape[0] != logits.shape[1]:
             raise ConfigurationError(f"last layer has {w.shape[0]} rows but logits have {logits.shape[1]} classes")
-        diff = w[targets].unsqueeze(1) - w.unsqueeze(0)  # (N, classes, features)
-        # ||w_y - w_i|| with a safe gradient at i == y (the norm is 0 there; the term is masked anyway)
-        dist = (diff.pow(2).sum(-1) + onehot).clamp_min(1e-30).sqrt() * (1.0 - onehot)
+        k = w.shape[0]
+        eye = torch.eye(k, dtype=w.dtype, device=w.device)
+        # (K, K) row distances ||w_j - w_i||, with a safe gradient on the diagonal (masked anyway)
+        pair = ((w.unsqueeze(1) - w.unsqueeze(0)).pow(2).sum(-1) + eye).clamp_min(1e-30).sqrt() * (1.0 - eye)
+        dist = pair[targets]  # (N, classes)
         body_t = torch.as_tensor(body, dtype=logits.dtype, device=logits.device)
         added = c * body_t * dist
     if clip_factor:

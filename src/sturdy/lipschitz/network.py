@@ -20,9 +20,8 @@ Conventions: L2 norms on flattened per-sample tensors; the bound holds for the m
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
@@ -649,10 +648,3 @@ class LipschitzTracker(nn.Module):
             for b in self.buffers():
                 torch.distributed.broadcast(b, src)
 
-
-def _as_tensor(x: Union[float, torch.Tensor]) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else torch.tensor(float(x))
-
-
-def _finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -13,7 +13,7 @@ Conventions: L2 operator norm of the map on flattened per-sample tensors.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,7 @@ def guaranteed_norm(op, *, dense_max_entries: int = DENSE_MAX_ENTRIES) -> Tuple[
     if closed is not None:
         return float(closed.detach().to(torch.float64)) * DENSE_SAFETY, "closed-form"
     if op.dense_size() <= dense_max_entries:
-        mat = op.dense_matrix(dtype=torch.float64, device=op._device())
+        mat = op.dense_matrix(dtype=torch.float64, device=op.param_device())
         return dense_spectral_norm(mat) * DENSE_SAFETY, "dense-svd"
     structured = op.structured_upper()
     if structured is None:
@@ -145,7 +145,7 @@ def power_iteration(
     closed = op.closed_form_norm()
     if closed is not None:
         return float(closed.detach())
-    device = op._device()
+    device = op.param_device()
     if start is None:
         u = torch.randn((1, *op.in_shape), generator=generator, dtype=dtype, device="cpu").to(device)
     else:
@@ -159,6 +159,3 @@ def power_iteration(
         u = v / nv
     return float(op.apply(u).norm())
 
-
-def _shape_str(shape: Sequence[int]) -> str:
-    return "x".join(str(int(s)) for s in shape)

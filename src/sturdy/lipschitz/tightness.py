@@ -178,12 +178,13 @@ def minimal_adversarial_radius(
 
 def local_lipschitz(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Spectral norm ``||J(x_n)||_2`` of the exact input-output Jacobian at each sample (float64)."""
+    _, device = _model_ref(model)
     net = copy.deepcopy(model).to(torch.float64).eval()
     out = []
-    for xi in x.to(torch.float64):
+    for xi in x.to(device=device, dtype=torch.float64):
         jac = torch.autograd.functional.jacobian(lambda t: net(t.unsqueeze(0))[0], xi)
         out.append(torch.linalg.matrix_norm(jac.reshape(jac.shape[0], -1), ord=2))
-    return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
+    return torch.stack(out).cpu() if out else torch.zeros(0, dtype=torch.float64)
 
 
 @dataclass(frozen=True)
