@@ -39,6 +39,7 @@ CONV_CASES = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_norm_dense_exact_and_fft_sound(case):
     c_in, c_out, k, s, p, d, g, h, w = case
