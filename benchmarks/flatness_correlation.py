@@ -44,8 +44,12 @@ def main() -> None:
     print(f"{'measure':28s} {'tau':>6s} {'95% CI':>16s} {'granulated':>10s}")
     for name, c in table.items():
         lo, hi = c["tau_ci"]
-        print(f"{name:28s} {c['tau']:+6.2f} [{lo:+.2f}, {hi:+.2f}] {c['granulated_tau']:+10.2f}")
+        print(f"{name:28s} {_f(c['tau']):>6s} [{_f(lo)}, {_f(hi)}] {_f(c['granulated_tau']):>10s}")
     print(f"written to {out}")
+
+
+def _f(value: object) -> str:
+    return "n/a" if value is None else f"{value:+.2f}"
 
 
 if __name__ == "__main__":
