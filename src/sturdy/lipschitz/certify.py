@@ -59,6 +59,8 @@ class Certificate:
     def radius_quantiles(self, qs: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9)) -> Dict[str, float]:
         """Quantiles of the radius over all samples (wrong ones count as 0)."""
         r = self.radius.double()
+        if r.numel() == 0:
+            return {}
         return {f"q{int(round(q * 100)):02d}": float(torch.quantile(r, q)) for q in qs}
 
     def to_dict(self, eps: Sequence[float] = (0.1, 0.25, 0.5, 1.0)) -> Dict[str, Any]:

@@ -568,7 +568,6 @@ class LipschitzTracker(nn.Module):
                 u = torch.randn((1, *op.in_shape), generator=gen, dtype=torch.float32).to(dtype=dtype, device=device)
                 self.register_buffer(buf, u / u.norm())
                 self._power[s.name] = (buf, op)
-        self._one = None
         with torch.no_grad():
             for _ in range(warmup_iterations):
                 self._iterate()
