@@ -78,6 +78,29 @@ def summarize(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return rows
 
 
+def plot(report: Dict[str, Any], path: Path) -> None:
+    """Elements sent per step (epoch means, seed 0) of every method and worker count, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    worlds = list(report["results"])
+    fig, axes = plt.subplots(1, len(worlds), figsize=(5.2 * len(worlds), 3.8), squeeze=False)
+    for ax, world in zip(axes[0], worlds):
+        for row in report["results"][world]["summary"]:
+            curve = row["elements_sent_per_epoch_seed0"]
+            ax.plot(range(1, len(curve) + 1), curve, label=row["method"], lw=1.2)
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("elements sent per worker and step")
+        ax.set_title(f"{world} workers")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", default="2,4")
@@ -90,7 +113,11 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--gather", default=DEFAULTS["gather"], choices=("exact", "capacity", "bounded"))
     ap.add_argument("--out", default="runs/bench/compression_digits.json")
+    ap.add_argument("--plot-only", action="store_true", help="only redraw the PNG from an existing --out JSON")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report: Dict[str, Any] = {"hardware": "CPU (gloo, local workers)", "settings": vars(args), "results": {}}
@@ -118,7 +145,8 @@ def main() -> None:
                       f"{row['seeds']} seeds)  ratio {row['compression_ratio_mean']:.1f}x wire, "
                       f"{row['payload_compression_ratio_mean']:.1f}x payload, never sent "
                       f"{100 * row['never_sent_fraction_mean']:.1f}%", flush=True)
-    print(f"wrote {out}")
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
