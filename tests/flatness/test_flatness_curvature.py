@@ -11,7 +11,7 @@ from sturdy.errors import ConfigurationError, DataError
 from sturdy.flatness import hessian_diagonal, hutchinson_trace, top_hessian_eigenvalue
 
 from .conftest import tiny_cnn, tiny_data, tiny_mlp
-from .flatness_reference import full_hessian, hessian_diagonal_reference
+from .flatness_reference import full_hessian, ggn_diagonal_reference, hessian_diagonal_reference
 
 EXACT_ATOL = 1e-12  # ggn-exact vs dense Hessian diagonal, float64 (entries are O(0.1))
 EXACT_RTOL = 1e-10
@@ -55,6 +55,20 @@ class _WithNorm(nn.Module):
         return self.head(h.flatten(1))
 
 
+class _Tied(nn.Module):
+    """Two Linear modules sharing one weight (tied weights): per-sample gradients add before squaring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.b(torch.relu(self.a(x.flatten(1))))))
+
+
 CASES = {
     "mlp-inplace-relu": (lambda: tiny_mlp(0, inplace=True), (1, 3, 4)),
     "cnn": (lambda: tiny_cnn(0), (2, 4, 4)),
@@ -76,6 +90,29 @@ def test_ggn_exact_equals_dense_hessian_diagonal(case):
         torch.testing.assert_close(result.diagonal[name], ref, atol=EXACT_ATOL, rtol=EXACT_RTOL, msg=name)
         assert float(result.stderr[name].abs().max()) == 0.0
     assert result.method == "ggn-exact" and result.num_samples == 7 and result.probes == 0
+
+
+def test_tied_weights_match_dense_ggn_diagonal():
+    """A weight used by two layers makes the logits quadratic in it: the GGN diagonal (not the Hessian's) is exact."""
+    model = _Tied().double()
+    x, y = tiny_data((1, 2, 2), n=7)
+    reference = ggn_diagonal_reference(model, x, y)
+    for backend in ("hooks", "func"):
+        result = hessian_diagonal(model, (x, y), backend=backend)
+        for name, ref in reference.items():
+            torch.testing.assert_close(result.diagonal[name], ref, atol=EXACT_ATOL, rtol=EXACT_RTOL, msg=name)
+    hess = hessian_diagonal_reference(model, x, y)
+    assert not torch.allclose(hess["a.weight"], reference["a.weight"], atol=1e-6)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_dense_ggn_reference_equals_dense_hessian_for_piecewise_linear_nets(case):
+    make, shape = CASES[case]
+    model = make()
+    x, y = tiny_data(shape, n=5)
+    ggn, hess = ggn_diagonal_reference(model, x, y), hessian_diagonal_reference(model, x, y)
+    for name in hess:
+        torch.testing.assert_close(ggn[name], hess[name], atol=EXACT_ATOL, rtol=EXACT_RTOL, msg=name)
 
 
 @pytest.mark.parametrize("case", ["mlp-inplace-relu", "cnn"])

@@ -12,9 +12,10 @@ Two diagonals are offered by :func:`hessian_diagonal`:
   ``diag(G) = (1/N) sum_n sum_c (J_n^T s_{n,c})^2``: one backward pass per class, and the squared
   per-sample gradients come from the activations and output gradients that per-layer hooks see
   (fast paths for ``nn.Linear`` and ``nn.Conv2d``; ``torch.func`` per-sample gradients for every
-  other parameter). For networks that are piecewise linear in each single parameter (ReLU/max-pool
-  MLPs and CNNs, eval-mode BatchNorm) the logits have zero second derivative along each coordinate,
-  so ``diag(G)`` **equals the Hessian diagonal** of the cross-entropy loss (almost everywhere).
+  other parameter, and for weights tied across modules). For networks that are piecewise linear in each
+  single parameter (ReLU/max-pool MLPs and CNNs, eval-mode BatchNorm, every weight used by one layer)
+  the logits have zero second derivative along each coordinate, so ``diag(G)`` **equals the Hessian
+  diagonal** of the cross-entropy loss (almost everywhere); with tied weights it is the GGN diagonal.
 * ``"hutchinson"``: ``E_v[v * (H v)]`` with Rademacher probes ``v`` and Hessian-vector products by
   double backward, for any loss; it reports the standard error of the mean over probes.
 
@@ -190,10 +191,16 @@ def _ggn_exact(
     acc = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in params}
     fast: List[nn.Module] = []
     covered: set = set()
+    # A parameter shared by several modules (tied weights) needs its per-sample gradients summed over the
+    # modules before squaring: it goes to the torch.func path, which sees the whole network.
+    owners: Dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
     for module in model.modules() if backend == "hooks" else ():
         if isinstance(module, nn.Linear) or _conv_fast(module):
             own = [p for p in (module.weight, module.bias) if p is not None and id(p) in name_of]
-            if own and all(id(p) not in covered for p in own):
+            if own and all(owners[id(p)] == 1 for p in own):
                 fast.append(module)
                 covered.update(id(p) for p in own)
     fallback = [(n, p) for n, p in params if id(p) not in covered]
