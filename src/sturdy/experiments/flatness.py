@@ -198,7 +198,8 @@ def invariance_check(model: nn.Module, data: Tuple[torch.Tensor, torch.Tensor], 
     """
     base = copy.deepcopy(model).double().eval()
     scaled = rescale_nodes(base, seed=seed, low=low, high=high)
-    x, y = data[0].double(), data[1]
+    device = next(base.parameters()).device
+    x, y = data[0].to(device=device, dtype=torch.float64), data[1].to(device)
     with torch.no_grad():
         out_diff = float((base(x) - scaled(x)).abs().max())
     rows: Dict[str, Dict[str, Optional[float]]] = {}
