@@ -118,7 +118,8 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     summary = run_grid(out=args.out, spec=spec, device=args.device, resume=not args.no_resume,
                        progress=not args.no_progress, seed=args.seed)
     print(f"{summary['models']} models ({summary['converged']} reached the target loss) in "
-          f"{summary['seconds']:.0f} s; Kendall tau against the generalisation gap:")
+          f"{summary['seconds']:.0f} s; Kendall tau against the generalisation gap "
+          f"({summary['selection']} models):")
     for name, c in summary["correlations"].items():
         tau, psi = c["tau"], c["granulated_tau"]
         print(f"  {name:28s} tau {_fmt(tau)} [{_fmt(c['tau_ci'][0])}, {_fmt(c['tau_ci'][1])}]  "

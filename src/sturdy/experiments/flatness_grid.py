@@ -296,23 +296,43 @@ def run_grid(
     return summary
 
 
-def summarize(records: Sequence[Mapping[str, Any]], *, spec: GridSpec, seed: int = 0) -> Dict[str, Any]:
-    """Kendall and granulated tau of every measure against the gap (JSON-able)."""
-    if len(records) < 3:
-        raise ConfigurationError(f"a correlation needs at least 3 models, the grid has {len(records)}")
-    names = list(records[0]["measures"])
+MIN_CONVERGED = 6  # fewest models that reached the target loss for the converged-only correlation
+
+
+def _correlate(records: Sequence[Mapping[str, Any]], names: Sequence[str], spec: GridSpec,
+               seed: int) -> Dict[str, Any]:
     gap = [r["gap"] for r in records]
     hps = [{k: r["hyperparams"][k] for k in HYPERPARAMETERS} for r in records]
     values = {n: [float(r["measures"][n]["value"]) for r in records] for n in names}
     corr = correlate_measures(values, gap, hps, bootstrap=spec.bootstrap, seed=seed)
+    return {n: c.to_dict() for n, c in corr.items()}
+
+
+def summarize(records: Sequence[Mapping[str, Any]], *, spec: GridSpec, seed: int = 0) -> Dict[str, Any]:
+    """Kendall and granulated tau of every measure against the gap (JSON-able).
+
+    As in Jiang et al. (2020), the headline ``correlations`` use only the models that reached the target
+    training loss when there are at least ``MIN_CONVERGED`` of them (``selection`` says which set was used);
+    ``correlations_all_models`` always uses every model.
+    """
+    if len(records) < 3:
+        raise ConfigurationError(f"a correlation needs at least 3 models, the grid has {len(records)}")
+    names = list(records[0]["measures"])
+    converged = [r for r in records if r["converged"]]
+    use_converged = len(converged) >= MIN_CONVERGED
+    gap = [r["gap"] for r in records]
+    every = _correlate(records, names, spec, seed)
     seconds = {n: float(sum(r["measures"][n]["seconds"] for r in records) / len(records)) for n in names}
     return {
         "grid": spec.name,
         "models": len(records),
-        "converged": sum(bool(r["converged"]) for r in records),
+        "converged": len(converged),
+        "selection": "converged" if use_converged else "all",
+        "target_loss": spec.target_loss,
         "gap": {"min": min(gap), "max": max(gap), "mean": sum(gap) / len(gap)},
         "gap_definition": "train accuracy (on the trained labels) - test accuracy",
-        "correlations": {n: c.to_dict() for n, c in corr.items()},
+        "correlations": _correlate(converged, names, spec, seed) if use_converged else every,
+        "correlations_all_models": every,
         "mean_seconds_per_model": seconds,
         "mean_train_seconds": sum(r["train_seconds"] for r in records) / len(records),
         "bootstrap": spec.bootstrap,
@@ -323,6 +343,7 @@ def scatter_figure(records: Sequence[Mapping[str, Any]], names: Sequence[str],
                    correlations: Mapping[str, Mapping[str, Any]]) -> Any:
     """Measure (x, log scale when positive) against generalisation gap (y); colour = label noise, marker = arch."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -337,10 +358,12 @@ def scatter_figure(records: Sequence[Mapping[str, Any]], names: Sequence[str],
         xs = [float(r["measures"][name]["value"]) for r in records]
         for r, x in zip(records, xs):
             hp = r["hyperparams"]
-            ax.scatter(x, r["gap"], s=18, marker=markers.get(hp["arch"], "^"),
-                       color=colours[noise_levels.index(hp["label_noise"])], alpha=0.8)
+            colour = colours[noise_levels.index(hp["label_noise"])]
+            ax.scatter(x, r["gap"], s=18, marker=markers.get(hp["arch"], "^"), alpha=0.8,
+                       facecolors=colour if r["converged"] else "none", edgecolors=colour)
         if all(x > 0 for x in xs):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         c = correlations.get(name, {})
         tau, psi = c.get("tau"), c.get("granulated_tau")
         ax.set_title(f"{name}\ntau={_fmt(tau)}  Psi={_fmt(psi)}", fontsize=8)
@@ -351,7 +374,12 @@ def scatter_figure(records: Sequence[Mapping[str, Any]], names: Sequence[str],
     handles = [plt.Line2D([], [], linestyle="", marker="o", color=colours[i], label=f"noise {lvl:g}")
                for i, lvl in enumerate(noise_levels)]
     handles += [plt.Line2D([], [], linestyle="", marker=m, color="grey", label=a) for a, m in markers.items()]
-    fig.legend(handles=handles, loc="lower right", fontsize=7)
+    handles.append(plt.Line2D([], [], linestyle="", marker="o", markerfacecolor="none", color="grey",
+                              label="target loss not reached"))
+    if len(names) == 1:
+        axes.flat[0].legend(handles=handles, loc="best", fontsize=6)
+    else:
+        fig.legend(handles=handles, loc="lower right", fontsize=7)
     fig.tight_layout()
     return fig
 
