@@ -228,3 +228,13 @@ def test_operator_norm_matches_tracker_for_linear():
     tr = LipschitzTracker(nn.Sequential(lin), input_shape=(1, 5), warmup_iterations=300)
     torch.testing.assert_close(tr.norms()["0"], operator_norm(lin, input_shape=(1, 5)).upper,
                                rtol=CONVERGED_REL_TOL, atol=0.0)
+
+
+def test_tracker_several_iterations_per_step():
+    net = _cnn().eval()
+    one = LipschitzTracker(net, input_shape=(1, 1, 6, 6), warmup_iterations=0, iterations=1, seed=3)
+    many = LipschitzTracker(net, input_shape=(1, 1, 6, 6), warmup_iterations=0, iterations=300, seed=3)
+    bound = lipschitz_bound(net, input_shape=(1, 1, 6, 6))
+    est_one, est_many = float(one().lipschitz.detach()), float(many().lipschitz.detach())
+    assert est_one <= est_many * (1 + CONVERGED_REL_TOL)
+    torch.testing.assert_close(est_many, bound.upper, rtol=CONVERGED_REL_TOL, atol=0.0)

@@ -124,14 +124,22 @@ class LinearOp:
     def __init__(self, in_shape: Sequence[int]) -> None:
         self.in_shape: Tuple[int, ...] = tuple(int(s) for s in in_shape)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def weight(self) -> Optional[torch.Tensor]:
+        """The (differentiable) weight the operator applies, or ``None`` for weight-free operators.
+
+        Passing it to :meth:`apply` and :meth:`adjoint` avoids recomputing it (e.g. a folded BatchNorm).
+        """
+        return None
+
+    def apply(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``A x`` for a batch ``x`` of inputs ``(B, *in_shape)``."""
         raise NotImplementedError
 
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        """``A^T y`` for a batch ``y`` of outputs (autograd vector-Jacobian product)."""
+    def adjoint(self, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``A^T y`` for a batch ``y`` of outputs (default: autograd vector-Jacobian product)."""
         with torch.enable_grad():
             x = torch.zeros((y.shape[0], *self.in_shape), dtype=y.dtype, device=y.device, requires_grad=True)
-            (g,) = torch.autograd.grad(self.apply(x), x, grad_outputs=y)
+            (g,) = torch.autograd.grad(self.apply(x, weight), x, grad_outputs=y)
         return g
 
     def dense_matrix(self, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -184,11 +192,11 @@ class LinearLayerOp(LinearOp):
             w = w * self.out_scale()[:, None]
         return w
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().to(x.dtype))
+    def apply(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.linear(x, (self.weight() if weight is None else weight).to(x.dtype))
 
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        return y @ self.weight().to(y.dtype)
+    def adjoint(self, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return y @ (self.weight() if weight is None else weight).to(y.dtype)
 
     def dense_matrix(self, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return self.weight().detach().to(dtype=dtype, device=device)
@@ -252,26 +260,25 @@ class Conv2dOp(LinearOp):
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
         return F.pad(x, (lw, rw, lh, rh), mode=mode)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight().to(x.dtype)
+    def apply(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w = (self.weight() if weight is None else weight).to(x.dtype)
         lh, rh, lw, rw = self.pads
         if self.padding_mode == "zeros" and lh == rh and lw == rw:
             return F.conv2d(x, w, None, self.stride, (lh, lw), self.dilation, self.groups)
         return F.conv2d(self._padded(x), w, None, self.stride, 0, self.dilation, self.groups)
 
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+    def adjoint(self, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         lh, rh, lw, rw = self.pads
         if not (self.padding_mode == "zeros" and lh == rh and lw == rw):
-            return super().adjoint(y)
+            return super().adjoint(y, weight)
         h, w_ = self.in_shape[-2:]
         out_pad = []
         for size, out, s, p, d, k in zip(
             (h, w_), y.shape[-2:], self.stride, (lh, lw), self.dilation, self.kernel
         ):
             out_pad.append(size - ((out - 1) * s - 2 * p + d * (k - 1) + 1))
-        return F.conv_transpose2d(
-            y, self.weight().to(y.dtype), None, self.stride, (lh, lw), tuple(out_pad), self.groups, self.dilation
-        )
+        w = (self.weight() if weight is None else weight).to(y.dtype)
+        return F.conv_transpose2d(y, w, None, self.stride, (lh, lw), tuple(out_pad), self.groups, self.dilation)
 
     def structured_upper(self) -> Optional[Tuple[float, str]]:
         from sturdy.lipschitz.power import conv2d_fft_norm, padding_multiplicity
@@ -313,11 +320,11 @@ class BatchNormOp(LinearOp):
             s = m.weight * s
         return s
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         s = self.scale().to(x.dtype)
         return x * s.reshape(1, -1, *([1] * (x.dim() - 2)))
 
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+    def adjoint(self, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.apply(y)
 
     def closed_form_norm(self) -> Optional[torch.Tensor]:
@@ -344,7 +351,7 @@ class FunctionOp(LinearOp):
         self._dt = dtype
         self._dev = torch.device(device)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.fn(x)
 
     def structured_upper(self) -> Optional[Tuple[float, str]]:

@@ -575,8 +575,9 @@ class LipschitzTracker(nn.Module):
     @torch.no_grad()
     def _iterate(self) -> None:
         for buf, op in self._power.values():
-            u = getattr(self, buf)
-            v = op.adjoint(op.apply(u))
+            u, w = getattr(self, buf), op.weight()
+            w = w.detach() if w is not None else None
+            v = op.adjoint(op.apply(u, w), w)
             u.copy_(v / v.norm().clamp_min(1e-30))
 
     def forward(self) -> LipschitzEstimate:
@@ -584,17 +585,27 @@ class LipschitzTracker(nn.Module):
         norms: Dict[str, Any] = dict(self._fixed)
         for name, op in self._closed.items():
             norms[name] = op.closed_form_norm()
+        updates: List[Tuple[str, torch.Tensor]] = []
         for name, (buf, op) in self._power.items():
             u = getattr(self, buf)
-            for _ in range(self.iterations - 1):
-                with torch.no_grad():
-                    v = op.adjoint(op.apply(u))
-                    u.copy_(v / v.norm().clamp_min(1e-30))
-            w = op.apply(u.clone())  # the clone is saved for backward; the buffer is updated in place below
+            weight = op.weight()  # differentiable; computed once for the forward and the adjoint
+            with torch.no_grad():
+                frozen = weight.detach() if weight is not None else None
+                for _ in range(self.iterations - 1):
+                    v = op.adjoint(op.apply(u, frozen), frozen)
+                    u = v / v.norm().clamp_min(1e-30)
+            w = op.apply(u, weight)
             norms[name] = w.norm()
-            with torch.no_grad():  # next step's vector: u <- A^T A u / ||.||
-                v = op.adjoint(w.detach())
-                u.copy_(v / v.norm().clamp_min(1e-30))
+            with torch.no_grad():  # next step's vector: u <- A^T A u (normalised below)
+                updates.append((buf, op.adjoint(w.detach(), frozen)))
+        if updates:
+            with torch.no_grad():
+                vs = [v for _, v in updates]
+                scale = torch._foreach_norm(vs)
+                torch._foreach_clamp_min_(scale, 1e-30)
+                torch._foreach_div_(vs, scale)
+            for buf, v in updates:  # new tensors: the old vectors stay intact for backward
+                self._buffers[buf] = v
         if self.sync:
             self._average_vectors()
         ref = next(iter(self.buffers()), None)
