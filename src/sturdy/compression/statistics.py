@@ -20,9 +20,10 @@ registry (:func:`register_squared_grad`):
 * anything else: ``torch.func.vmap(grad(...))`` over samples, chunked (the module must treat samples
   independently).
 
-Chunks are sized so that the per-sample tensors of one chunk stay below ``chunk_bytes`` (default: a
-quarter of the model's parameter bytes); with the accumulated statistics themselves (one gradient's
-size) the peak extra memory stays below twice the gradient size.
+Chunks are sized so that the per-sample tensors of one chunk (per-sample gradients, and for Conv2d
+the unfolded input) stay below ``chunk_bytes`` (default: the model's parameter bytes), so the
+transient memory of the per-sample path stays near one gradient's size on top of the accumulated
+statistics; a larger budget is faster (fewer, larger batched products).
 
 Limitations (checked, never silent): a parameterised module must run at most once per forward pass
 (shared weights miss cross terms and raise :class:`~sturdy.errors.UnsupportedModuleError`), and
@@ -45,6 +46,7 @@ __all__ = [
     "attach_squared_gradient_statistics",
     "register_squared_grad",
     "squared_grad_rules",
+    "samples_per_chunk",
     "per_sample_squared_gradients",
 ]
 
@@ -53,10 +55,11 @@ _RULES: Dict[type, SquaredGradRule] = {}
 
 
 def register_squared_grad(*module_types: type) -> Callable[[SquaredGradRule], SquaredGradRule]:
-    """Register ``rule(module, a, delta, chunk) -> {param_name: sum_x g_x^2}`` for module types.
+    """Register ``rule(module, a, delta, budget) -> {param_name: sum_x g_x^2}`` for module types.
 
     ``a`` is the module's input, ``delta`` the gradient of the loss with respect to its output, both
-    with the batch in dimension 0; ``chunk`` is the number of samples to process at once.
+    with the batch in dimension 0; ``budget`` is the memory budget in bytes of one chunk of per-sample
+    tensors (see :func:`samples_per_chunk`).
     """
 
     def decorator(rule: SquaredGradRule) -> SquaredGradRule:
@@ -72,13 +75,18 @@ def squared_grad_rules() -> Dict[type, SquaredGradRule]:
     return dict(_RULES)
 
 
+def samples_per_chunk(budget: int, per_sample_elements: int, element_size: int = 4) -> int:
+    """How many samples fit ``budget`` bytes when each needs ``per_sample_elements`` (at least one)."""
+    return max(1, budget // max(1, per_sample_elements * element_size))
+
+
 def _chunks(n: int, chunk: int) -> Iterator[slice]:
     for start in range(0, n, chunk):
         yield slice(start, min(n, start + chunk))
 
 
 @register_squared_grad(nn.Linear)
-def _linear_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> Dict[str, Tensor]:
+def _linear_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> Dict[str, Tensor]:
     out: Dict[str, Tensor] = {}
     if a.dim() == 2:
         if module.weight.requires_grad:
@@ -94,6 +102,7 @@ def _linear_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> Dic
     if module.bias is not None and module.bias.requires_grad:
         bias = (d3.sum(1) ** 2).sum(0)
     if weight is not None:
+        chunk = samples_per_chunk(budget, module.weight.numel(), a.element_size())
         for sl in _chunks(n, chunk):
             per_sample = torch.einsum("nto,nti->noi", d3[sl], a3[sl])
             weight += per_sample.square_().sum(0)
@@ -119,7 +128,7 @@ def _conv2d_padded_input(module: nn.Conv2d, a: Tensor) -> Tuple[Tensor, Tuple[in
 
 
 @register_squared_grad(nn.Conv2d)
-def _conv2d_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> Dict[str, Tensor]:
+def _conv2d_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> Dict[str, Tensor]:
     out: Dict[str, Tensor] = {}
     n = a.shape[0]
     groups = module.groups
@@ -133,6 +142,9 @@ def _conv2d_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> Dic
     weight = torch.zeros(
         groups, c_out // groups, module.weight[0].numel(), dtype=module.weight.dtype, device=a.device
     )
+    positions = d_flat.shape[-1]  # output positions L; unfold holds Cin*kh*kw*L values per sample
+    chunk = samples_per_chunk(budget, module.weight.numel() + module.weight[0].numel() * groups * positions,
+                              a.element_size())
     for sl in _chunks(n, chunk):
         cols = F.unfold(
             padded[sl], module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
@@ -146,7 +158,7 @@ def _conv2d_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> Dic
 
 
 @register_squared_grad(nn.modules.batchnorm._BatchNorm)
-def _batchnorm_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> Dict[str, Tensor]:
+def _batchnorm_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> Dict[str, Tensor]:
     out: Dict[str, Tensor] = {}
     reduce_dims = [0] + list(range(2, a.dim()))
     shape = [1, -1] + [1] * (a.dim() - 2)
@@ -166,7 +178,7 @@ def _batchnorm_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> 
     return out
 
 
-def _generic_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> Dict[str, Tensor]:
+def _generic_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> Dict[str, Tensor]:
     """Per-sample gradients through ``torch.func`` (samples must be independent)."""
     from torch.func import functional_call, grad, vmap
 
@@ -178,6 +190,7 @@ def _generic_rule(module: nn.Module, a: Tensor, delta: Tensor, chunk: int) -> Di
 
     per_sample_grad = vmap(grad(sample_objective), in_dims=(None, 0, 0))
     out = {name: torch.zeros_like(p) for name, p in params.items()}
+    chunk = samples_per_chunk(budget, sum(p.numel() for p in params.values()), a.element_size())
     for sl in _chunks(a.shape[0], chunk):
         with torch.enable_grad():  # torch.func needs grad mode, which is off inside a backward pass
             grads = per_sample_grad(params, a[sl], delta[sl])
@@ -199,7 +212,7 @@ class _Tracked:
     module: nn.Module
     params: Dict[str, Tensor]  # attribute name -> parameter
     rule: SquaredGradRule
-    chunk: int
+    budget: int
     pending: int = 0
 
 
@@ -222,7 +235,7 @@ class SquaredGradientStatistics:
         if not params:
             raise ConfigurationError("the model has no trainable parameters: nothing to compute statistics for")
         model_bytes = sum(p.numel() * p.element_size() for p in params)
-        self.chunk_bytes = int(chunk_bytes if chunk_bytes is not None else max(1, model_bytes // 4))
+        self.chunk_bytes = int(chunk_bytes if chunk_bytes is not None else model_bytes)
         self.parameter_names: Dict[int, str] = {}
         self._sq: Dict[int, Tensor] = {}
         self._owner: Dict[int, _Tracked] = {}
@@ -233,9 +246,7 @@ class SquaredGradientStatistics:
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if not own:
                 continue
-            per_sample_numel = max(sum(p.numel() for p in own.values()), 1)
-            chunk = max(1, self.chunk_bytes // (per_sample_numel * 4))
-            tracked = _Tracked(module_name, module, own, _rule_for(module), chunk)
+            tracked = _Tracked(module_name, module, own, _rule_for(module), self.chunk_bytes)
             self._tracked.append(tracked)
             for attr, p in own.items():
                 full = f"{module_name}.{attr}" if module_name else attr
@@ -257,7 +268,7 @@ class SquaredGradientStatistics:
                     module=module,
                     path=tracked.name,
                 )
-            a = args[0].detach()
+            saved = [args[0].detach()]  # released after use: autograd frees its own copy progressively
             tracked.pending += 1
             shared = tracked.pending > 1
 
@@ -275,9 +286,10 @@ class SquaredGradientStatistics:
                 self._computing = True
                 try:
                     with torch.no_grad():
-                        result = tracked.rule(module, a, delta.detach(), tracked.chunk)
+                        result = tracked.rule(module, saved[0], delta.detach(), tracked.budget)
                 finally:
                     self._computing = False
+                    saved.clear()
                 for attr, value in result.items():
                     key = id(tracked.params[attr])
                     if key in self._sq:
@@ -343,8 +355,8 @@ def attach_squared_gradient_statistics(
 
     Args:
         model: the model; every module owning trainable parameters gets a forward hook.
-        chunk_bytes: memory budget of the per-sample tensors of one chunk (default: a quarter of the
-            model's trainable parameter bytes).
+        chunk_bytes: memory budget of the per-sample tensors of one chunk (default: the model's
+            trainable parameter bytes).
 
     Example:
         >>> model = nn.Linear(3, 2)
