@@ -60,6 +60,7 @@ def test_compressed_training_writes_results_and_feeds_the_cost_model(tmp_path, c
     report = json.loads((out / "costmodel" / "costmodel.json").read_text())
     assert len(report["predictions"]) == 4 and (out / "costmodel" / "costmodel.png").is_file()
     assert report["compression_ratio"] == pytest.approx(comp["compression_ratio"])
+    assert report["codec_s"] > 0
     assert "speedup" in capsys.readouterr().out
 
     plain = tmp_path / "plain"
@@ -68,7 +69,8 @@ def test_compressed_training_writes_results_and_feeds_the_cost_model(tmp_path, c
     (plain / "results.json").write_text(json.dumps({"test_accuracy": 0.5}))
     with pytest.raises(DataError, match="no measured compression ratio"):
         exp._cmd_costmodel(argparse.Namespace(checkpoint=str(plain / "model.pt"), ratio=None, workers=[2],
-                                              bandwidth_gbps=[1.0], latency_us=50.0, threads=1, out=None))
+                                              bandwidth_gbps=[1.0], latency_us=50.0, threads=1, out=None,
+                                              codec_ms=None))
 
 
 @pytest.mark.slow

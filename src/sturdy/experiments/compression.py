@@ -270,6 +270,27 @@ def measure_step_seconds(model: torch.nn.Module, images: torch.Tensor, labels: t
     return pystats.median(times)
 
 
+def measure_codec_seconds(num_elements: int, sent_fraction: float, *, repeats: int = 30) -> float:
+    """Median time of one variance selection + 4-bit encoding + one decode for a gradient of
+    ``num_elements`` with ``sent_fraction`` of the elements passing the test (synthetic values)."""
+    from sturdy.compression import codec
+    from sturdy.compression.compressor import variance_select
+
+    gen = torch.Generator().manual_seed(0)
+    chosen = torch.rand(num_elements, generator=gen) < max(sent_fraction, 1.0 / num_elements)
+    r0 = torch.randn(num_elements, generator=gen)
+    v0 = torch.where(chosen, torch.zeros(()), torch.full((), 1e30))
+    times = []
+    for i in range(repeats + 3):
+        r, v, out = r0.clone(), v0.clone(), torch.zeros(num_elements)
+        t0 = time.perf_counter()
+        selection = variance_select(r, v, alpha=1.0, zeta=0.999, quantize="4bit")
+        codec.decode_add_(out, selection.payload)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return pystats.median(times)
+
+
 def _csv(kind: Callable[[str], Any], name: str) -> Callable[[str], List[Any]]:
     def parse(text: str) -> List[Any]:
         try:
@@ -288,9 +309,11 @@ def _cmd_costmodel(args: argparse.Namespace) -> int:
     ratio = args.ratio
     source = "--ratio"
     results_path = checkpoint.parent / "results.json"
+    info: Dict[str, Any] = {}
+    if results_path.is_file():
+        info = json.loads(results_path.read_text(encoding="utf-8")).get("compression") or {}
     if ratio is None:
-        if results_path.is_file():
-            info = json.loads(results_path.read_text(encoding="utf-8")).get("compression") or {}
+        if info:
             ratio = info.get("compression_ratio")
             source = f"{results_path} (method {info.get('method')})"
         if ratio is None:
@@ -301,10 +324,17 @@ def _cmd_costmodel(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     train_set, _ = load_job_data(job)
     compute_s = measure_step_seconds(model, train_set.images, train_set.labels, batch_size=job.batch_size)
-    dense_bytes = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    num_elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dense_bytes = 4 * num_elements
+    if args.codec_ms is not None:
+        codec_s = args.codec_ms * 1e-3
+    else:
+        sent = info.get("elements_sent_per_step_mean")
+        fraction = sent / num_elements if sent else 4.0 / float(ratio)
+        codec_s = measure_codec_seconds(num_elements, fraction)
     preds = predict_step_times(
         compute_s=compute_s, dense_bytes=dense_bytes, compression_ratio=float(ratio), workers=args.workers,
-        bandwidths_gbps=args.bandwidth_gbps, latency_s=args.latency_us * 1e-6,
+        bandwidths_gbps=args.bandwidth_gbps, latency_s=args.latency_us * 1e-6, codec_s=codec_s,
     )
     out = Path(args.out) if args.out else checkpoint.parent / "costmodel"
     out.mkdir(parents=True, exist_ok=True)
@@ -313,19 +343,19 @@ def _cmd_costmodel(args: argparse.Namespace) -> int:
     rows = [[p.workers, p.bandwidth_gbps, round(1e3 * p.allreduce_s, 3), round(1e3 * p.compressed_comm_s, 3),
              round(1e3 * p.dense_step_s, 3), round(1e3 * p.compressed_step_s, 3), round(p.speedup, 2)] for p in preds]
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
-    print(f"compute {1e3 * compute_s:.3f} ms/step (measured, batch {job.batch_size}), gradient {dense_bytes} "
-          f"bytes, compression ratio {float(ratio):.1f} from {source}")
+    print(f"compute {1e3 * compute_s:.3f} ms/step and codec {1e3 * codec_s:.3f} ms/step (measured, batch "
+          f"{job.batch_size}), gradient {dense_bytes} bytes, compression ratio {float(ratio):.1f} from {source}")
     print("  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
     for r in rows:
         print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
     crossovers = {
         p: crossover_bandwidth_gbps(compute_s=compute_s, dense_bytes=dense_bytes, compression_ratio=float(ratio),
-                                    workers=p, latency_s=args.latency_us * 1e-6)
+                                    workers=p, latency_s=args.latency_us * 1e-6, codec_s=codec_s)
         for p in args.workers
     }
     fig = plot_speedup(preds)
     fig.savefig(out / "costmodel.png", dpi=120)
-    write_json({"checkpoint": str(checkpoint), "compute_s": compute_s, "dense_bytes": dense_bytes,
+    write_json({"checkpoint": str(checkpoint), "compute_s": compute_s, "codec_s": codec_s, "dense_bytes": dense_bytes,
                 "compression_ratio": float(ratio), "ratio_source": source, "latency_s": args.latency_us * 1e-6,
                 "crossover_bandwidth_gbps": {str(k): v for k, v in crossovers.items()},
                 "predictions": [p.to_dict() for p in preds]}, out / "costmodel.json")
@@ -366,6 +396,9 @@ def register_cli(subparsers: Any) -> None:
     c.add_argument("--latency-us", type=float, default=50.0, help="per-message latency in microseconds")
     c.add_argument("--ratio", type=float, default=None,
                    help="compression ratio (default: the one measured in results.json next to the checkpoint)")
+    c.add_argument("--codec-ms", type=float, default=None,
+                   help="encode + decode time per step (default: measured on the checkpoint's gradient size with "
+                        "the fraction of elements its run sent)")
     c.add_argument("--threads", type=int, default=1, help="torch threads for the compute measurement")
     c.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
     c.set_defaults(func=_cmd_costmodel)
