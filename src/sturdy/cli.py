@@ -11,6 +11,7 @@ import ast
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -109,17 +110,19 @@ def _job_from_args(args: argparse.Namespace) -> Any:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     job = _job_from_args(args)
-    if int(job.options.get("nproc", 1)) > 1 or job.options.get("compress", "none") != "none":
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if under_torchrun or int(job.options.get("nproc", 1)) > 1 or job.options.get("compress", "none") != "none":
         from sturdy.experiments.compression import run_distributed_training
 
-        results = run_distributed_training(job)
+        results = run_distributed_training(job, resume=not args.no_resume, progress=not args.no_progress)
     else:
         from sturdy.experiments.train_job import run_train_job
 
         results = run_train_job(job, resume=not args.no_resume, progress=not args.no_progress)
-    summary = {k: results.get(k) for k in ("train_accuracy", "test_accuracy", "seconds_per_epoch")}
-    print(json.dumps(summary))
-    print(f"wrote {Path(job.out) / 'model.pt'} and {Path(job.out) / 'results.json'}")
+    if os.environ.get("RANK", "0") == "0":
+        summary = {k: results.get(k) for k in ("train_accuracy", "test_accuracy", "seconds_per_epoch")}
+        print(json.dumps(summary))
+        print(f"wrote {Path(job.out) / 'model.pt'} and {Path(job.out) / 'results.json'}")
     return 0
 
 
