@@ -36,6 +36,9 @@ CONV_CASES = [
     (2, 2, 1, 2, 0, 1, 1, 5, 5),
     (3, 6, 3, 1, "same", 1, 3, 5, 6),
     (2, 2, 4, 1, "same", 1, 1, 6, 5),
+    (3, 4, 3, 2, 1, 2, 1, 9, 7),
+    (2, 4, 4, 2, 3, 1, 2, 7, 9),
+    (1, 2, 3, 3, 0, 1, 1, 10, 8),
 ]
 
 
@@ -74,6 +77,18 @@ def test_fft_bound_is_exact_for_stride1_circular_size():
     exact = float(torch.linalg.matrix_norm(w[:, :, 0, 0], ord=2))
     got = conv2d_fft_norm(w, input_hw=(5, 5), pads=(0, 0, 0, 0))
     torch.testing.assert_close(got, exact, rtol=REL_TOL, atol=0.0)
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_fft_bound_exact_for_non_overlapping_strided_patches(stride):
+    # kernel == stride, no padding: each output pixel applies the same matrix to its own input patch, so the
+    # norm is that matrix's norm; the polyphase FFT bound must find it exactly
+    conv = nn.Conv2d(2, 5, stride, stride=stride, bias=False)
+    w = conv.weight.detach().double()
+    exact = float(torch.linalg.matrix_norm(w.reshape(5, -1), ord=2))
+    got = conv2d_fft_norm(w, input_hw=(2 * stride, 3 * stride), pads=(0, 0, 0, 0), stride=(stride, stride))
+    torch.testing.assert_close(got, exact, rtol=REL_TOL, atol=0.0)
+    torch.testing.assert_close(exact_norm(conv, (2, 2 * stride, 3 * stride)), exact, rtol=REL_TOL, atol=0.0)
 
 
 @pytest.mark.parametrize("features", [(5, 3), (17, 11)])

@@ -287,12 +287,14 @@ class Conv2dOp(LinearOp):
         h, w_ = self.in_shape[-2:]
         lh, rh, lw, rw = self.pads
         if self.padding_mode == "zeros":
-            norm = conv2d_fft_norm(w, input_hw=(h, w_), pads=self.pads, dilation=self.dilation, groups=self.groups)
+            norm = conv2d_fft_norm(w, input_hw=(h, w_), pads=self.pads, dilation=self.dilation, groups=self.groups,
+                                   stride=self.stride)
             return norm, "fft"
         # reflect/replicate/circular: conv(pad(x)) with pad(.) a 0/1 copy map of norm sqrt(max multiplicity)
         mult = padding_multiplicity((h, w_), pads=self.pads, mode=self.padding_mode)
         base = conv2d_fft_norm(
-            w, input_hw=(h + lh + rh, w_ + lw + rw), pads=(0, 0, 0, 0), dilation=self.dilation, groups=self.groups
+            w, input_hw=(h + lh + rh, w_ + lw + rw), pads=(0, 0, 0, 0), dilation=self.dilation, groups=self.groups,
+            stride=self.stride,
         )
         return base * math.sqrt(mult), "fft+pad"
 

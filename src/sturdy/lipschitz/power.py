@@ -49,6 +49,24 @@ def dense_spectral_norm(matrix: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(m, ord=2))
 
 
+def _polyphase_axis(n: int, k: int, stride: int, dilation: int, pad_lo: int, pad_hi: int):
+    """Per-axis polyphase form of ``y[i] = sum_t w_t x[i s + t d - p]``: tap ``t`` reads phase
+    ``r_t = (t d - p) mod s`` at offset ``a_t = (t d - p) // s`` of ``x_r[m] = x[m s + r]``.
+
+    Returns ``(phase, offset, m, size)``: the taps' phases and offsets, the phase length
+    ``ceil(n / s)`` and a circulant size ``N`` for which the operator is a crop of the circulant.
+    """
+    q = [t * dilation - pad_lo for t in range(k)]
+    phase = [v % stride for v in q]
+    offset = [v // stride for v in q]
+    m = -(-n // stride)
+    out = (n + pad_lo + pad_hi - dilation * (k - 1) - 1) // stride + 1
+    a_min, a_max = min(offset), max(offset)
+    # row i, tap t reads phase column i + a_t; wrapped indices must never land on a real column [0, m)
+    size = max(m + max(0, -a_min), out + max(0, a_max), a_max - a_min + 1, 1)
+    return phase, offset, m, size
+
+
 def conv2d_fft_norm(
     weight: torch.Tensor,
     *,
@@ -56,15 +74,19 @@ def conv2d_fft_norm(
     pads: Tuple[int, int, int, int],
     dilation: Tuple[int, int] = (1, 1),
     groups: int = 1,
+    stride: Tuple[int, int] = (1, 1),
     max_chunk_entries: int = 1 << 24,
 ) -> float:
-    """Guaranteed upper bound of the L2 norm of a zero-padded 2-D convolution (any stride).
+    """Guaranteed upper bound of the L2 norm of a zero-padded 2-D convolution.
 
-    The zero-padded convolution on an ``H x W`` input is a crop (rows and columns) of the circular
-    convolution on ``N_h x N_w`` with ``N >= H + pad_left + pad_right + (k - 1) d + 1``; a stride only
-    subsamples rows. Cropping never increases the norm, and the circular multi-channel convolution is
-    block-diagonalised by the 2-D DFT, so its norm is the maximum over frequencies of
-    ``sigma_max(K_hat[a, b])`` (``C_out/g x C_in/g`` per group). Computed in float64 with
+    A stride ``s`` is handled exactly by the polyphase decomposition: splitting the input into its
+    ``s_h s_w`` phase images (a permutation) turns the strided convolution into a stride-1
+    convolution with ``C_in s_h s_w`` input channels on the phase grid. That zero-padded stride-1
+    convolution is a crop (rows and columns) of the circular convolution on ``N_h x N_w`` (``N``
+    from :func:`_polyphase_axis`, large enough that no wrapped tap reaches a real input); cropping
+    never increases the norm, and the circular multi-channel convolution is block-diagonalised by the
+    2-D DFT (Sedghi et al. 2019), so its norm is the maximum over frequencies of
+    ``sigma_max(K_hat[a, b])`` (``C_out/g x C_in s_h s_w/g`` per group). Computed in float64 with
     :data:`FFT_SAFETY` and :data:`FFT_ABS_SAFETY`.
 
     Args:
@@ -73,24 +95,28 @@ def conv2d_fft_norm(
         pads: ``(top, bottom, left, right)`` zero padding.
         dilation: kernel dilation.
         groups: convolution groups.
+        stride: convolution stride.
     """
     w = weight.detach().to(torch.float64)
     c_out, c_in_g, kh, kw = w.shape
-    dh, dw = dilation
-    keh, kew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    n_h = input_hw[0] + pads[0] + pads[1] + keh
-    n_w = input_hw[1] + pads[2] + pads[3] + kew
-    grid = torch.zeros((c_out, c_in_g, n_h, n_w), dtype=torch.float64, device=w.device)
-    grid[:, :, 0:keh:dh, 0:kew:dw] = w
-    spec = torch.fft.rfft2(grid)  # (C_out, C_in/g, N_h, N_w//2+1); the other half is conjugate
+    (sh, sw), (dh, dw) = stride, dilation
+    ph_h, off_h, _, n_h = _polyphase_axis(input_hw[0], kh, sh, dh, pads[0], pads[1])
+    ph_w, off_w, _, n_w = _polyphase_axis(input_hw[1], kw, sw, dw, pads[2], pads[3])
+    lo_h, lo_w = min(off_h), min(off_w)
+    grid = torch.zeros((c_out, c_in_g, sh, sw, n_h, n_w), dtype=torch.float64, device=w.device)
+    for th in range(kh):
+        for tw in range(kw):  # every tap lands on its own (phase, offset) cell: no collisions
+            grid[:, :, ph_h[th], ph_w[tw], off_h[th] - lo_h, off_w[tw] - lo_w] = w[:, :, th, tw]
+    c_in_phase = c_in_g * sh * sw
+    spec = torch.fft.rfft2(grid.reshape(c_out, c_in_phase, n_h, n_w))  # other half of the spectrum: conjugate
     g = int(groups)
-    spec = spec.reshape(g, c_out // g, c_in_g, n_h, -1).permute(0, 3, 4, 1, 2)  # (g, N_h, N_w', o, i)
-    per_row = max(1, max_chunk_entries // max(1, g * spec.shape[2] * (c_out // g) * c_in_g))
+    spec = spec.reshape(g, c_out // g, c_in_phase, n_h, -1).permute(0, 3, 4, 1, 2)  # (g, N_h, N_w', o, i)
+    per_row = max(1, max_chunk_entries // max(1, g * spec.shape[2] * (c_out // g) * c_in_phase))
     best = 0.0
     for start in range(0, n_h, per_row):
         block = spec[:, start : start + per_row]
         best = max(best, float(torch.linalg.matrix_norm(block, ord=2).max()))
-    abs_err = FFT_ABS_SAFETY * math.sqrt(c_out * c_in_g) * float(w.abs().sum())
+    abs_err = FFT_ABS_SAFETY * math.sqrt(c_out * c_in_phase) * float(w.abs().sum())
     return best * FFT_SAFETY + abs_err
 
 
