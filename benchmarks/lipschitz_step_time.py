@@ -34,6 +34,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="cnn", help="cnn (digits-sized) or wrn (WRN-16-4)")
     p.add_argument("--size", type=int, default=8, help="image side (8: digits)")
+    p.add_argument("--pool", default=None, help="cnn pooling: max (default), avg or none")
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=60, help="timed steps per method")
@@ -47,6 +48,8 @@ def main() -> None:
     torch.manual_seed(0)
     shape = (args.channels, args.size, args.size)
     kwargs = {"depth": 16, "widen": 4} if args.model == "wrn" else {}
+    if args.pool is not None:
+        kwargs["pool"] = args.pool
     model = create_model(args.model, in_shape=shape, num_classes=10, **kwargs).to(device)
     model.train()
     x = torch.rand(args.batch, *shape, device=device)
@@ -79,6 +82,7 @@ def main() -> None:
     result = {
         "benchmark": "lipschitz_step_time",
         "model": args.model,
+        "model_kwargs": kwargs,
         "input_shape": list(shape),
         "batch": args.batch,
         "device": str(device),
