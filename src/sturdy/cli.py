@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -33,12 +32,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def _part_modules() -> List[Any]:
-    mods = []
-    for part in PART_MODULES:
-        name = f"sturdy.experiments.{part}"
-        if importlib.util.find_spec(name) is not None:
-            mods.append(importlib.import_module(name))
-    return mods
+    return [importlib.import_module(f"sturdy.experiments.{part}") for part in PART_MODULES]
 
 
 def _model_arg(text: str) -> tuple:

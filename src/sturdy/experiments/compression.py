@@ -422,7 +422,7 @@ def demo_section(ctx: Any) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    nproc, epochs = (2, 1) if ctx.quick else (4, 5)
+    nproc, epochs = (2, 1) if ctx.quick else (4, 15)
     batch = 16
     base = dict(dataset="digits", model="mlp", epochs=epochs, batch_size=batch, lr=0.05, optimizer="sgd",
                 momentum=0.9, schedule="cosine", seed=ctx.seed, device="cpu")

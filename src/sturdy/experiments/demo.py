@@ -8,7 +8,6 @@ and the PNG figures beside them.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +85,6 @@ def run_demo(
                       results=results, train_set=train_set, test_set=test_set,
                       models={"standard": fitted.model.eval()}, progress=progress)
     for part in PARTS:
-        if importlib.util.find_spec(f"sturdy.experiments.{part}") is None:
-            continue
         module = importlib.import_module(f"sturdy.experiments.{part}")
         t_part = time.perf_counter()
         module.demo_section(ctx)
