@@ -1,4 +1,4 @@
-"""Shared test settings: deterministic, single-threaded-friendly torch on the 2-core CI machine."""
+"""Shared test settings: seeded, single-threaded torch (the test models are tiny, CI has two cores)."""
 
 import os
 
@@ -8,6 +8,16 @@ import torch
 
 matplotlib.use("Agg")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_thread():
+    """Tiny models are dominated by intra-op thread synchronisation; one thread also keeps the
+    multi-process tests from oversubscribing the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,7 @@ from typing import Any, List, Optional, Sequence
 
 from sturdy import __version__
 from sturdy.errors import ConfigurationError, SturdyError
+from sturdy.experiments.argtypes import positive_int
 
 __all__ = ["main", "build_parser"]
 
@@ -46,28 +47,18 @@ def _model_arg(text: str) -> tuple:
     return key, parsed
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _add_train(subparsers: Any, parts: Sequence[Any]) -> None:
     p = subparsers.add_parser("train", help="train a model; writes OUT/model.pt and OUT/results.json")
     p.add_argument("--dataset", default="digits",
                    help="digits (embedded), synthetic, mnist, fashion-mnist, cifar10, svhn")
     p.add_argument("--data-root", default=None, help="folder holding torchvision data files")
     p.add_argument("--download", action="store_true", help="let torchvision download missing data (needs internet)")
-    p.add_argument("--resize", type=_positive_int, default=None, help="resize images to SIDE x SIDE")
+    p.add_argument("--resize", type=positive_int, default=None, help="resize images to SIDE x SIDE")
     p.add_argument("--model", default="cnn", help="linear, mlp, cnn, resnet, wrn")
     p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="architecture option, repeatable (e.g. --model-arg width=256)")
-    p.add_argument("--epochs", type=_positive_int, default=20)
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="per worker")
+    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="per worker")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     p.add_argument("--momentum", type=float, default=0.9)

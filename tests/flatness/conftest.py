@@ -2,18 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
-
-
-@pytest.fixture(scope="package", autouse=True)
-def single_thread():
-    """Tiny models are dominated by thread synchronisation on a loaded 2-core machine: use one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_mlp(seed: int = 0, *, inplace: bool = False) -> nn.Module:

@@ -24,15 +24,6 @@ def tiny_cnn(shape, classes: int = 4, *, seed: int = 0, dtype=torch.float64) -> 
     return model.to(dtype).eval()
 
 
-@pytest.fixture(scope="package", autouse=True)
-def single_thread():
-    """Tiny models are dominated by thread synchronisation on a loaded 2-core machine: use one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="package")
 def digits():
     train = load_dataset("digits", split="train")
@@ -41,7 +32,7 @@ def digits():
 
 
 @pytest.fixture(scope="package")
-def trained_cnn(single_thread, digits):
+def trained_cnn(digits):
     """A small CNN trained for a few epochs on the digits (about 95% test accuracy after 4 epochs), in eval mode."""
     train, _ = digits
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from sturdy.report import Report
 
 
 @pytest.fixture(scope="package")
-def checkpoint(tmp_path_factory, single_thread):
+def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("fourier_train")
     argv = ["train", "--epochs", "2", "--lr", "0.01", "--out", str(out), "--no-progress", "--device", "cpu",
             "--model-arg", "channels=(4,8)", "--model-arg", "width=16"]

@@ -37,19 +37,5 @@ def train_lmt_digits(*, epochs: int = 12, c: float = 0.5, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def lmt_digits():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # session fixtures start before the per-test thread fixture below
-    try:
-        with torch.random.fork_rng():
-            return train_lmt_digits()
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The Lipschitz tests use tiny models: one thread avoids oversubscription on the shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch.random.fork_rng():
+        return train_lmt_digits()

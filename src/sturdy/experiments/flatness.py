@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from sturdy.errors import ConfigurationError, UnsupportedModuleError
+from sturdy.experiments.argtypes import non_negative_int, positive_int
 from sturdy.flatness import (
     available_measures,
     compute_measures,
@@ -65,7 +66,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--quick", action="store_true", help="16 MLPs (1-2 minutes) instead of the 64-model grid")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the stochastic measures and of the bootstrap")
-    p.add_argument("--bootstrap", type=_non_negative_int, default=None, help="bootstrap resamples (default: grid's)")
+    p.add_argument("--bootstrap", type=non_negative_int, default=None, help="bootstrap resamples (default: grid's)")
     p.add_argument("--no-resume", action="store_true", help="retrain points whose records already exist")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_grid)
@@ -75,32 +76,12 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="output folder (measures.json)")
     p.add_argument("--measures", default=None,
                    help=f"comma-separated subset of: {', '.join(available_measures())} (default: all)")
-    p.add_argument("--samples", type=_positive_int, default=None,
+    p.add_argument("--samples", type=positive_int, default=None,
                    help="measure on the first N training samples only (default: the whole training split)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_measure)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def _cmd_missing(args: argparse.Namespace) -> int:
@@ -244,17 +225,6 @@ def demo_section(ctx: Any) -> None:
     Budget: about 30 s on 2 CPU cores (about 8 s with ``ctx.quick``): measures use the first 500 (150)
     training digits and reduced Monte-Carlo settings.
     """
-    threads = torch.get_num_threads()
-    # The demo's models are tiny: on a loaded machine intra-op threads only add synchronisation (measured
-    # 10x slower with 2 threads on 2 busy cores), so the section runs single-threaded and restores the setting.
-    torch.set_num_threads(1)
-    try:
-        _demo_section(ctx)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _demo_section(ctx: Any) -> None:
     from sturdy.training import evaluate
 
     t0 = time.perf_counter()

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from sturdy.data import ImageDataset, load_dataset
 from sturdy.errors import ConfigurationError
+from sturdy.experiments.argtypes import positive_float, positive_int
 from sturdy.fourier import (
     PerturbationReport,
     UniversalPerturbation,
@@ -105,26 +106,6 @@ def random_noise_baseline(
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _phase(text: str) -> Optional[float]:
     if text == "random":
         return None
@@ -136,11 +117,11 @@ def _phase(text: str) -> Optional[float]:
 
 def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="model.pt written by `sturdy train`")
-    p.add_argument("--eps", type=_positive_float, required=True, help="budget in --norm (images in [0, 1])")
+    p.add_argument("--eps", type=positive_float, required=True, help="budget in --norm (images in [0, 1])")
     p.add_argument("--norm", choices=("l2", "linf"), default="l2")
     p.add_argument("--wave", choices=("sine", "square"), default="sine",
                    help="sinusoid, or its sign (square wave; the strongest L-inf variant)")
-    p.add_argument("--batch-size", type=_positive_int, default=2048, help="perturbed images per model call")
+    p.add_argument("--batch-size", type=positive_int, default=2048, help="perturbed images per model call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true")
@@ -154,7 +135,7 @@ def register_cli(subparsers: Any) -> None:
 
     p = sub.add_parser("heatmap", help="error/fooling rate per Fourier direction; PNG + JSON")
     _common_arguments(p)
-    p.add_argument("--images", type=_positive_int, default=500, help="test images used (at most the split)")
+    p.add_argument("--images", type=positive_int, default=500, help="test images used (at most the split)")
     p.add_argument("--phase", type=_phase, default=-math.pi / 4,
                    help="phase of the directions in radians, or 'random' (per image); default -pi/4")
     p.add_argument("--out", default="runs/fourier/heatmap")
@@ -163,10 +144,10 @@ def register_cli(subparsers: Any) -> None:
     p = sub.add_parser("attack", help="Single Fourier Attack: one black-box universal perturbation")
     _common_arguments(p)
     p.add_argument("--search", choices=("halving", "exhaustive"), default="halving")
-    p.add_argument("--attack-images", type=_positive_int, default=300,
+    p.add_argument("--attack-images", type=positive_int, default=300,
                    help="training images the attack searches on (held-out: the whole test split)")
-    p.add_argument("--phases", type=_positive_int, default=8, help="phases 2 pi j / PHASES searched")
-    p.add_argument("--max-queries", type=_positive_int, default=None, help="hard budget of model queries")
+    p.add_argument("--phases", type=positive_int, default=8, help="phases 2 pi j / PHASES searched")
+    p.add_argument("--max-queries", type=positive_int, default=None, help="hard budget of model queries")
     p.add_argument("--shifts", type=int, default=4, help="random circular shifts of delta per held-out image")
     p.add_argument("--combine", action="store_true",
                    help="also grow the SFA into a mixture of a few Fourier directions (delta_combination.pt)")
@@ -285,20 +266,8 @@ def _attack_summary(sfa: UniversalPerturbation, held: PerturbationReport) -> Dic
 def demo_section(ctx: Any) -> None:
     """Heat maps of the standard (and LMT) model, the SFA perturbation, held-out and shifted fooling rates.
 
-    Budget: about 20 s on 2 CPU cores (about 5 s with ``ctx.quick``). On the CPU the section runs with one
-    torch thread (restored afterwards): the digits models are so small that a second thread only adds
-    synchronisation, and on a busy machine it costs 3x.
+    Budget: about 20 s on 2 CPU cores (about 5 s with ``ctx.quick``).
     """
-    threads = torch.get_num_threads()
-    if ctx.device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        _demo_section(ctx)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _demo_section(ctx: Any) -> None:
     quick = bool(ctx.quick)
     n_map = 120 if quick else len(ctx.test_set)
     n_attack = 100 if quick else 300

@@ -288,21 +288,7 @@ def lmt_demo_job(out: Path, *, quick: bool, seed: int, device: str) -> Any:
 
 
 def demo_section(ctx: Any) -> None:
-    """Train the LMT model, certify it and the standard model, add plots and results.
-
-    On CPU the section runs single-threaded: its models are tiny, and extra threads only add
-    synchronisation cost (measured 3-10x slower on a loaded 2-core machine).
-    """
-    threads = torch.get_num_threads()
-    if ctx.device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        _demo_section(ctx)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _demo_section(ctx: Any) -> None:
+    """Train the LMT model, certify it and the standard model, add plots and results."""
     from sturdy.experiments.train_job import fit
 
     t0 = time.perf_counter()
