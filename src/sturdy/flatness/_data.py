@@ -10,7 +10,6 @@ Conventions used by every function of the subpackage:
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Iterable, Iterator, List, Tuple
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sturdy.errors import ConfigurationError, DataError
+from sturdy.utils import eval_mode, model_device_dtype  # noqa: F401  (re-exported to the flatness modules)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``loss_fn(outputs, targets) -> mean loss over the batch`` (a 0-d tensor)."""
@@ -28,13 +28,6 @@ WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy of logits ``(N, C)`` against class indices ``(N,)``."""
     return F.cross_entropy(outputs, targets)
-
-
-def model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
-    """Device and floating dtype of the model's first parameter (CPU float32 for parameter-free models)."""
-    for p in model.parameters():
-        return p.device, p.dtype
-    return torch.device("cpu"), torch.get_default_dtype()
 
 
 def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
@@ -94,18 +87,6 @@ def collect_batches(
     if sum(int(x.shape[0]) for x, _ in batches) == 0:
         raise DataError("the data holds no samples; pass at least one (input, target) pair")
     return batches
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and restore its training flags (per module) on exit."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def trainable_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:

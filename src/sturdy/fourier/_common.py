@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable, Tuple, Union
+from typing import Callable, Union
 
 import torch
 from torch import Tensor, nn
 
 from sturdy.errors import ConfigurationError
+from sturdy.utils import model_device_dtype  # noqa: F401  (re-exported to the fourier modules)
 
 Model = Union[nn.Module, Callable[[Tensor], Tensor]]
-
-
-def model_device_dtype(model: Model, x: Tensor) -> Tuple[torch.device, torch.dtype]:
-    """Device and floating dtype of the model's parameters (fallback: those of ``x``)."""
-    if isinstance(model, nn.Module):
-        for p in model.parameters():
-            if p.dtype.is_floating_point:
-                return p.device, p.dtype
-    return x.device, x.dtype
 
 
 def check_batch_size(batch_size: int) -> int:

@@ -19,9 +19,8 @@ Conventions: L2 norms on flattened per-sample tensors; the bound holds for the m
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
@@ -39,6 +38,7 @@ from sturdy.lipschitz.bounds import (
     find_rule,
 )
 from sturdy.lipschitz.power import DENSE_MAX_ENTRIES, guaranteed_norm, power_iteration
+from sturdy.utils import eval_mode
 
 __all__ = [
     "LayerBound",
@@ -50,18 +50,6 @@ __all__ = [
     "LipschitzTracker",
     "eval_mode",
 ]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily put ``model`` in eval mode, restoring every submodule's flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 @dataclass(frozen=True)
