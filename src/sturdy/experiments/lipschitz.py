@@ -1,7 +1,7 @@
 """Lipschitz-margin training and certification as jobs: ``sturdy train --method lmt``,
 ``sturdy certify`` and the demo's certification section.
 
-Plug-ins used by the lead's code:
+Plug-ins used by the ``train`` command and the demo:
 
 * :func:`add_train_arguments` adds ``--method``, ``--c``, ``--c-warmup-epochs``, ``--lmt-form``,
   ``--lmt-clip`` and ``--lmt-iterations`` to ``sturdy train`` (values land in ``job.options``);
