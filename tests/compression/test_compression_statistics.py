@@ -178,3 +178,12 @@ def test_validation_messages():
     stats = attach_squared_gradient_statistics(nn.Linear(2, 2))
     with pytest.raises(DistributedError, match="not tracked"):
         stats.pop_flat([torch.zeros(3)])
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 5000, 25000])
+def test_chunked_products_of_grouped_conv_and_sequences_match_per_sample_loop(chunk_bytes):
+    """Chunks of one sample and of several samples with a shorter last chunk (7 samples)."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Flatten(start_dim=2),
+                          nn.Linear(36, 5), nn.Tanh(), nn.Flatten(), nn.Linear(30, 3))
+    _check(model, torch.randn(7, 4, 6, 6), torch.randint(0, 3, (7,)), chunk_bytes=chunk_bytes)

@@ -12,18 +12,21 @@ and registers a gradient hook on the module's output. That hook receives the out
 the parameter's gradient is accumulated and before DDP's bucket for it fires. Per-layer rules live in a
 registry (:func:`register_squared_grad`):
 
-* ``nn.Linear``: ``(delta^2)^T (a^2)`` for 2-D inputs; a per-sample einsum over extra dimensions.
-* ``nn.Conv2d`` (any padding / padding mode / stride / dilation / groups): per-sample gradients by
-  ``unfold``, chunked over samples.
+* ``nn.Linear``: ``(delta^2)^T (a^2)`` for 2-D inputs; per-sample products over extra dimensions
+  (chunked like Conv2d).
+* ``nn.Conv2d`` (any padding / padding mode / stride / dilation / groups): per-sample gradients from
+  the input unfolded per chunk of samples, one batched product per chunk into a reused buffer, whose
+  squares are summed by a matrix-vector product.
 * BatchNorm (``_BatchNorm``): per-sample terms ``sum_hw delta * xhat`` and ``sum_hw delta`` with the
   normalisation statistics the forward used (batch statistics in training mode, running ones in eval).
 * anything else: ``torch.func.vmap(grad(...))`` over samples, chunked (the module must treat samples
   independently).
 
-Chunks are sized so that the per-sample tensors of one chunk (per-sample gradients, and for Conv2d
-the unfolded input) stay below ``chunk_bytes`` (default: the model's parameter bytes), so the
-transient memory of the per-sample path stays near one gradient's size on top of the accumulated
-statistics; a larger budget is faster (fewer, larger batched products).
+Memory: the statistics themselves take one gradient's size. On top of that, the per-sample tensors of
+one chunk (per-sample gradients, and for Conv2d the unfolded input of the chunk) stay below
+``chunk_bytes``, default 7/8 of the model's parameter bytes, so the peak extra memory of the statistics
+stays below twice the gradient size (the rest of the eighth is left to small activation-sized
+temporaries). A larger budget is faster (fewer, larger batched products).
 
 Limitations (checked, never silent): a parameterised module must run at most once per forward pass
 (shared weights miss cross terms and raise :class:`~sturdy.errors.UnsupportedModuleError`), and
@@ -88,28 +91,68 @@ def _chunks(n: int, chunk: int) -> Iterator[slice]:
 @register_squared_grad(nn.Linear)
 def _linear_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> Dict[str, Tensor]:
     out: Dict[str, Tensor] = {}
+    want_bias = module.bias is not None and module.bias.requires_grad
     if a.dim() == 2:
+        d2 = delta.square()
         if module.weight.requires_grad:
-            out["weight"] = (delta * delta).t().mm(a * a)
-        if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = (delta * delta).sum(0)
+            out["weight"] = d2.t().mm(a.square())
+        if want_bias:
+            out["bias"] = d2.sum(0)
         return out
     n = a.shape[0]
     a3 = a.reshape(n, -1, a.shape[-1])
     d3 = delta.reshape(n, -1, delta.shape[-1])
-    weight = torch.zeros_like(module.weight) if module.weight.requires_grad else None
-    bias = None
-    if module.bias is not None and module.bias.requires_grad:
-        bias = (d3.sum(1) ** 2).sum(0)
-    if weight is not None:
-        chunk = samples_per_chunk(budget, module.weight.numel(), a.element_size())
-        for sl in _chunks(n, chunk):
-            per_sample = torch.einsum("nto,nti->noi", d3[sl], a3[sl])
-            weight += per_sample.square_().sum(0)
-        out["weight"] = weight
-    if bias is not None:
-        out["bias"] = bias
+    if module.weight.requires_grad:
+        d3t = d3.transpose(1, 2)  # (n, out, t)
+
+        def pairs(chunk: int) -> Iterator[Tuple[Tensor, Tensor]]:
+            return zip(d3t.split(chunk), a3.split(chunk))
+
+        out["weight"] = _sum_of_squared_products(pairs, n, (d3.shape[-1], a3.shape[-1]), budget, a).view_as(
+            module.weight
+        )
+    if want_bias:
+        out["bias"] = d3.sum(1).square_().sum(0)
     return out
+
+
+def _sum_of_squared_products(
+    pairs: Callable[[int], Iterator[Tuple[Tensor, Tensor]]],
+    n: int,
+    shape: Tuple[int, int],
+    budget: int,
+    like: Tensor,
+    *,
+    groups: int = 1,
+    extra_per_sample: int = 0,
+) -> Tensor:
+    """``sum_x (left_x right_x)^2`` (elementwise square of each sample's matrix product), flat.
+
+    ``pairs(chunk)`` yields, for consecutive chunks of ``chunk`` samples (the last one may be
+    shorter), ``left`` ``(c * groups, o, t)`` and ``right`` ``(c * groups, t, i)``; the result has
+    ``groups * o * i`` elements (sample ``x``'s products of its groups, concatenated). The products of
+    a chunk go to one buffer that every chunk reuses, and their squares are added to the result by a
+    matrix-vector product (no temporary per chunk). ``budget`` bounds the bytes of that buffer plus
+    ``extra_per_sample`` elements per sample that ``pairs`` allocates (e.g. an unfolded input).
+    """
+    o, i = shape
+    per_sample = groups * o * i
+    chunk = min(n, samples_per_chunk(budget, per_sample + extra_per_sample, like.element_size()))
+    buf = torch.empty(chunk * groups, o, i, dtype=like.dtype, device=like.device)
+    ones = torch.ones(chunk, dtype=like.dtype, device=like.device)
+    total = torch.zeros(per_sample, dtype=like.dtype, device=like.device)
+    for left, right in pairs(chunk):
+        rows = left.shape[0]
+        products = buf if rows == buf.shape[0] else buf[:rows]
+        torch.bmm(left, right, out=products)
+        del left, right  # free this chunk's inputs before the next chunk is built
+        c = rows // groups
+        if c == 1:
+            flat = products.view(per_sample)
+            total.addcmul_(flat, flat)
+        else:
+            total.addmv_(products.square_().view(c, per_sample).t(), ones if c == chunk else ones[:c])
+    return total
 
 
 def _conv2d_padded_input(module: nn.Conv2d, a: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
@@ -133,27 +176,24 @@ def _conv2d_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> Di
     n = a.shape[0]
     groups = module.groups
     c_out = module.out_channels
-    d_flat = delta.reshape(n, groups, c_out // groups, -1)  # (N, G, Cout/G, L)
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = (delta.sum((2, 3)) ** 2).sum(0)
+        out["bias"] = delta.sum((2, 3)).square_().sum(0)
     if not module.weight.requires_grad:
         return out
     padded, padding = _conv2d_padded_input(module, a)
-    weight = torch.zeros(
-        groups, c_out // groups, module.weight[0].numel(), dtype=module.weight.dtype, device=a.device
-    )
-    positions = d_flat.shape[-1]  # output positions L; unfold holds Cin*kh*kw*L values per sample
-    chunk = samples_per_chunk(budget, module.weight.numel() + module.weight[0].numel() * groups * positions,
-                              a.element_size())
-    for sl in _chunks(n, chunk):
-        cols = F.unfold(
-            padded[sl], module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
-        )  # (c, Cin*kh*kw, L)
-        cols = cols.reshape(cols.shape[0], groups, -1, cols.shape[-1])
-        per_sample = torch.einsum("ngol,ngkl->ngok", d_flat[sl], cols)
-        del cols
-        weight += per_sample.square_().sum(0)
-    out["weight"] = weight.reshape(module.weight.shape)
+    positions = delta.shape[2] * delta.shape[3]
+    k = module.weight.numel() // c_out  # Cin/G * kh * kw (from the shape: no tensor op on the parameter)
+    d_flat = delta.reshape(n * groups, c_out // groups, positions)  # per sample and group: (Cout/G, L)
+
+    def pairs(chunk: int) -> Iterator[Tuple[Tensor, Tensor]]:
+        for left, inputs in zip(d_flat.split(chunk * groups), padded.split(chunk)):
+            # unfolded input (c, G*K, L) as (c*G, L, K), built in the yield so that no reference outlives it
+            yield left, F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=padding,
+                                 stride=module.stride).view(-1, k, positions).transpose(1, 2)
+
+    weight = _sum_of_squared_products(pairs, n, (c_out // groups, k), budget, a, groups=groups,
+                                      extra_per_sample=groups * k * positions)
+    out["weight"] = weight.view_as(module.weight)
     return out
 
 
@@ -235,7 +275,7 @@ class SquaredGradientStatistics:
         if not params:
             raise ConfigurationError("the model has no trainable parameters: nothing to compute statistics for")
         model_bytes = sum(p.numel() * p.element_size() for p in params)
-        self.chunk_bytes = int(chunk_bytes if chunk_bytes is not None else model_bytes)
+        self.chunk_bytes = int(chunk_bytes if chunk_bytes is not None else model_bytes * 7 // 8)
         self.parameter_names: Dict[int, str] = {}
         self._sq: Dict[int, Tensor] = {}
         self._owner: Dict[int, _Tracked] = {}
@@ -355,8 +395,8 @@ def attach_squared_gradient_statistics(
 
     Args:
         model: the model; every module owning trainable parameters gets a forward hook.
-        chunk_bytes: memory budget of the per-sample tensors of one chunk (default: the model's
-            trainable parameter bytes).
+        chunk_bytes: memory budget of the per-sample tensors of one chunk (default: 7/8 of the
+            model's trainable parameter bytes; see the module docstring).
 
     Example:
         >>> model = nn.Linear(3, 2)
