@@ -253,3 +253,30 @@ def test_variance_select_truncates_to_a_byte_budget_by_priority():
     torch.testing.assert_close(v[dropped], before_v[dropped] * 0.9)  # unsent: decayed, not reset
     empty = variance_select(before_r.clone(), before_v.clone(), alpha=1.0, zeta=0.9, quantize="4bit", max_bytes=5)
     assert empty.count == 0 and empty.wanted_bytes == full.payload.numel()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 4.0])
+def test_variance_select_numpy_path_equals_torch_path(alpha):
+    """The CPU fast path (4-bit, no byte budget) gives the same bits as the generic torch path."""
+    gen = torch.Generator().manual_seed(11)
+    n = 5000
+    r = torch.randn(n, generator=gen) * 10.0 ** torch.empty(n).uniform_(-6, 1, generator=gen)
+    r[torch.rand(n, generator=gen) < 0.3] = 0
+    v = torch.rand(n, generator=gen) * r * r
+    boundaries = torch.tensor([0, 7, 7, 1200, 4000, n])  # an empty segment included
+    for b in (boundaries, None):
+        r1, v1, r2, v2 = r.clone(), v.clone(), r.clone(), v.clone()
+        fast = variance_select(r1, v1, alpha=alpha, zeta=0.999, quantize="4bit", boundaries=b)
+        generic = variance_select(r2, v2, alpha=alpha, zeta=0.999, quantize="4bit", boundaries=b, max_bytes=10**9)
+        assert torch.equal(r1, r2) and torch.equal(v1, v2)
+        assert torch.equal(fast.payload, generic.payload) and torch.equal(fast.indices, generic.indices)
+        assert torch.equal(fast.values, generic.values) and fast.count > 0
+
+
+def test_varint_indices_of_several_widths_round_trip():
+    indices = torch.tensor([0, 1, 130, 20000, 20001, 3_000_000, 300_000_000], dtype=torch.int64)
+    values = torch.arange(1.0, 8.0)
+    payload = codec.encode(indices, values, length=300_000_001, value_format="float32")
+    assert payload.numel() < 60  # delta varints, not a bitmap
+    decoded = codec.decode(payload, length=300_000_001)
+    assert torch.equal(decoded.indices, indices) and torch.equal(decoded.values, values)

@@ -131,45 +131,57 @@ def segment_scales(segments: Tensor, values: Tensor, boundaries: Optional[Tensor
 
 
 _HEADER = struct.Struct("<Biii")
-_VARINT_LIMITS = np.array([1 << (7 * k) for k in range(1, 9)], dtype=np.int64)
-_SHIFTS = 7 * np.arange(9, dtype=np.int64)
+_NUMPY_ADD_DTYPES = (torch.float32, torch.float64)
 
 # The byte-level work below runs in numpy on the CPU: payloads are small and numpy's per-call
 # overhead is a fraction of torch's, which is what keeps the hook cheap per step.
 
 
-def _varint_encode(gaps: np.ndarray) -> np.ndarray:
+def _varint_lengths(gaps: np.ndarray) -> np.ndarray:
+    """Bytes of the LEB128 varint of each non-negative gap (1 for gaps below 128, ...)."""
+    nbytes = np.ones(gaps.size, dtype=np.int64)
+    top = int(gaps.max()) if gaps.size else 0
+    for k in range(1, max(1, (top.bit_length() + 6) // 7)):
+        nbytes += gaps >= (1 << (7 * k))
+    return nbytes
+
+
+def _varint_encode(gaps: np.ndarray, nbytes: Optional[np.ndarray] = None) -> np.ndarray:
     """LEB128 varints (7 bits per byte, high bit = more bytes follow) of non-negative int64 gaps."""
     if gaps.size == 0:
         return np.zeros(0, dtype=np.uint8)
-    nbytes = np.searchsorted(_VARINT_LIMITS, gaps, side="right") + 1
+    if nbytes is None:
+        nbytes = _varint_lengths(gaps)
     width = int(nbytes.max())
     if width == 1:
         return gaps.astype(np.uint8)
-    k = np.arange(width)
-    digits = (gaps[:, None] >> _SHIFTS[:width]) & 0x7F
-    digits |= np.where(k < nbytes[:, None] - 1, 0x80, 0)
-    return digits[k < nbytes[:, None]].astype(np.uint8)
+    ends = np.cumsum(nbytes)
+    starts = ends - nbytes
+    out = np.empty(int(ends[-1]), dtype=np.uint8)
+    for k in range(width):  # byte k of every gap that has more than k bytes
+        rows = slice(None) if k == 0 else np.flatnonzero(nbytes > k)
+        digits = (gaps[rows] >> (7 * k)) & 0x7F
+        digits |= (nbytes[rows] > k + 1).astype(np.int64) << 7
+        out[starts[rows] + k] = digits
+    return out
 
 
 def _varint_decode(data: np.ndarray, count: int) -> np.ndarray:
     """Sorted indices from the varint gaps in ``data``."""
-    b = data.astype(np.int64)
-    if b.size == count:  # every gap fits in one byte
-        return np.cumsum(b + 1) - 1
-    ends = (b & 0x80) == 0
-    end_pos = np.flatnonzero(ends)
-    if end_pos.size != count or (count and end_pos[-1] != b.size - 1):
+    if data.size == count:  # every gap fits in one byte
+        return np.cumsum(data.astype(np.int64) + 1) - 1
+    end_pos = np.flatnonzero(data < 0x80)
+    if end_pos.size != count or (count and end_pos[-1] != data.size - 1):
         raise DataError(f"corrupt payload: index section holds {end_pos.size} varints, header says {count}")
-    starts = np.concatenate(([0], end_pos[:-1] + 1))
-    group = np.repeat(np.arange(count), end_pos - starts + 1)
-    position = np.arange(b.size) - starts[group]
-    gaps = np.add.reduceat((b & 0x7F) << (7 * position), starts)
+    starts = np.empty(count, dtype=np.int64)
+    starts[0] = 0
+    starts[1:] = end_pos[:-1] + 1
+    lengths = end_pos - starts + 1
+    gaps = (data[starts] & 0x7F).astype(np.int64)
+    for k in range(1, int(lengths.max())):
+        rows = np.flatnonzero(lengths > k)
+        gaps[rows] |= (data[starts[rows] + k] & 0x7F).astype(np.int64) << (7 * k)
     return np.cumsum(gaps + 1) - 1
-
-
-def _delta_size(gaps: np.ndarray) -> int:
-    return int((np.searchsorted(_VARINT_LIMITS, gaps, side="right") + 1).sum())
 
 
 def encode(
@@ -217,9 +229,13 @@ def encode_unchecked(indices: Tensor, values: Tensor, *, length: int, value_form
     if n == 0:
         return torch.zeros(0, dtype=torch.uint8)
     idx = indices.numpy()
-    gaps = np.diff(idx, prepend=-1) - 1
-    if _delta_size(gaps) <= (length + 7) // 8:
-        mode, index_section = _DELTA, _varint_encode(gaps)
+    gaps = np.empty_like(idx)
+    gaps[0] = idx[0]
+    np.subtract(idx[1:], idx[:-1], out=gaps[1:])
+    gaps[1:] -= 1
+    nbytes = _varint_lengths(gaps)
+    if int(nbytes.sum()) <= (length + 7) // 8:
+        mode, index_section = _DELTA, _varint_encode(gaps, nbytes)
     else:
         mask = np.zeros(length, dtype=bool)
         mask[idx] = True
@@ -270,7 +286,7 @@ def decode(payload: Tensor, *, length: int, boundaries: Optional[Tensor] = None)
     elif value_format == "4bit":
         if value_section.size != (n + 1) // 2:
             raise DataError(f"corrupt payload: value section holds {value_section.size} bytes for {n} 4-bit values")
-        codes = np.empty(2 * value_section.size, dtype=np.int64)
+        codes = np.empty(2 * value_section.size, dtype=np.uint8)
         codes[0::2] = value_section & 0xF
         codes[1::2] = value_section >> 4
         codes = codes[:n]
@@ -281,17 +297,22 @@ def decode(payload: Tensor, *, length: int, boundaries: Optional[Tensor] = None)
             scale = scales[seg]
         else:
             scale = np.full(n, scales[0], dtype=np.float32)
-        values = np.ldexp(scale, -(codes & 7)).astype(np.float32)
+        values = np.ldexp(scale, -(codes & 7).astype(np.int32)).astype(np.float32, copy=False)
         values[(codes & 8) != 0] *= -1
     else:
         negative = np.unpackbits(value_section, count=n, bitorder="little").astype(bool)
         values = np.where(negative, -scales[0], scales[0]).astype(np.float32)
-    return DecodedPayload(torch.from_numpy(indices.astype(np.int64)), torch.from_numpy(values))
+    return DecodedPayload(torch.from_numpy(indices.astype(np.int64, copy=False)), torch.from_numpy(values))
 
 
 def decode_add_(out: Tensor, payload: Tensor, *, boundaries: Optional[Tensor] = None) -> Tensor:
     """Decode ``payload`` and add its values into the dense vector ``out`` in place."""
     decoded = decode(payload, length=out.numel(), boundaries=boundaries)
     if decoded.indices.numel():
-        out.index_add_(0, decoded.indices.to(out.device), decoded.values.to(out.device, out.dtype))
+        on_cpu = out.device.type == "cpu" and out.dtype in _NUMPY_ADD_DTYPES
+        if on_cpu and out.is_contiguous() and not out.requires_grad:
+            flat = out.view(-1).numpy()  # indices are unique: the same sums as index_add_, without its overhead
+            flat[decoded.indices.numpy()] += decoded.values.numpy()
+        else:
+            out.index_add_(0, decoded.indices.to(out.device), decoded.values.to(out.device, out.dtype))
     return out

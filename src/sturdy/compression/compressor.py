@@ -90,6 +90,8 @@ def variance_select(
             ``r_i^2 / v_i`` are sent and the others stay in the residual, unsent (``v`` decays).
             ``Selection.desired_bytes`` reports the size the full selection would have had.
     """
+    if r.device.type == "cpu" and v.device.type == "cpu" and quantize == "4bit" and max_bytes is None:
+        return _variance_select_cpu(r, v, alpha=alpha, zeta=zeta, boundaries=boundaries)
     if alpha == 0:
         candidates = r != 0
     else:
@@ -141,6 +143,48 @@ def variance_select(
         r.index_fill_(0, indices, 0.0)  # exact: r - r
     v.index_fill_(0, indices, 0.0)
     return Selection(payload, indices, sent, desired)
+
+
+def _variance_select_cpu(r: Tensor, v: Tensor, *, alpha: float, zeta: float, boundaries: Optional[Tensor]) -> Selection:
+    """:func:`variance_select` with 4-bit values and no byte budget, in numpy on the CPU (same results).
+
+    Works on numpy views of ``r`` and ``v`` (no copy): a bucket is a few ten thousand elements, where
+    numpy's per-call cost is a fraction of torch's.
+    """
+    rn, vn = r.detach().numpy(), v.detach().numpy()
+    if alpha == 0:
+        idx = np.flatnonzero(rn)
+    else:
+        idx = np.flatnonzero(rn * rn > alpha * vn)
+    vn *= zeta
+    if idx.size == 0:
+        return _empty(r)
+    val = rn[idx].astype(np.float32, copy=False)
+    mag = np.abs(val)
+    if boundaries is None or boundaries.numel() <= 2:
+        segments = None
+        scales = mag.max(keepdims=True)
+        seg_scale = np.broadcast_to(scales, mag.shape)
+    else:  # indices are sorted: each segment is a contiguous run, its scale a reduceat of that run
+        edges = boundaries.numpy()
+        starts = np.searchsorted(idx, edges[:-1])
+        nonempty = starts < np.searchsorted(idx, edges[1:])
+        scales = np.zeros(edges.size - 1, dtype=np.float32)
+        scales[nonempty] = np.maximum.reduceat(mag, starts[nonempty])
+        segments = np.searchsorted(edges[1:-1], idx, side="right")
+        seg_scale = scales[segments]
+    codes, quantised, ok = codec.quantize_down_numpy(val, seg_scale)
+    if not ok.all():
+        keep = np.flatnonzero(ok)
+        if keep.size == 0:
+            return _empty(r)
+        idx, codes, quantised = idx[keep], codes[keep], quantised[keep]
+    rn[idx] -= quantised.astype(rn.dtype, copy=False)  # r - q, as r.index_add_(-q) computes it
+    vn[idx] = 0
+    indices = torch.from_numpy(idx)
+    payload = codec.encode_unchecked(indices, torch.from_numpy(codes), length=rn.size, value_format="4bit",
+                                     scales=torch.from_numpy(scales))
+    return Selection(payload, indices, torch.from_numpy(quantised).to(r.dtype), int(payload.numel()))
 
 
 def max_payload_bytes(length: int, *, value_format: str, num_scales: int) -> int:
