@@ -164,7 +164,6 @@ def _variance_select_cpu(r: Tensor, v: Tensor, *, alpha: float, zeta: float, bou
     if boundaries is None or boundaries.numel() <= 2:
         segments = None
         scales = mag.max(keepdims=True)
-        seg_scale = np.broadcast_to(scales, mag.shape)
     else:  # indices are sorted: each segment is a contiguous run, its scale a reduceat of that run
         edges = boundaries.numpy()
         starts = np.searchsorted(idx, edges[:-1])
@@ -172,13 +171,26 @@ def _variance_select_cpu(r: Tensor, v: Tensor, *, alpha: float, zeta: float, bou
         scales = np.zeros(edges.size - 1, dtype=np.float32)
         scales[nonempty] = np.maximum.reduceat(mag, starts[nonempty])
         segments = np.searchsorted(edges[1:-1], idx, side="right")
-        seg_scale = scales[segments]
-    codes, quantised, ok = codec.quantize_down_numpy(val, seg_scale)
+    # codec.quantize_down_numpy with the frexp of the scales taken once per segment (same results)
+    m_v, e_v = np.frexp(mag)
+    m_s, e_s = np.frexp(scales)
+    if segments is not None:
+        m_s, e_s = m_s[segments], e_s[segments]
+    exponent = e_s - e_v
+    exponent += m_s > m_v
+    np.maximum(exponent, 0, out=exponent)
+    ok = (exponent < codec.NUM_LEVELS) & (mag > 0)
     if not ok.all():
         keep = np.flatnonzero(ok)
         if keep.size == 0:
             return _empty(r)
-        idx, codes, quantised = idx[keep], codes[keep], quantised[keep]
+        idx, val, exponent = idx[keep], val[keep], exponent[keep]
+        if segments is not None:
+            segments = segments[keep]
+    negative = val < 0
+    quantised = np.ldexp(scales if segments is None else scales[segments], -exponent)
+    np.negative(quantised, out=quantised, where=negative)
+    codes = exponent.astype(np.uint8) | (negative.astype(np.uint8) << 3)
     rn[idx] -= quantised.astype(rn.dtype, copy=False)  # r - q, as r.index_add_(-q) computes it
     vn[idx] = 0
     indices = torch.from_numpy(idx)

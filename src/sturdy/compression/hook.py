@@ -347,8 +347,7 @@ def _sparse_hook(state: _ResidualState, bucket: dist.GradBucket) -> torch.future
     if state.gather == "bounded":
         return _bounded_exchange(state, bucket, buffers, world)
     selection = state._select(bucket, buffers)
-    if selection.count:
-        buffers["ever_sent"][selection.indices] = True
+    _mark_sent(buffers["ever_sent"], selection)
     if state.gather == "exact":
         gathered = all_gather_variable(selection.payload, process_group=state.process_group, device=buffer.device)
     else:
@@ -364,14 +363,37 @@ def _sparse_hook(state: _ResidualState, bucket: dist.GradBucket) -> torch.future
         wire=gathered.wire_bytes,
     )
     state._end_bucket(bucket)
+    rank = dist.get_rank(state.process_group)
 
     def combine(fut: torch.futures.Future) -> Tensor:
-        buffer.zero_()
-        for payload in fut.value():
-            codec.decode_add_(buffer, payload, boundaries=boundaries)
+        _sum_updates(buffer, fut.value(), boundaries, rank, selection)
         return buffer.div_(world)
 
     return gathered.future.then(combine)
+
+
+def _mark_sent(ever_sent: Tensor, selection: Selection) -> None:
+    if not selection.count:
+        return
+    if ever_sent.device.type == "cpu" and selection.indices.device.type == "cpu":
+        ever_sent.numpy()[selection.indices.numpy()] = True
+    else:
+        ever_sent[selection.indices] = True
+
+
+def _sum_updates(buffer: Tensor, payloads: List[Tensor], boundaries: Tensor, rank: int, selection: Selection) -> None:
+    """``buffer = sum of the decoded payloads`` in rank order; this rank's own payload is not decoded:
+    its selection holds exactly the decoded values (float32 buffers), added at the same point of the sum."""
+    buffer.zero_()
+    own = selection if buffer.dtype == torch.float32 and selection.count else None
+    for index, payload in enumerate(payloads):
+        if index == rank and own is not None:
+            if buffer.device.type == "cpu" and own.indices.device.type == "cpu":
+                buffer.numpy()[own.indices.numpy()] += own.values.numpy()
+            else:
+                buffer.index_add_(0, own.indices.to(buffer.device), own.values.to(buffer.device, buffer.dtype))
+        else:
+            codec.decode_add_(buffer, payload, boundaries=boundaries)
 
 
 def _bounded_exchange(
@@ -385,8 +407,7 @@ def _bounded_exchange(
     worst = max_payload_bytes(buffer.numel(), value_format=fmt, num_scales=boundaries.numel() - 1)
     capacity = min(state._capacity.get(index, worst), worst)
     selection = state._select(bucket, buffers, max_bytes=capacity)
-    if selection.count:
-        buffers["ever_sent"][selection.indices] = True
+    _mark_sent(buffers["ever_sent"], selection)
     gathered = all_gather_slots(
         selection.payload, capacity=capacity, wanted=selection.wanted_bytes, process_group=state.process_group,
         device=buffer.device,
@@ -394,13 +415,12 @@ def _bounded_exchange(
     state._record(elements=buffer.numel(), sent=selection.count, payload=int(selection.payload.numel()),
                   wire=gathered.wire_bytes)
     state._end_bucket(bucket)
+    rank = dist.get_rank(state.process_group)
 
     def combine(fut: torch.futures.Future) -> Tensor:
         payloads, wanted = fut.value()
         state._capacity[index] = max(1, math.ceil(state.slack * max(wanted)))  # identical on every rank
-        buffer.zero_()
-        for payload in payloads:
-            codec.decode_add_(buffer, payload, boundaries=boundaries)
+        _sum_updates(buffer, payloads, boundaries, rank, selection)
         return buffer.div_(world)
 
     return gathered.future.then(combine)
