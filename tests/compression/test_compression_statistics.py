@@ -187,3 +187,19 @@ def test_chunked_products_of_grouped_conv_and_sequences_match_per_sample_loop(ch
     model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Flatten(start_dim=2),
                           nn.Linear(36, 5), nn.Tanh(), nn.Flatten(), nn.Linear(30, 3))
     _check(model, torch.randn(7, 4, 6, 6), torch.randint(0, 3, (7,)), chunk_bytes=chunk_bytes)
+
+
+def test_pop_add_equals_adding_pop_flat():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    stats = attach_squared_gradient_statistics(model)
+    params = list(model.parameters())
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    _ce(model(x), y).backward()
+    base = torch.rand(sum(p.numel() for p in params))
+    expected = base.clone().add_(stats.pop_flat(params))
+    _ce(model(x), y).backward()
+    assert torch.equal(stats.pop_add_(params, base), expected)
+    assert stats.get(params[0]) is None  # reset
+    with pytest.raises(DistributedError, match="not tracked"):
+        stats.pop_add_([torch.zeros(3)], torch.zeros(3))

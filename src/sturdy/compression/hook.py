@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -299,7 +300,8 @@ class _ResidualState(_TrafficMeter):
     def _count_never_sent(self) -> Tuple[int, int]:
         flags = list(self._buffers["ever_sent"].values())
         total = sum(f.numel() for f in flags)
-        return (total - sum(int(f.sum()) for f in flags), total)
+        sent = sum(int(np.count_nonzero(f.numpy())) if f.device.type == "cpu" else int(f.sum()) for f in flags)
+        return (total - sent, total)
 
     def config(self) -> Dict[str, Any]:
         """The settings of this state (JSON-able)."""
@@ -516,7 +518,7 @@ class VarianceCompressionState(_ResidualState):
                 "with the module DDP wraps before training"
             )
         if self.statistics_source is not None:
-            variance.add_(self.statistics_source.pop_flat(bucket.parameters()).to(variance))
+            self.statistics_source.pop_add_(bucket.parameters(), variance)
         return variance_select(
             buffers["residual"],
             variance,

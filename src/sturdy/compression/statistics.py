@@ -38,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -371,6 +372,28 @@ class SquaredGradientStatistics:
         if not pieces:
             return torch.zeros(0)
         return torch.cat(pieces)
+
+    def pop_add_(self, params: Sequence[Tensor], out: Tensor) -> Tensor:
+        """Add the flattened statistics of ``params`` into the flat ``out`` in place and reset them.
+
+        Equal to ``out.add_(self.pop_flat(params))`` without the concatenated copy; same errors.
+        """
+        offset = 0
+        numpy_out = out.numpy() if out.device.type == "cpu" and out.dtype == torch.float32 else None
+        for p in params:
+            owner = self._owner.get(id(p))
+            if owner is None or owner.pending:
+                self.pop_flat([p])  # raises the error that explains it
+            value = self._sq.pop(id(p), None)
+            n = p.numel()
+            if value is not None:
+                if numpy_out is not None and value.dtype == torch.float32 and value.device.type == "cpu":
+                    segment = numpy_out[offset : offset + n]
+                    np.add(segment, value.reshape(-1).numpy(), out=segment)
+                else:
+                    out[offset : offset + n].add_(value.reshape(-1).to(out))
+            offset += n
+        return out
 
     def reset(self) -> None:
         """Drop accumulated statistics and pending forward passes."""
