@@ -182,6 +182,15 @@ class _TrafficMeter:
         self._never_sent = (int(state["never_sent"][0]), int(state["never_sent"][1]))
         self._step = {"elements_sent": 0, "wire_bytes": 0}
 
+    def _rank_and_world(self) -> Tuple[int, int]:
+        """``(rank, world size)`` in the state's group, looked up once per group."""
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        cached = getattr(self, "_group_cache", None)
+        if cached is None or cached[0] is not group:
+            cached = (group, dist.get_rank(self.process_group), dist.get_world_size(self.process_group))
+            self._group_cache = cached
+        return cached[1], cached[2]
+
     def _plain_allreduce(self, bucket: dist.GradBucket) -> torch.futures.Future:
         buffer = bucket.buffer()
         world = dist.get_world_size(self.process_group)
@@ -237,6 +246,7 @@ class _ResidualState(_TrafficMeter):
     def _bucket_buffers(self, bucket: dist.GradBucket) -> Dict[str, Tensor]:
         index = bucket.index()
         params = bucket.parameters()
+        self._last_params = (index, params)  # reused by _select in the same hook call
         key = tuple(id(p) for p in params)
         if index in self._layout and self._layout[index] != key:
             if not self._names:
@@ -341,7 +351,7 @@ def _sparse_hook(state: _ResidualState, bucket: dist.GradBucket) -> torch.future
         state._before_plain_step(bucket)
         return state._plain_allreduce(bucket)
     buffer = bucket.buffer()
-    world = dist.get_world_size(state.process_group)
+    rank, world = state._rank_and_world()
     buffers = state._bucket_buffers(bucket)
     buffers["residual"].add_(buffer)
     index = bucket.index()
@@ -365,7 +375,6 @@ def _sparse_hook(state: _ResidualState, bucket: dist.GradBucket) -> torch.future
         wire=gathered.wire_bytes,
     )
     state._end_bucket(bucket)
-    rank = dist.get_rank(state.process_group)
 
     def combine(fut: torch.futures.Future) -> Tensor:
         _sum_updates(buffer, fut.value(), boundaries, rank, selection)
@@ -417,7 +426,7 @@ def _bounded_exchange(
     state._record(elements=buffer.numel(), sent=selection.count, payload=int(selection.payload.numel()),
                   wire=gathered.wire_bytes)
     state._end_bucket(bucket)
-    rank = dist.get_rank(state.process_group)
+    rank, _ = state._rank_and_world()
 
     def combine(fut: torch.futures.Future) -> Tensor:
         payloads, wanted = fut.value()
@@ -518,7 +527,8 @@ class VarianceCompressionState(_ResidualState):
                 "with the module DDP wraps before training"
             )
         if self.statistics_source is not None:
-            self.statistics_source.pop_add_(bucket.parameters(), variance)
+            index, params = getattr(self, "_last_params", (None, None))
+            self.statistics_source.pop_add_(params if index == bucket.index() else bucket.parameters(), variance)
         return variance_select(
             buffers["residual"],
             variance,
