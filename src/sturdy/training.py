@@ -23,7 +23,7 @@ import pickle
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
 
@@ -144,7 +144,6 @@ class TrainResult:
     steps_per_epoch: int
     resumed_from_epoch: int = 0
     world_size: int = 1
-    extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def final(self) -> EpochMetrics:
