@@ -23,6 +23,7 @@ import torch
 
 from sturdy.compression.launch import run_local_workers
 from sturdy.experiments.compression import DEFAULTS, _train_in_group
+from sturdy.experiments.jsonio import write_json
 from sturdy.experiments.train_job import TrainJob
 
 # name -> (options, seeds key); "many" seeds for the reference and vgc, "few" for the baselines
@@ -119,7 +120,6 @@ def main() -> None:
         plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
         return
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     report: Dict[str, Any] = {"hardware": "CPU (gloo, local workers)", "settings": vars(args), "results": {}}
     seeds = {"many": args.seeds, "few": args.baseline_seeds}
     with tempfile.TemporaryDirectory(prefix="sturdy-bench-") as tmp:
@@ -137,7 +137,7 @@ def main() -> None:
             runs = run_local_workers(_worker, nproc=world, args=(jobs,), timeout_s=6 * 3600)[0]
             report["results"][str(world)] = {"runs": runs, "summary": summarize(runs),
                                              "seconds": time.perf_counter() - t0}
-            out.write_text(json.dumps(report, indent=2) + "\n")
+            write_json(report, out)
             print(f"== {world} workers, {args.epochs} epochs, model {args.model}, batch {args.batch}/worker")
             for row in report["results"][str(world)]["summary"]:
                 print(f"{row['method']:>16}: acc {100 * row['test_accuracy_mean']:.2f} +- "

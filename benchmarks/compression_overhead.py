@@ -14,7 +14,6 @@ mean CPU time per step (time.process_time, all threads of the worker) is reporte
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import weakref
@@ -30,6 +29,7 @@ from sturdy.compression import attach_squared_gradient_statistics, create_compre
 from sturdy.compression.launch import run_local_workers
 from sturdy.compression.statistics import _RULES, _generic_rule
 from sturdy.data import load_dataset
+from sturdy.experiments.jsonio import write_json
 from sturdy.models import create_model
 
 CONFIGS = ("plain", "stats_only", "vgc", "vgc_bounded", "vgc_vmap")
@@ -219,8 +219,7 @@ def main() -> None:
               f"{entry['memory']['peak_extra_bytes']} B = {entry['memory']['peak_extra_over_gradient']:.2f} x gradient"
               f" (own allocations {entry['memory']['statistics_peak_over_gradient']:.2f} x)")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, out)
     print(f"wrote {out}")
 
 

@@ -12,12 +12,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from sturdy.experiments.flatness_grid import DEFAULT_GRID, QUICK_GRID, run_grid
+from sturdy.experiments.jsonio import write_json
 
 
 def main() -> None:
@@ -39,8 +39,7 @@ def main() -> None:
     result = {"benchmark": "flatness_correlation", "grid": spec.name, "models": summary["models"],
               "converged": summary["converged"], "seconds": summary["seconds"], "threads": args.threads,
               "gap": summary["gap"], "correlations": table, "grid_dir": str(grid_dir)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(result, out)
     print(f"{'measure':28s} {'tau':>6s} {'95% CI':>16s} {'granulated':>10s}")
     for name, c in table.items():
         lo, hi = c["tau_ci"]

@@ -14,7 +14,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -25,6 +24,7 @@ from typing import Callable, Dict
 import torch
 
 from sturdy.data import load_dataset
+from sturdy.experiments.jsonio import write_json
 from sturdy.flatness import hessian_diagonal, hutchinson_trace, normalized_sharpness
 from sturdy.models import create_model
 from sturdy.training import TrainConfig, train
@@ -100,8 +100,7 @@ def main() -> None:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(result, out)
     print(f"peak RSS of the whole process {result['peak_rss_mib']:.0f} MiB; written to {out}")
 
 

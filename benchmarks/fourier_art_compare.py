@@ -15,7 +15,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from fourier_common import attack_split, digits_model
 from torch import nn
 
 from sturdy.errors import MissingDependencyError
+from sturdy.experiments.jsonio import write_json
 from sturdy.fourier import evaluate_perturbation, fourier_combination_attack, single_fourier_attack
 
 
@@ -124,8 +124,7 @@ def main() -> None:
               "attack_images": len(x), "heldout_images": len(xt), "art_max_iter": args.max_iter,
               "art_deepfool_max_iter": args.deepfool_max_iter, "settings": rows}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(result, out)
     print(f"wrote {out}")
 
 

@@ -11,7 +11,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from sturdy.data import load_dataset
+from sturdy.experiments.jsonio import write_json
 from sturdy.fourier import fourier_heatmap, half_plane
 from sturdy.models import create_model
 
@@ -101,8 +101,7 @@ def main() -> None:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "target_ratio": 0.8, "cases": rows,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(result, out)
     print(f"wrote {out}")
 
 

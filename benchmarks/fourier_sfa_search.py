@@ -11,13 +11,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import torch
 from fourier_common import attack_split, digits_model
 
+from sturdy.experiments.jsonio import write_json
 from sturdy.fourier import evaluate_perturbation, single_fourier_attack
 
 
@@ -66,8 +66,7 @@ def main() -> None:
               "attack_images": len(x), "heldout_images": len(test_set), "target_fooling_ratio": 0.95,
               "settings": rows}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(result, out)
     print(f"wrote {out}")
 
 

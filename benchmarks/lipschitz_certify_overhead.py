@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sturdy.data import load_dataset
+from sturdy.experiments.jsonio import write_json
 from sturdy.lipschitz import certify, eval_mode, lipschitz_bound
 from sturdy.models import create_model
 
@@ -68,8 +69,7 @@ def main() -> None:
         "ratio_certify_over_inference": med["certify"] / med["plain"],
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, out)
     print(json.dumps(result, indent=2))
 
 

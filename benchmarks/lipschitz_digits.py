@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from sturdy.experiments.jsonio import write_json
 from sturdy.experiments.lipschitz import certify_model
 from sturdy.experiments.train_job import TrainJob, fit
 from sturdy.lipschitz import LipschitzTracker, pgd_l2, tightness
@@ -119,8 +120,7 @@ def main() -> None:
         print(json.dumps({name: {k: entry[k] for k in ("clean_accuracy", "certified_accuracy", "median_radius")}}),
               flush=True)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, out)
     print(json.dumps(result, indent=2))
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sturdy.experiments.jsonio import write_json
 from sturdy.lipschitz import LipschitzTracker, lmt_loss
 from sturdy.models import create_model
 
@@ -96,8 +97,7 @@ def main() -> None:
         "power_iteration_operators": len(list(tracker.buffers())),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, out)
     print(json.dumps(result, indent=2))
 
 

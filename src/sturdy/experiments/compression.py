@@ -24,7 +24,8 @@ from sturdy.compression import METHODS, create_compression
 from sturdy.compression.costmodel import crossover_bandwidth_gbps, predict_step_times
 from sturdy.compression.launch import init_from_env, launched_by_torchrun, run_local_workers
 from sturdy.errors import ConfigurationError, DataError
-from sturdy.experiments.train_job import TrainJob, fit, load_trained_model, write_json
+from sturdy.experiments.jsonio import write_json
+from sturdy.experiments.train_job import TrainJob, fit, load_trained_model
 
 __all__ = [
     "add_train_arguments",

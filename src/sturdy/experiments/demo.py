@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from sturdy.data import ImageDataset
-from sturdy.experiments.train_job import TrainJob, fit, load_job_data, write_json
+from sturdy.experiments.jsonio import write_json
+from sturdy.experiments.train_job import TrainJob, fit, load_job_data
 from sturdy.report import Report, plot_training_curves
 from sturdy.training import resolve_device
 

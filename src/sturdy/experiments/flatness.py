@@ -125,7 +125,8 @@ def measure_checkpoint(
 ) -> Dict[str, Any]:
     """Compute measures of the model in ``checkpoint`` (``sturdy train`` output); writes ``out/measures.json``."""
     from sturdy.data import apply_label_noise
-    from sturdy.experiments.train_job import load_job_data, load_trained_model, write_json
+    from sturdy.experiments.jsonio import write_json
+    from sturdy.experiments.train_job import load_job_data, load_trained_model
     from sturdy.training import evaluate, resolve_device
 
     dev = resolve_device(device)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from sturdy.data import ImageDataset, apply_label_noise, load_dataset
 from sturdy.errors import ConfigurationError
+from sturdy.experiments.jsonio import json_safe, write_json
 from sturdy.flatness import available_measures, compute_measures, correlate_measures, measures_to_json
 from sturdy.models import create_model
 from sturdy.training import TrainConfig, evaluate, resolve_device, train
@@ -218,23 +219,6 @@ def measure_point(model: torch.nn.Module, data: ImageDataset, spec: GridSpec, *,
     return out
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _write_json(data: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_json_safe(data), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def run_grid(
     *,
     out: str | Path,
@@ -262,7 +246,7 @@ def run_grid(
     train_set = load_dataset("digits", split="train")
     test_set = load_dataset("digits", split="test")
     records: List[Dict[str, Any]] = []
-    grid_json = json.loads(json.dumps(_json_safe(spec.to_dict())))
+    grid_json = json.loads(json.dumps(json_safe(spec.to_dict())))
     t0 = time.perf_counter()
     for point in tqdm(spec.points(), desc=f"flatness grid ({spec.name})", unit="model", disable=not progress):
         path = out / "points" / f"{point.key}.json"
@@ -276,13 +260,13 @@ def run_grid(
                                                         num_classes=train_set.num_classes, seed=point.seed))
         record["measures"] = measure_point(model, noisy, spec, seed=seed)
         record["grid"] = spec.to_dict()
-        _write_json(record, path)
+        write_json(record, path)
         records.append(record)
     summary = summarize(records, spec=spec, seed=seed)
     summary["seconds"] = time.perf_counter() - t0
     summary["device"] = str(dev)
-    _write_json({"grid": spec.to_dict(), "records": records}, out / "grid.json")
-    _write_json(summary, out / "correlations.json")
+    write_json({"grid": spec.to_dict(), "records": records}, out / "grid.json")
+    write_json(summary, out / "correlations.json")
     names = list(summary["correlations"])
     import matplotlib.pyplot as plt
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from sturdy.data import ImageDataset, load_dataset
 from sturdy.errors import ConfigurationError
 from sturdy.experiments.argtypes import positive_float, positive_int
+from sturdy.experiments.jsonio import write_json
 from sturdy.fourier import (
     PerturbationReport,
     UniversalPerturbation,
@@ -168,11 +169,6 @@ def _load(args: argparse.Namespace):
     return model, job, kw
 
 
-def _write_json(data: Dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True))
-
-
 def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -199,7 +195,7 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
         gradient_rank_correlation_error=rank_correlation(grad.power, hm.error),
         gradient_seconds=grad.seconds, gradient_power_map=grad.full().tolist(),
     )
-    _write_json(summary, out / "heatmap.json")
+    write_json(summary, out / "heatmap.json")
     keys = ("clean_error", "max_error", "mean_error", "max_fooling", "gradient_rank_correlation_fooling", "seconds")
     print(json.dumps({k: summary[k] for k in keys}))
     print(f"wrote {out / 'heatmap.png'}, {out / 'gradient.png'} and {out / 'heatmap.json'}")
@@ -242,7 +238,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         _save_figure(plot_perturbation(combo.delta, title="Fourier combination"), out / "delta_combination.png")
         summary["combination"] = {**combo.to_dict(), "heldout_fooling_rate": combo_held.fooling_rate,
                                   "shifted_fooling_rate": combo_held.shifted_fooling_rate}
-    _write_json(summary, out / "attack.json")
+    write_json(summary, out / "attack.json")
     keys = ("heldout_fooling_rate", "shifted_fooling_rate", "attack_fooling_rate", "queries", "seconds")
     print(json.dumps({k: summary[k] for k in keys}))
     print(f"wrote {out / 'delta.pt'}, {out / 'delta.png'}, {out / 'examples.png'} and {out / 'attack.json'}")

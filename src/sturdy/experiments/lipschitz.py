@@ -211,7 +211,8 @@ def _parse_eps(text: str) -> List[float]:
 def _cmd_certify(args: argparse.Namespace) -> int:
     import json
 
-    from sturdy.experiments.train_job import load_job_data, load_trained_model, write_json
+    from sturdy.experiments.jsonio import write_json
+    from sturdy.experiments.train_job import load_job_data, load_trained_model
     from sturdy.training import resolve_device
 
     eps = _parse_eps(args.eps)

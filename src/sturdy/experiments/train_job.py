@@ -7,7 +7,6 @@ distributed/compressed runs call :func:`run_train_job` inside each worker with a
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import nn
 
 from sturdy.data import ImageDataset, load_dataset
 from sturdy.errors import CheckpointError, ConfigurationError
+from sturdy.experiments.jsonio import write_json
 from sturdy.models import create_model
 from sturdy.training import (
     LossFn,
@@ -29,7 +29,7 @@ from sturdy.training import (
     train,
 )
 
-__all__ = ["TrainJob", "FitResult", "fit", "run_train_job", "load_trained_model", "load_job_data", "write_json"]
+__all__ = ["TrainJob", "FitResult", "fit", "run_train_job", "load_trained_model", "load_job_data"]
 
 
 @dataclass(frozen=True)
@@ -95,16 +95,6 @@ def _is_rank_zero() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
         torch.distributed.get_rank() == 0
     )
-
-
-def write_json(data: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``data`` as indented JSON (atomically: temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def fit(

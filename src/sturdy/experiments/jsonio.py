@@ -1,0 +1,35 @@
+"""Results as JSON files: one writer for every command, demo section and benchmark."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_json", "json_safe"]
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with tuples as lists, keys as strings and non-finite floats as ``None`` (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(data: Any, path: str | os.PathLike) -> Path:
+    """Write ``data`` as indented, strict JSON, atomically (temporary file, then rename); returns the path.
+
+    Values JSON does not know (paths, devices, ...) are written as their ``str``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(json_safe(data), indent=2, default=str, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
