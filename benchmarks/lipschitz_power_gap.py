@@ -14,45 +14,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
-from sturdy.data import load_dataset
-from sturdy.lipschitz import CWarmup, LipschitzTracker, lipschitz_bound, lmt_loss
+from sturdy.experiments.jsonio import write_json
+from sturdy.experiments.lipschitz import build_lmt_objective
+from sturdy.experiments.train_job import TrainJob, load_job_data
+from sturdy.lipschitz import lipschitz_bound
 from sturdy.models import create_model
+from sturdy.training import train
 
 
-def run(*, epochs: int, iterations: int, warmup_iterations: int, c: float, seed: int, schedule_name: str) -> dict:
+def run(*, epochs: int, iterations: int, c: float, seed: int, schedule_name: str) -> dict:
+    job = TrainJob(model="cnn", model_kwargs=dict(channels=(16, 32), width=64, pool="none"), epochs=epochs,
+                   batch_size=64, lr=3e-3, optimizer="adam", schedule=schedule_name, seed=seed, device="cpu",
+                   options=dict(method="lmt", c=c, c_warmup_epochs=epochs / 3, lmt_clip=True,
+                                lmt_iterations=iterations))
+    train_set, _ = load_job_data(job)
+    shape = (1, *train_set.image_shape)
     torch.manual_seed(seed)
-    train = load_dataset("digits", split="train")
-    model = create_model("cnn", in_shape=train.image_shape, num_classes=10, channels=(16, 32), width=64, pool="none")
-    shape = (1, *train.image_shape)
-    tracker = LipschitzTracker(model, input_shape=shape, iterations=iterations, warmup_iterations=warmup_iterations,
-                               seed=seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    schedule = CWarmup(c=c, warmup_epochs=epochs / 3)
-    gen = torch.Generator().manual_seed(seed)
-    steps = (len(train) + 63) // 64
-    total = epochs * steps
-    if schedule_name == "cosine":  # as `sturdy train`'s default: cosine decay to 0 per step
-        lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    else:
-        lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model = create_model(job.model, in_shape=train_set.image_shape, num_classes=10, **job.model_kwargs)
+    loss_fn, state = build_lmt_objective(model, job, input_shape=shape)
+    tracker = state["lipschitz_tracker"]
     history = []
     t0 = time.perf_counter()
-    for epoch in range(epochs):
-        order = torch.randperm(len(train), generator=gen)
-        for step in range(steps):
-            idx = order[step * 64 : (step + 1) * 64]
-            c_now = schedule(epoch=epoch, step=step, steps_per_epoch=steps)
-            loss = lmt_loss(model(train.images[idx]), train.labels[idx], c=c_now, bound=tracker(), clip_factor=True)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            lr.step()
+
+    def measure_gap(metrics) -> None:
+        epoch = metrics.epoch - 1
         exact = lipschitz_bound(model, input_shape=shape, dense_max_entries=1 << 24)
         est = tracker.norms()
         per_layer = {layer.path: 1.0 - est[layer.path] / layer.upper for layer in exact.per_layer if layer.path in est}
@@ -62,7 +52,10 @@ def run(*, epochs: int, iterations: int, warmup_iterations: int, c: float, seed:
                         "global_gap": 1.0 - glob / exact.upper,
                         "methods": sorted({layer.method for layer in exact.per_layer})})
         print(json.dumps({"schedule": schedule_name, "iterations": iterations, **history[-1]}), flush=True)
-    return {"iterations_per_step": iterations, "warmup_iterations": warmup_iterations, "schedule": schedule_name,
+
+    train(model, train_set, config=job.train_config(), loss_fn=loss_fn, on_epoch_end=measure_gap,
+          progress=False)
+    return {"iterations_per_step": iterations, "schedule": schedule_name,
             "seconds": time.perf_counter() - t0, "history": history,
             "max_global_gap": max(h["global_gap"] for h in history),
             "max_layer_gap": max(h["max_layer_gap"] for h in history),
@@ -73,21 +66,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--iterations", default="1,3", help="power iterations per step, comma-separated")
-    p.add_argument("--warmup-iterations", type=int, default=30)
     p.add_argument("--c", type=float, default=0.5)
     p.add_argument("--schedules", default="constant,cosine", help="learning-rate schedules, comma-separated")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/bench/lipschitz_power_gap.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    runs = [run(epochs=args.epochs, iterations=int(k), warmup_iterations=args.warmup_iterations, c=args.c, seed=0,
+    runs = [run(epochs=args.epochs, iterations=int(k), c=args.c, seed=0,
                 schedule_name=sched)
             for sched in args.schedules.split(",") for k in args.iterations.split(",")]
     result = {"benchmark": "lipschitz_power_gap", "hardware": "cpu", "threads": args.threads, "c": args.c,
               "runs": runs}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, out)
     print(json.dumps({f"{r['schedule']}/{r['iterations_per_step']}": {
         k: r[k] for k in ("max_global_gap", "max_layer_gap", "final_global_gap")} for r in runs}))
 

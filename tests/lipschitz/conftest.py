@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sturdy.data import load_dataset
-from sturdy.lipschitz import CWarmup, LipschitzTracker, lmt_loss
+from sturdy.experiments.lipschitz import build_lmt_objective
+from sturdy.experiments.train_job import TrainJob, load_job_data
 from sturdy.models import create_model
+from sturdy.training import train
 
 
 def train_lmt_digits(*, epochs: int = 12, c: float = 0.5, seed: int = 0):
@@ -15,23 +16,14 @@ def train_lmt_digits(*, epochs: int = 12, c: float = 0.5, seed: int = 0):
 
     Returns ``(model in eval mode, test set)``.
     """
+    job = TrainJob(model="cnn", model_kwargs=dict(channels=(8, 16), width=32, pool="none"), epochs=epochs,
+                   batch_size=64, lr=3e-3, optimizer="adam", schedule="constant", seed=seed, device="cpu",
+                   options=dict(method="lmt", c=c, c_warmup_epochs=epochs / 3, lmt_clip=True))
+    train_set, test = load_job_data(job)
     torch.manual_seed(seed)
-    train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
-    model = create_model("cnn", in_shape=train.image_shape, num_classes=10, channels=(8, 16), width=32, pool="none")
-    tracker = LipschitzTracker(model, input_shape=(1, *train.image_shape), seed=seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    schedule = CWarmup(c=c, warmup_epochs=epochs / 3)
-    gen = torch.Generator().manual_seed(seed)
-    steps = (len(train) + 63) // 64
-    for epoch in range(epochs):
-        order = torch.randperm(len(train), generator=gen)
-        for step in range(steps):
-            idx = order[step * 64 : (step + 1) * 64]
-            c_now = schedule(epoch=epoch, step=step, steps_per_epoch=steps)
-            loss = lmt_loss(model(train.images[idx]), train.labels[idx], c=c_now, bound=tracker(), clip_factor=True)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    model = create_model(job.model, in_shape=train_set.image_shape, num_classes=10, **job.model_kwargs)
+    loss_fn, _ = build_lmt_objective(model, job, input_shape=(1, *train_set.image_shape))
+    train(model, train_set, config=job.train_config(), loss_fn=loss_fn, progress=False)
     return model.eval(), test
 
 
