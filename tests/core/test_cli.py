@@ -1,4 +1,5 @@
 import json
+import re
 import sys
 
 import pytest
@@ -51,7 +52,7 @@ def test_error_paths_print_one_line(argv, message, capsys, tmp_path):
     if argv[0] == "train":
         argv = argv + ["--out", str(tmp_path / "o"), "--no-progress"]
     assert main(argv) == 2
-    assert pytest.importorskip("re").search(message, _error_line(capsys))
+    assert re.search(message, _error_line(capsys))
 
 
 def test_missing_torchvision(monkeypatch, capsys, tmp_path):
