@@ -6,7 +6,11 @@ records test accuracy, compression ratio (dense float32 bytes / bytes really tra
 bytes), elements sent per step and the share of elements never sent. Results are written after each
 worker count, so a partial run still leaves a JSON.
 
-    python benchmarks/compression_digits.py --workers 2,4 --epochs 30 --out runs/bench/compression_digits.json
+    python benchmarks/compression_digits.py --workers 2,4 --epochs 30 --global-batch 64 --gather exact
+
+``--global-batch 64`` keeps the optimisation problem of every worker count the same (batch 64 per step,
+20 steps per epoch); ``--batch 32`` instead gives every worker 32 samples (4 workers: batch 128, half the
+steps).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from sturdy.experiments.train_job import TrainJob
 METHODS: Dict[str, Any] = {
     "none": ({"compress": "none"}, "many"),
     "vgc a=4": ({"compress": "vgc", "alpha": 4.0}, "many"),
+    "vgc a=5": ({"compress": "vgc", "alpha": 5.0}, "many"),
+    "vgc a=6": ({"compress": "vgc", "alpha": 6.0}, "many"),
     "vgc a=8": ({"compress": "vgc", "alpha": 8.0}, "many"),
     "vgc a=16": ({"compress": "vgc", "alpha": 16.0}, "many"),
     "strom tau=1e-3": ({"compress": "strom", "strom_tau": 1e-3}, "few"),
@@ -110,6 +116,8 @@ def main() -> None:
     ap.add_argument("--baseline-seeds", type=int, default=3)
     ap.add_argument("--model", default="mlp")
     ap.add_argument("--batch", type=int, default=32, help="per worker")
+    ap.add_argument("--global-batch", type=int, default=None,
+                    help="fixed batch over all workers (each worker gets global / workers; overrides --batch)")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--gather", default=DEFAULTS["gather"], choices=("exact", "capacity", "bounded"))
@@ -124,21 +132,26 @@ def main() -> None:
     seeds = {"many": args.seeds, "few": args.baseline_seeds}
     with tempfile.TemporaryDirectory(prefix="sturdy-bench-") as tmp:
         for world in [int(w) for w in args.workers.split(",")]:
+            batch = args.batch
+            if args.global_batch is not None:
+                if args.global_batch % world:
+                    raise SystemExit(f"--global-batch {args.global_batch} is not divisible by {world} workers")
+                batch = args.global_batch // world
             jobs = []
             for name in args.methods.split(","):
                 options, kind = METHODS[name]
                 for seed in range(seeds[kind]):
-                    job = TrainJob(dataset="digits", model=args.model, epochs=args.epochs, batch_size=args.batch,
+                    job = TrainJob(dataset="digits", model=args.model, epochs=args.epochs, batch_size=batch,
                                    lr=args.lr, optimizer="sgd", momentum=0.9, schedule="cosine", seed=seed,
                                    device="cpu", out=str(Path(tmp) / f"{world}-{name}-{seed}".replace(" ", "_")),
                                    options={**DEFAULTS, **options, "nproc": world, "gather": args.gather})
                     jobs.append((name, job.to_dict()))
             t0 = time.perf_counter()
             runs = run_local_workers(_worker, nproc=world, args=(jobs,), timeout_s=6 * 3600)[0]
-            report["results"][str(world)] = {"runs": runs, "summary": summarize(runs),
+            report["results"][str(world)] = {"runs": runs, "summary": summarize(runs), "batch_per_worker": batch,
                                              "seconds": time.perf_counter() - t0}
             write_json(report, out)
-            print(f"== {world} workers, {args.epochs} epochs, model {args.model}, batch {args.batch}/worker")
+            print(f"== {world} workers, {args.epochs} epochs, model {args.model}, batch {batch}/worker")
             for row in report["results"][str(world)]["summary"]:
                 print(f"{row['method']:>16}: acc {100 * row['test_accuracy_mean']:.2f} +- "
                       f"{100 * row['test_accuracy_std']:.2f} ({row['delta_points_vs_none']:+.2f} pts, "

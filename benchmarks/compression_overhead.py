@@ -134,9 +134,19 @@ def _scoped(rule, scope):
     return wrapped
 
 
-def _peak_step_bytes(model, x, y, with_stats, *, own_only=False):
-    """Peak live bytes of one forward/backward; ``own_only``: only what the statistics rules allocate."""
-    stats = attach_squared_gradient_statistics(model) if with_stats else None
+def _peak_step_bytes(model, x, y, with_stats, *, own_only=False, routed=True, chunk_bytes=None):
+    """Peak live bytes of one forward/backward; ``own_only``: only what the statistics rules allocate.
+
+    ``routed``: the statistics go straight into a variance buffer (allocated beforehand, as the compression
+    state's is), as in :class:`~sturdy.compression.VarianceCompressionState`; otherwise they are stored.
+    """
+    stats = attach_squared_gradient_statistics(model, chunk_bytes=chunk_bytes) if with_stats else None
+    if stats is not None and routed:
+        variance = torch.zeros(sum(p.numel() for p in model.parameters()))
+        offset = 0
+        for p in model.parameters():
+            stats.route(p, variance[offset : offset + p.numel()])
+            offset += p.numel()
     scope = [False] if own_only else None
     if own_only:
         for tracked in stats._tracked:

@@ -203,3 +203,29 @@ def test_pop_add_equals_adding_pop_flat():
     assert stats.get(params[0]) is None  # reset
     with pytest.raises(DistributedError, match="not tracked"):
         stats.pop_add_([torch.zeros(3)], torch.zeros(3))
+
+
+def test_routed_statistics_go_straight_into_the_target_and_are_not_stored():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 2))
+    stats = attach_squared_gradient_statistics(model)
+    params = list(model.parameters())
+    x, y = torch.randn(4, 2, 5, 5), torch.randint(0, 2, (4,))
+    _ce(model(x), y).backward()
+    expected = stats.pop_flat(params)
+    base = torch.rand(expected.numel())
+    target = base.clone()
+    offset = 0
+    for p in params:
+        stats.route(p, target[offset : offset + p.numel()])
+        offset += p.numel()
+    _ce(model(x), y).backward()
+    assert all(stats.get(p) is None for p in params)
+    torch.testing.assert_close(target, base + expected, rtol=0, atol=1e-6)
+    stats.clear_routes()
+    _ce(model(x), y).backward()
+    torch.testing.assert_close(stats.pop_flat(params), expected, rtol=0, atol=0)
+    with pytest.raises(ConfigurationError, match="flat tensor of 54 elements"):
+        stats.route(params[0], torch.zeros(3))
+    with pytest.raises(ConfigurationError, match="not tracked"):
+        stats.route(torch.zeros(2), torch.zeros(2))

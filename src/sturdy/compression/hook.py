@@ -288,7 +288,14 @@ class _ResidualState(_TrafficMeter):
             self._layout[index] = key
             self._segments[index] = segments
             self._boundaries[index] = torch.tensor([seg.offset for seg in segments] + [offset], dtype=torch.int64)
+            self._buffers_built(index, params)
         return {kind: self._buffers[kind][index] for kind in self.buffer_kinds}
+
+    def _buffers_built(self, index: int, params: List[Tensor]) -> None:
+        """Called once a bucket's flat buffers exist (subclasses attach to them)."""
+
+    def _buffers_dropped(self) -> None:
+        """Called when every bucket's buffers are discarded (bucket rebuild, checkpoint load)."""
 
     def _per_name(self) -> Dict[str, Dict[str, Tensor]]:
         out = {kind: {n: t.clone() for n, t in self._pending[kind].items()} for kind in self.buffer_kinds}
@@ -302,6 +309,7 @@ class _ResidualState(_TrafficMeter):
     def _flush(self, *, clear: bool) -> None:
         self._pending = self._per_name()
         if clear:
+            self._buffers_dropped()
             self._layout.clear()
             self._segments.clear()
             self._boundaries.clear()
@@ -332,6 +340,7 @@ class _ResidualState(_TrafficMeter):
         if missing:
             raise CheckpointError(f"compression state lacks buffers {missing}; it was saved by another version")
         self._pending = {k: {n: t.clone() for n, t in buffers[k].items()} for k in self.buffer_kinds}
+        self._buffers_dropped()
         self._layout.clear()
         self._segments.clear()
         self._boundaries.clear()
@@ -516,6 +525,17 @@ class VarianceCompressionState(_ResidualState):
     def _before_plain_step(self, bucket: dist.GradBucket) -> None:
         if self.statistics_source is not None:
             self.statistics_source.pop_flat(bucket.parameters())
+
+    def _buffers_built(self, index: int, params: List[Tensor]) -> None:
+        # from now on the statistics go straight into the accumulated variance (no storage of their own)
+        if self.statistics_source is not None:
+            variance = self._buffers["variance"][index]
+            for p, seg in zip(params, self._segments[index]):
+                self.statistics_source.route(p, variance[seg.offset : seg.offset + seg.numel])
+
+    def _buffers_dropped(self) -> None:
+        if self.statistics_source is not None:
+            self.statistics_source.clear_routes()
 
     def _select(
         self, bucket: dist.GradBucket, buffers: Dict[str, Tensor], max_bytes: Optional[int] = None
