@@ -175,7 +175,9 @@ def _conv2d_padded_input(module: nn.Conv2d, a: Tensor) -> Tuple[Tensor, Tuple[in
     return a, tuple(module.padding)  # type: ignore[return-value]
 
 
-def _unfold_channels_last(inputs: Tensor, module: nn.Module, padding: Tuple[int, int], out_hw: Tuple[int, int]) -> Tensor:
+def _unfold_channels_last(
+    inputs: Tensor, module: nn.Module, padding: Tuple[int, int], out_hw: Tuple[int, int]
+) -> Tensor:
     """Unfolded ``inputs`` as ``(c * groups, L, kh * kw * C/groups)`` with the columns ordered (kh, kw, channel).
 
     The chunk is copied once into a zero-padded channels-last buffer; the patches are then a strided
