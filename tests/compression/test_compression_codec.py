@@ -289,3 +289,24 @@ def test_delta_indices_of_very_different_gaps_round_trip():
     assert payload.numel() < 80  # Rice-coded gaps (about 23 bytes), not a 37.5 MB bitmap
     decoded = codec.decode(payload, length=300_000_001)
     assert torch.equal(decoded.indices, indices) and torch.equal(decoded.values, values)
+
+
+@settings(max_examples=200, deadline=None)
+@given(selections(), st.sampled_from(codec.VALUE_FORMATS), st.data())
+def test_damaged_payloads_decode_or_raise_data_error(sel, value_format, data):
+    """A payload with one damaged byte either decodes (to something) or raises DataError, never another error."""
+    length, indices, values = sel
+    if value_format == "4bit":
+        n = indices.numel()
+        values = torch.tensor(data.draw(st.lists(st.integers(0, 15), min_size=n, max_size=n)), dtype=torch.int64)
+    payload = codec.encode(indices, values, length=length, value_format=value_format, scale=0.5)
+    if payload.numel() == 0:
+        return
+    damaged = payload.clone()
+    position = data.draw(st.integers(0, payload.numel() - 1))
+    damaged[position] = data.draw(st.integers(0, 255))
+    try:
+        decoded = codec.decode(damaged, length=length)
+    except DataError:
+        return
+    assert decoded.indices.numel() == decoded.values.numel()

@@ -168,14 +168,15 @@ def _rice_encode(gaps: np.ndarray, k: int) -> np.ndarray:
     """Rice code of non-negative ``gaps``: all unary quotients (``q`` ones, then a zero), then all
     ``k``-bit remainders (least significant bit first), packed little-endian into bytes."""
     quotients = gaps >> k
-    unary = np.ones(gaps.size + int(quotients.sum()), dtype=np.uint8)
-    unary[np.cumsum(quotients + 1) - 1] = 0
-    if k == 0:
-        return np.packbits(unary, bitorder="little")
-    width = _word_bytes(k)  # remainders as little-endian words, their bits unpacked row by row
-    words = (gaps & ((1 << k) - 1)).astype(f"<u{width}")
-    low = np.unpackbits(words.view(np.uint8), bitorder="little").reshape(-1, 8 * width)[:, :k]
-    return np.packbits(np.concatenate([unary, low.reshape(-1)]), bitorder="little")
+    unary_bits = gaps.size + int(quotients.sum())
+    bits = np.ones(unary_bits + gaps.size * k, dtype=np.uint8)
+    bits[np.cumsum(quotients + 1) - 1] = 0
+    if k:
+        width = _word_bytes(k)  # remainders as little-endian words, their bits unpacked row by row
+        words = (gaps & ((1 << k) - 1)).astype(f"<u{width}")
+        low = np.unpackbits(words.view(np.uint8), bitorder="little").reshape(-1, 8 * width)[:, :k]
+        bits[unary_bits:].reshape(-1, k)[:] = low
+    return np.packbits(bits, bitorder="little")
 
 
 def _word_bytes(k: int) -> int:
@@ -186,7 +187,7 @@ def _word_bytes(k: int) -> int:
 def _rice_decode(data: np.ndarray, count: int, k: int) -> np.ndarray:
     """Sorted indices from the Rice-coded gaps in ``data`` (see :func:`_rice_encode`)."""
     bits = np.unpackbits(data, bitorder="little")
-    ends = np.flatnonzero(bits == 0)[:count]
+    ends = np.flatnonzero(bits[: bits.size - count * k] == 0)[:count]  # the quotients come first
     unary_bits = int(ends[-1]) + 1 if ends.size else 0
     if ends.size != count or (unary_bits + count * k + 7) // 8 != data.size:
         raise DataError(f"corrupt payload: index section of {data.size} bytes does not hold {count} Rice codes")
@@ -287,22 +288,32 @@ def decode(payload: Tensor, *, length: int, boundaries: Optional[Tensor] = None)
         raise DataError(f"corrupt payload: bad header (format {fmt}, n {n}, scales {k}, index bytes {index_len})")
     value_format, mode = VALUE_FORMATS[fmt & 3], (fmt >> 2) & 1
     start = HEADER_BYTES + 4 * k
+    if start + index_len > buf.size:
+        raise DataError(f"corrupt payload: header announces {start + index_len - HEADER_BYTES} bytes of scales and "
+                        f"indices, the payload has {buf.size - HEADER_BYTES}")
+    expected_scales = {"float32": k == 0, "4bit": k >= 1, "sign": k == 1}[value_format]
+    if not expected_scales or n == 0:
+        raise DataError(f"corrupt payload: {n} {value_format} values with {k} scales")
     scales = buf[HEADER_BYTES:start].copy().view(np.float32)
     index_section = buf[start : start + index_len]
     value_section = buf[start + index_len :]
+    value_bytes = {"float32": 4 * n, "4bit": (n + 1) // 2, "sign": (n + 7) // 8}[value_format]
+    if value_section.size != value_bytes:
+        raise DataError(f"corrupt payload: value section holds {value_section.size} bytes for {n} {value_format} "
+                        "values")
     if mode == _DELTA:
         indices = _rice_decode(index_section, n, fmt >> 3)
+        if indices[-1] >= length:
+            raise DataError(f"corrupt payload: index {int(indices[-1])} outside a vector of {length} elements")
     else:
+        if index_section.size != (length + 7) // 8:
+            raise DataError(f"corrupt payload: bitmap of {index_section.size} bytes for {length} elements")
         indices = np.flatnonzero(np.unpackbits(index_section, count=length, bitorder="little"))
         if indices.size != n:
             raise DataError(f"corrupt payload: bitmap holds {indices.size} indices, header says {n}")
     if value_format == "float32":
-        if value_section.size != 4 * n:
-            raise DataError(f"corrupt payload: value section holds {value_section.size} bytes for {n} float32 values")
         values = value_section.copy().view(np.float32)
     elif value_format == "4bit":
-        if value_section.size != (n + 1) // 2:
-            raise DataError(f"corrupt payload: value section holds {value_section.size} bytes for {n} 4-bit values")
         codes = np.empty(2 * value_section.size, dtype=np.uint8)
         codes[0::2] = value_section & 0xF
         codes[1::2] = value_section >> 4
