@@ -35,6 +35,16 @@ from sturdy.models import create_model
 CONFIGS = ("plain", "stats_only", "vgc", "vgc_bounded", "vgc_vmap")
 
 
+def _route_to_buffer(stats, model):
+    """Route the statistics into one flat variance buffer (what VarianceCompressionState does per bucket)."""
+    variance = torch.zeros(sum(p.numel() for p in model.parameters()))
+    offset = 0
+    for p in model.parameters():
+        stats.route(p, variance[offset : offset + p.numel()])
+        offset += p.numel()
+    return variance
+
+
 def _build(config, model_name, alpha):
     torch.manual_seed(0)
     train = load_dataset("digits")
@@ -48,8 +58,8 @@ def _build(config, model_name, alpha):
         if config in ("vgc", "vgc_vmap", "vgc_bounded"):
             state, hook = create_compression("vgc", model=model, alpha=alpha,
                                              gather="bounded" if config == "vgc_bounded" else "capacity")
-        elif config == "stats_only":
-            attach_squared_gradient_statistics(model)
+        elif config == "stats_only":  # routed into a variance buffer, as the compression state does
+            _route_to_buffer(attach_squared_gradient_statistics(model), model)
     finally:
         _RULES.clear()
         _RULES.update(saved_rules)
@@ -142,11 +152,7 @@ def _peak_step_bytes(model, x, y, with_stats, *, own_only=False, routed=True, ch
     """
     stats = attach_squared_gradient_statistics(model, chunk_bytes=chunk_bytes) if with_stats else None
     if stats is not None and routed:
-        variance = torch.zeros(sum(p.numel() for p in model.parameters()))
-        offset = 0
-        for p in model.parameters():
-            stats.route(p, variance[offset : offset + p.numel()])
-            offset += p.numel()
+        _route_to_buffer(stats, model)
     scope = [False] if own_only else None
     if own_only:
         for tracked in stats._tracked:

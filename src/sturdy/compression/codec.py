@@ -148,7 +148,7 @@ def _rice_bits(gaps: np.ndarray, k: int) -> int:
 
 
 def _rice_parameter(gaps: np.ndarray) -> int:
-    """The ``k`` in ``0..MAX_RICE_K`` with the fewest bits for ``gaps`` (one or two evaluations usually).
+    """The ``k`` in ``0..MAX_RICE_K`` with the fewest bits for ``gaps`` (two or three evaluations usually).
 
     The size is convex in ``k`` (its increment ``n - sum(ceil(floor(g / 2^k) / 2))`` never
     decreases), so a local search from ``log2`` of the mean gap finds the global minimum.
@@ -156,11 +156,14 @@ def _rice_parameter(gaps: np.ndarray) -> int:
     k = min(MAX_RICE_K, max(0, int(float(gaps.mean())).bit_length() - 1))
     bits = _rice_bits(gaps, k)
     for step in (-1, 1):
+        moved = False
         while 0 <= k + step <= MAX_RICE_K:
             trial = _rice_bits(gaps, k + step)
             if trial >= bits:
                 break
-            k, bits = k + step, trial
+            k, bits, moved = k + step, trial, True
+        if moved:  # convexity: the other direction cannot be better
+            break
     return k
 
 
@@ -191,13 +194,14 @@ def _rice_decode(data: np.ndarray, count: int, k: int) -> np.ndarray:
     unary_bits = int(ends[-1]) + 1 if ends.size else 0
     if ends.size != count or (unary_bits + count * k + 7) // 8 != data.size:
         raise DataError(f"corrupt payload: index section of {data.size} bytes does not hold {count} Rice codes")
-    quotients = np.diff(ends, prepend=-1) - 1
-    gaps = quotients << k
+    gaps = np.empty(count, dtype=np.int64)  # the quotients, then shifted and completed
+    gaps[0] = ends[0]
+    np.subtract(ends[1:], ends[:-1], out=gaps[1:])
+    gaps[1:] -= 1
     if k:
-        width = _word_bytes(k)
-        low = np.zeros((count, 8 * width), dtype=np.uint8)
-        low[:, :k] = bits[unary_bits : unary_bits + count * k].reshape(count, k)
-        gaps |= np.packbits(low.reshape(-1), bitorder="little").view(f"<u{width}")
+        gaps <<= k
+        weights = np.left_shift(1, np.arange(k, dtype=np.int64))
+        gaps |= bits[unary_bits : unary_bits + count * k].reshape(count, k) @ weights
     return np.cumsum(gaps + 1) - 1
 
 
