@@ -53,7 +53,7 @@ def shape_loopback(rate_mbit: Optional[float]) -> None:
     if rate_mbit is None:
         return
     rate_bytes = rate_mbit * 1e6 / 8
-    burst = max(4 * MTU, int(rate_bytes / 1000))  # 1 ms of traffic, at least a few packets
+    burst = max(4 * MTU, int(rate_bytes / 10000))  # 0.1 ms of traffic, at least a few packets
     limit = max(256 * 1024, int(rate_bytes / 2))  # half a second of queue
     _tc("qdisc", "add", "dev", "lo", "root", "tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst),
         "limit", str(limit))
