@@ -70,13 +70,20 @@ def _build(config, model_name, alpha):
     return ddp, opt, train, state
 
 
-def _worker(rank, world, model_name, batch, rounds, steps, alpha):
+def _worker(rank, world, model_name, batch, rounds, steps, alpha, warmup_steps):
     import torch.distributed as dist
 
     built = {c: _build(c, model_name, alpha) for c in CONFIGS}
     times = {c: [] for c in CONFIGS}
     cpu = {c: [] for c in CONFIGS}
     g = torch.Generator().manual_seed(rank)
+    for c in CONFIGS:  # untimed training first: the traffic of the hooks falls as training goes on
+        ddp, opt, train, _ = built[c]
+        for _ in range(warmup_steps if c != "vgc_vmap" else 0):
+            idx = torch.randint(0, len(train), (batch,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(ddp(train.images[idx]), train.labels[idx]).backward()
+            opt.step()
     for r in range(rounds + 1):
         for c in CONFIGS:
             ddp, opt, train, _ = built[c]
@@ -200,14 +207,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=40, help="steps per configuration and round")
     ap.add_argument("--alpha", type=float, default=4.0)
+    ap.add_argument("--warmup-steps", type=int, default=0,
+                    help="untimed training steps first (0: measure the first steps, the heaviest traffic)")
     ap.add_argument("--out", default="runs/bench/compression_overhead.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     report = {"hardware": "CPU", "threads_per_worker": 1, "workers": args.workers, "batch_per_worker": args.batch,
-              "models": {}}
+              "warmup_steps": args.warmup_steps, "models": {}}
     for name in args.models.split(","):
         res = run_local_workers(_worker, nproc=args.workers,
-                                args=(name, args.batch, args.rounds, args.steps, args.alpha), timeout_s=3600)
+                                args=(name, args.batch, args.rounds, args.steps, args.alpha, args.warmup_steps),
+                                timeout_s=3600)
         med = {c: statistics.mean(r["median_step_s"][c] for r in res) for c in CONFIGS}
         cpu = {c: statistics.mean(r["mean_step_cpu_s"][c] for r in res) for c in CONFIGS}
         entry = {

@@ -147,13 +147,14 @@ def _rice_bits(gaps: np.ndarray, k: int) -> int:
     return gaps.size * (k + 1) + int((gaps >> k).sum())
 
 
-def _rice_parameter(gaps: np.ndarray) -> int:
-    """The ``k`` in ``0..MAX_RICE_K`` with the fewest bits for ``gaps`` (two or three evaluations usually).
+def _rice_parameter(gaps: np.ndarray, total: int) -> Tuple[int, int]:
+    """``(k, bits)``: the ``k`` in ``0..MAX_RICE_K`` with the fewest bits for ``gaps`` (which sum to ``total``).
 
     The size is convex in ``k`` (its increment ``n - sum(ceil(floor(g / 2^k) / 2))`` never
-    decreases), so a local search from ``log2`` of the mean gap finds the global minimum.
+    decreases), so a local search from ``log2`` of the mean gap finds the global minimum (two or
+    three evaluations usually).
     """
-    k = min(MAX_RICE_K, max(0, int(float(gaps.mean())).bit_length() - 1))
+    k = min(MAX_RICE_K, max(0, (total // gaps.size).bit_length() - 1))
     bits = _rice_bits(gaps, k)
     for step in (-1, 1):
         moved = False
@@ -164,7 +165,7 @@ def _rice_parameter(gaps: np.ndarray) -> int:
             k, bits, moved = k + step, trial, True
         if moved:  # convexity: the other direction cannot be better
             break
-    return k
+    return k, bits
 
 
 def _rice_encode(gaps: np.ndarray, k: int) -> np.ndarray:
@@ -254,8 +255,8 @@ def encode_unchecked(indices: Tensor, values: Tensor, *, length: int, value_form
     gaps[0] = idx[0]
     np.subtract(idx[1:], idx[:-1], out=gaps[1:])
     gaps[1:] -= 1
-    k = _rice_parameter(gaps)
-    if (_rice_bits(gaps, k) + 7) // 8 < (length + 7) // 8:  # a tie goes to the bitmap (cheaper to decode)
+    k, bits = _rice_parameter(gaps, int(idx[-1]) + 1 - n)  # the gaps sum to last index + 1 - n
+    if (bits + 7) // 8 < (length + 7) // 8:  # a tie goes to the bitmap (cheaper to decode)
         mode, index_section = _DELTA, _rice_encode(gaps, k)
     else:
         k = 0
