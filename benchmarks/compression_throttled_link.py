@@ -155,13 +155,13 @@ def main() -> None:
         raise SystemExit(_reexec_in_namespace())
     if args.global_batch % args.workers:
         raise SystemExit(f"--global-batch {args.global_batch} is not divisible by {args.workers} workers")
-    subprocess.run(["ip", "link", "set", "lo", "up", "mtu", str(MTU)], check=True)
     try:
+        subprocess.run(["ip", "link", "set", "lo", "up", "mtu", str(MTU)], check=True, capture_output=True, text=True)
         shape_loopback(1000.0)
         shape_loopback(None)
     except subprocess.CalledProcessError as exc:
-        raise SystemExit(f"tc cannot shape the loopback interface here ({exc.stderr.strip()}); "
-                         "the kernel needs the tbf queueing discipline") from None
+        raise SystemExit(f"cannot set up the shaped loopback here ({' '.join(exc.cmd)}: {exc.stderr.strip()}); "
+                         "the kernel needs network namespaces and the tbf queueing discipline") from None
     torch.set_num_threads(1)
     settings = {"model": args.model, "global_batch": args.global_batch, "alpha": args.alpha,
                 "rates_mbit": [float(r) for r in args.rates_mbit.split(",")], "warmup_steps": args.warmup_steps,
