@@ -7,7 +7,7 @@ from typing import Callable, Union
 import torch
 from torch import Tensor, nn
 
-from sturdy.errors import ConfigurationError
+from sturdy.errors import ConfigurationError, DataError
 from sturdy.utils import model_device_dtype  # noqa: F401  (re-exported to the fourier modules)
 
 Model = Union[nn.Module, Callable[[Tensor], Tensor]]
@@ -17,6 +17,14 @@ def check_batch_size(batch_size: int) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigurationError(f"batch_size must be a positive int, got {batch_size!r}")
     return batch_size
+
+
+def check_labels(y: object, n: int) -> Tensor:
+    """``y`` as a tensor of one label per image (shape ``(n,)``), or a :class:`DataError`."""
+    y = torch.as_tensor(y)
+    if y.shape != (n,):
+        raise DataError(f"y must hold one label per image, shape ({n},), got {tuple(y.shape)}")
+    return y
 
 
 @torch.no_grad()

@@ -32,7 +32,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sturdy.errors import ConfigurationError, DataError
-from sturdy.fourier._common import Model, call_model, check_batch_size, model_device_dtype, predict_labels
+from sturdy.fourier._common import (
+    Model,
+    call_model,
+    check_batch_size,
+    check_labels,
+    model_device_dtype,
+    predict_labels,
+)
 from sturdy.fourier.basis import _SELF_CONJUGATE_COS_TOL, fourier_basis_batch, half_plane, is_self_conjugate
 from sturdy.fourier.perturbation import (
     Bounds,
@@ -428,9 +435,7 @@ def evaluate_perturbation(
         raise DataError(f"delta must have the image shape ({channels}, {height}, {width}), got {shape}")
     if not bool(torch.isfinite(delta).all()):
         raise DataError("delta contains NaN or infinite values")
-    y = torch.as_tensor(y).to(device)
-    if y.shape != (n,):
-        raise DataError(f"y must hold one label per image, shape ({n},), got {tuple(y.shape)}")
+    y = check_labels(y, n).to(device)
     delta = delta.to(device=device, dtype=dtype)
     clean = predict_labels(model, x, batch_size=batch_size)
     fooled = errors = 0

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sturdy.errors import ConfigurationError, DataError
-from sturdy.fourier._common import Model, call_model, check_batch_size, model_device_dtype
+from sturdy.errors import ConfigurationError
+from sturdy.fourier._common import Model, call_model, check_batch_size, check_labels, model_device_dtype
 from sturdy.fourier.basis import half_plane, to_full_map
 from sturdy.fourier.perturbation import check_images
 
@@ -70,9 +70,7 @@ def gradient_spectrum(
     start = time.perf_counter()
     batch_size = check_batch_size(batch_size)
     check_images(x, bounds)
-    y = torch.as_tensor(y)
-    if y.shape != (x.shape[0],):
-        raise DataError(f"y must hold one label per image, shape ({x.shape[0]},), got {tuple(y.shape)}")
+    y = check_labels(y, x.shape[0])
     device, dtype = model_device_dtype(model, x)
     n, _, height, width = x.shape
     freqs = half_plane(height, width)

@@ -20,7 +20,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sturdy.errors import DataError
-from sturdy.fourier._common import Model, call_model, check_batch_size, model_device_dtype, predict_labels
+from sturdy.fourier._common import (
+    Model,
+    call_model,
+    check_batch_size,
+    check_labels,
+    model_device_dtype,
+    predict_labels,
+)
 from sturdy.fourier.basis import DEFAULT_PHASE, fourier_basis_batch, half_plane, to_full_map
 from sturdy.fourier.perturbation import (
     Bounds,
@@ -210,9 +217,7 @@ def fourier_heatmap(
     bounds = check_bounds(bounds)
     batch_size = check_batch_size(batch_size)
     check_images(x, bounds)
-    y = torch.as_tensor(y)
-    if y.shape != (x.shape[0],):
-        raise DataError(f"y must hold one label per image, shape ({x.shape[0]},), got {tuple(y.shape)}")
+    y = check_labels(y, x.shape[0])
     device, dtype = model_device_dtype(model, x)
     x = x.to(device=device, dtype=dtype)
     y = y.to(device)
