@@ -77,25 +77,25 @@ def _worker(rank, world, model_name, batch, rounds, steps, alpha, warmup_steps):
     times = {c: [] for c in CONFIGS}
     cpu = {c: [] for c in CONFIGS}
     g = torch.Generator().manual_seed(rank)
+
+    def step(config):
+        ddp, opt, train, _ = built[config]
+        idx = torch.randint(0, len(train), (batch,), generator=g)
+        x, y = train.images[idx], train.labels[idx]
+        dist.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        opt.zero_grad()
+        F.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        return time.perf_counter() - t0, time.process_time() - c0
+
     for c in CONFIGS:  # untimed training first: the traffic of the hooks falls as training goes on
-        ddp, opt, train, _ = built[c]
         for _ in range(warmup_steps if c != "vgc_vmap" else 0):
-            idx = torch.randint(0, len(train), (batch,), generator=g)
-            opt.zero_grad()
-            F.cross_entropy(ddp(train.images[idx]), train.labels[idx]).backward()
-            opt.step()
+            step(c)
     for r in range(rounds + 1):
         for c in CONFIGS:
-            ddp, opt, train, _ = built[c]
             for _ in range(steps if c != "vgc_vmap" else max(2, steps // 5)):
-                idx = torch.randint(0, len(train), (batch,), generator=g)
-                x, y = train.images[idx], train.labels[idx]
-                dist.barrier()
-                t0, c0 = time.perf_counter(), time.process_time()
-                opt.zero_grad()
-                F.cross_entropy(ddp(x), y).backward()
-                opt.step()
-                dt, dc = time.perf_counter() - t0, time.process_time() - c0
+                dt, dc = step(c)
                 if r > 0:  # round 0 warms up (bucket rebuild, compression start, allocator)
                     times[c].append(dt)
                     cpu[c].append(dc)
@@ -151,14 +151,13 @@ def _scoped(rule, scope):
     return wrapped
 
 
-def _peak_step_bytes(model, x, y, with_stats, *, own_only=False, routed=True, chunk_bytes=None):
+def _peak_step_bytes(model, x, y, with_stats, *, own_only=False):
     """Peak live bytes of one forward/backward; ``own_only``: only what the statistics rules allocate.
 
-    ``routed``: the statistics go straight into a variance buffer (allocated beforehand, as the compression
-    state's is), as in :class:`~sturdy.compression.VarianceCompressionState`; otherwise they are stored.
+    The statistics go straight into a variance buffer allocated beforehand, as the compression state's is.
     """
-    stats = attach_squared_gradient_statistics(model, chunk_bytes=chunk_bytes) if with_stats else None
-    if stats is not None and routed:
+    stats = attach_squared_gradient_statistics(model) if with_stats else None
+    if stats is not None:
         _route_to_buffer(stats, model)
     scope = [False] if own_only else None
     if own_only:
