@@ -54,6 +54,7 @@ __all__ = [
     "segment_scales",
     "encode_unchecked",
     "quantize_down_numpy",
+    "value_section_bytes",
 ]
 
 VALUE_FORMATS = ("float32", "4bit", "sign")
@@ -69,6 +70,11 @@ class DecodedPayload:
 
     indices: Tensor
     values: Tensor
+
+
+def value_section_bytes(count: int, value_format: str) -> int:
+    """Bytes of the value section for ``count`` values in ``value_format``."""
+    return {"float32": 4 * count, "4bit": (count + 1) // 2, "sign": (count + 7) // 8}[value_format]
 
 
 def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
@@ -302,8 +308,7 @@ def decode(payload: Tensor, *, length: int, boundaries: Optional[Tensor] = None)
     scales = buf[HEADER_BYTES:start].copy().view(np.float32)
     index_section = buf[start : start + index_len]
     value_section = buf[start + index_len :]
-    value_bytes = {"float32": 4 * n, "4bit": (n + 1) // 2, "sign": (n + 7) // 8}[value_format]
-    if value_section.size != value_bytes:
+    if value_section.size != value_section_bytes(n, value_format):
         raise DataError(f"corrupt payload: value section holds {value_section.size} bytes for {n} {value_format} "
                         "values")
     if mode == _DELTA:

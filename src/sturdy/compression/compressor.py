@@ -201,7 +201,7 @@ def _variance_select_cpu(r: Tensor, v: Tensor, *, alpha: float, zeta: float, bou
 
 def max_payload_bytes(length: int, *, value_format: str, num_scales: int) -> int:
     """Largest payload :func:`~sturdy.compression.codec.encode` can produce for a vector of ``length``."""
-    values = {"float32": 4 * length, "4bit": (length + 1) // 2, "sign": (length + 7) // 8}[value_format]
+    values = codec.value_section_bytes(length, value_format)
     return codec.HEADER_BYTES + 4 * num_scales + (length + 7) // 8 + values
 
 
