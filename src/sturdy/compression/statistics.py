@@ -40,7 +40,7 @@ a grad-enabled forward must be followed by its backward (evaluate under ``torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -269,6 +269,10 @@ def _generic_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> D
     return out
 
 
+def _nbytes(params: Iterable[Tensor]) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
 def _rule_for(module: nn.Module) -> SquaredGradRule:
     for klass in type(module).__mro__:
         if klass in _RULES:
@@ -304,7 +308,7 @@ class SquaredGradientStatistics:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ConfigurationError("the model has no trainable parameters: nothing to compute statistics for")
-        model_bytes = sum(p.numel() * p.element_size() for p in params)
+        model_bytes = _nbytes(params)
         self.chunk_bytes = None if chunk_bytes is None else int(chunk_bytes)
         self._model_bytes = model_bytes
         self.parameter_names: Dict[int, str] = {}
@@ -318,8 +322,7 @@ class SquaredGradientStatistics:
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if not own:
                 continue
-            nbytes = sum(p.numel() * p.element_size() for p in own.values())
-            tracked = _Tracked(module_name, module, own, _rule_for(module), nbytes)
+            tracked = _Tracked(module_name, module, own, _rule_for(module), _nbytes(own.values()))
             self._tracked.append(tracked)
             for attr, p in own.items():
                 full = f"{module_name}.{attr}" if module_name else attr
