@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 PYTEST_ARGS ?=
+# compile the optional numba kernels of the compression hook once (numba caches them on disk)
+export WARM_UP := from sturdy.compression.accel import warm_up; print('compression kernels:', 'numba' if warm_up() else 'numpy')
 
 .PHONY: venv install install-dev demo test test-slow lint clean
 
@@ -13,11 +15,13 @@ $(BIN)/python:
 # torch is pinned and installed first: a loose requirement alone would pull a multi-GB CUDA build.
 install: $(BIN)/python
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -e '.[fast]'
+	$(BIN)/python -c "$$WARM_UP"
 
 install-dev: $(BIN)/python
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,fast]'
+	$(BIN)/python -c "$$WARM_UP"
 
 demo: install
 	$(BIN)/sturdy demo --out runs/demo

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sturdy.compression import accel
 from sturdy.errors import ConfigurationError, DataError
 
 __all__ = [
@@ -284,14 +285,20 @@ def encode_unchecked(indices: Tensor, values: Tensor, *, length: int, value_form
     return torch.from_numpy(np.concatenate([header, scale_bytes, index_section, value_section]))
 
 
-def decode(payload: Tensor, *, length: int, boundaries: Optional[Tensor] = None) -> DecodedPayload:
-    """Decode a payload of :func:`encode` (an empty payload decodes to no element).
+@dataclass(frozen=True)
+class _Sections:
+    """A payload split along its header (every header field checked against the payload)."""
 
-    ``boundaries`` are the segment offsets ``[0, ..., length]`` of a multi-scale 4-bit payload.
-    """
-    buf = payload.detach().to("cpu", torch.uint8).reshape(-1).numpy()
-    if buf.size == 0:
-        return DecodedPayload(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32))
+    value_format: str
+    delta: bool
+    rice_k: int
+    count: int
+    scales: np.ndarray
+    index_section: np.ndarray
+    value_section: np.ndarray
+
+
+def _sections(buf: np.ndarray, length: int) -> _Sections:
     if buf.size < HEADER_BYTES:
         raise DataError(f"corrupt payload: {buf.size} bytes, shorter than the {HEADER_BYTES}-byte header")
     fmt, n, k, index_len = _HEADER.unpack(buf[:HEADER_BYTES].tobytes())
@@ -305,50 +312,84 @@ def decode(payload: Tensor, *, length: int, boundaries: Optional[Tensor] = None)
     expected_scales = {"float32": k == 0, "4bit": k >= 1, "sign": k == 1}[value_format]
     if not expected_scales or n == 0:
         raise DataError(f"corrupt payload: {n} {value_format} values with {k} scales")
-    scales = buf[HEADER_BYTES:start].copy().view(np.float32)
-    index_section = buf[start : start + index_len]
     value_section = buf[start + index_len :]
     if value_section.size != value_section_bytes(n, value_format):
         raise DataError(f"corrupt payload: value section holds {value_section.size} bytes for {n} {value_format} "
                         "values")
-    if mode == _DELTA:
-        indices = _rice_decode(index_section, n, fmt >> 3)
+    index_section = buf[start : start + index_len]
+    if mode == _BITMAP and index_section.size != (length + 7) // 8:
+        raise DataError(f"corrupt payload: bitmap of {index_section.size} bytes for {length} elements")
+    return _Sections(value_format, mode == _DELTA, fmt >> 3, n, buf[HEADER_BYTES:start].copy().view(np.float32),
+                     index_section, value_section)
+
+
+def _inner_boundaries(num_scales: int, boundaries: Optional[Tensor]) -> Optional[np.ndarray]:
+    """Inner segment offsets for a 4-bit payload with ``num_scales`` scales (``None`` for one scale)."""
+    if num_scales == 1:
+        return None
+    if boundaries is None or boundaries.numel() != num_scales + 1:
+        raise DataError(f"payload has {num_scales} scales: decode needs the {num_scales + 1} segment boundaries")
+    return boundaries.numpy()[1:-1]
+
+
+def decode(payload: Tensor, *, length: int, boundaries: Optional[Tensor] = None) -> DecodedPayload:
+    """Decode a payload of :func:`encode` (an empty payload decodes to no element).
+
+    ``boundaries`` are the segment offsets ``[0, ..., length]`` of a multi-scale 4-bit payload.
+    """
+    buf = payload.detach().to("cpu", torch.uint8).reshape(-1).numpy()
+    if buf.size == 0:
+        return DecodedPayload(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32))
+    sec = _sections(buf, length)
+    n, scales = sec.count, sec.scales
+    if sec.delta:
+        indices = _rice_decode(sec.index_section, n, sec.rice_k)
         if indices[-1] >= length:
             raise DataError(f"corrupt payload: index {int(indices[-1])} outside a vector of {length} elements")
     else:
-        if index_section.size != (length + 7) // 8:
-            raise DataError(f"corrupt payload: bitmap of {index_section.size} bytes for {length} elements")
-        indices = np.flatnonzero(np.unpackbits(index_section, count=length, bitorder="little"))
+        indices = np.flatnonzero(np.unpackbits(sec.index_section, count=length, bitorder="little"))
         if indices.size != n:
             raise DataError(f"corrupt payload: bitmap holds {indices.size} indices, header says {n}")
-    if value_format == "float32":
-        values = value_section.copy().view(np.float32)
-    elif value_format == "4bit":
-        codes = np.empty(2 * value_section.size, dtype=np.uint8)
-        codes[0::2] = value_section & 0xF
-        codes[1::2] = value_section >> 4
+    if sec.value_format == "float32":
+        values = sec.value_section.copy().view(np.float32)
+    elif sec.value_format == "4bit":
+        codes = np.empty(2 * sec.value_section.size, dtype=np.uint8)
+        codes[0::2] = sec.value_section & 0xF
+        codes[1::2] = sec.value_section >> 4
         codes = codes[:n]
-        if k > 1:
-            if boundaries is None or boundaries.numel() != k + 1:
-                raise DataError(f"payload has {k} scales: decode needs the {k + 1} segment boundaries")
-            seg = np.searchsorted(boundaries.numpy()[1:-1], indices, side="right")
-            scale = scales[seg]
-        else:
-            scale = np.full(n, scales[0], dtype=np.float32)
+        inner = _inner_boundaries(scales.size, boundaries)
+        scale = np.full(n, scales[0], dtype=np.float32) if inner is None else scales[
+            np.searchsorted(inner, indices, side="right")]
         values = np.ldexp(scale, -(codes & 7).astype(np.int32)).astype(np.float32, copy=False)
         values[(codes & 8) != 0] *= -1
     else:
-        negative = np.unpackbits(value_section, count=n, bitorder="little").astype(bool)
+        negative = np.unpackbits(sec.value_section, count=n, bitorder="little").astype(bool)
         values = np.where(negative, -scales[0], scales[0]).astype(np.float32)
     return DecodedPayload(torch.from_numpy(indices.astype(np.int64, copy=False)), torch.from_numpy(values))
 
 
 def decode_add_(out: Tensor, payload: Tensor, *, boundaries: Optional[Tensor] = None) -> Tensor:
     """Decode ``payload`` and add its values into the dense vector ``out`` in place."""
+    on_cpu = out.device.type == "cpu" and out.dtype in _NUMPY_ADD_DTYPES and out.is_contiguous()
+    compiled = accel.kernels()
+    if compiled is not None and on_cpu and not out.requires_grad and payload.device.type == "cpu":
+        buf = payload.detach().to(torch.uint8).reshape(-1).numpy()
+        if buf.size == 0:
+            return out
+        sec = _sections(buf, out.numel())
+        if sec.value_format == "4bit":
+            status = compiled.decode_add_4bit(
+                out.view(-1).numpy(), sec.index_section, delta=sec.delta, k=sec.rice_k, count=sec.count,
+                scales=sec.scales, inner=_inner_boundaries(sec.scales.size, boundaries),
+                value_section=sec.value_section,
+            )
+            if status:  # out is unchanged; the reference decoder names what is wrong
+                decode(payload, length=out.numel(), boundaries=boundaries)
+                raise DataError("corrupt payload: its index section does not decode")
+            return out
     decoded = decode(payload, length=out.numel(), boundaries=boundaries)
     if decoded.indices.numel():
-        on_cpu = out.device.type == "cpu" and out.dtype in _NUMPY_ADD_DTYPES
-        if on_cpu and out.is_contiguous() and not out.requires_grad:
+        if on_cpu and not out.requires_grad:
             flat = out.view(-1).numpy()  # indices are unique: the same sums as index_add_, without its overhead
             flat[decoded.indices.numpy()] += decoded.values.numpy()
         else:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sturdy.compression import codec
+from sturdy.compression import accel, codec
 from sturdy.errors import ConfigurationError
 
 __all__ = ["Selection", "variance_select", "strom_select", "topk_select", "max_payload_bytes", "QUANTIZERS"]
@@ -149,9 +149,18 @@ def _variance_select_cpu(r: Tensor, v: Tensor, *, alpha: float, zeta: float, bou
     """:func:`variance_select` with 4-bit values and no byte budget, in numpy on the CPU (same results).
 
     Works on numpy views of ``r`` and ``v`` (no copy): a bucket is a few ten thousand elements, where
-    numpy's per-call cost is a fraction of torch's.
+    numpy's per-call cost is a fraction of torch's. With :mod:`~sturdy.compression.accel`'s compiled
+    kernels (float32 buffers) the whole selection and encoding is one call.
     """
     rn, vn = r.detach().numpy(), v.detach().numpy()
+    compiled = accel.kernels()
+    if compiled is not None and rn.dtype == np.float32 and vn.dtype == np.float32:
+        one_segment = boundaries is None or boundaries.numel() <= 2
+        edges = np.array([0, rn.size]) if one_segment else boundaries.numpy()
+        payload, idx, quantised = compiled.select_encode_4bit(rn, vn, alpha=alpha, zeta=zeta, edges=edges)
+        if idx.size == 0:
+            return _empty(r)
+        return Selection(torch.from_numpy(payload), torch.from_numpy(idx), torch.from_numpy(quantised), payload.size)
     if alpha == 0:
         idx = np.flatnonzero(rn)
     else:
