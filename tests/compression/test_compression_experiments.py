@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from sturdy.compression import accel
 from sturdy.errors import ConfigurationError, DataError
 from sturdy.experiments import compression as exp
 from sturdy.experiments.train_job import TrainJob, load_trained_model
@@ -44,6 +45,7 @@ def test_compressed_training_writes_results_and_feeds_the_cost_model(tmp_path, c
     results = exp.run_distributed_training(job, progress=False)
     comp = results["compression"]
     assert comp["method"] == "vgc" and comp["world_size"] == 2
+    assert comp["kernels"] == ("numba" if accel.available() else "numpy")
     assert comp["steps"] == 2 * results["steps_per_epoch"]
     assert len(comp["elements_sent_per_step"]) == comp["steps"]
     assert comp["compression_ratio"] > 1 and comp["step_time_s"] > 0

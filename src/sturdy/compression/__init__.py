@@ -4,7 +4,8 @@ Public entry points: :func:`attach_squared_gradient_statistics`, :class:`Varianc
 with :func:`variance_hook`, baselines (:class:`StromState`/:func:`strom_hook`,
 :class:`TopKState`/:func:`topk_hook`, :class:`TorchHookState`/:func:`torch_hook` for PyTorch's
 allreduce, fp16 and PowerSGD hooks), :func:`create_compression` by name, the wire format in
-:mod:`sturdy.compression.codec`, and the cost model in :mod:`sturdy.compression.costmodel`.
+:mod:`sturdy.compression.codec`, the cost model in :mod:`sturdy.compression.costmodel`, and the optional
+compiled kernels of the hook's per-step CPU work in :mod:`sturdy.compression.accel` (``sturdy[fast]``).
 """
 
 from sturdy.compression.hook import (

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from sturdy.compression import METHODS, create_compression
+from sturdy.compression import METHODS, accel, create_compression
 from sturdy.compression.costmodel import crossover_bandwidth_gbps, predict_step_times
 from sturdy.compression.launch import init_from_env, launched_by_torchrun, run_local_workers
 from sturdy.errors import ConfigurationError, DataError
@@ -147,6 +147,7 @@ def _compression_results(state: Any, opts: Dict[str, Any], clock: _StepClock) ->
         "compression": {
             "method": opts["compress"],
             "settings": settings,
+            "kernels": "numba" if accel.available() else "numpy",
             "world_size": world,
             "steps": s.steps,
             "compression_ratio": totals[0] / totals[1] if totals[1] else None,
