@@ -141,3 +141,14 @@ def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("STURDY_NUMBA", "1")
     monkeypatch.setattr(accel, "_resolved", [])
     assert accel.available()
+
+
+def test_falls_back_to_numpy_when_the_kernels_cannot_load(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(accel, "_resolved", [])
+    monkeypatch.setitem(sys.modules, "sturdy.compression._numba_kernels", None)  # import raises ImportError
+    assert accel.kernels() is None
+    r, v = _case(5, 300)
+    selection = variance_select(r, v, alpha=1.0, zeta=0.9, quantize="4bit")  # the numpy path runs
+    assert selection.count > 0

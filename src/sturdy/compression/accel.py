@@ -11,7 +11,9 @@ compiles (a few seconds).
 
 from __future__ import annotations
 
+import importlib
 import os
+import warnings
 from types import ModuleType
 from typing import List, Optional
 
@@ -26,8 +28,12 @@ def kernels() -> Optional[ModuleType]:
         module = None
         if os.environ.get("STURDY_NUMBA", "1") != "0":
             try:
-                from sturdy.compression import _numba_kernels as module
-            except ImportError:
+                module = importlib.import_module("sturdy.compression._numba_kernels")
+            except ImportError:  # numba not installed (or not for this numpy): the numpy path
+                module = None
+            except Exception as exc:  # e.g. no writable cache location: say so, use the numpy path
+                warnings.warn(f"sturdy: numba kernels unavailable ({type(exc).__name__}: {exc}); using numpy",
+                              RuntimeWarning, stacklevel=2)
                 module = None
         _resolved.append(module)
     return _resolved[0]
