@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sturdy.compression import codec
+from sturdy.compression import accel, codec
 from sturdy.compression.collective import all_gather_slots, all_gather_variable, all_gather_with_capacity
 from sturdy.compression.compressor import (
     Selection,
@@ -457,7 +457,9 @@ class VarianceCompressionState(_ResidualState):
         alpha: send element ``i`` when ``r_i^2 > alpha * v_i``; ``>= 0``. Larger sends less.
         zeta: decay of ``v`` for elements not sent, in ``[0, 1]``.
         quantize: ``"4bit"`` (sign + 3-bit exponent relative to the largest sent ``|r|`` of each
-            parameter in the bucket; never rounded up) or ``None`` (float32 values).
+            parameter in the bucket; never rounded up) or ``None`` (float32 values). With ``"4bit"``
+            the constructor loads :mod:`~sturdy.compression.accel`'s compiled kernels when numba is
+            installed (compiling them once, about 10 s, if numba's cache does not hold them yet).
         start_iter: plain allreduce before this iteration.
         named_parameters: ``model.named_parameters()`` when ``statistics`` is not given.
         defer_statistics: build the state before the model exists; :meth:`bind_model` then attaches
@@ -504,6 +506,8 @@ class VarianceCompressionState(_ResidualState):
             )
         self.quantize = quantize
         self.statistics_source = statistics
+        if quantize == "4bit":
+            accel.warm_up()  # compile or load the kernels now, not inside the first step's collective
         super().__init__(
             process_group=process_group,
             start_iter=start_iter,

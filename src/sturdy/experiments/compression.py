@@ -233,6 +233,8 @@ def run_distributed_training(job: TrainJob, *, resume: bool = True, progress: bo
             f"--compress {opts['compress']} needs at least 2 workers; add --nproc 2 (or more), or launch with torchrun"
         )
     device = _backend_device(job, nproc)
+    if opts["compress"] == "vgc":
+        accel.warm_up()  # compile the kernels once here: the workers then load them from numba's cache
     results = run_local_workers(
         _train_worker,
         nproc=nproc,
@@ -434,6 +436,7 @@ def demo_section(ctx: Any) -> None:
                  options={**DEFAULTS, "nproc": nproc, "compress": m}).to_dict()
         for m in methods
     ]
+    accel.warm_up()
     t0 = time.perf_counter()
     runs = run_local_workers(_demo_worker, nproc=nproc, args=(jobs,), timeout_s=600.0, collective_timeout_s=120.0)[0]
     seconds = time.perf_counter() - t0
