@@ -42,7 +42,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -474,12 +473,8 @@ class SquaredGradientStatistics:
 
 
 def _add_flat_(target: Tensor, value: Tensor) -> None:
-    """``target += value.reshape(-1)`` (numpy on CPU float32: a fraction of torch's per-call cost)."""
-    if target.device.type == "cpu" and target.dtype == value.dtype == torch.float32 and value.device.type == "cpu":
-        t = target.numpy()
-        np.add(t, value.reshape(-1).numpy(), out=t)
-    else:
-        target.add_(value.reshape(-1).to(target))
+    """``target += value`` for a flat ``target`` and a ``value`` of any shape with as many elements."""
+    target.add_(value.reshape(-1).to(target))
 
 
 def attach_squared_gradient_statistics(
