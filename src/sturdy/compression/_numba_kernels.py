@@ -2,7 +2,7 @@
 
 Each kernel returns bit-identical results to the numpy reference path
 (:func:`sturdy.compression.compressor._variance_select_cpu` and :func:`sturdy.compression.codec.decode`);
-``tests/compression/test_accel.py`` compares them. Importing this module imports numba.
+``tests/compression/test_compression_accel.py`` compares them. Importing this module imports numba.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from typing import Optional, Tuple
 import numba
 import numpy as np
 
-HEADER_BYTES = 13
-NUM_LEVELS = 8
-MAX_RICE_K = 31
-FORMAT_4BIT = 1
+from sturdy.compression.codec import HEADER_BYTES, MAX_RICE_K, NUM_LEVELS, VALUE_FORMATS
+
+FORMAT_4BIT = VALUE_FORMATS.index("4bit")
 
 _jit = numba.njit(cache=True, nogil=True)
 
