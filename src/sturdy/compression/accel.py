@@ -20,6 +20,7 @@ from typing import List, Optional
 __all__ = ["kernels", "available", "warm_up"]
 
 _resolved: List[Optional[ModuleType]] = []
+_warmed: List[bool] = []
 
 
 def kernels() -> Optional[ModuleType]:
@@ -30,7 +31,7 @@ def kernels() -> Optional[ModuleType]:
             try:
                 module = importlib.import_module("sturdy.compression._numba_kernels")
             except ImportError:  # numba not installed (or not for this numpy): the numpy path
-                module = None
+                pass
             except Exception as exc:  # e.g. no writable cache location: say so, use the numpy path
                 warnings.warn(f"sturdy: numba kernels unavailable ({type(exc).__name__}: {exc}); using numpy",
                               RuntimeWarning, stacklevel=2)
@@ -47,22 +48,20 @@ def available() -> bool:
 def warm_up() -> bool:
     """Compile (or load from numba's cache) the kernels for float32 buffers; returns :func:`available`.
 
-    Worker processes started afterwards load the cached code instead of each compiling it.
+    Runs a tiny selection and decoding through the hook's own entry points, once per process. Worker
+    processes started afterwards load the cached code instead of each compiling it.
     """
-    compiled = kernels()
-    if compiled is None:
+    if kernels() is None:
         return False
-    import numpy as np
+    if not _warmed:
+        import torch
 
-    r = np.array([1.0, 0.0, -0.25, 2.0], dtype=np.float32)
-    v = np.zeros(4, dtype=np.float32)
-    payload, _, _ = compiled.select_encode_4bit(r, v, alpha=1.0, zeta=0.5, edges=np.array([0, 2, 4]))
-    header = 13 + 4 * 2
-    index_bytes = int(payload[9:13].view("<i4")[0])
-    compiled.decode_add_4bit(
-        np.zeros(4, dtype=np.float32), payload[header : header + index_bytes], delta=not (payload[0] >> 2) & 1,
-        k=int(payload[0] >> 3), count=int(payload[1:5].view("<i4")[0]), scales=payload[13:header].view(np.float32),
-        inner=np.array([2]), value_section=payload[header + index_bytes :],
-    )
+        from sturdy.compression import codec
+        from sturdy.compression.compressor import variance_select
+
+        boundaries = torch.tensor([0, 2, 4])
+        selection = variance_select(torch.tensor([1.0, 0.0, -0.25, 2.0]), torch.zeros(4), alpha=1.0, zeta=0.5,
+                                    quantize="4bit", boundaries=boundaries)
+        codec.decode_add_(torch.zeros(4), selection.payload, boundaries=boundaries)
+        _warmed.append(True)
     return True
-

@@ -340,7 +340,10 @@ def decode(payload: Tensor, *, length: int, boundaries: Optional[Tensor] = None)
     buf = payload.detach().to("cpu", torch.uint8).reshape(-1).numpy()
     if buf.size == 0:
         return DecodedPayload(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32))
-    sec = _sections(buf, length)
+    return _decode_sections(_sections(buf, length), length, boundaries)
+
+
+def _decode_sections(sec: _Sections, length: int, boundaries: Optional[Tensor]) -> DecodedPayload:
     n, scales = sec.count, sec.scales
     if sec.delta:
         indices = _rice_decode(sec.index_section, n, sec.rice_k)
@@ -370,28 +373,26 @@ def decode(payload: Tensor, *, length: int, boundaries: Optional[Tensor] = None)
 
 def decode_add_(out: Tensor, payload: Tensor, *, boundaries: Optional[Tensor] = None) -> Tensor:
     """Decode ``payload`` and add its values into the dense vector ``out`` in place."""
+    buf = payload.detach().to("cpu", torch.uint8).reshape(-1).numpy()
+    if buf.size == 0:
+        return out
+    length = out.numel()
+    sec = _sections(buf, length)
     on_cpu = out.device.type == "cpu" and out.dtype in _NUMPY_ADD_DTYPES and out.is_contiguous()
     compiled = accel.kernels()
-    if compiled is not None and on_cpu and not out.requires_grad and payload.device.type == "cpu":
-        buf = payload.detach().to(torch.uint8).reshape(-1).numpy()
-        if buf.size == 0:
-            return out
-        sec = _sections(buf, out.numel())
-        if sec.value_format == "4bit":
-            status = compiled.decode_add_4bit(
-                out.view(-1).numpy(), sec.index_section, delta=sec.delta, k=sec.rice_k, count=sec.count,
-                scales=sec.scales, inner=_inner_boundaries(sec.scales.size, boundaries),
-                value_section=sec.value_section,
-            )
-            if status:  # out is unchanged; the reference decoder names what is wrong
-                decode(payload, length=out.numel(), boundaries=boundaries)
-                raise DataError("corrupt payload: its index section does not decode")
-            return out
-    decoded = decode(payload, length=out.numel(), boundaries=boundaries)
-    if decoded.indices.numel():
-        if on_cpu and not out.requires_grad:
-            flat = out.view(-1).numpy()  # indices are unique: the same sums as index_add_, without its overhead
-            flat[decoded.indices.numpy()] += decoded.values.numpy()
-        else:
-            out.index_add_(0, decoded.indices.to(out.device), decoded.values.to(out.device, out.dtype))
+    if compiled is not None and on_cpu and not out.requires_grad and sec.value_format == "4bit":
+        status = compiled.decode_add_4bit(
+            out.view(-1).numpy(), sec.index_section, delta=sec.delta, k=sec.rice_k, count=sec.count,
+            scales=sec.scales, inner=_inner_boundaries(sec.scales.size, boundaries), value_section=sec.value_section,
+        )
+        if status:  # out is unchanged; the reference decoder names what is wrong
+            _decode_sections(sec, length, boundaries)
+            raise DataError("corrupt payload: its index section does not decode")
+        return out
+    decoded = _decode_sections(sec, length, boundaries)
+    if on_cpu and not out.requires_grad:
+        flat = out.view(-1).numpy()  # indices are unique: the same sums as index_add_, without its overhead
+        flat[decoded.indices.numpy()] += decoded.values.numpy()
+    else:
+        out.index_add_(0, decoded.indices.to(out.device), decoded.values.to(out.device, out.dtype))
     return out
