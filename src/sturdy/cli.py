@@ -78,32 +78,40 @@ def _add_train(subparsers: Any, parts: Sequence[Any]) -> None:
     p.set_defaults(func=_cmd_train, _core_dests=core)
 
 
+def _none(job: Any) -> None:
+    return None
+
+
 def _job_from_args(args: argparse.Namespace) -> Any:
     from sturdy.experiments.train_job import TrainJob
+    from sturdy.training import TrainConfig
 
     values = vars(args)
     skip = {"func", "_core_dests", "command", "debug", "help"}
     options = {k: v for k, v in values.items() if k not in args._core_dests and k not in skip}
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
+        label_noise=args.label_noise, device=args.device,
+    )
     return TrainJob(
         dataset=args.dataset, model=args.model, model_kwargs=dict(args.model_arg), resize=args.resize,
-        data_root=args.data_root, download=args.download, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
-        schedule=args.schedule, seed=args.seed, label_noise=args.label_noise, device=args.device,
-        out=args.out, options=options,
+        data_root=args.data_root, download=args.download, config=config, out=args.out, options=options,
     )
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    """Every part may join the run (``training_plugin``); at most one may run it elsewhere (``train_launcher``)."""
+    from sturdy.experiments.train_job import run_train_job
+
     job = _job_from_args(args)
-    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if under_torchrun or int(job.options.get("nproc", 1)) > 1 or job.options.get("compress", "none") != "none":
-        from sturdy.experiments.compression import run_distributed_training
-
-        results = run_distributed_training(job, resume=not args.no_resume, progress=not args.no_progress)
-    else:
-        from sturdy.experiments.train_job import run_train_job
-
-        results = run_train_job(job, resume=not args.no_resume, progress=not args.no_progress)
+    parts = _part_modules()
+    plugins = [p for p in (getattr(mod, "training_plugin", _none)(job) for mod in parts) if p is not None]
+    launchers = [r for r in (getattr(mod, "train_launcher", _none)(job) for mod in parts) if r is not None]
+    if len(launchers) > 1:
+        raise ConfigurationError("two parts claim to launch this training run; choose one way to run it")
+    launcher = launchers[0] if launchers else run_train_job
+    results = launcher(job, plugins=plugins, resume=not args.no_resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":
         summary = {k: results.get(k) for k in ("train_accuracy", "test_accuracy", "seconds_per_epoch")}
         print(json.dumps(summary))
@@ -146,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="test accuracy of a trained model")
     p.add_argument("--checkpoint", required=True, help="model.pt written by `sturdy train`")
     p.add_argument("--dataset", default=None, help="evaluate on another data set of the same shape")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("demo", help="the main job on the embedded digits data; writes an HTML report")
     p.add_argument("--out", default="runs/demo")

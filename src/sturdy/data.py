@@ -4,7 +4,9 @@ Convention: images are float32 tensors of shape ``(N, C, H, W)`` with values in 
 labels are int64 class indices in ``[0, num_classes)``.
 
 The default data set, ``digits``, is scikit-learn's 8x8 handwritten digits (1797 real images,
-shipped inside scikit-learn, no download). Torchvision data sets (``mnist``, ``fashion-mnist``,
+no download). A copy of its arrays ships as ``sturdy/digits.npz`` (45 kB; loading it takes
+milliseconds, importing scikit-learn about a second per process); scikit-learn's copy stays the
+source of truth and the test suite checks that both are equal. Torchvision data sets (``mnist``, ``fashion-mnist``,
 ``cifar10``, ``svhn``) are loaded when the ``vision`` extra is installed and the files are present.
 
 Example:
@@ -16,9 +18,11 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -90,12 +94,19 @@ def _resize(images: torch.Tensor, resize: Optional[int]) -> torch.Tensor:
     return out.clamp_(0.0, 1.0)
 
 
-def _load_digits(split: str, root: Optional[str], download: bool, seed: int, **_: object) -> ImageDataset:
-    from sklearn.datasets import load_digits
+@functools.lru_cache(maxsize=1)
+def digits_arrays() -> Tuple[Any, Any]:
+    """scikit-learn's digits as shipped with sturdy: images ``(1797, 8, 8)`` in 0..16 and labels, uint8."""
+    import numpy as np
 
-    bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(bunch.target, dtype=torch.long)
+    with resources.files("sturdy").joinpath("digits.npz").open("rb") as fh, np.load(fh) as arrays:
+        return arrays["images"], arrays["labels"]
+
+
+def _load_digits(split: str, root: Optional[str], download: bool, seed: int, **_: object) -> ImageDataset:
+    raw_images, raw_labels = digits_arrays()
+    images = torch.tensor(raw_images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(raw_labels, dtype=torch.long)
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
     test_idx, train_idx = perm[:DIGITS_TEST_SIZE], perm[DIGITS_TEST_SIZE:]
     idx = train_idx if split == "train" else test_idx

@@ -1,7 +1,10 @@
-"""HTML reports: sections of text, tables and PNG figures (matplotlib, Agg backend).
+"""HTML reports: sections of text, tables and PNG figures (matplotlib).
 
 Each part adds its own section; figures are written as PNG files next to the HTML page and
 embedded in it (base64), so the page is self-contained and the PNGs stay usable on their own.
+Figures are plain :class:`matplotlib.figure.Figure` objects (:func:`new_figure`), rendered with the
+Agg canvas: importing this module never changes matplotlib's global backend (a notebook keeps its
+own). Every file is written atomically, the HTML page last.
 
 Example:
     >>> import tempfile, pathlib
@@ -19,19 +22,18 @@ import base64
 import html
 import io
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from sturdy.errors import ConfigurationError
+from sturdy.utils import atomic_write_bytes
 
-from sturdy.errors import ConfigurationError  # noqa: E402
-
-__all__ = ["Report", "Section", "format_value", "plot_training_curves"]
+__all__ = ["Report", "Section", "format_value", "new_figure", "plot_training_curves"]
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
@@ -40,6 +42,15 @@ table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}figure{display:inline-block;margin:1em}
 figcaption{font-size:90%;color:#555;max-width:520px}img{max-width:100%}p.note{color:#555}
 """
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> Tuple[Figure, Any]:
+    """A figure and its axes (as ``Figure.subplots``) outside pyplot's global state; ``kwargs`` go to
+    :class:`~matplotlib.figure.Figure` (e.g. ``figsize``), ``subplot_kw``/``squeeze`` to ``subplots``."""
+    sub = {k: kwargs.pop(k) for k in ("subplot_kw", "squeeze", "sharex", "sharey") if k in kwargs}
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **sub)
 
 
 def format_value(value: Any) -> str:
@@ -75,7 +86,8 @@ class Section:
             raise ConfigurationError(f"figure name must be a plain file name ending in .png, got {name!r}")
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        if "matplotlib.pyplot" in sys.modules:  # a figure made through pyplot: release it there
+            sys.modules["matplotlib.pyplot"].close(fig)
         self.items.append(("figure", (name, buf.getvalue(), caption)))
 
 
@@ -103,8 +115,7 @@ class Report:
             for kind, payload in sec.items:
                 parts.append(self._render(kind, payload, path.parent))
         parts.append("</body></html>")
-        path.write_text("\n".join(parts), encoding="utf-8")
-        return path
+        return atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
 
     @staticmethod
     def _render(kind: str, payload: Any, folder: Path) -> str:
@@ -119,7 +130,7 @@ class Report:
             cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
             return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
         name, png, caption = payload
-        (folder / name).write_bytes(png)
+        atomic_write_bytes(folder / name, png)
         data = base64.b64encode(png).decode("ascii")
         return (f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>")
@@ -132,7 +143,7 @@ def plot_training_curves(histories: dict, *, title: Optional[str] = None) -> Fig
         histories: run label -> list of per-epoch dicts with ``epoch``, ``train_loss``,
             ``train_accuracy``, ``test_loss``, ``test_accuracy`` (as in ``results.json``).
     """
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_loss, ax_acc) = new_figure(1, 2, figsize=(10, 3.6))
     for label, history in histories.items():
         epochs = [h["epoch"] for h in history]
         line = ax_loss.plot(epochs, [h["train_loss"] for h in history], label=f"{label} train")[0]

@@ -1,11 +1,11 @@
 """One training loop shared by every method.
 
-The loop knows no method: a caller plugs in a loss function (e.g. Lipschitz-margin training),
+The loop knows no method: a caller plugs in an objective (e.g. Lipschitz-margin training),
 extra stateful objects to checkpoint (e.g. power-iteration vectors, compression residuals) and,
 when ``torch.distributed`` is initialised, a DDP communication hook (e.g. gradient compression).
 
 Conventions:
-    * ``loss_fn(model, inputs, targets, *, epoch, step) -> (loss, logits)``; ``loss`` is the
+    * ``objective(model, inputs, targets, *, epoch, step) -> (loss, logits)``; ``loss`` is the
       **mean** over the batch, ``logits`` are the clean logits used for the accuracy metric.
     * ``batch_size`` is per worker; under DDP each rank takes a disjoint, equally long shard of one
       seeded permutation per epoch, so every rank runs the same number of steps.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import tempfile
 import time
 import zipfile
 from dataclasses import asdict, dataclass, fields
@@ -35,13 +34,15 @@ from tqdm.auto import tqdm
 
 from sturdy.data import ImageDataset, apply_label_noise
 from sturdy.errors import CheckpointError, ConfigurationError
+from sturdy.utils import atomic_writer
 
 __all__ = [
     "TrainConfig",
     "EpochMetrics",
     "TrainResult",
-    "LossFn",
+    "Objective",
     "Stateful",
+    "steps_per_epoch",
     "train",
     "evaluate",
     "cross_entropy_loss",
@@ -54,7 +55,12 @@ __all__ = [
 CHECKPOINT_FORMAT = "sturdy-checkpoint-v1"
 
 
-class LossFn(Protocol):
+class Objective(Protocol):
+    """A training objective: ``(model, inputs, targets, *, epoch, step) -> (mean loss, clean logits)``.
+
+    ``step`` counts optimizer steps from the start of the run (``epoch * steps_per_epoch + i``).
+    """
+
     def __call__(
         self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, epoch: int, step: int
     ) -> Tuple[torch.Tensor, torch.Tensor]: ...
@@ -144,6 +150,7 @@ class TrainResult:
     steps_per_epoch: int
     resumed_from_epoch: int = 0
     world_size: int = 1
+    stopped_early: bool = False
 
     @property
     def final(self) -> EpochMetrics:
@@ -162,6 +169,7 @@ class TrainResult:
             "steps_per_epoch": self.steps_per_epoch,
             "resumed_from_epoch": self.resumed_from_epoch,
             "world_size": self.world_size,
+            "stopped_early": self.stopped_early,
         }
 
 
@@ -220,18 +228,8 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
 
     An interrupted save leaves the previous checkpoint intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(dict(state), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as fh:
+        torch.save(dict(state), fh)
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
@@ -285,6 +283,18 @@ def _lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
     return lambda step: 1.0
 
 
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps per epoch: each of ``world_size`` ranks takes ``num_samples // world_size`` samples.
+
+    Raises:
+        ConfigurationError: fewer samples than workers.
+    """
+    per_rank = num_samples // world_size
+    if per_rank < 1:
+        raise ConfigurationError(f"{num_samples} training samples cannot be split over {world_size} workers")
+    return math.ceil(per_rank / batch_size)
+
+
 def _shard(n: int, *, seed: int, epoch: int, rank: int, world: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=gen)
@@ -316,14 +326,14 @@ def train(
     *,
     config: TrainConfig,
     test_set: Optional[ImageDataset] = None,
-    loss_fn: Optional[LossFn] = None,
+    objective: Optional[Objective] = None,
     extra_state: Optional[Mapping[str, Stateful]] = None,
     comm_hook: Optional[Tuple[Any, Callable[..., Any]]] = None,
     checkpoint_path: Optional[str | os.PathLike] = None,
     checkpoint_extra: Optional[Mapping[str, Any]] = None,
     resume: bool = True,
     until_epoch: Optional[int] = None,
-    on_epoch_end: Optional[Callable[[EpochMetrics], None]] = None,
+    on_epoch_end: Optional[Callable[[EpochMetrics], Optional[bool]]] = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place.
@@ -333,7 +343,7 @@ def train(
         train_set: training data (label noise from ``config`` is applied here).
         config: hyper-parameters.
         test_set: optional held-out data evaluated after each epoch.
-        loss_fn: objective (default: mean cross-entropy); see the module docstring.
+        objective: training objective (default: mean cross-entropy); see the module docstring.
         extra_state: objects whose ``state_dict()`` is checkpointed and restored on resume.
         comm_hook: ``(state, hook)`` for ``DistributedDataParallel.register_comm_hook`` when a
             process group is initialised (ignored otherwise).
@@ -342,7 +352,8 @@ def train(
         checkpoint_extra: plain data stored in the checkpoint as ``checkpoint["extra"]``.
         until_epoch: stop after this epoch (the schedule still spans ``config.epochs``), e.g. to
             split a run in two.
-        on_epoch_end: called with each epoch's metrics.
+        on_epoch_end: called with each epoch's metrics after its checkpoint is written; returning
+            ``True`` stops training there (``TrainResult.stopped_early``), e.g. for early stopping.
         progress: show a tqdm progress bar (rank 0 only).
 
     Returns:
@@ -350,7 +361,7 @@ def train(
     """
     device = resolve_device(config.device)
     rank, world = _world()
-    loss_fn = loss_fn or cross_entropy_loss
+    objective = objective or cross_entropy_loss
     extra_state = dict(extra_state or {})
     model.to(device)
     labels = train_set.labels
@@ -359,13 +370,10 @@ def train(
             labels, fraction=config.label_noise, num_classes=train_set.num_classes, seed=config.seed
         )
     n = len(train_set)
-    per_rank = n // world
-    if per_rank < 1:
-        raise ConfigurationError(f"{n} training samples cannot be split over {world} workers")
-    steps_per_epoch = math.ceil(per_rank / config.batch_size)
+    steps = steps_per_epoch(n, config.batch_size, world)
     optimizer = _make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_factor(config.schedule, config.epochs * steps_per_epoch)
+        optimizer, _lr_factor(config.schedule, config.epochs * steps)
     )
 
     net: nn.Module = model
@@ -394,6 +402,7 @@ def train(
         history = [EpochMetrics(**m) for m in ckpt["history"]]
         start_epoch = int(ckpt["epoch"])
 
+    stopped_early = False
     last_epoch = config.epochs if until_epoch is None else min(until_epoch, config.epochs)
     t_start = time.perf_counter()
     bar = tqdm(
@@ -410,12 +419,12 @@ def train(
         order = _shard(n, seed=config.seed, epoch=epoch, rank=rank, world=world)
         loss_sum, correct, seen = 0.0, 0, 0
         lr = optimizer.param_groups[0]["lr"]
-        for step in range(steps_per_epoch):
+        for step in range(steps):
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             x = train_set.images[idx].to(device, non_blocking=True)
             y = labels[idx].to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss, logits = loss_fn(net, x, y, epoch=epoch, step=epoch * steps_per_epoch + step)
+            loss, logits = objective(net, x, y, epoch=epoch, step=epoch * steps + step)
             if not torch.isfinite(loss):
                 raise ConfigurationError(
                     f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {float(loss)}); lower the lr"
@@ -451,16 +460,18 @@ def train(
                 },
                 checkpoint_path,
             )
-        if on_epoch_end is not None:
-            on_epoch_end(metrics)
+        if on_epoch_end is not None and on_epoch_end(metrics):
+            stopped_early = True
+            break
     bar.close()
     model.eval()
     return TrainResult(
         history=tuple(history),
         seconds=time.perf_counter() - t_start,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=steps,
         resumed_from_epoch=start_epoch,
         world_size=world,
+        stopped_early=stopped_early,
     )
 
 

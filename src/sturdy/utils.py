@@ -1,14 +1,17 @@
-"""Small helpers every part shares (device/dtype convention, temporary eval mode)."""
+"""Small helpers every part shares (device/dtype convention, temporary eval mode, atomic files)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
+from pathlib import Path
 from typing import Any, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["eval_mode", "model_device_dtype"]
+__all__ = ["eval_mode", "model_device_dtype", "atomic_write_bytes", "atomic_writer"]
 
 
 @contextlib.contextmanager
@@ -36,3 +39,35 @@ def model_device_dtype(model: Any, fallback: Optional[torch.Tensor] = None) -> T
     if fallback is not None:
         return fallback.device, fallback.dtype
     return torch.device("cpu"), torch.get_default_dtype()
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[Any]:
+    """A binary file handle whose content replaces ``path`` atomically when the block succeeds.
+
+    The data goes to a temporary file in the same folder (fsynced, with the permissions a plain
+    ``open`` would give), then is renamed over ``path``. An interrupted or failed write leaves the
+    previous file (or none) in place, never a partial one, and removes its temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_writer`); returns the path."""
+    with atomic_writer(path) as fh:
+        fh.write(data)
+    return Path(path)

@@ -76,3 +76,14 @@ def test_label_noise_changes_exactly_the_fraction(fraction):
 def test_label_noise_validates_fraction():
     with pytest.raises(ConfigurationError, match=r"label noise fraction must lie in \[0, 1\]"):
         apply_label_noise(torch.zeros(5, dtype=torch.long), fraction=1.5, num_classes=10, seed=0)
+
+
+def test_shipped_digits_equal_scikit_learn():
+    from sklearn.datasets import load_digits
+
+    from sturdy.data import digits_arrays
+
+    bunch = load_digits()
+    images, labels = digits_arrays()
+    assert images.shape == (1797, 8, 8) and labels.shape == (1797,)
+    assert (images == bunch.images).all() and (labels == bunch.target).all()

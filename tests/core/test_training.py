@@ -59,20 +59,20 @@ def test_resume_one_plus_one_epochs_is_bit_identical(tmp_path, digits):
     full_counter = Counter()
     full = _dropout_mlp()
     torch.manual_seed(1)
-    train(full, train_set, config=config, test_set=test_set, loss_fn=_counting_loss(full_counter),
+    train(full, train_set, config=config, test_set=test_set, objective=_counting_loss(full_counter),
           extra_state={"counter": full_counter}, progress=False)
 
     ckpt = tmp_path / "model.pt"
     c1 = Counter()
     first = _dropout_mlp()
     torch.manual_seed(1)
-    r1 = train(first, train_set, config=config, test_set=test_set, loss_fn=_counting_loss(c1),
+    r1 = train(first, train_set, config=config, test_set=test_set, objective=_counting_loss(c1),
                extra_state={"counter": c1}, checkpoint_path=ckpt, until_epoch=1, progress=False)
     assert len(r1.history) == 1
     torch.manual_seed(999)  # whatever happens between the two runs must not matter
     c2 = Counter()
     second = _dropout_mlp()
-    r2 = train(second, train_set, config=config, test_set=test_set, loss_fn=_counting_loss(c2),
+    r2 = train(second, train_set, config=config, test_set=test_set, objective=_counting_loss(c2),
                extra_state={"counter": c2}, checkpoint_path=ckpt, progress=False)
     assert r2.resumed_from_epoch == 1 and len(r2.history) == 2
     for a, b in zip(full.state_dict().values(), second.state_dict().values()):

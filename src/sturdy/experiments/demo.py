@@ -11,7 +11,8 @@ import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict
+from types import ModuleType
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from sturdy.data import ImageDataset
 from sturdy.experiments.jsonio import write_json
 from sturdy.experiments.train_job import TrainJob, fit, load_job_data
 from sturdy.report import Report, plot_training_curves
-from sturdy.training import resolve_device
+from sturdy.training import TrainConfig, resolve_device
 
 __all__ = ["DemoContext", "run_demo", "PARTS"]
 
@@ -57,14 +58,24 @@ class DemoContext:
 
 def standard_job(out: Path, *, quick: bool, seed: int, device: str) -> TrainJob:
     """The demo's standard digits CNN (Adam, cosine schedule)."""
-    return TrainJob(dataset="digits", model="cnn", epochs=3 if quick else 20, batch_size=64, lr=2e-3,
-                    seed=seed, device=device, out=str(out / "standard"))
+    config = TrainConfig(epochs=3 if quick else 20, batch_size=64, lr=2e-3, seed=seed, device=device)
+    return TrainJob(dataset="digits", model="cnn", config=config, out=str(out / "standard"))
 
 
 def run_demo(
-    *, out: str | Path = "runs/demo", quick: bool = False, device: str = "auto", seed: int = 0, progress: bool = True
+    *,
+    out: str | Path = "runs/demo",
+    quick: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+    parts: Optional[Sequence[Any]] = None,
 ) -> Path:
     """Run the demo and return the path of ``report.html``.
+
+    ``parts`` are objects with a ``demo_section(ctx: DemoContext)`` (default: every part's
+    ``sturdy.experiments.<part>`` module, in :data:`PARTS` order); each adds its report section and
+    its ``results[part]`` entry.
 
     On the CPU the demo runs with one torch thread (restored afterwards): its digits models are so
     small that intra-op threads only add synchronisation, which costs 3-10x on a busy machine.
@@ -73,12 +84,18 @@ def run_demo(
     if resolve_device(device).type == "cpu":
         torch.set_num_threads(1)
     try:
-        return _run_demo(out=Path(out), quick=quick, device=device, seed=seed, progress=progress)
+        sections = [importlib.import_module(f"sturdy.experiments.{p}") for p in PARTS] if parts is None else parts
+        return _run_demo(out=Path(out), quick=quick, device=device, seed=seed, progress=progress, parts=sections)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo(*, out: Path, quick: bool, device: str, seed: int, progress: bool) -> Path:
+def _part_name(part: Any) -> str:
+    name = part.__name__ if isinstance(part, ModuleType) else getattr(part, "name", type(part).__name__)
+    return name.rsplit(".", 1)[-1]
+
+
+def _run_demo(*, out: Path, quick: bool, device: str, seed: int, progress: bool, parts: Sequence[Any]) -> Path:
     t0 = time.perf_counter()
     job = standard_job(out, quick=quick, seed=seed, device=device)
     train_set, test_set = load_job_data(job)
@@ -88,8 +105,8 @@ def _run_demo(*, out: Path, quick: bool, device: str, seed: int, progress: bool)
     results["standard"] = {k: fitted.results[k] for k in ("test_accuracy", "train_accuracy", "seconds_per_epoch")}
     sec = report.section("Training")
     sec.text(
-        f"A {job.model} ({fitted.results['num_parameters']} parameters) trained for {job.epochs} epochs with "
-        f"{job.optimizer}, lr {job.lr}, batch {job.batch_size} on {len(train_set)} digits; "
+        f"A {job.model} ({fitted.results['num_parameters']} parameters) trained for {job.config.epochs} epochs "
+        f"with {job.config.optimizer}, lr {job.config.lr}, batch {job.config.batch_size} on {len(train_set)} digits; "
         f"test accuracy {fitted.results['test_accuracy']:.4f} on {len(test_set)} held-out digits."
     )
     sec.figure(plot_training_curves({"standard": fitted.results["history"]}), name="training_curves.png",
@@ -98,11 +115,10 @@ def _run_demo(*, out: Path, quick: bool, device: str, seed: int, progress: bool)
     ctx = DemoContext(out=out, quick=quick, device=resolve_device(device), seed=seed, report=report,
                       results=results, train_set=train_set, test_set=test_set,
                       models={"standard": fitted.model.eval()}, progress=progress)
-    for part in PARTS:
-        module = importlib.import_module(f"sturdy.experiments.{part}")
+    for part in parts:
         t_part = time.perf_counter()
-        module.demo_section(ctx)
-        results["seconds"][part] = time.perf_counter() - t_part
+        part.demo_section(ctx)
+        results["seconds"][_part_name(part)] = time.perf_counter() - t_part
     results["seconds"]["total"] = time.perf_counter() - t0
     report.section("Run").table(header=["stage", "seconds"],
                                 rows=[[k, round(v, 1)] for k, v in results["seconds"].items()])

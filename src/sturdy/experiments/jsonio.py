@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sturdy.utils import atomic_write_bytes
+
 __all__ = ["write_json", "json_safe"]
 
 
@@ -27,9 +29,5 @@ def write_json(data: Any, path: str | os.PathLike) -> Path:
 
     Values JSON does not know (paths, devices, ...) are written as their ``str``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(data), indent=2, default=str, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(json_safe(data), indent=2, default=str, allow_nan=False) + "\n"
+    return atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,8 +1,10 @@
 """A training job: data set + model + hyper-parameters -> ``model.pt`` and ``results.json``.
 
-This is what ``sturdy train`` runs. Method parts plug in here: a job whose options say
-``method="lmt"`` trains with the Lipschitz-margin objective of :mod:`sturdy.experiments.lipschitz`;
-distributed/compressed runs call :func:`run_train_job` inside each worker with a communication hook.
+This is what ``sturdy train`` runs. The job knows no method: parts plug in through
+:class:`TrainPlugin` objects (Lipschitz-margin training supplies an objective and its tracker,
+gradient compression a DDP communication hook and its state), which :func:`fit` sets up on the
+freshly built model and hands to the one training loop (:func:`sturdy.training.train`). Parts that
+run a job elsewhere (several local processes, ``torchrun``) call :func:`fit` inside each worker.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -20,24 +22,41 @@ from sturdy.errors import CheckpointError, ConfigurationError
 from sturdy.experiments.jsonio import write_json
 from sturdy.models import create_model
 from sturdy.training import (
-    LossFn,
+    Objective,
     Stateful,
     TrainConfig,
     config_from_dict,
     load_checkpoint,
     resolve_device,
+    steps_per_epoch,
     train,
 )
 
-__all__ = ["TrainJob", "FitResult", "fit", "run_train_job", "load_trained_model", "load_job_data"]
+__all__ = [
+    "TrainJob",
+    "TrainContext",
+    "TrainHooks",
+    "TrainPlugin",
+    "FitResult",
+    "fit",
+    "run_train_job",
+    "load_trained_model",
+    "load_job_data",
+]
+
+_CONFIG_FIELDS = frozenset(f.name for f in fields(TrainConfig))
 
 
 @dataclass(frozen=True)
 class TrainJob:
     """Everything that defines a training run (stored in every checkpoint and ``results.json``).
 
-    ``options`` holds method-specific settings added by part modules (e.g. ``method``, ``c``,
-    ``nproc``, ``compress``); core fields mirror :class:`sturdy.training.TrainConfig`.
+    Attributes:
+        dataset, model, model_kwargs, resize, data_root, download: what is trained on what.
+        config: the training hyper-parameters (:class:`sturdy.training.TrainConfig`).
+        out: output folder (``model.pt``, ``results.json``).
+        options: method-specific settings added by part modules (e.g. ``method``, ``c``, ``nproc``,
+            ``compress``); plain JSON-able values.
     """
 
     dataset: str = "digits"
@@ -46,35 +65,70 @@ class TrainJob:
     resize: Optional[int] = None
     data_root: Optional[str] = None
     download: bool = False
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    seed: int = 0
-    label_noise: float = 0.0
-    device: str = "auto"
+    config: TrainConfig = field(default_factory=TrainConfig)
     out: str = "runs/train"
     options: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.train_config()  # validates the hyper-parameters early, with TrainConfig's messages
-
-    def train_config(self) -> TrainConfig:
-        return config_from_dict(asdict(self))
+        if not isinstance(self.config, TrainConfig):
+            raise ConfigurationError(f"TrainJob.config must be a TrainConfig, got {type(self.config).__name__}")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainJob:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        """Build a job from :meth:`to_dict`'s output; flat training fields (``epochs=...``) are accepted too."""
+        names = {f.name for f in fields(cls)} - {"config"}
+        config = dict(values.get("config") or {})
+        config.update({k: v for k, v in values.items() if k in _CONFIG_FIELDS})
+        return cls(**{k: v for k, v in values.items() if k in names}, config=config_from_dict(config))
 
     def replace(self, **changes: Any) -> TrainJob:
+        """A copy with ``changes``; training fields (``device=...``) go into :attr:`config`."""
         return TrainJob.from_dict({**asdict(self), **changes})
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """What a :class:`TrainPlugin` learns about the run it joins.
+
+    Attributes:
+        job: the job.
+        input_shape: shape of one input batch of size 1, ``(1, C, H, W)``.
+        num_classes: number of logits.
+        steps_per_epoch: optimizer steps per epoch on this worker.
+        device: the model's device.
+    """
+
+    job: TrainJob
+    input_shape: Tuple[int, ...]
+    num_classes: int
+    steps_per_epoch: int
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class TrainHooks:
+    """What a plugin adds to the training loop (every field optional).
+
+    Attributes:
+        objective: replaces mean cross-entropy (at most one plugin of a run may set it).
+        extra_state: checkpointed objects (``state_dict()``/``load_state_dict()``), by unique name.
+        comm_hook: ``(state, hook)`` registered on DDP when a process group is initialised.
+        extra_results: called after training; its dict is merged into ``results.json``.
+    """
+
+    objective: Optional[Objective] = None
+    extra_state: Mapping[str, Stateful] = field(default_factory=dict)
+    comm_hook: Optional[Tuple[Any, Callable[..., Any]]] = None
+    extra_results: Optional[Callable[[], Mapping[str, Any]]] = None
+
+
+class TrainPlugin(Protocol):
+    """A method's contribution to a run; picklable (a frozen dataclass), so workers can receive it."""
+
+    def setup(self, model: nn.Module, ctx: TrainContext) -> TrainHooks: ...
 
 
 @dataclass(frozen=True)
@@ -91,20 +145,41 @@ def load_job_data(job: TrainJob) -> Tuple[ImageDataset, ImageDataset]:
     return load_dataset(job.dataset, split="train", **kw), load_dataset(job.dataset, split="test", **kw)
 
 
-def _is_rank_zero() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
+def _world() -> Tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _combine(hooks: Sequence[TrainHooks]) -> TrainHooks:
+    objectives = [h.objective for h in hooks if h.objective is not None]
+    comm_hooks = [h.comm_hook for h in hooks if h.comm_hook is not None]
+    if len(objectives) > 1 or len(comm_hooks) > 1:
+        raise ConfigurationError("two methods of this run both replace the training objective or the DDP "
+                                 "communication hook; combine at most one of each")
+    state: Dict[str, Stateful] = {}
+    for h in hooks:
+        clash = set(state) & set(h.extra_state)
+        if clash:
+            raise ConfigurationError(f"two methods of this run checkpoint state under the same name {sorted(clash)}")
+        state.update(h.extra_state)
+    extras = [h.extra_results for h in hooks if h.extra_results is not None]
+
+    def extra_results() -> Dict[str, Any]:
+        merged: Dict[str, Any] = {}
+        for extra in extras:
+            merged.update(extra())
+        return merged
+
+    return TrainHooks(objective=objectives[0] if objectives else None, extra_state=state,
+                      comm_hook=comm_hooks[0] if comm_hooks else None,
+                      extra_results=extra_results if extras else None)
 
 
 def fit(
     job: TrainJob,
     *,
-    loss_fn: Optional[LossFn] = None,
-    extra_state: Optional[Mapping[str, Stateful]] = None,
-    comm_hook: Optional[Tuple[Any, Callable[..., Any]]] = None,
-    extra_results: Optional[Callable[[], Mapping[str, Any]]] = None,
-    model_setup: Optional[Callable[[nn.Module], None]] = None,
+    plugins: Sequence[TrainPlugin] = (),
     resume: bool = True,
     progress: bool = True,
 ) -> FitResult:
@@ -112,43 +187,34 @@ def fit(
 
     Args:
         job: the job.
-        loss_fn: overrides the objective (by default cross-entropy, or LMT when ``job.options["method"]
-            == "lmt"``).
-        extra_state: additional checkpointed state (e.g. a compression state).
-        comm_hook: ``(state, hook)`` registered on DDP when a process group is initialised.
-        extra_results: called after training; its dict is merged into ``results.json``.
-        model_setup: called with the model right after it is built and moved to its device.
+        plugins: methods joining the run (see :class:`TrainPlugin`); each is set up on the model
+            right after it is built and moved to its device.
         resume: continue from ``job.out/model.pt`` when it exists.
         progress: progress bar.
     """
     train_set, test_set = load_job_data(job)
-    torch.manual_seed(job.seed)
+    config = job.config
+    torch.manual_seed(config.seed)
     model = create_model(job.model, in_shape=train_set.image_shape, num_classes=train_set.num_classes,
                          **job.model_kwargs)
-    device = resolve_device(job.device)
+    device = resolve_device(config.device)
     model.to(device)
-    if model_setup is not None:
-        model_setup(model)
-    state: Dict[str, Stateful] = dict(extra_state or {})
-    method = job.options.get("method", "standard")
-    if loss_fn is None and method == "lmt":
-        from sturdy.experiments.lipschitz import build_lmt_objective
-
-        loss_fn, method_state = build_lmt_objective(model, job, input_shape=(1, *train_set.image_shape))
-        state.update(method_state)
-    elif method not in ("standard", "lmt"):
-        raise ConfigurationError(f"unknown training method {method!r}; use 'standard' or 'lmt'")
+    ctx = TrainContext(job=job, input_shape=(1, *train_set.image_shape), num_classes=train_set.num_classes,
+                       steps_per_epoch=steps_per_epoch(len(train_set), config.batch_size, _world()[1]),
+                       device=device)
+    hooks = _combine([plugin.setup(model, ctx) for plugin in plugins])
     out = Path(job.out)
     result = train(
         model,
         train_set,
-        config=job.train_config(),
+        config=config,
         test_set=test_set,
-        loss_fn=loss_fn,
-        extra_state=state,
-        comm_hook=comm_hook,
+        objective=hooks.objective,
+        extra_state=hooks.extra_state,
+        comm_hook=hooks.comm_hook,
         checkpoint_path=out / "model.pt",
-        checkpoint_extra={"job": job.to_dict()},
+        checkpoint_extra={"job": job.to_dict(), "input_shape": list(ctx.input_shape),
+                          "num_classes": ctx.num_classes},
         resume=resume,
         progress=progress,
     )
@@ -160,16 +226,18 @@ def fit(
         "test_size": len(test_set),
         **result.to_dict(),
     }
-    if extra_results is not None:
-        results.update(extra_results())
-    if _is_rank_zero():
+    if hooks.extra_results is not None:
+        results.update(hooks.extra_results())
+    if _world()[0] == 0:
         write_json(results, out / "results.json")
     return FitResult(model=model, results=results)
 
 
-def run_train_job(job: TrainJob, **kwargs: Any) -> Dict[str, Any]:
-    """:func:`fit` returning only the results dict (keywords as for :func:`fit`)."""
-    return fit(job, **kwargs).results
+def run_train_job(
+    job: TrainJob, *, plugins: Sequence[TrainPlugin] = (), resume: bool = True, progress: bool = True
+) -> Dict[str, Any]:
+    """:func:`fit` in this process, returning only the results dict."""
+    return fit(job, plugins=plugins, resume=resume, progress=progress).results
 
 
 def load_trained_model(
@@ -177,24 +245,30 @@ def load_trained_model(
 ) -> Tuple[nn.Module, TrainJob]:
     """Rebuild the model saved by ``sturdy train`` (``DIR/model.pt``) in eval mode, with its job.
 
+    The input shape and class count come from the checkpoint (checkpoints of older versions, which
+    lack them, fall back to the job's data set).
+
     Raises:
         CheckpointError: missing/corrupt/unsafe file, or a checkpoint without a job description.
     """
     ckpt = load_checkpoint(path, map_location="cpu")
-    job_dict = ckpt.get("extra", {}).get("job")
+    extra = ckpt.get("extra", {})
+    job_dict = extra.get("job")
     if not isinstance(job_dict, dict):
         raise CheckpointError(f"{str(path)!r} holds no job description; was it written by `sturdy train`?")
-    job = TrainJob.from_dict(job_dict)
-    train_shape, num_classes = _data_signature(job)
-    model = create_model(job.model, in_shape=train_shape, num_classes=num_classes, **job.model_kwargs)
+    try:
+        job = TrainJob.from_dict(job_dict)
+    except (ConfigurationError, TypeError) as exc:
+        raise CheckpointError(f"{str(path)!r} holds an invalid job description: {exc}") from exc
+    if "input_shape" in extra and "num_classes" in extra:
+        in_shape, num_classes = tuple(int(s) for s in extra["input_shape"][1:]), int(extra["num_classes"])
+    else:
+        test_set = load_job_data(job)[1]
+        in_shape, num_classes = test_set.image_shape, test_set.num_classes
+    model = create_model(job.model, in_shape=in_shape, num_classes=num_classes, **job.model_kwargs)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"{str(path)!r}: weights do not match model {job.model!r}: {exc}") from exc
     model.to(resolve_device(device)).eval()
     return model, job
-
-
-def _data_signature(job: TrainJob) -> Tuple[Tuple[int, int, int], int]:
-    ds = load_dataset(job.dataset, split="test", root=job.data_root, download=job.download, resize=job.resize)
-    return ds.image_shape, ds.num_classes

@@ -1,0 +1,106 @@
+"""The job layer: TrainJob embeds TrainConfig, plugins join the one training loop, checkpoints are
+self-describing (loading a model never loads a data set)."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import sturdy.data
+from sturdy.errors import ConfigurationError
+from sturdy.experiments.train_job import TrainHooks, TrainJob, fit, load_trained_model
+from sturdy.training import TrainConfig, train
+
+
+def _job(tmp_path, **config):
+    cfg = dict(epochs=2, batch_size=64, lr=1e-2, device="cpu", seed=3)
+    cfg.update(config)
+    return TrainJob(model="linear", config=TrainConfig(**cfg), out=str(tmp_path / "run"))
+
+
+class _Count:
+    def __init__(self):
+        self.calls = 0
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = int(state["calls"])
+
+
+@dataclass(frozen=True)
+class _ScaledObjective:
+    """A test plugin: cross-entropy times ``scale``, counting its calls in checkpointed state."""
+
+    scale: float = 1.0
+
+    def setup(self, model, ctx):
+        count = _Count()
+        seen = {"input_shape": ctx.input_shape, "num_classes": ctx.num_classes, "steps": ctx.steps_per_epoch}
+
+        def objective(net, x, y, *, epoch, step):
+            count.calls += 1
+            logits = net(x)
+            return self.scale * nn.functional.cross_entropy(logits, y), logits
+
+        return TrainHooks(objective=objective, extra_state={"count": count},
+                          extra_results=lambda: {"plugin": {**seen, "calls": count.calls}})
+
+
+def test_job_embeds_config_and_round_trips(tmp_path):
+    job = _job(tmp_path, lr=0.5)
+    assert job.config.lr == 0.5
+    again = TrainJob.from_dict(job.to_dict())
+    assert again == job
+    flat = TrainJob.from_dict({"model": "mlp", "epochs": 4, "device": "cpu", "out": "x"})
+    assert flat.config == TrainConfig(epochs=4, device="cpu") and flat.model == "mlp"
+    assert job.replace(device="cuda:1").config.device == "cuda:1" and job.replace(model="mlp").model == "mlp"
+    with pytest.raises(ConfigurationError, match="lr must be"):
+        job.replace(lr=-1.0)
+
+
+def test_plugin_objective_state_and_results(tmp_path):
+    fitted = fit(_job(tmp_path), plugins=[_ScaledObjective(2.0)], progress=False)
+    plugin = fitted.results["plugin"]
+    assert plugin["input_shape"] == (1, 1, 8, 8) and plugin["num_classes"] == 10
+    assert plugin["calls"] == 2 * plugin["steps"] == 2 * fitted.results["steps_per_epoch"]
+    ckpt = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert ckpt["state"]["count"] == {"calls": plugin["calls"]}
+    assert ckpt["extra"]["input_shape"] == [1, 1, 8, 8] and ckpt["extra"]["num_classes"] == 10
+
+
+def test_two_objectives_are_refused(tmp_path):
+    with pytest.raises(ConfigurationError, match="objective"):
+        fit(_job(tmp_path), plugins=[_ScaledObjective(), _ScaledObjective(3.0)], progress=False)
+
+
+def test_loading_a_trained_model_loads_no_data(tmp_path, monkeypatch):
+    fitted = fit(_job(tmp_path, epochs=1), progress=False)
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("load_trained_model must not load a data set")
+
+    monkeypatch.setattr(sturdy.data, "load_dataset", no_data)
+    monkeypatch.setattr("sturdy.experiments.train_job.load_dataset", no_data)
+    model, job = load_trained_model(tmp_path / "run" / "model.pt")
+    assert job.config.epochs == 1 and not model.training
+    x = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(model(x), fitted.model(x), rtol=0, atol=0)
+
+
+def test_on_epoch_end_returning_true_stops_training(tmp_path):
+    data = sturdy.data.load_dataset("digits", split="train").subset(range(256))
+    seen = []
+
+    def stop_after_two(metrics):
+        seen.append(metrics.epoch)
+        return metrics.epoch == 2
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    result = train(model, data, config=TrainConfig(epochs=5, device="cpu"), checkpoint_path=tmp_path / "m.pt",
+                   on_epoch_end=stop_after_two, progress=False)
+    assert seen == [1, 2] and result.stopped_early and len(result.history) == 2
+    assert result.to_dict()["stopped_early"] is True
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["epoch"] == 2
