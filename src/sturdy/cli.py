@@ -10,6 +10,7 @@ import argparse
 import ast
 import importlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -121,16 +122,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from sturdy.experiments.train_job import load_job_data, load_trained_model
-    from sturdy.training import evaluate, resolve_device
+    from sturdy.training import evaluate, load_checkpoint, resolve_device
 
     model, job = load_trained_model(args.checkpoint, device=resolve_device(args.device))
+    job = job.replace(data_root=args.data_root, download=args.download)
     if args.dataset is not None:
         job = job.replace(dataset=args.dataset)
     _, test_set = load_job_data(job)
+    expected = tuple(load_checkpoint(args.checkpoint)["extra"].get("input_shape", (1, *test_set.image_shape))[1:])
+    if test_set.image_shape != expected:
+        raise ConfigurationError(f"data set {job.dataset!r} has images of shape {test_set.image_shape}, the model "
+                                 f"was trained on {expected}; choose a data set of the same shape")
+    logits = _num_logits(model, test_set)
+    if test_set.num_classes != logits:
+        raise ConfigurationError(f"data set {job.dataset!r} has {test_set.num_classes} classes, the model "
+                                 f"predicts {logits}; choose a data set with the same classes")
     loss, acc = evaluate(model, test_set)
+    if not math.isfinite(loss):
+        raise ConfigurationError(f"the model's test loss is not finite ({loss}); its outputs overflow")
     print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": job.dataset, "test_loss": loss,
-                      "test_accuracy": acc, "test_size": len(test_set)}))
+                      "test_accuracy": acc, "test_size": len(test_set)}, allow_nan=False))
     return 0
+
+
+def _num_logits(model: Any, data: Any) -> int:
+    import torch
+
+    with torch.no_grad():
+        return int(model(data.images[:1].to(next(model.parameters()).device)).shape[-1])
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -154,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="test accuracy of a trained model")
     p.add_argument("--checkpoint", required=True, help="model.pt written by `sturdy train`")
     p.add_argument("--dataset", default=None, help="evaluate on another data set of the same shape")
+    p.add_argument("--data-root", default=None, help="folder holding torchvision data files")
+    p.add_argument("--download", action="store_true", help="let torchvision download missing data (needs internet)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("demo", help="the main job on the embedded digits data; writes an HTML report")

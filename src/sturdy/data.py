@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -145,22 +146,23 @@ _VISION = {
 
 def _load_vision(name: str) -> Callable[..., ImageDataset]:
     def load(split: str, root: Optional[str], download: bool, seed: int, **_: object) -> ImageDataset:
-        try:
-            import torchvision
-        except ImportError as exc:
+        if importlib.util.find_spec("torchvision") is None:
             raise MissingDependencyError(
                 f"data set {name!r} needs torchvision: install it with `pip install 'sturdy[vision]'` "
                 "(or `pip install torchvision`), or use the embedded data set 'digits'"
-            ) from exc
+            )
+        import torchvision
+
         cls_name, split_kind, num_classes = _VISION[name]
         folder = Path(root) if root is not None else Path("data")
         kwargs = {"train": split == "train"} if split_kind == "train" else {"split": split}
         try:
             ds = getattr(torchvision.datasets, cls_name)(str(folder), download=download, **kwargs)
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # torchvision's "Dataset not found or corrupted"; its own words are kept
             raise DataError(
-                f"data set {name!r} ({split}) not found under {str(folder)!r}: put the torchvision files there "
-                f"(root=... / --data-root DIR) or pass download=True (--download) on a machine with internet"
+                f"data set {name!r} ({split}) could not be read from {str(folder)!r} ({exc}): put the torchvision "
+                f"files there (root=... / --data-root DIR) or pass download=True (--download) on a machine with "
+                f"internet"
             ) from exc
         data = torch.as_tensor(ds.data)
         if data.ndim == 3:  # (N, H, W) grayscale

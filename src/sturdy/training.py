@@ -17,6 +17,7 @@ Conventions:
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pickle
@@ -49,6 +50,7 @@ __all__ = [
     "resolve_device",
     "save_checkpoint",
     "load_checkpoint",
+    "check_state_dict_shapes",
     "CHECKPOINT_FORMAT",
 ]
 
@@ -226,10 +228,14 @@ def evaluate(
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then a rename.
 
-    An interrupted save leaves the previous checkpoint intact.
+    An interrupted or failed save (a full disk included, reported as the ``OSError`` it is) leaves
+    the previous checkpoint intact. The checkpoint is serialised in memory first, so file-system
+    errors surface from the plain write rather than from inside torch's archive writer.
     """
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
     with atomic_writer(path) as fh:
-        torch.save(dict(state), fh)
+        fh.write(buffer.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
@@ -257,6 +263,25 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a sturdy checkpoint (missing format tag {CHECKPOINT_FORMAT!r})")
     return state
+
+
+def check_state_dict_shapes(model: nn.Module, state: Mapping[str, Any], *, source: str) -> None:
+    """Refuse ``state`` unless it holds exactly ``model``'s tensors with the same shapes, naming the difference.
+
+    Raises:
+        CheckpointError: missing or unexpected entries, or different shapes (another architecture).
+    """
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    problems = [f"{k} is {stored[k]} there, {own[k]} here" for k in own if k in stored and stored[k] != own[k]]
+    problems += [f"{k} missing there" for k in own if k not in stored]
+    problems += [f"{k} unexpected" for k in stored if k not in own]
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise CheckpointError(
+            f"{source!r} holds weights of another architecture ({'; '.join(problems[:3])}{more}); use a new "
+            "output folder or --no-resume to start over, or the model settings the checkpoint was made with"
+        )
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -386,11 +411,21 @@ def train(
     start_epoch = 0
     if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
         ckpt = load_checkpoint(checkpoint_path, map_location=device)
-        if _resume_key(ckpt.get("config", {})) != _resume_key(asdict(config)):
+        stored, wanted = _resume_key(ckpt.get("config", {})), _resume_key(asdict(config))
+        if stored != wanted:
+            differ = ", ".join(f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} here"
+                               for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k))
             raise CheckpointError(
-                f"checkpoint {str(checkpoint_path)!r} was made with a different training configuration; "
+                f"checkpoint {str(checkpoint_path)!r} was made with a different training configuration ({differ}); "
                 "use a new output folder or pass resume=False (--no-resume) to start over"
             )
+        if int(ckpt["epoch"]) > config.epochs:
+            raise CheckpointError(
+                f"checkpoint {str(checkpoint_path)!r} is already past epoch {config.epochs} (it holds "
+                f"{int(ckpt['epoch'])} epochs); ask for at least that many epochs, use a new output folder, or "
+                "pass resume=False (--no-resume) to start over"
+            )
+        check_state_dict_shapes(model, ckpt["model"], source=str(checkpoint_path))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

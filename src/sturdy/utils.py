@@ -11,7 +11,7 @@ from typing import Any, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["eval_mode", "model_device_dtype", "atomic_write_bytes", "atomic_writer"]
+__all__ = ["eval_mode", "model_device_dtype", "atomic_write_bytes", "atomic_writer", "prepare_output_dir"]
 
 
 @contextlib.contextmanager
@@ -71,3 +71,27 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_writer(path) as fh:
         fh.write(data)
     return Path(path)
+
+
+def prepare_output_dir(path: str | os.PathLike) -> Path:
+    """Create the output folder ``path`` and check that files can be written there, before any work.
+
+    Raises:
+        ConfigurationError: an empty path, a path that is an existing file, or a folder that cannot be
+            created or written to.
+    """
+    from sturdy.errors import ConfigurationError
+
+    if not str(path).strip():
+        raise ConfigurationError("the output folder is empty; give a folder name (e.g. --out runs/x)")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigurationError(f"output folder {str(folder)!r} is an existing file; choose a folder name")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write to output folder {str(folder)!r}: {exc.strerror or exc}") from exc
+    return folder

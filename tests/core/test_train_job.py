@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import sturdy.data
-from sturdy.errors import ConfigurationError
+from sturdy.errors import CheckpointError, ConfigurationError
 from sturdy.experiments.train_job import TrainHooks, TrainJob, fit, load_trained_model
-from sturdy.training import TrainConfig, train
+from sturdy.training import CHECKPOINT_FORMAT, TrainConfig, save_checkpoint, train
 
 
 def _job(tmp_path, **config):
@@ -104,3 +104,78 @@ def test_on_epoch_end_returning_true_stops_training(tmp_path):
     assert seen == [1, 2] and result.stopped_early and len(result.history) == 2
     assert result.to_dict()["stopped_early"] is True
     assert torch.load(tmp_path / "m.pt", weights_only=True)["epoch"] == 2
+
+
+def test_rerun_into_another_architecture_names_the_difference(tmp_path):
+    fit(_job(tmp_path, epochs=1), progress=False)
+    other = _job(tmp_path, epochs=1).replace(model="mlp")
+    with pytest.raises(CheckpointError, match="model: 'linear' there, 'mlp' here"):
+        fit(other, progress=False)
+
+
+def test_rerun_with_fewer_epochs_than_done_is_refused(tmp_path):
+    fit(_job(tmp_path, epochs=2), progress=False)
+    with pytest.raises(CheckpointError, match="already past epoch 1"):
+        fit(_job(tmp_path, epochs=1), progress=False)
+
+
+@pytest.mark.parametrize("out", ["", "   "])
+def test_empty_output_folder_is_refused_before_work(out):
+    with pytest.raises(ConfigurationError, match="output folder is empty"):
+        fit(TrainJob(model="linear", config=TrainConfig(device="cpu"), out=out), progress=False)
+
+
+def test_output_folder_that_is_a_file_is_refused_before_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigurationError, match="is an existing file"):
+        fit(TrainJob(model="linear", config=TrainConfig(device="cpu"), out=str(tmp_path / "file")), progress=False)
+
+
+def _tampered_checkpoint(tmp_path, change):
+    fit(_job(tmp_path, epochs=1), progress=False)
+    path = tmp_path / "run" / "model.pt"
+    ckpt = torch.load(path, weights_only=True)
+    change(ckpt)
+    save_checkpoint(ckpt, path)
+    return path
+
+
+def test_checkpoint_settings_asking_for_huge_layers_allocate_nothing(tmp_path):
+    def huge(ckpt):
+        ckpt["extra"]["job"]["model"] = "mlp"
+        ckpt["extra"]["job"]["model_kwargs"] = {"width": 10**6, "depth": 3}
+
+    path = _tampered_checkpoint(tmp_path, huge)
+    with pytest.raises(CheckpointError, match="another architecture"):
+        load_trained_model(path)
+
+
+def test_checkpoint_with_nan_weights_is_refused(tmp_path):
+    def poison(ckpt):
+        next(iter(ckpt["model"].values())).fill_(float("nan"))
+
+    with pytest.raises(CheckpointError, match="non-finite"):
+        load_trained_model(_tampered_checkpoint(tmp_path, poison))
+
+
+def test_checkpoint_settings_never_choose_a_data_folder_or_download(tmp_path):
+    def redirect(ckpt):
+        ckpt["extra"]["job"].update(data_root="/somewhere/else", download=True)
+
+    _, job = load_trained_model(_tampered_checkpoint(tmp_path, redirect))
+    assert job.data_root is None and job.download is False
+
+
+def test_save_checkpoint_failure_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "m.pt"
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "v": torch.ones(2)}, path)
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("sturdy.utils.os.fsync", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_checkpoint({"format": CHECKPOINT_FORMAT, "v": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    torch.testing.assert_close(torch.load(path, weights_only=True)["v"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]

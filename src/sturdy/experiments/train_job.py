@@ -25,12 +25,14 @@ from sturdy.training import (
     Objective,
     Stateful,
     TrainConfig,
+    check_state_dict_shapes,
     config_from_dict,
     load_checkpoint,
     resolve_device,
     steps_per_epoch,
     train,
 )
+from sturdy.utils import prepare_output_dir
 
 __all__ = [
     "TrainJob",
@@ -192,6 +194,7 @@ def fit(
         resume: continue from ``job.out/model.pt`` when it exists.
         progress: progress bar.
     """
+    out = prepare_output_dir(job.out)
     train_set, test_set = load_job_data(job)
     config = job.config
     torch.manual_seed(config.seed)
@@ -203,7 +206,8 @@ def fit(
                        steps_per_epoch=steps_per_epoch(len(train_set), config.batch_size, _world()[1]),
                        device=device)
     hooks = _combine([plugin.setup(model, ctx) for plugin in plugins])
-    out = Path(job.out)
+    if resume and (out / "model.pt").is_file():
+        _check_same_job(out / "model.pt", job)
     result = train(
         model,
         train_set,
@@ -233,6 +237,31 @@ def fit(
     return FitResult(model=model, results=results)
 
 
+_JOB_IDENTITY = ("dataset", "model", "model_kwargs", "resize")
+
+
+def _check_same_job(path: Path, job: TrainJob) -> None:
+    """Refuse to resume a checkpoint made for another data set or architecture, naming the difference."""
+    stored = load_checkpoint(path, map_location="cpu").get("extra", {}).get("job")
+    if not isinstance(stored, dict):
+        return
+    here = job.to_dict()
+    differ = [f"{k}: {_plain(stored.get(k))!r} there, {_plain(here[k])!r} here" for k in _JOB_IDENTITY
+              if _plain(stored.get(k)) != _plain(here[k])]
+    if differ:
+        raise CheckpointError(f"{str(path)!r} was trained with other settings ({'; '.join(differ)}); use a new "
+                              "output folder or --no-resume to start over")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so settings compare equal after a round trip through a checkpoint."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def run_train_job(
     job: TrainJob, *, plugins: Sequence[TrainPlugin] = (), resume: bool = True, progress: bool = True
 ) -> Dict[str, Any]:
@@ -254,21 +283,37 @@ def load_trained_model(
     ckpt = load_checkpoint(path, map_location="cpu")
     extra = ckpt.get("extra", {})
     job_dict = extra.get("job")
-    if not isinstance(job_dict, dict):
+    if not isinstance(job_dict, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{str(path)!r} holds no job description; was it written by `sturdy train`?")
     try:
-        job = TrainJob.from_dict(job_dict)
-    except (ConfigurationError, TypeError) as exc:
-        raise CheckpointError(f"{str(path)!r} holds an invalid job description: {exc}") from exc
+        # stored settings are data from whoever made the file: they never choose a data folder or download
+        job = TrainJob.from_dict(job_dict).replace(data_root=None, download=False)
+    except (ConfigurationError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{str(path)!r} holds an invalid job description: {_one_line(exc)}") from exc
     if "input_shape" in extra and "num_classes" in extra:
-        in_shape, num_classes = tuple(int(s) for s in extra["input_shape"][1:]), int(extra["num_classes"])
+        try:
+            in_shape, num_classes = tuple(int(s) for s in extra["input_shape"][1:]), int(extra["num_classes"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{str(path)!r} holds an invalid input shape or class count") from exc
     else:
         test_set = load_job_data(job)[1]
         in_shape, num_classes = test_set.image_shape, test_set.num_classes
+    try:  # on the meta device first: settings that ask for huge layers allocate nothing
+        with torch.device("meta"):
+            shell = create_model(job.model, in_shape=in_shape, num_classes=num_classes, **job.model_kwargs)
+    except (ConfigurationError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{str(path)!r} describes a model that cannot be built: {_one_line(exc)}") from exc
+    check_state_dict_shapes(shell, ckpt["model"], source=str(path))
+    bad = [k for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{str(path)!r} holds non-finite (NaN or infinite) weights in {', '.join(bad[:3])}"
+                              f"{' and more' if len(bad) > 3 else ''}; the run that wrote it diverged")
     model = create_model(job.model, in_shape=in_shape, num_classes=num_classes, **job.model_kwargs)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{str(path)!r}: weights do not match model {job.model!r}: {exc}") from exc
+    model.load_state_dict(ckpt["model"])
     model.to(resolve_device(device)).eval()
     return model, job
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
