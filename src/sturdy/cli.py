@@ -18,12 +18,13 @@ from typing import Any, List, Optional, Sequence
 
 from sturdy import __version__
 from sturdy.errors import ConfigurationError, SturdyError
-from sturdy.experiments.argtypes import positive_int
+from sturdy.experiments.argtypes import bounded_int, non_negative_int, positive_float, positive_int
 
 __all__ = ["main", "build_parser"]
 
 PART_MODULES = ("lipschitz", "fourier", "flatness", "compression")
 EXIT_USAGE = 2
+MAX_IMAGE_SIDE = 4096
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -54,18 +55,19 @@ def _add_train(subparsers: Any, parts: Sequence[Any]) -> None:
                    help="digits (embedded), synthetic, mnist, fashion-mnist, cifar10, svhn")
     p.add_argument("--data-root", default=None, help="folder holding torchvision data files")
     p.add_argument("--download", action="store_true", help="let torchvision download missing data (needs internet)")
-    p.add_argument("--resize", type=positive_int, default=None, help="resize images to SIDE x SIDE")
+    p.add_argument("--resize", type=bounded_int(1, MAX_IMAGE_SIDE), default=None,
+                   help=f"resize images to SIDE x SIDE (at most {MAX_IMAGE_SIDE})")
     p.add_argument("--model", default="cnn", help="linear, mlp, cnn, resnet, wrn")
     p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="architecture option, repeatable (e.g. --model-arg width=256)")
     p.add_argument("--epochs", type=positive_int, default=20)
     p.add_argument("--batch-size", type=positive_int, default=64, help="per worker")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--schedule", choices=("cosine", "constant", "step"), default="cosine")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--label-noise", type=float, default=0.0, metavar="FRACTION",
                    help="fraction of training labels replaced by a wrong random class")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -181,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="smoke-test sized run (about a minute)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
     for mod in parts:

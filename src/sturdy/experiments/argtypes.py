@@ -5,21 +5,21 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["positive_int", "non_negative_int", "positive_float"]
+__all__ = ["positive_int", "non_negative_int", "positive_float", "bounded_int"]
 
 
 def _parse(text: str, kind: type, expected: str):
     try:
         return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text[:40]!r}") from None
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1."""
     value = _parse(text, int, "a positive integer")
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text[:40]!r}")
     return value
 
 
@@ -27,7 +27,7 @@ def non_negative_int(text: str) -> int:
     """An integer >= 0."""
     value = _parse(text, int, "an integer >= 0")
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text[:40]!r}")
     return value
 
 
@@ -35,5 +35,18 @@ def positive_float(text: str) -> float:
     """A finite number > 0."""
     value = _parse(text, float, "a positive number")
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text[:40]!r}")
     return value
+
+
+def bounded_int(low: int, high: int):
+    """An argparse type accepting integers in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        value = _parse(text, int, f"an integer in [{low}, {high}]")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {text[:40]!r}")
+        return value
+
+    parse.__name__ = f"integer in [{low}, {high}]"
+    return parse
