@@ -15,6 +15,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 from pathlib import Path
 
@@ -25,18 +26,23 @@ from torch import nn
 
 from sturdy.errors import MissingDependencyError
 from sturdy.experiments.jsonio import write_json
-from sturdy.fourier import evaluate_perturbation, fourier_combination_attack, single_fourier_attack
+from sturdy.fourier import (
+    evaluate_perturbation,
+    fourier_combination_attack,
+    random_noise_baseline,
+    single_fourier_attack,
+)
 
 
 def _art():
-    try:
-        from art.attacks.evasion import UniversalPerturbation
-        from art.estimators.classification import PyTorchClassifier
-    except ImportError as exc:
+    if importlib.util.find_spec("art") is None:
         raise MissingDependencyError(
             "this benchmark compares with ART's UniversalPerturbation: install it with "
             "`pip install 'sturdy[bench]'` (or `pip install adversarial-robustness-toolbox`)"
-        ) from exc
+        )
+    from art.attacks.evasion import UniversalPerturbation
+    from art.estimators.classification import PyTorchClassifier
+
     return UniversalPerturbation, PyTorchClassifier
 
 
@@ -100,15 +106,9 @@ def main() -> None:
         combo = fourier_combination_attack(model, x, initial=sfa, **setting)
         entries.append(_entry(model, xt, yt, label, "Fourier combination", combo.delta, combo.seconds,
                               combo.queries))
-        gen = torch.Generator().manual_seed(0)
-        draws = []
-        for _ in range(8):
-            noise = torch.randn(x.shape[1:], generator=gen)
-            noise = eps * noise / (noise.norm() if norm == "l2" else noise.abs().max())
-            draws.append(_entry(model, xt, yt, label, "random noise (one draw)", noise, 0.0, 0, quiet=True))
-        entries.append({**draws[0], "method": "random noise (mean of 8)",
-                        "heldout_fooling_rate": sum(d["heldout_fooling_rate"] for d in draws) / 8,
-                        "shifted_fooling_rate": sum(d["shifted_fooling_rate"] for d in draws) / 8})
+        noise = random_noise_baseline(model, xt, yt, eps=eps, norm=norm, draws=8, shifts=4)
+        entries.append({"method": "random noise (mean of 8)", "kind": "black-box", "seconds": 0.0, "queries": 0,
+                        "heldout_fooling_rate": noise.fooling_rate, "shifted_fooling_rate": noise.shifted_fooling_rate})
         print(f"{label} {'random noise (mean of 8)':24s} held-out fooling "
               f"{entries[-1]['heldout_fooling_rate']:.3f}  shifted {entries[-1]['shifted_fooling_rate']:.3f}")
         for attacker in args.attackers:

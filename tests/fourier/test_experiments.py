@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -21,9 +22,19 @@ def checkpoint(tmp_path_factory):
     return out / "model.pt"
 
 
+def test_cli_group_spellings_and_defaults():
+    parser = argparse.ArgumentParser()
+    fourier_experiments.register_cli(parser.add_subparsers(dest="command"))
+    for flag in ("--limit", "--images"):
+        args = parser.parse_args(["fourier", "heatmap", "--checkpoint", "m.pt", "--eps", "1", flag, "7"])
+        assert args.limit == 7 and args.device == "auto"
+    args = parser.parse_args(["fourier", "attack", "--checkpoint", "m.pt", "--eps", "1"])
+    assert args.device == "auto" and args.search == "halving"
+
+
 def test_heatmap_command_writes_png_and_json(checkpoint, tmp_path, capsys):
     out = tmp_path / "hm"
-    argv = ["fourier", "heatmap", "--checkpoint", str(checkpoint), "--eps", "2.0", "--images", "40",
+    argv = ["fourier", "heatmap", "--checkpoint", str(checkpoint), "--eps", "2.0", "--limit", "40",
             "--out", str(out), "--no-progress", "--device", "cpu"]
     assert main(argv) == 0
     data = json.loads((out / "heatmap.json").read_text())

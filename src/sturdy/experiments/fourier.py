@@ -2,106 +2,50 @@
 
 Commands (checkpoints are ``model.pt`` files written by ``sturdy train``):
 
-* ``sturdy fourier heatmap --checkpoint M --eps E [--norm l2|linf] [--images N] --out DIR`` writes
+* ``sturdy fourier heatmap --checkpoint M --eps E [--norm l2|linf] [--limit N] --out DIR`` writes
   ``heatmap.png``, ``gradient.png`` and ``heatmap.json`` (maps, rates, gradient rank correlation);
 * ``sturdy fourier attack --checkpoint M --eps E [--search halving|exhaustive] --out DIR`` writes
   ``delta.pt`` (the ``(C, H, W)`` perturbation tensor), ``delta.png``, ``examples.png`` and
   ``attack.json`` (held-out and shifted fooling rates, queries, seconds).
 
 The attack runs on training images (``--attack-images`` of them, seeded) and is evaluated on the whole
-test split, so the reported fooling rate is held-out.
+test split, so the reported fooling rate is held-out. The analyses, the random-noise baseline and the
+figures live in :mod:`sturdy.fourier`; this module loads models and data, calls them and writes files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from sturdy.data import ImageDataset, load_dataset
 from sturdy.errors import ConfigurationError
 from sturdy.experiments.argtypes import positive_float, positive_int
 from sturdy.experiments.jsonio import write_json
 from sturdy.fourier import (
+    DEFAULT_PHASE,
     PerturbationReport,
     UniversalPerturbation,
     evaluate_perturbation,
     fourier_combination_attack,
     fourier_heatmap,
     gradient_spectrum,
+    plot_examples,
     plot_fourier_maps,
+    plot_perturbation,
+    random_noise_baseline,
     rank_correlation,
     single_fourier_attack,
 )
 
-__all__ = ["register_cli", "demo_section", "plot_perturbation", "plot_examples", "random_noise_baseline"]
+__all__ = ["register_cli", "demo_section"]
 
 DEMO_EPS = 2.0  # L2 budget on 8x8 digits in [0, 1] (image norms are about 3.5)
-
-
-# ----------------------------------------------------------------------------------------------- plots
-
-
-def plot_perturbation(delta: Tensor, *, title: str = ""):
-    """Figure of a perturbation ``(C, H, W)``: one panel per channel, symmetric colour scale."""
-    import matplotlib.pyplot as plt
-
-    d = delta.detach().cpu().double()
-    top = float(d.abs().max()) or 1.0
-    fig, axes = plt.subplots(1, d.shape[0], figsize=(3.0 * d.shape[0], 2.8), squeeze=False)
-    for c, ax in enumerate(axes[0]):
-        im = ax.imshow(d[c].numpy(), cmap="RdBu_r", vmin=-top, vmax=top, interpolation="nearest")
-        ax.set_title(f"{title} channel {c}".strip(), fontsize=9)
-        ax.axis("off")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    return fig
-
-
-def plot_examples(model: nn.Module, delta: Tensor, x: Tensor, *, n: int = 6, bounds=(0.0, 1.0)):
-    """Clean (top) and perturbed (bottom) images with the model's predicted labels."""
-    import matplotlib.pyplot as plt
-
-    device = next(model.parameters()).device
-    x = x[:n].to(device)
-    perturbed = (x + delta.to(device=device, dtype=x.dtype)).clamp(*bounds)
-    with torch.no_grad():
-        clean_pred = model(x).argmax(1).tolist()
-        adv_pred = model(perturbed).argmax(1).tolist()
-    fig, axes = plt.subplots(2, len(x), figsize=(1.6 * len(x), 3.6), squeeze=False)
-    for i in range(len(x)):
-        for row, (images, preds, name) in enumerate(((x, clean_pred, "clean"), (perturbed, adv_pred, "SFA"))):
-            img = images[i].detach().cpu()
-            img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
-            ax = axes[row][i]
-            ax.imshow(img.numpy(), cmap="gray" if img.dim() == 2 else None, vmin=0, vmax=1)
-            ax.set_title(f"{name}: {preds[i]}", fontsize=8, color="black" if preds[i] == clean_pred[i] else "red")
-            ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-@torch.no_grad()
-def random_noise_baseline(
-    model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, seed: int = 0, draws: int = 8
-) -> float:
-    """Mean held-out fooling rate of ``draws`` random Gaussian universal perturbations of budget ``eps``.
-
-    The chance level of a universal perturbation: one draw varies a lot (0.01 to 0.2 on the digits CNN
-    at L2 2.0), so the mean over draws is reported.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    rates = []
-    for _ in range(draws):
-        noise = torch.randn(x.shape[1:], generator=gen, dtype=torch.float64)
-        noise = eps * noise / (noise.norm() if norm == "l2" else noise.abs().max())
-        rates.append(evaluate_perturbation(model, noise.float(), x, y).fooling_rate)
-    return sum(rates) / len(rates)
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -136,8 +80,9 @@ def register_cli(subparsers: Any) -> None:
 
     p = sub.add_parser("heatmap", help="error/fooling rate per Fourier direction; PNG + JSON")
     _common_arguments(p)
-    p.add_argument("--images", type=positive_int, default=500, help="test images used (at most the split)")
-    p.add_argument("--phase", type=_phase, default=-math.pi / 4,
+    p.add_argument("--limit", "--images", dest="limit", type=positive_int, default=500, metavar="N",
+                   help="use the first N test images (at most the split)")
+    p.add_argument("--phase", type=_phase, default=DEFAULT_PHASE,
                    help="phase of the directions in radians, or 'random' (per image); default -pi/4")
     p.add_argument("--out", default="runs/fourier/heatmap")
     p.set_defaults(func=_cmd_heatmap)
@@ -169,17 +114,14 @@ def _load(args: argparse.Namespace):
     return model, job, kw
 
 
-def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
+def _save_figure(fig: Any, path: Path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def _cmd_heatmap(args: argparse.Namespace) -> int:
     model, job, kw = _load(args)
     test = load_dataset(job.dataset, split="test", **kw)
-    n = min(args.images, len(test))
+    n = min(args.limit, len(test))
     x, y = test.images[:n], test.labels[:n]
     hm = fourier_heatmap(model, x, y, eps=args.eps, norm=args.norm, wave=args.wave, phase=args.phase,
                          batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
@@ -219,7 +161,8 @@ def _cmd_attack(args: argparse.Namespace) -> int:
                                 seed=args.seed, progress=not args.no_progress)
     held = evaluate_perturbation(model, sfa.delta, test.images, test.labels, shifts=args.shifts,
                                  batch_size=args.batch_size, seed=args.seed)
-    noise = random_noise_baseline(model, test.images, test.labels, eps=args.eps, norm=args.norm, seed=args.seed)
+    noise = random_noise_baseline(model, test.images, test.labels, eps=args.eps, norm=args.norm,
+                                  batch_size=args.batch_size, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(sfa.delta, out / "delta.pt")
@@ -227,7 +170,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     _save_figure(plot_examples(model, sfa.delta, test.images), out / "examples.png")
     summary = _attack_summary(sfa, held)
     summary.update(checkpoint=str(args.checkpoint), dataset=job.dataset, attack_images=len(x_attack),
-                   random_noise_fooling_rate=noise)
+                   random_noise_fooling_rate=noise.fooling_rate)
     if args.combine:
         combo = fourier_combination_attack(model, x_attack, eps=args.eps, norm=args.norm, wave=args.wave,
                                            initial=sfa, batch_size=args.batch_size, seed=args.seed,
@@ -292,7 +235,7 @@ def demo_section(ctx: Any) -> None:
         grad = gradient_spectrum(model, x_map, y_map)
         sfa = single_fourier_attack(model, x_attack, eps=DEMO_EPS, seed=ctx.seed, progress=ctx.progress)
         held = evaluate_perturbation(model, sfa.delta, x_held, y_held, shifts=2 if quick else 4, seed=ctx.seed)
-        noise = random_noise_baseline(model, x_held, y_held, eps=DEMO_EPS, norm="l2", seed=ctx.seed)
+        noise = random_noise_baseline(model, x_held, y_held, eps=DEMO_EPS, norm="l2", seed=ctx.seed).fooling_rate
         panels.append((f"{name}: fooling rate", hm.full("fooling")))
         maps[name] = (sfa, grad, hm)
         entry = _attack_summary(sfa, held)

@@ -7,19 +7,15 @@ Analyses are keyword-only functions returning frozen dataclasses:
 * :func:`fourier_heatmap` -> :class:`FourierHeatmap` (error / fooling rate per frequency);
 * :func:`single_fourier_attack` -> :class:`UniversalPerturbation` (black-box universal perturbation);
 * :func:`evaluate_perturbation` -> :class:`PerturbationReport` (held-out and shifted fooling rates);
+* :func:`random_noise_baseline` -> :class:`RandomNoiseBaseline` (the chance level: Gaussian noise, same budget);
 * :func:`fourier_combination_attack` -> :class:`FourierCombination` (beyond the paper: a few directions mixed);
 * :func:`gradient_spectrum` -> :class:`GradientSpectrum` (one-backward predictor of the heat map).
+
+Every analysis evaluates an ``nn.Module`` in eval mode (:func:`sturdy.utils.eval_mode`) and restores its
+training flags after. Figures (:mod:`sturdy.fourier.plots`) are ``matplotlib.figure.Figure`` objects.
 """
 
-from sturdy.fourier.attack import (
-    Candidates,
-    PerturbationReport,
-    UniversalPerturbation,
-    enumerate_candidates,
-    evaluate_perturbation,
-    halving_schedule,
-    single_fourier_attack,
-)
+from sturdy.fourier.attack import SEARCHES, UniversalPerturbation, single_fourier_attack
 from sturdy.fourier.basis import (
     DEFAULT_PHASE,
     canonical_index_map,
@@ -30,8 +26,14 @@ from sturdy.fourier.basis import (
     to_full_map,
 )
 from sturdy.fourier.combine import FourierCombination, fourier_combination_attack, project_budget
+from sturdy.fourier.evaluate import (
+    PerturbationReport,
+    RandomNoiseBaseline,
+    evaluate_perturbation,
+    random_noise_baseline,
+)
 from sturdy.fourier.gradient import GradientSpectrum, gradient_spectrum, rank_correlation
-from sturdy.fourier.heatmap import FourierHeatmap, fourier_heatmap, heatmap_draws, plot_fourier_maps
+from sturdy.fourier.heatmap import FourierHeatmap, fourier_heatmap, heatmap_draws
 from sturdy.fourier.perturbation import (
     NORMS,
     WAVES,
@@ -41,6 +43,8 @@ from sturdy.fourier.perturbation import (
     shape_directions,
     sign_patterns,
 )
+from sturdy.fourier.plots import plot_examples, plot_fourier_maps, plot_perturbation
+from sturdy.fourier.search import Candidates, enumerate_candidates, halving_schedule
 from sturdy.fourier.shift import circular_shift, random_shifts
 
 __all__ = [
@@ -62,6 +66,9 @@ __all__ = [
     "fourier_heatmap",
     "heatmap_draws",
     "plot_fourier_maps",
+    "plot_perturbation",
+    "plot_examples",
+    "SEARCHES",
     "Candidates",
     "UniversalPerturbation",
     "PerturbationReport",
@@ -69,6 +76,8 @@ __all__ = [
     "halving_schedule",
     "single_fourier_attack",
     "evaluate_perturbation",
+    "RandomNoiseBaseline",
+    "random_noise_baseline",
     "FourierCombination",
     "fourier_combination_attack",
     "project_budget",

@@ -38,7 +38,8 @@ __all__ = [
 DEFAULT_PHASE: float = -math.pi / 4
 """Phase of the default direction ``(cos theta + sin theta) / ||.||``."""
 
-_SELF_CONJUGATE_COS_TOL = 1e-9
+SELF_CONJUGATE_COS_TOL = 1e-9
+"""``cos(phi) >= -tol`` counts as positive when a self-conjugate direction picks its sign."""
 
 
 def _check_size(height: int, width: int) -> None:
@@ -163,7 +164,7 @@ def fourier_basis_batch(
     pair = boundary & ~self_conj
     # On the l = 0 / Nyquist columns the conjugate partner is stored explicitly: irfft2 does not add it.
     spectrum[rows[pair], partner[pair], l[pair]] = coeff[pair].conj()
-    sign = torch.where(torch.cos(phase) >= -_SELF_CONJUGATE_COS_TOL, 1.0, -1.0).to(complex_dtype)
+    sign = torch.where(torch.cos(phase) >= -SELF_CONJUGATE_COS_TOL, 1.0, -1.0).to(complex_dtype)
     spectrum[rows[self_conj], k[self_conj], l[self_conj]] = sign[self_conj]
     waves = torch.fft.irfft2(spectrum, s=(height, width)).to(real_dtype)
     waves = waves / torch.linalg.vector_norm(waves, dim=(-2, -1), keepdim=True)

@@ -21,23 +21,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sturdy.errors import ConfigurationError
-from sturdy.fourier._common import Model, call_model, check_batch_size, model_device_dtype, predict_labels
-from sturdy.fourier.attack import (
-    UniversalPerturbation,
-    _plan_queries,
+from sturdy.fourier._common import Model, check_batch_size, in_eval_mode, predict_labels
+from sturdy.fourier.attack import UniversalPerturbation, single_fourier_attack
+from sturdy.fourier.perturbation import Bounds, check_bounds, check_eps, check_images, check_norm
+from sturdy.fourier.search import (
+    candidate_deltas,
+    count_fooled,
     enumerate_candidates,
     halving_schedule,
-    single_fourier_attack,
+    successive_halving,
 )
-from sturdy.fourier.basis import fourier_basis_batch
-from sturdy.fourier.perturbation import (
-    Bounds,
-    check_bounds,
-    check_eps,
-    check_images,
-    check_norm,
-    shape_directions,
-)
+from sturdy.utils import model_device_dtype
 
 __all__ = ["FourierCombination", "fourier_combination_attack", "project_budget"]
 
@@ -96,28 +90,14 @@ class FourierCombination:
         }
 
 
-@torch.no_grad()
-def _count(model, x: Tensor, clean: Tensor, deltas: Tensor, images: Tensor, *, bounds, batch_size) -> Tensor:
+def _count(model: Model, x: Tensor, clean: Tensor, deltas: Tensor, images: Tensor, *, bounds: Bounds,
+           batch_size: int) -> Tensor:
     """Fooled counts ``(B,)`` of perturbations ``deltas`` on the images with indices ``images``."""
-    counts = torch.zeros(deltas.shape[0], dtype=torch.long)
-    m = len(images)
-    if m == 0:
-        return counts
-    img_chunk = min(m, batch_size)
-    cand_chunk = max(1, batch_size // img_chunk)
-    images = images.to(x.device)
-    for c0 in range(0, deltas.shape[0], cand_chunk):
-        d = deltas[c0 : c0 + cand_chunk]
-        for i0 in range(0, m, img_chunk):
-            sel = images[i0 : i0 + img_chunk]
-            batch = (d[:, None] + x[sel]).view(-1, *x.shape[1:])
-            if bounds is not None:
-                batch.clamp_(bounds[0], bounds[1])
-            pred = call_model(model, batch).argmax(dim=1).view(d.shape[0], len(sel))
-            counts[c0 : c0 + d.shape[0]] += (pred != clean[sel]).sum(dim=1).cpu()
-    return counts
+    return count_fooled(model, x, clean, lambda c0, c1: deltas[c0:c1], deltas.shape[0], images, bounds=bounds,
+                        batch_size=batch_size)
 
 
+@in_eval_mode
 @torch.no_grad()
 def fourier_combination_attack(
     model: Model,
@@ -142,7 +122,8 @@ def fourier_combination_attack(
     """Grow the SFA perturbation into a mixture of a few Fourier directions (black-box, universal).
 
     Args:
-        model: classifier on ``(N, C, H, W)`` images (call ``model.eval()`` first).
+        model: classifier on ``(N, C, H, W)`` images; an ``nn.Module`` is put in eval mode for the
+            search and its training flags restored after.
         x: attack images in ``bounds``.
         eps: budget (> 0) in ``norm``.
         norm: ``"l2"`` or ``"linf"``.
@@ -194,14 +175,10 @@ def fourier_combination_attack(
     scan = torch.randperm(n, generator=gen)[: min(scan_images, n)]
 
     def make_atoms(idx: Tensor) -> Tensor:
-        u = fourier_basis_batch(height, width, cands.frequencies[idx], cands.phases[idx], dtype=dtype, device=device)
-        return shape_directions(u, cands.signs[idx].to(device=device, dtype=dtype), eps=eps, norm=norm, wave=wave)
+        return candidate_deltas(cands, idx, height, width, eps=eps, norm=norm, wave=wave, dtype=dtype, device=device)
 
-    chunk = max(1, batch_size // len(scan))
-    scores = torch.cat([
-        _count(model, x, clean, make_atoms(idx), scan, bounds=bounds, batch_size=batch_size)
-        for idx in torch.arange(len(cands)).split(chunk)
-    ])
+    scores = count_fooled(model, x, clean, lambda c0, c1: make_atoms(torch.arange(c0, c1)), len(cands), scan,
+                          bounds=bounds, batch_size=batch_size)
     queries += len(cands) * len(scan)
     top = torch.argsort(scores, descending=True, stable=True)[: min(pool, len(cands))]
     atoms = make_atoms(top)  # (pool, C, H, W)
@@ -217,18 +194,12 @@ def fourier_combination_attack(
         mix = project_budget(mix.reshape(-1, channels, height, width), eps=eps, norm=norm)
         plan = halving_schedule(mix.shape[0], n, initial_images=initial_images, eta=eta)
         order = torch.randperm(n, generator=gen)
-        alive = torch.arange(mix.shape[0])
-        counts = torch.zeros(mix.shape[0], dtype=torch.long)
-        seen = 0
-        for r, (keep, images) in enumerate(plan):
-            if r > 0:
-                ranking = torch.argsort(counts[alive], descending=True, stable=True)
-                alive = torch.sort(alive[ranking[:keep]]).values
-            counts[alive] += _count(model, x, clean, mix[alive], order[seen:images], bounds=bounds,
-                                    batch_size=batch_size)
-            seen = images
-        queries += _plan_queries(plan)
-        winner = int(alive[torch.argsort(counts[alive], descending=True, stable=True)[0]])
+
+        def count(idx: Tensor, images: Tensor, mix: Tensor = mix) -> Tensor:
+            return _count(model, x, clean, mix[idx], images, bounds=bounds, batch_size=batch_size)
+
+        winner, counts, spent = successive_halving(count, mix.shape[0], plan, order)
+        queries += spent
         if int(counts[winner]) <= best:
             misses += 1
             if misses >= patience:

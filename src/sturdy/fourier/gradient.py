@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sturdy.errors import ConfigurationError
-from sturdy.fourier._common import Model, call_model, check_batch_size, check_labels, model_device_dtype
+from sturdy.fourier._common import Model, call_model, check_batch_size, check_labels, in_eval_mode
 from sturdy.fourier.basis import half_plane, to_full_map
-from sturdy.fourier.perturbation import check_images
+from sturdy.fourier.perturbation import Bounds, check_images
+from sturdy.utils import model_device_dtype
 
 __all__ = ["GradientSpectrum", "gradient_spectrum", "rank_correlation"]
 
@@ -55,13 +56,15 @@ class GradientSpectrum:
         return {"n_images": self.n_images, "seconds": self.seconds, "power_map": self.full().tolist()}
 
 
+@in_eval_mode
 def gradient_spectrum(
-    model: Model, x: Tensor, y: Tensor, *, batch_size: int = 256, bounds=(0.0, 1.0)
+    model: Model, x: Tensor, y: Tensor, *, batch_size: int = 256, bounds: Bounds = (0.0, 1.0)
 ) -> GradientSpectrum:
     """Average power spectrum of ``grad_x CE(model(x), y)`` per canonical frequency.
 
     Args:
-        model: differentiable classifier on ``(N, C, H, W)`` images (use eval mode).
+        model: differentiable classifier on ``(N, C, H, W)`` images; an ``nn.Module`` is evaluated in eval
+            mode and its training flags restored after (its parameters get no gradients).
         x: images ``(N, C, H, W)`` in ``bounds``.
         y: labels ``(N,)``.
         batch_size: images per backward pass (per-image gradients: the loss is summed over images).

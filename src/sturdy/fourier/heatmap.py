@@ -13,21 +13,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from sturdy.errors import DataError
-from sturdy.fourier._common import (
-    Model,
-    call_model,
-    check_batch_size,
-    check_labels,
-    model_device_dtype,
-    predict_labels,
-)
+from sturdy.fourier._common import Model, call_model, check_batch_size, check_labels, in_eval_mode, predict_labels
 from sturdy.fourier.basis import DEFAULT_PHASE, fourier_basis_batch, half_plane, to_full_map
 from sturdy.fourier.perturbation import (
     Bounds,
@@ -37,8 +30,13 @@ from sturdy.fourier.perturbation import (
     check_norm,
     shape_directions,
 )
+from sturdy.fourier.plots import plot_fourier_maps
+from sturdy.utils import model_device_dtype
 
-__all__ = ["FourierHeatmap", "fourier_heatmap", "heatmap_draws", "plot_fourier_maps"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["FourierHeatmap", "fourier_heatmap", "heatmap_draws"]
 
 _MAPS = ("error", "fooling", "applied")
 
@@ -135,48 +133,18 @@ class FourierHeatmap:
             "fooling_map": self.full("fooling").tolist(),
         }
 
-    def figure(self, which: Sequence[str] = ("error", "fooling"), *, title: str = ""):
-        """A matplotlib figure of the centred maps (one panel per entry of ``which``)."""
+    def figure(self, which: Sequence[str] = ("error", "fooling"), *, title: str = "") -> Figure:
+        """A matplotlib ``Figure`` of the centred maps (one panel per entry of ``which``)."""
         prefix = f"{title}: " if title else ""
         panels = [(f"{prefix}{w} (eps={self.eps:g}, {self.norm})", self.full(w)) for w in which]
         return plot_fourier_maps(panels)
 
     def plot(self, path, which: Sequence[str] = ("error", "fooling"), *, title: str = "") -> None:
         """Save :meth:`figure` as a PNG at ``path``."""
-        import matplotlib.pyplot as plt
-
-        fig = self.figure(which, title=title)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        self.figure(which, title=title).savefig(path, dpi=120, bbox_inches="tight")
 
 
-def plot_fourier_maps(panels: Sequence[Tuple[str, Tensor]], *, vmax: Optional[float] = None):
-    """Side-by-side centred frequency maps ``[(title, (H, W) tensor), ...]`` on a shared colour scale.
-
-    Axes show the centred frequencies (``-H//2 .. (H-1)//2``); the Agg backend is used when no display
-    backend is active.
-    """
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo"):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    maps = [m.detach().cpu().double() for _, m in panels]
-    top = vmax if vmax is not None else max(float(m.max()) for m in maps) or 1.0
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
-    for ax, (title, _), m in zip(axes[0], panels, maps):
-        h, w = m.shape
-        extent = (-(w // 2) - 0.5, (w - 1) // 2 + 0.5, (h - 1) // 2 + 0.5, -(h // 2) - 0.5)
-        im = ax.imshow(m.numpy(), cmap="magma", vmin=0.0, vmax=top, extent=extent, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("l (horizontal frequency)")
-        ax.set_ylabel("k (vertical frequency)")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    return fig
-
-
+@in_eval_mode
 @torch.no_grad()
 def fourier_heatmap(
     model: Model,
@@ -195,8 +163,8 @@ def fourier_heatmap(
     """Error and fooling rate of ``model`` under every Fourier direction at budget ``eps``.
 
     Args:
-        model: classifier taking ``(N, C, H, W)`` images and returning ``(N, classes)`` logits; used as
-            given (call ``model.eval()`` first).
+        model: classifier taking ``(N, C, H, W)`` images and returning ``(N, classes)`` logits; an
+            ``nn.Module`` is evaluated in eval mode and its training flags restored after.
         x: images ``(N, C, H, W)`` in ``bounds``; any H, W; grayscale or RGB.
         y: labels ``(N,)``.
         eps: budget (> 0) in ``norm``.

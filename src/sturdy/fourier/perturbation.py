@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -200,6 +200,10 @@ class AppliedPerturbation:
     images: Tensor
     l2: Tensor
     linf: Tensor
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-able applied norms per image (without the images)."""
+        return {"l2": self.l2.tolist(), "linf": self.linf.tolist()}
 
 
 def apply_perturbation(x: Tensor, delta: Tensor, *, bounds: Bounds = (0.0, 1.0)) -> AppliedPerturbation:

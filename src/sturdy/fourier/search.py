@@ -1,0 +1,234 @@
+"""The black-box search machinery shared by the Single Fourier Attack and the Fourier combination.
+
+* :func:`enumerate_candidates`: the SFA search space ``(k, l, phi, s)``, every distinct perturbation once.
+  When the phases contain ``phi + pi``, ``(phi, s)`` and ``(phi + pi, -s)`` are the same perturbation, so
+  the first channel sign is fixed to ``+1``; a self-conjugate frequency keeps one phase per sign of its
+  (one-dimensional) direction.
+* :func:`halving_schedule` / :func:`successive_halving`: score every candidate on a small random image
+  subset, keep the best ``1 / eta``, grow the (nested) subset ``eta`` times, until one candidate is left
+  (then scored on the whole set) or the subset is the whole set (then the best survivor wins). Ties go to
+  the candidate enumerated first.
+* :func:`candidate_deltas`: the perturbations of candidates at a budget, generated on demand.
+* :func:`count_fooled`: how many images' predicted labels each perturbation changes (labels only).
+
+Queries count image evaluations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from sturdy.errors import ConfigurationError
+from sturdy.fourier._common import Model, call_model
+from sturdy.fourier.basis import SELF_CONJUGATE_COS_TOL, fourier_basis_batch, half_plane, is_self_conjugate
+from sturdy.fourier.perturbation import Bounds, shape_directions, sign_patterns
+
+__all__ = [
+    "Candidates",
+    "HalvingOutcome",
+    "enumerate_candidates",
+    "candidate_deltas",
+    "halving_schedule",
+    "plan_queries",
+    "count_fooled",
+    "successive_halving",
+]
+
+_MAX_SIGN_CHANNELS = 8
+
+
+@dataclass(frozen=True, eq=False)
+class Candidates:
+    """The SFA search space, one row per distinct candidate perturbation.
+
+    Attributes:
+        frequencies: ``(K, 2)`` canonical ``(k, l)``.
+        phases: ``(K,)`` phases in radians (float64).
+        signs: ``(K, C)`` channel signs in ``{-1, +1}``.
+    """
+
+    frequencies: Tensor
+    phases: Tensor
+    signs: Tensor
+
+    def __len__(self) -> int:
+        return int(self.frequencies.shape[0])
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-able rows: ``frequencies``, ``phases`` and ``signs`` as lists."""
+        return {
+            "frequencies": self.frequencies.tolist(),
+            "phases": self.phases.tolist(),
+            "signs": self.signs.to(torch.int64).tolist(),
+        }
+
+
+def enumerate_candidates(
+    channels: int, height: int, width: int, *, phases: int = 8, search_signs: bool = True
+) -> Candidates:
+    """All distinct SFA candidates for ``(C, H, W)`` images (see the module docstring)."""
+    if isinstance(phases, bool) or not isinstance(phases, int) or phases < 1:
+        raise ConfigurationError(f"phases must be a positive int (8 searches j*pi/4), got {phases!r}")
+    if search_signs and channels > _MAX_SIGN_CHANNELS:
+        raise ConfigurationError(
+            f"searching all 2^{channels} channel sign patterns is too large; pass search_signs=False "
+            f"(all channels +1) for images with more than {_MAX_SIGN_CHANNELS} channels"
+        )
+    phase_values = [2 * math.pi * j / phases for j in range(phases)]
+    if search_signs:
+        patterns = sign_patterns(channels, fix_first=phases % 2 == 0)
+    else:
+        patterns = torch.ones(1, channels)
+    # For a self-conjugate frequency only the sign of cos(phi) matters: keep one phase per sign.
+    self_phases: List[float] = []
+    for want_positive in (True, False):
+        for p in phase_values:
+            if (math.cos(p) >= -SELF_CONJUGATE_COS_TOL) == want_positive:
+                self_phases.append(p)
+                break
+    freq_rows, phase_rows, sign_rows = [], [], []
+    n_patterns = patterns.shape[0]
+    for k, l in half_plane(height, width).tolist():  # noqa: E741
+        plist = self_phases if is_self_conjugate(height, width, k, l) else phase_values
+        for p in plist:
+            freq_rows.extend([(k, l)] * n_patterns)
+            phase_rows.extend([p] * n_patterns)
+            sign_rows.append(patterns)
+    return Candidates(
+        frequencies=torch.tensor(freq_rows, dtype=torch.long),
+        phases=torch.tensor(phase_rows, dtype=torch.float64),
+        signs=torch.cat(sign_rows),
+    )
+
+
+def halving_schedule(n_candidates: int, n_images: int, *, initial_images: int, eta: int) -> List[Tuple[int, int]]:
+    """The successive-halving plan: ``[(survivors, images_so_far), ...]`` per round.
+
+    The cost of round ``r`` is ``survivors_r * (images_r - images_{r-1})`` queries (the subsets are
+    nested, so earlier scores are reused); :func:`plan_queries` sums it.
+    """
+    plan = []
+    survivors, images = n_candidates, min(initial_images, n_images)
+    while True:
+        plan.append((survivors, images))
+        if images >= n_images:
+            break
+        if survivors == 1:
+            plan.append((1, n_images))
+            break
+        survivors = math.ceil(survivors / eta)
+        images = min(n_images, images * eta)
+    return plan
+
+
+def plan_queries(plan: Sequence[Tuple[int, int]]) -> int:
+    """Image evaluations spent by a :func:`halving_schedule` plan (clean predictions not included)."""
+    total, seen = 0, 0
+    for survivors, images in plan:
+        total += survivors * (images - seen)
+        seen = images
+    return total
+
+
+def candidate_deltas(
+    cands: Candidates, idx: Tensor, height: int, width: int, *, eps: float, norm: str, wave: str,
+    dtype: torch.dtype, device: torch.device,
+) -> Tensor:
+    """The perturbations ``(len(idx), C, H, W)`` of the candidates ``idx`` at budget ``eps``."""
+    u = fourier_basis_batch(height, width, cands.frequencies[idx], cands.phases[idx], dtype=dtype, device=device)
+    signs = cands.signs[idx].to(device=device, dtype=dtype)
+    return shape_directions(u, signs, eps=eps, norm=norm, wave=wave)
+
+
+@torch.no_grad()
+def count_fooled(
+    model: Model,
+    x: Tensor,
+    clean: Tensor,
+    make_deltas: Callable[[int, int], Tensor],
+    n_deltas: int,
+    images: Tensor,
+    *,
+    bounds: Bounds,
+    batch_size: int,
+) -> Tensor:
+    """How many of the images ``x[images]`` each perturbation fools: ``(n_deltas,)`` counts.
+
+    Args:
+        model: classifier on ``(N, C, H, W)`` images (used as given: the callers set eval mode).
+        x: all images, on the model's device and dtype.
+        clean: the clean predicted labels of ``x``.
+        make_deltas: ``make_deltas(c0, c1)`` returns perturbations ``c0 .. c1 - 1`` as ``(c1 - c0, C, H, W)``;
+            called once per chunk, so the perturbations need never be held all at once.
+        n_deltas: number of perturbations.
+        images: indices of the images to count on.
+        bounds: valid pixel range the perturbed images are clipped to (``None``: no clipping).
+        batch_size: perturbed images per model call.
+    """
+    counts = torch.zeros(n_deltas, dtype=torch.long)
+    m = len(images)
+    if m == 0 or n_deltas == 0:
+        return counts
+    img_chunk = min(m, batch_size)
+    cand_chunk = max(1, batch_size // img_chunk)
+    images = images.to(x.device)
+    for c0 in range(0, n_deltas, cand_chunk):
+        c1 = min(n_deltas, c0 + cand_chunk)
+        delta = make_deltas(c0, c1)
+        for i0 in range(0, m, img_chunk):
+            sel = images[i0 : i0 + img_chunk]
+            xs = x[sel]
+            batch = (delta[:, None] + xs).view(-1, *xs.shape[1:])
+            if bounds is not None:
+                batch.clamp_(bounds[0], bounds[1])
+            pred = call_model(model, batch).argmax(dim=1).view(c1 - c0, len(sel))
+            counts[c0:c1] += (pred != clean[sel]).sum(dim=1).cpu()
+    return counts
+
+
+class HalvingOutcome(NamedTuple):
+    """What :func:`successive_halving` found: the winner, every candidate's count, the queries spent."""
+
+    best: int
+    counts: Tensor
+    queries: int
+
+
+def successive_halving(
+    count: Callable[[Tensor, Tensor], Tensor],
+    n_candidates: int,
+    plan: Iterable[Tuple[int, int]],
+    order: Tensor,
+) -> HalvingOutcome:
+    """Run a :func:`halving_schedule` plan over nested prefixes of the image ``order``.
+
+    Args:
+        count: ``count(candidates, images)`` returns the fooled count of each candidate index on the
+            image indices (e.g. a closure over :func:`count_fooled`).
+        n_candidates: number of candidates.
+        plan: ``[(survivors, images_so_far), ...]``.
+        order: image indices; round ``r`` adds ``order[images_{r-1}:images_r]``.
+
+    Returns:
+        The best candidate (ties: the first enumerated), the counts (of the images each candidate was
+        scored on) and the queries spent.
+    """
+    survivors = torch.arange(n_candidates)
+    counts = torch.zeros(n_candidates, dtype=torch.long)
+    seen = queries = 0
+    for r, (keep, images) in enumerate(plan):
+        if r > 0:
+            # Keep the best `keep` survivors by their count on the nested prefix (stable: ties -> first).
+            ranking = torch.argsort(counts[survivors], descending=True, stable=True)
+            survivors = torch.sort(survivors[ranking[:keep]]).values
+        subset = order[seen:images]
+        counts[survivors] += count(survivors, subset)
+        queries += len(survivors) * len(subset)
+        seen = images
+    best = int(survivors[torch.argsort(counts[survivors], descending=True, stable=True)[0]])
+    return HalvingOutcome(best=best, counts=counts, queries=queries)
