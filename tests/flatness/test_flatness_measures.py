@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,12 +12,12 @@ from torch import nn
 
 from sturdy.errors import ConfigurationError
 from sturdy.flatness import (
+    MeasureSet,
     adaptive_average_sharpness,
     available_measures,
     compute_measures,
     log_frobenius_product,
     log_spectral_product,
-    measures_to_json,
     pacbayes_flatness,
 )
 
@@ -69,22 +70,25 @@ def test_pacbayes_flatness_on_quadratic():
 
 
 def test_magnitude_aware_pacbayes_on_quadratic():
-    """Noise variance alpha^2 w_i^2 + eps^2: increase = (alpha^2 |w|^2 + eps^2 d) / 2."""
+    """Noise variance alpha^2 w_i^2 + noise_floor^2: increase = (alpha^2 |w|^2 + noise_floor^2 d) / 2."""
     w = torch.full((DIM,), 2.0, dtype=torch.float64)
     w[::2] = -0.5
     model, data, mse = _quadratic(w)
-    target, eps = 0.5, 0.01
-    m = pacbayes_flatness(model, data, magnitude_aware=True, target=target, eps=eps, criterion="loss",
-                          loss_fn=mse, samples=4, steps=BISECTION_STEPS)
-    alpha_sq = (2 * target - eps**2 * DIM) / float((w * w).sum())
+    target, noise_floor = 0.5, 0.01
+    m = pacbayes_flatness(model, data, magnitude_aware=True, target=target, noise_floor=noise_floor,
+                          criterion="loss", loss_fn=mse, samples=4, steps=BISECTION_STEPS)
+    alpha_sq = (2 * target - noise_floor**2 * DIM) / float((w * w).sum())
     assert m.value == pytest.approx(1 / alpha_sq, rel=MC_RTOL)
 
 
 def test_pacbayes_saturation_flags():
     model, data, mse = _quadratic(torch.ones(DIM, dtype=torch.float64))
-    high = pacbayes_flatness(model, data, target=1e9, criterion="loss", loss_fn=mse, samples=1, bounds=(1e-3, 1.0))
+    sigma_range = (1e-3, 1.0)
+    high = pacbayes_flatness(model, data, target=1e9, criterion="loss", loss_fn=mse, samples=1,
+                             sigma_range=sigma_range)
     assert high.details["saturated"] == "high" and high.value == pytest.approx(1.0)
-    low = pacbayes_flatness(model, data, target=1e-12, criterion="loss", loss_fn=mse, samples=1, bounds=(1e-3, 1.0))
+    low = pacbayes_flatness(model, data, target=1e-12, criterion="loss", loss_fn=mse, samples=1,
+                            sigma_range=sigma_range)
     assert low.details["saturated"] == "low" and low.value == pytest.approx(1e6)
 
 
@@ -121,8 +125,14 @@ def test_registry_and_compute_measures():
     assert list(out) == ["ggn_trace", "hessian_trace", "normalized_sharpness"]
     # exact trace vs 100-probe Hutchinson on a ReLU net: within 4 standard errors
     assert abs(out["ggn_trace"].value - out["hessian_trace"].value) <= 4 * out["hessian_trace"].details["stderr"]
-    js = measures_to_json(out)
+    assert isinstance(out, MeasureSet) and len(out) == 3
+    js = out.to_dict()
+    assert list(js) == list(out)
     assert js["normalized_sharpness"]["value"] == out["normalized_sharpness"].value
+    assert js["ggn_trace"]["details"] == out["ggn_trace"].details
+    one = out["hessian_trace"].to_dict()
+    assert one["name"] == "hessian_trace" and one["value"] == out["hessian_trace"].value
+    json.dumps(js)
     with pytest.raises(ConfigurationError, match="unknown measure 'sharpness'; known measures: normalized_sharpness"):
         compute_measures(model, (x, y), names=["sharpness"])
 
@@ -133,8 +143,8 @@ def test_validation_messages():
         pacbayes_flatness(model, data, criterion="accuracy")
     with pytest.raises(ConfigurationError, match="target must be a finite number > 0"):
         pacbayes_flatness(model, data, target=0.0)
-    with pytest.raises(ConfigurationError, match="bounds must satisfy"):
-        pacbayes_flatness(model, data, bounds=(1.0, 0.5))
+    with pytest.raises(ConfigurationError, match="sigma_range must satisfy"):
+        pacbayes_flatness(model, data, sigma_range=(1.0, 0.5))
     with pytest.raises(ConfigurationError, match="rho must be a finite number > 0"):
         adaptive_average_sharpness(model, data, rho=-1.0)
     with pytest.raises(ConfigurationError, match="samples must be an integer >= 1"):
@@ -150,5 +160,25 @@ def test_settings_are_forwarded_and_checked():
     assert out["hessian_trace"].details["probes"] == 7
     with pytest.raises(ConfigurationError, match="settings given for measure\\(s\\) not computed: ggn_trace"):
         compute_measures(model, (x, y), names=["hessian_trace"], settings={"ggn_trace": {}})
-    with pytest.raises(ConfigurationError, match="'hessian_trace' does not accept the settings"):
+    refused = "does not accept the settings"
+    with pytest.raises(ConfigurationError, match=rf"'hessian_trace' {refused} bogus \(accepted: probes\)"):
         compute_measures(model, (x, y), names=["hessian_trace"], settings={"hessian_trace": {"bogus": 1}})
+    # checked against the signature before anything is computed, also for measures forwarding their settings
+    with pytest.raises(ConfigurationError, match=f"'pacbayes_mag_flatness' {refused} eps, magnitude_aware"):
+        compute_measures(model, (x, y), names=["pacbayes_mag_flatness"],
+                         settings={"pacbayes_mag_flatness": {"eps": 1e-3, "magnitude_aware": False}})
+    with pytest.raises(ConfigurationError, match=rf"'log_spectral_product' {refused} tol \(accepted: none\)"):
+        compute_measures(model, (x, y), names=["log_spectral_product"], settings={"log_spectral_product": {"tol": 1}})
+
+
+def test_a_type_error_inside_a_measure_is_not_reworded():
+    """Only unknown settings become a ConfigurationError; a TypeError raised while measuring stays itself."""
+    model = tiny_cnn(2)
+    x, y = tiny_data((2, 4, 4), n=8)
+
+    def broken_loss(outputs, targets):
+        raise TypeError("unexpected keyword inside the loss")
+
+    with pytest.raises(TypeError, match="inside the loss"):
+        compute_measures(model, (x, y), names=["adaptive_average_sharpness"],
+                         settings={"adaptive_average_sharpness": {"loss_fn": broken_loss, "samples": 1}})

@@ -10,43 +10,33 @@ Commands:
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from sturdy.errors import ConfigurationError, UnsupportedModuleError
 from sturdy.experiments.argtypes import non_negative_int, positive_int
-from sturdy.flatness import (
-    available_measures,
-    compute_measures,
-    hessian_diagonal,
-    log_frobenius_product,
-    log_spectral_product,
-    measures_to_json,
-    normalized_sharpness,
-    rescale_nodes,
-)
+from sturdy.flatness import available_measures, check_rescaling_invariance, compute_measures, rescale_nodes
 
-__all__ = ["register_cli", "demo_section", "measure_checkpoint", "invariance_check"]
+__all__ = ["register_cli", "demo_section", "measure_checkpoint"]
 
 DEMO_SAMPLES = (150, 500)  # training samples the demo measures on (quick, normal)
 DEMO_SETTINGS = {
     True: {
         "hessian_trace": {"probes": 20},
         "hessian_top_eigenvalue": {"iterations": 20, "tol": 1e-3},
-        "pacbayes_flatness": {"samples": 2, "steps": 8, "bounds": (1e-4, 10.0)},
-        "pacbayes_mag_flatness": {"samples": 2, "steps": 8, "bounds": (1e-4, 10.0)},
+        "pacbayes_flatness": {"samples": 2, "steps": 8, "sigma_range": (1e-4, 10.0)},
+        "pacbayes_mag_flatness": {"samples": 2, "steps": 8, "sigma_range": (1e-4, 10.0)},
         "adaptive_average_sharpness": {"samples": 4},
     },
     False: {
         "hessian_trace": {"probes": 100},
         "hessian_top_eigenvalue": {"iterations": 50, "tol": 1e-3},
-        "pacbayes_flatness": {"samples": 4, "steps": 12, "bounds": (1e-4, 10.0)},
-        "pacbayes_mag_flatness": {"samples": 4, "steps": 12, "bounds": (1e-4, 10.0)},
+        "pacbayes_flatness": {"samples": 4, "steps": 12, "sigma_range": (1e-4, 10.0)},
+        "pacbayes_mag_flatness": {"samples": 4, "steps": 12, "sigma_range": (1e-4, 10.0)},
         "adaptive_average_sharpness": {"samples": 8},
     },
 }
@@ -64,7 +54,7 @@ def register_cli(subparsers: Any) -> None:
     p = sub.add_parser("grid", help="train a grid of digits models, compute every measure, rank-correlate with the gap")
     p.add_argument("--out", required=True, help="output folder (correlations.json, grid.json, PNGs)")
     p.add_argument("--quick", action="store_true", help="16 MLPs (1-2 minutes) instead of the 64-model grid")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stochastic measures and of the bootstrap")
     p.add_argument("--bootstrap", type=non_negative_int, default=None, help="bootstrap resamples (default: grid's)")
     p.add_argument("--no-resume", action="store_true", help="retrain points whose records already exist")
@@ -76,9 +66,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="output folder (measures.json)")
     p.add_argument("--measures", default=None,
                    help=f"comma-separated subset of: {', '.join(available_measures())} (default: all)")
-    p.add_argument("--samples", type=positive_int, default=None,
+    p.add_argument("--limit", "--samples", dest="limit", type=positive_int, default=None, metavar="N",
                    help="measure on the first N training samples only (default: the whole training split)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_measure)
@@ -118,12 +108,15 @@ def measure_checkpoint(
     *,
     out: str | Path,
     measures: Optional[List[str]] = None,
-    samples: Optional[int] = None,
+    limit: Optional[int] = None,
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
 ) -> Dict[str, Any]:
-    """Compute measures of the model in ``checkpoint`` (``sturdy train`` output); writes ``out/measures.json``."""
+    """Compute measures of the model in ``checkpoint`` (``sturdy train`` output); writes ``out/measures.json``.
+
+    The measures use the training split with the job's label noise, or its first ``limit`` samples.
+    """
     from sturdy.data import apply_label_noise
     from sturdy.experiments.jsonio import write_json
     from sturdy.experiments.train_job import load_job_data, load_trained_model
@@ -132,11 +125,11 @@ def measure_checkpoint(
     dev = resolve_device(device)
     model, job = load_trained_model(checkpoint, device=dev)
     train_set, test_set = load_job_data(job)
-    labels = apply_label_noise(train_set.labels, fraction=job.label_noise, num_classes=train_set.num_classes,
-                               seed=job.seed)
+    labels = apply_label_noise(train_set.labels, fraction=job.config.label_noise, num_classes=train_set.num_classes,
+                               seed=job.config.seed)
     train_set = train_set.with_labels(labels)
-    if samples is not None:
-        train_set = train_set.subset(torch.arange(min(samples, len(train_set))))
+    if limit is not None:
+        train_set = train_set.subset(torch.arange(min(limit, len(train_set))))
     names = measures if measures else list(available_measures())
     t0 = time.perf_counter()
     measured = compute_measures(model, train_set, names=names, seed=seed, progress=progress)
@@ -145,7 +138,7 @@ def measure_checkpoint(
     result = {
         "checkpoint": str(checkpoint), "job": job.to_dict(), "samples": len(train_set),
         "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc,
-        "gap": train_acc - test_acc, "measures": measures_to_json(measured), "seconds": time.perf_counter() - t0,
+        "gap": train_acc - test_acc, "measures": measured.to_dict(), "seconds": time.perf_counter() - t0,
     }
     write_json(result, Path(out) / "measures.json")
     return result
@@ -159,7 +152,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
             raise ConfigurationError(
                 f"unknown measure(s) {', '.join(unknown)}; choose from: {', '.join(available_measures())}"
             )
-    result = measure_checkpoint(args.checkpoint, out=args.out, measures=names, samples=args.samples,
+    result = measure_checkpoint(args.checkpoint, out=args.out, measures=names, limit=args.limit,
                                 device=args.device, seed=args.seed, progress=not args.no_progress)
     print(f"gap (train - test accuracy) {result['gap']:.4f}")
     for name, m in result["measures"].items():
@@ -168,39 +161,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- invariance check
-
-
-def invariance_check(model: nn.Module, data: Tuple[torch.Tensor, torch.Tensor], *, seed: int = 0,
-                     low: float = 0.1, high: float = 10.0) -> Dict[str, Dict[str, Optional[float]]]:
-    """Original vs node-wise rescaled copy (float64): outputs, both normalized sharpnesses, trace, norm products.
-
-    Returns:
-        quantity -> ``{"original": ..., "rescaled": ..., "ratio": rescaled / original}``; norm products are
-        given as products (not logs) so that the ratio is the factor of change.
-    """
-    base = copy.deepcopy(model).double().eval()
-    scaled = rescale_nodes(base, seed=seed, low=low, high=high)
-    device = next(base.parameters()).device
-    x, y = data[0].to(device=device, dtype=torch.float64), data[1].to(device)
-    with torch.no_grad():
-        out_diff = float((base(x) - scaled(x)).abs().max())
-    rows: Dict[str, Dict[str, Optional[float]]] = {}
-
-    def add(name: str, a: float, b: float) -> None:
-        rows[name] = {"original": a, "rescaled": b, "ratio": b / a if a != 0 else None}
-
-    hd_a, hd_b = hessian_diagonal(base, (x, y)), hessian_diagonal(scaled, (x, y))
-    for variant in ("arxiv", "icml"):
-        add(f"normalized sharpness ({variant})", normalized_sharpness(base, hessian=hd_a, variant=variant).value,
-            normalized_sharpness(scaled, hessian=hd_b, variant=variant).value)
-    add("Hessian trace (exact GGN)", hd_a.trace(), hd_b.trace())
-    add("product of spectral norms", float(torch.tensor(log_spectral_product(base).value / 2).exp()),
-        float(torch.tensor(log_spectral_product(scaled).value / 2).exp()))
-    add("product of Frobenius norms", float(torch.tensor(log_frobenius_product(base).value / 2).exp()),
-        float(torch.tensor(log_frobenius_product(scaled).value / 2).exp()))
-    rows["max |output difference|"] = {"original": 0.0, "rescaled": out_diff, "ratio": None}
-    return rows
+# ----------------------------------------------------------------------------- demo
 
 
 def _tiny_mlp(ctx: Any, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
@@ -215,9 +176,6 @@ def _tiny_mlp(ctx: Any, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     return model.eval()
-
-
-# ----------------------------------------------------------------------------- demo
 
 
 def demo_section(ctx: Any) -> None:
@@ -243,7 +201,7 @@ def demo_section(ctx: Any) -> None:
         train_acc = evaluate(model, ctx.train_set)[1]
         test_acc = evaluate(model, ctx.test_set)[1]
         results["models"][label] = {"train_accuracy": train_acc, "test_accuracy": test_acc,
-                                    "gap": train_acc - test_acc, "measures": measures_to_json(measured)}
+                                    "gap": train_acc - test_acc, "measures": measured.to_dict()}
 
     sec = ctx.report.section("Normalized flatness and generalisation measures")
     sec.text(
@@ -267,15 +225,15 @@ def demo_section(ctx: Any) -> None:
     except (UnsupportedModuleError, ConfigurationError):
         inv_model, inv_label = _tiny_mlp(ctx, x, y), "a small ReLU MLP trained for this check"
     inv_n = 100 if quick else 300
-    inv = invariance_check(inv_model, (x[:inv_n], y[:inv_n]), seed=ctx.seed)
-    results["invariance"] = {"model": inv_label, "samples": inv_n, "rows": inv}
+    inv = check_rescaling_invariance(inv_model, (x[:inv_n], y[:inv_n]), seed=ctx.seed)
+    results["invariance"] = {"model": inv_label, **inv.to_dict()}
     sec.text(
         f"Reparametrisation check on {inv_label} (float64, {inv_n} samples): every hidden unit is multiplied by a "
         "random factor in [0.1, 10] and the next layer's matching weights divided by it. The network function is "
         "unchanged; normalized sharpness is unchanged, while the Hessian trace and norm products move."
     )
     sec.table(header=["quantity", "original", "rescaled", "rescaled / original"],
-              rows=[[k, v["original"], v["rescaled"], v["ratio"]] for k, v in inv.items()],
+              rows=inv.table(),
               caption="Node-wise rescaling: invariance of normalized sharpness")
     results["seconds"] = time.perf_counter() - t0
     ctx.results["flatness"] = results

@@ -22,15 +22,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import matplotlib
+import matplotlib.ticker
 import torch
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from tqdm.auto import tqdm
 
 from sturdy.data import ImageDataset, apply_label_noise, load_dataset
 from sturdy.errors import ConfigurationError
 from sturdy.experiments.jsonio import json_safe, write_json
-from sturdy.flatness import available_measures, compute_measures, correlate_measures, measures_to_json
+from sturdy.flatness import available_measures, compute_measures, correlate_measures
 from sturdy.models import create_model
-from sturdy.training import TrainConfig, evaluate, resolve_device, train
+from sturdy.report import new_figure
+from sturdy.training import EpochMetrics, TrainConfig, evaluate, resolve_device, train
 
 __all__ = ["GridSpec", "GridPoint", "DEFAULT_GRID", "QUICK_GRID", "run_grid", "grid_model_kwargs", "scatter_figure",
            "correlation_figure", "HYPERPARAMETERS"]
@@ -39,8 +44,8 @@ HYPERPARAMETERS = ("arch", "batch_size", "lr", "width", "weight_decay", "label_n
 
 # Cheaper settings of the perturbation measures for the grid (documented in the results).
 GRID_MEASURE_SETTINGS: Dict[str, Dict[str, Any]] = {
-    "pacbayes_flatness": {"samples": 4, "steps": 14, "bounds": (1e-4, 10.0)},
-    "pacbayes_mag_flatness": {"samples": 4, "steps": 14, "bounds": (1e-4, 10.0)},
+    "pacbayes_flatness": {"samples": 4, "steps": 14, "sigma_range": (1e-4, 10.0)},
+    "pacbayes_mag_flatness": {"samples": 4, "steps": 14, "sigma_range": (1e-4, 10.0)},
     "adaptive_average_sharpness": {"samples": 8},
     "hessian_top_eigenvalue": {"iterations": 50, "tol": 1e-3},
 }
@@ -146,8 +151,8 @@ QUICK_GRID = GridSpec(
     label_noise=(0.0, 0.2),
     max_epochs=60,
     measure_settings={**GRID_MEASURE_SETTINGS, "hessian_trace": {"probes": 30},
-                      "pacbayes_flatness": {"samples": 2, "steps": 10, "bounds": (1e-4, 10.0)},
-                      "pacbayes_mag_flatness": {"samples": 2, "steps": 10, "bounds": (1e-4, 10.0)}},
+                      "pacbayes_flatness": {"samples": 2, "steps": 10, "sigma_range": (1e-4, 10.0)},
+                      "pacbayes_mag_flatness": {"samples": 2, "steps": 10, "sigma_range": (1e-4, 10.0)}},
     bootstrap=200,
 )
 """16 MLPs (2 batch sizes x 2 learning rates x 2 widths x 2 label-noise levels); about 1-2 minutes on 2 CPU
@@ -161,10 +166,6 @@ def grid_model_kwargs(arch: str, width: int) -> Dict[str, Any]:
     return {"channels": (max(2, width // 8), max(2, width // 4)), "width": width}
 
 
-class _Converged(Exception):
-    """Raised from the epoch callback to stop training once the target loss is reached."""
-
-
 def train_point(
     point: GridPoint, spec: GridSpec, train_set: ImageDataset, test_set: ImageDataset, *, device: torch.device
 ) -> Tuple[torch.nn.Module, Dict[str, Any]]:
@@ -175,19 +176,14 @@ def train_point(
     config = TrainConfig(epochs=spec.max_epochs, batch_size=point.batch_size, lr=point.lr, optimizer=spec.optimizer,
                          weight_decay=point.weight_decay, schedule="constant", seed=point.seed,
                          label_noise=point.label_noise, device=str(device))
-    history: List[float] = []
 
-    def on_epoch_end(metrics: Any) -> None:
-        history.append(metrics.train_loss)
-        if metrics.train_loss <= spec.target_loss:
-            raise _Converged
+    def reached_target(metrics: EpochMetrics) -> bool:
+        return metrics.train_loss <= spec.target_loss  # True stops the training loop after this epoch
 
     t0 = time.perf_counter()
-    converged = False
-    try:
-        train(model, train_set, config=config, progress=False, on_epoch_end=on_epoch_end)
-    except _Converged:
-        converged = True
+    result = train(model, train_set, config=config, progress=False, on_epoch_end=reached_target)
+    converged = result.stopped_early
+    history = [m.train_loss for m in result.history]
     model.eval()
     seconds = time.perf_counter() - t0
     noisy = train_set.with_labels(apply_label_noise(train_set.labels, fraction=point.label_noise,
@@ -213,7 +209,7 @@ def measure_point(model: torch.nn.Module, data: ImageDataset, spec: GridSpec, *,
         t0 = time.perf_counter()
         measured = compute_measures(model, data, names=[name], seed=seed,
                                     settings={name: settings[name]} if name in settings else None)
-        entry = measures_to_json(measured)[name]
+        entry = measured.to_dict()[name]
         entry["seconds"] = time.perf_counter() - t0
         out[name] = entry
     return out
@@ -268,14 +264,11 @@ def run_grid(
     write_json({"grid": spec.to_dict(), "records": records}, out / "grid.json")
     write_json(summary, out / "correlations.json")
     names = list(summary["correlations"])
-    import matplotlib.pyplot as plt
-
     figures = {"scatter.png": scatter_figure(records, names, summary["correlations"]),
                "correlations.png": correlation_figure(summary["correlations"])}
     figures.update({f"scatter_{n}.png": scatter_figure(records, [n], summary["correlations"]) for n in names})
     for file_name, fig in figures.items():
         fig.savefig(out / file_name, dpi=100)
-        plt.close(fig)
     summary["records"] = records
     return summary
 
@@ -324,19 +317,13 @@ def summarize(records: Sequence[Mapping[str, Any]], *, spec: GridSpec, seed: int
 
 
 def scatter_figure(records: Sequence[Mapping[str, Any]], names: Sequence[str],
-                   correlations: Mapping[str, Mapping[str, Any]]) -> Any:
+                   correlations: Mapping[str, Mapping[str, Any]]) -> Figure:
     """Measure (x, log scale when positive) against generalisation gap (y); colour = label noise, marker = arch."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols = min(len(names), 4)
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
     noise_levels = sorted({r["hyperparams"]["label_noise"] for r in records})
-    colours = plt.get_cmap("viridis")(torch.linspace(0, 0.9, max(len(noise_levels), 1)).tolist())
+    colours = matplotlib.colormaps["viridis"](torch.linspace(0, 0.9, max(len(noise_levels), 1)).tolist())
     markers = {"mlp": "o", "cnn": "s"}
     for ax, name in zip(axes.flat, names):
         xs = [float(r["measures"][name]["value"]) for r in records]
@@ -355,10 +342,10 @@ def scatter_figure(records: Sequence[Mapping[str, Any]], names: Sequence[str],
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    handles = [plt.Line2D([], [], linestyle="", marker="o", color=colours[i], label=f"noise {lvl:g}")
+    handles = [Line2D([], [], linestyle="", marker="o", color=colours[i], label=f"noise {lvl:g}")
                for i, lvl in enumerate(noise_levels)]
-    handles += [plt.Line2D([], [], linestyle="", marker=m, color="grey", label=a) for a, m in markers.items()]
-    handles.append(plt.Line2D([], [], linestyle="", marker="o", markerfacecolor="none", color="grey",
+    handles += [Line2D([], [], linestyle="", marker=m, color="grey", label=a) for a, m in markers.items()]
+    handles.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="none", color="grey",
                               label="target loss not reached"))
     if len(names) == 1:
         axes.flat[0].legend(handles=handles, loc="best", fontsize=6)
@@ -368,15 +355,10 @@ def scatter_figure(records: Sequence[Mapping[str, Any]], names: Sequence[str],
     return fig
 
 
-def correlation_figure(correlations: Mapping[str, Mapping[str, Any]]) -> Any:
+def correlation_figure(correlations: Mapping[str, Mapping[str, Any]]) -> Figure:
     """Horizontal bars of Kendall tau and granulated tau per measure with their bootstrap intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(correlations)
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
+    fig, ax = new_figure(figsize=(7, 0.45 * len(names) + 1.2))
     for offset, key, ci_key, label in ((-0.18, "tau", "tau_ci", "Kendall tau"),
                                        (0.18, "granulated_tau", "granulated_ci", "granulated tau")):
         vals = [correlations[n][key] if correlations[n][key] is not None else float("nan") for n in names]

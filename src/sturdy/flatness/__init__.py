@@ -15,18 +15,8 @@ from sturdy.flatness.curvature import (
     hutchinson_trace,
     top_hessian_eigenvalue,
 )
-from sturdy.flatness.measures import (
-    Measure,
-    MeasureSpec,
-    adaptive_average_sharpness,
-    available_measures,
-    compute_measures,
-    log_frobenius_product,
-    log_spectral_product,
-    measures_to_json,
-    pacbayes_flatness,
-    register_measure,
-)
+from sturdy.flatness.invariance import InvarianceRow, RescalingInvariance, check_rescaling_invariance
+from sturdy.flatness.measures import compute_measures
 from sturdy.flatness.normalized import (
     LayerSharpness,
     NormalizedSharpness,
@@ -34,6 +24,9 @@ from sturdy.flatness.normalized import (
     normalized_sharpness,
     solve_layer,
 )
+from sturdy.flatness.norms import log_frobenius_product, log_spectral_product
+from sturdy.flatness.perturbation import adaptive_average_sharpness, pacbayes_flatness
+from sturdy.flatness.registry import Measure, MeasureSet, MeasureSpec, available_measures, register_measure
 from sturdy.flatness.rescale import rescale_nodes
 
 __all__ = [
@@ -49,12 +42,15 @@ __all__ = [
     "solve_layer",
     "normalized_sharpness",
     "rescale_nodes",
+    "check_rescaling_invariance",
+    "RescalingInvariance",
+    "InvarianceRow",
     "Measure",
+    "MeasureSet",
     "MeasureSpec",
     "register_measure",
     "available_measures",
     "compute_measures",
-    "measures_to_json",
     "log_spectral_product",
     "log_frobenius_product",
     "pacbayes_flatness",

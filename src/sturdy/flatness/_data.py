@@ -17,10 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sturdy.errors import ConfigurationError, DataError
-from sturdy.utils import eval_mode, model_device_dtype  # noqa: F401  (re-exported to the flatness modules)
+from sturdy.utils import eval_mode, model_device_dtype  # noqa: F401  (imported from here by curvature.py)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-"""``loss_fn(outputs, targets) -> mean loss over the batch`` (a 0-d tensor)."""
+"""The criterion ``loss_fn(logits, targets) -> mean loss over the batch`` (a 0-d tensor).
+
+Not to be confused with :class:`sturdy.training.Objective`, which runs the model itself.
+"""
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -104,14 +107,3 @@ def weight_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         for n, m in model.named_modules()
         if isinstance(m, WEIGHT_LAYERS) and m.weight.requires_grad
     ]
-
-
-def mean_loss(model: nn.Module, batches: List[Tuple[Tensor, Tensor]], loss_fn: LossFn) -> float:
-    """Training loss (mean over all samples) of ``model`` on pre-collected ``batches``, without gradients."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for x, y in batches:
-            n = int(x.shape[0])
-            total += float(loss_fn(model(x), y)) * n
-            count += n
-    return total / count

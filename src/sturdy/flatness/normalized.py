@@ -26,7 +26,7 @@ point that transforms the same way, so the iterates (not only the minimum) are c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -73,6 +73,12 @@ class LayerSharpness:
     removed_cols: int
     shape: Tuple[int, int]
 
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON types (``shape`` as a list)."""
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
 
 @dataclass(frozen=True)
 class NormalizedSharpness:
@@ -95,6 +101,14 @@ class NormalizedSharpness:
     clamped_entries: int
     variant: str
     hessian_method: str
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON types; ``per_layer`` maps module name -> :meth:`LayerSharpness.to_dict`."""
+        return {
+            "value": self.value, "per_layer": {k: v.to_dict() for k, v in self.per_layer.items()},
+            "iterations": self.iterations, "grad_norm": self.grad_norm, "clamped_entries": self.clamped_entries,
+            "variant": self.variant, "hessian_method": self.hessian_method,
+        }
 
 
 def aggregate_layer(weight: Tensor, hessian: Tensor) -> Tuple[Tensor, Tensor]:
