@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sturdy.errors import ConfigurationError, DataError
-from sturdy.flatness import hessian_diagonal, hutchinson_trace, top_hessian_eigenvalue
+from sturdy.errors import ConfigurationError, DataError, UnsupportedModuleError
+from sturdy.flatness import curvature, hessian_diagonal, hutchinson_trace, top_hessian_eigenvalue
 
 from .conftest import tiny_cnn, tiny_data, tiny_mlp
 from .flatness_reference import full_hessian, ggn_diagonal_reference, hessian_diagonal_reference
@@ -37,7 +37,7 @@ class _Shared(nn.Module):
 
 
 class _WithNorm(nn.Module):
-    """Conv + eval-mode BatchNorm (its affine parameters take the torch.func fallback) + a bare parameter."""
+    """Conv + eval-mode BatchNorm (its rule) + a bare parameter of the model itself (torch.func through the net)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -73,7 +73,7 @@ CASES = {
     "mlp-inplace-relu": (lambda: tiny_mlp(0, inplace=True), (1, 3, 4)),
     "cnn": (lambda: tiny_cnn(0), (2, 4, 4)),
     "shared-and-3d-linear": (lambda: _Shared().double(), (12,)),
-    "batchnorm-fallback": (lambda: _WithNorm().double(), (2, 4, 4)),
+    "batchnorm-and-bare-parameter": (lambda: _WithNorm().double(), (2, 4, 4)),
 }
 
 
@@ -90,6 +90,8 @@ def test_ggn_exact_equals_dense_hessian_diagonal(case):
         torch.testing.assert_close(result.diagonal[name], ref, atol=EXACT_ATOL, rtol=EXACT_RTOL, msg=name)
         assert float(result.stderr[name].abs().max()) == 0.0
     assert result.method == "ggn-exact" and result.num_samples == 7 and result.probes == 0
+    as_dict = result.to_dict()
+    assert as_dict["num_samples"] == 7 and set(as_dict["diagonal"]) == set(reference)
 
 
 def test_tied_weights_match_dense_ggn_diagonal():
@@ -123,6 +125,82 @@ def test_torch_func_backend_equals_dense_hessian_diagonal(case):
     result = hessian_diagonal(model, (x, y), backend="func", chunk_size=2)
     for name, ref in hessian_diagonal_reference(model, x, y).items():
         torch.testing.assert_close(result.diagonal[name], ref, atol=EXACT_ATOL, rtol=EXACT_RTOL, msg=name)
+
+
+class _Scale(nn.Module):
+    """A per-channel scale: no registered rule, so the torch.func fallback rule takes it."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain[None, :, None]
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 4),
+        nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3),
+    ).double()
+    with torch.no_grad():
+        for _ in range(3):  # non-trivial running statistics
+            model(torch.rand(8, 2, 4, 4, dtype=torch.float64) * 2 - 0.5)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(0.1, 0.5)
+    return model
+
+
+def _no_whole_network_pass(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a parameter took the whole-network torch.func path")
+
+    monkeypatch.setattr(curvature, "func_squared_gradients", refuse)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_ggn_exact_with_batchnorm_takes_its_rule_and_equals_dense_hessian(mode, monkeypatch):
+    """BatchNorm is evaluated with its running statistics whatever mode the model is handed in."""
+    model = _bn_net()
+    model.train(mode == "train")
+    x, y = tiny_data((2, 4, 4), n=7)
+    reference = hessian_diagonal_reference(model, x, y)
+    _no_whole_network_pass(monkeypatch)
+    result = hessian_diagonal(model, (x, y), chunk_size=3)
+    assert model.training == (mode == "train")
+    assert max(float(reference[n].abs().max()) for n in ("1.weight", "5.bias")) > 1e-3
+    for name, ref in reference.items():
+        torch.testing.assert_close(result.diagonal[name], ref, atol=EXACT_ATOL, rtol=EXACT_RTOL, msg=name)
+
+
+def test_ggn_exact_with_modules_only_torch_func_covers_equals_dense_ggn(monkeypatch):
+    """Conv1d, LayerNorm and a custom module take the per-module torch.func rule (no whole-network pass)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding=1), _Scale(3), nn.ReLU(), nn.Flatten(), nn.LayerNorm(15), nn.Linear(15, 3)
+    ).double()
+    x, y = tiny_data((2, 5), n=6)
+    reference = ggn_diagonal_reference(model, x, y)
+    _no_whole_network_pass(monkeypatch)
+    result = hessian_diagonal(model, (x, y), chunk_size=4)
+    assert set(result.diagonal) == set(reference)
+    for name, ref in reference.items():
+        torch.testing.assert_close(result.diagonal[name], ref, atol=EXACT_ATOL, rtol=EXACT_RTOL, msg=name)
+    # piecewise linear in each parameter up to the LayerNorm: there the GGN is exactly the Hessian's diagonal
+    hess = hessian_diagonal_reference(model, x, y)
+    for name in ("4.weight", "4.bias", "5.weight"):
+        torch.testing.assert_close(result.diagonal[name], hess[name], atol=EXACT_ATOL, rtol=EXACT_RTOL, msg=name)
+
+
+def test_ggn_exact_refuses_batchnorm_with_batch_statistics():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3, track_running_stats=False)).double()
+    x, y = tiny_data((4,), n=6)
+    with pytest.raises(UnsupportedModuleError, match="module '2' .*statistics of its batch.*method='hutchinson'"):
+        hessian_diagonal(model, (x, y))
+    hessian_diagonal(model, (x, y), method="hutchinson", probes=2)
 
 
 def test_ggn_exact_independent_of_batching_and_restores_mode():
@@ -168,11 +246,12 @@ def test_hutchinson_trace_and_top_eigenvalue_match_dense_hessian():
     true_trace = float(dense.diagonal().sum())
     est = hutchinson_trace(model, (x, y), probes=300, seed=1, batch_size=4)
     assert abs(est.value - true_trace) <= TRACE_Z * est.stderr
+    assert est.to_dict() == {"value": est.value, "stderr": est.stderr, "probes": 300}
     assert est.stderr > 0
     eigs = torch.linalg.eigvalsh(dense)
     top = float(eigs[eigs.abs().argmax()])
     eig = top_hessian_eigenvalue(model, (x, y), iterations=2000, tol=1e-9, batch_size=4)
-    assert eig.converged
+    assert eig.converged and eig.to_dict()["converged"] is True
     assert abs(eig.value - top) <= EIG_RTOL * abs(top)
 
 

@@ -9,34 +9,38 @@ Two diagonals are offered by :func:`hessian_diagonal`:
   loss, ``G = (1/N) sum_n J_n^T (diag(p_n) - p_n p_n^T) J_n`` (``J_n`` the Jacobian of the logits
   with respect to the parameters, ``p_n`` the softmax). The softmax Hessian factorises as
   ``diag(p) - p p^T = S S^T`` with columns ``s_c = sqrt(p_c) (e_c - p)``, so
-  ``diag(G) = (1/N) sum_n sum_c (J_n^T s_{n,c})^2``: one backward pass per class, and the squared
-  per-sample gradients come from the activations and output gradients that per-layer hooks see
-  (fast paths for ``nn.Linear`` and ``nn.Conv2d``; ``torch.func`` per-sample gradients for every
-  other parameter, and for weights tied across modules). For networks that are piecewise linear in each
-  single parameter (ReLU/max-pool MLPs and CNNs, eval-mode BatchNorm, every weight used by one layer)
-  the logits have zero second derivative along each coordinate, so ``diag(G)`` **equals the Hessian
-  diagonal** of the cross-entropy loss (almost everywhere); with tied weights it is the GGN diagonal.
+  ``diag(G) = (1/N) sum_n sum_c (J_n^T s_{n,c})^2``: one backward pass per class, each giving the
+  output gradients of every layer, to which the per-sample squared-gradient rules of
+  :mod:`sturdy.persample` apply (Linear, Conv2d, BatchNorm, ``torch.func`` for any other module). A
+  module called more than once per forward pass and a weight tied across modules take ``torch.func``
+  per-sample gradients through the whole network instead (their per-sample gradients add up before
+  squaring). For networks that are piecewise linear in each single parameter (ReLU/max-pool MLPs and
+  CNNs, eval-mode BatchNorm, every weight used by one layer) the logits have zero second derivative
+  along each coordinate, so ``diag(G)`` **equals the Hessian diagonal** of the cross-entropy loss
+  (almost everywhere); with tied weights it is the GGN diagonal.
+  A BatchNorm that normalises with batch statistics in eval mode (``track_running_stats=False``) makes
+  samples interact and is refused.
 * ``"hutchinson"``: ``E_v[v * (H v)]`` with Rademacher probes ``v`` and Hessian-vector products by
   double backward, for any loss; it reports the standard error of the mean over probes.
 
-Memory bound of ``"ggn-exact"``: one forward/backward graph of ``chunk_size`` samples, plus for each
-``nn.Conv2d`` the unfolded input (``chunk_size x C_in k_h k_w x L`` values) and the per-sample
-gradients (``chunk_size x numel(weight)`` values), plus one accumulator of the parameters' size.
+Memory bound of ``"ggn-exact"``: one forward/backward graph of ``chunk_size`` samples, plus for one
+layer at a time its per-sample tensors of the whole chunk (for ``nn.Conv2d`` the unfolded input,
+``chunk_size x C_in k_h k_w x L`` values, and the per-sample gradients, ``chunk_size x numel(weight)``
+values), plus one accumulator of the parameters' size.
 For the digits grid models with the default ``chunk_size=512`` this is under 200 MiB.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sturdy.errors import ConfigurationError
+from sturdy.errors import ConfigurationError, UnsupportedModuleError
 from sturdy.flatness._data import (
     LossFn,
     check_positive_int,
@@ -46,6 +50,15 @@ from sturdy.flatness._data import (
     model_device_dtype,
     trainable_parameters,
 )
+from sturdy.persample import (
+    CallRecorder,
+    TrackedModule,
+    func_squared_gradients,
+    squared_gradients,
+    trainable_modules,
+    uses_batch_statistics,
+)
+from sturdy.persample.recorder import Call
 
 __all__ = [
     "HessianDiagonal",
@@ -89,6 +102,14 @@ class HessianDiagonal:
         """
         return float(math.sqrt(sum(float((s**2).sum()) for s in self.stderr.values())))
 
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON types (tensors as nested lists)."""
+        return {
+            "diagonal": {n: d.tolist() for n, d in self.diagonal.items()},
+            "stderr": {n: s.tolist() for n, s in self.stderr.items()},
+            "method": self.method, "num_samples": self.num_samples, "probes": self.probes,
+        }
+
 
 @dataclass(frozen=True)
 class TraceEstimate:
@@ -97,6 +118,10 @@ class TraceEstimate:
     value: float
     stderr: float
     probes: int
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON types."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -115,67 +140,73 @@ class EigenEstimate:
     residual: float
     converged: bool
 
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON types."""
+        return asdict(self)
+
 
 # ----------------------------------------------------------------------------- exact GGN diagonal
 
-
-def _per_sample_linear(module: nn.Linear, a: Tensor, d: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-    n = a.shape[0]
-    a3 = a.reshape(n, -1, a.shape[-1])
-    d3 = d.reshape(n, -1, d.shape[-1])
-    gw = torch.bmm(d3.transpose(1, 2), a3)
-    gb = d3.sum(1) if module.bias is not None else None
-    return gw, gb
+# The per-sample tensors of a backward pass form one chunk: ``chunk_size`` bounds them (module doc).
+_ONE_CHUNK = 2**62
 
 
-def _conv_fast(module: nn.Module) -> bool:
-    return (
-        isinstance(module, nn.Conv2d)
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-    )
+def _refuse_interacting_samples(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if uses_batch_statistics(module):
+            raise UnsupportedModuleError(
+                f"module '{name}' ({type(module).__name__}) normalises with the statistics of its batch even in "
+                "eval mode (track_running_stats=False): samples interact, so the GGN is not a sum over samples "
+                "and method='ggn-exact' does not apply; use method='hutchinson'",
+                module=module,
+                path=name,
+            )
 
 
-def _unfold(module: nn.Conv2d, a: Tensor) -> Tensor:
-    """Unfolded input as a contiguous ``(n, L, C_in * kh * kw)`` tensor (reused for every class)."""
-    u = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
-    return u.transpose(1, 2).contiguous()
+def _hooked_modules(
+    model: nn.Module, name_of: Dict[int, str], backend: str
+) -> List[TrackedModule]:
+    """Modules whose selected parameters take their layer's rule (the others take torch.func on the network).
 
-
-def _per_sample_conv(module: nn.Conv2d, u: Tensor, d: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-    n = d.shape[0]
-    d3 = d.reshape(n, d.shape[1], -1)
-    gw = torch.bmm(d3, u).reshape(n, *module.weight.shape)
-    gb = d3.sum(2) if module.bias is not None else None
-    return gw, gb
-
-
-class _Recorder:
-    """Forward hooks on Linear/Conv2d layers keeping (input, output) of each call.
-
-    The hook returns a clone of the output to the rest of the network so that in-place operations
-    downstream (``ReLU(inplace=True)``) cannot overwrite the recorded output tensor.
+    A parameter shared by several modules (tied weights) needs its per-sample gradients summed over the
+    modules before squaring: it goes to the torch.func path, which sees the whole network.
     """
+    if backend != "hooks":
+        return []
+    owners: Dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return [
+        t
+        for t in trainable_modules(model)
+        if any(id(p) in name_of for p in t.params.values()) and all(owners[id(p)] == 1 for p in t.params.values())
+    ]
 
-    def __init__(self, modules: Sequence[nn.Module]) -> None:
-        self.records: Dict[nn.Module, List[Tuple[Tensor, Tensor]]] = {m: [] for m in modules}
-        self.active = False
-        self.handles = [m.register_forward_hook(self._hook) for m in modules]
 
-    def _hook(self, module: nn.Module, inputs: Tuple[Any, ...], output: Tensor) -> Optional[Tensor]:
-        if not self.active:
-            return None
-        self.records[module].append((inputs[0].detach(), output))
-        return output.clone()
+def _split_calls(
+    calls: List[Call], params: List[Tuple[str, nn.Parameter]], name_of: Dict[int, str]
+) -> Tuple[List[Call], Dict[str, Tensor]]:
+    """Calls a rule can take (a module called once, as ``module(x)``), and the parameters left to torch.func.
 
-    def clear(self) -> None:
-        for calls in self.records.values():
-            calls.clear()
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+    A module called several times (shared weights) needs its per-sample gradients summed over the calls
+    before squaring, which the rules (one call each) do not do: the torch.func path takes it.
+    """
+    count: Dict[int, int] = {}
+    for call in calls:
+        count[id(call.tracked)] = count.get(id(call.tracked), 0) + 1
+    hooked = [
+        call
+        for call in calls
+        if count[id(call.tracked)] == 1
+        and len(call.args) == 1
+        and isinstance(call.args[0], Tensor)
+        and isinstance(call.output, Tensor)
+        and call.output.requires_grad
+    ]
+    covered = {id(p) for call in hooked for p in call.tracked.params.values()}
+    fallback = {n: p.detach() for n, p in params if id(p) not in covered}
+    return hooked, fallback
 
 
 def _ggn_exact(
@@ -187,24 +218,11 @@ def _ggn_exact(
     progress: bool,
     backend: str = "hooks",
 ) -> Dict[str, Tensor]:
+    """``sum_n sum_c (J_n^T s_{n,c})^2``: the squared-gradient rules applied to each softmax-factor column."""
+    _refuse_interacting_samples(model)
     name_of = {id(p): n for n, p in params}
     acc = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in params}
-    fast: List[nn.Module] = []
-    covered: set = set()
-    # A parameter shared by several modules (tied weights) needs its per-sample gradients summed over the
-    # modules before squaring: it goes to the torch.func path, which sees the whole network.
-    owners: Dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    for module in model.modules() if backend == "hooks" else ():
-        if isinstance(module, nn.Linear) or _conv_fast(module):
-            own = [p for p in (module.weight, module.bias) if p is not None and id(p) in name_of]
-            if own and all(owners[id(p)] == 1 for p in own):
-                fast.append(module)
-                covered.update(id(p) for p in own)
-    fallback = [(n, p) for n, p in params if id(p) not in covered]
-    recorder = _Recorder(fast)
+    recorder = CallRecorder(_hooked_modules(model, name_of, backend))
     chunks = [x[i : i + chunk_size] for x, _ in batches for i in range(0, x.shape[0], chunk_size)]
     try:
         for x in tqdm(chunks, desc="ggn-exact", unit="chunk", disable=not progress):
@@ -217,86 +235,42 @@ def _ggn_exact(
                 raise ConfigurationError(
                     f"ggn-exact needs logits of shape (N, classes), got {tuple(logits.shape)}; use method='hutchinson'"
                 )
-            calls = [(m, i, o) for m, recs in recorder.records.items() for i, o in recs if o.requires_grad]
-            unfolded = {idx: _unfold(m, a) for idx, (m, a, _) in enumerate(calls) if isinstance(m, nn.Conv2d)}
+            calls, fallback = _split_calls(recorder.calls, params, name_of)
+            constants = _constants(model, fallback) if fallback else {}
             with torch.no_grad():
                 p = torch.softmax(logits.detach(), dim=1)
             num_classes = p.shape[1]
             for c in range(num_classes):
                 v = -p * p[:, c : c + 1].sqrt()
                 v[:, c] += p[:, c].sqrt()
-                last = c == num_classes - 1
                 if calls:
                     deltas = torch.autograd.grad(
-                        logits, [o for _, _, o in calls], grad_outputs=v, retain_graph=not last, allow_unused=True
+                        logits, [call.output for call in calls], grad_outputs=v,
+                        retain_graph=c < num_classes - 1, allow_unused=True,
                     )
-                    _accumulate_fast(calls, deltas, unfolded, acc, name_of)
+                    for call, delta in zip(calls, deltas):
+                        if delta is not None:
+                            squares = squared_gradients(call.tracked, call.args[0], delta, _ONE_CHUNK)
+                            _add(acc, {name_of.get(id(call.tracked.params[attr])): sq for attr, sq in squares.items()})
                 if fallback:
-                    _accumulate_fallback(model, fallback, x, v, acc)
+                    _add(acc, func_squared_gradients(model, fallback, x, v, _ONE_CHUNK, constants=constants))
     finally:
         recorder.remove()
     return acc
 
 
-def _accumulate_fast(
-    calls: List[Tuple[nn.Module, Tensor, Tensor]],
-    deltas: Sequence[Optional[Tensor]],
-    unfolded: Dict[int, Tensor],
-    acc: Dict[str, Tensor],
-    name_of: Dict[int, str],
-) -> None:
+def _constants(model: nn.Module, free: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Detached parameters and buffers of ``model`` other than ``free`` (torch.func then builds no graph of them)."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return {n: t.detach() for n, t in named if n not in free}
+
+
+def _add(acc: Dict[str, Tensor], squares: Dict[Optional[str], Tensor]) -> None:
+    """``acc[name] += value`` for every selected parameter name (``None``: not selected)."""
     with torch.no_grad():
-        per_module: Dict[nn.Module, List[int]] = {}
-        for idx, (m, _, _) in enumerate(calls):
-            per_module.setdefault(m, []).append(idx)
-        for m, idxs in per_module.items():
-            idxs = [i for i in idxs if deltas[i] is not None]
-            if not idxs:
-                continue
-            wname = name_of.get(id(m.weight))
-            bname = name_of.get(id(m.bias)) if m.bias is not None else None
-            if isinstance(m, nn.Linear) and len(idxs) == 1 and calls[idxs[0]][1].dim() == 2:
-                # Fast path: sum_n (d_n a_n^T)^2 = (d^2)^T (a^2); no per-sample gradient is formed.
-                a, d = calls[idxs[0]][1], deltas[idxs[0]]
-                if wname is not None:
-                    acc[wname] += (d * d).t() @ (a * a)
-                if bname is not None:
-                    acc[bname] += (d * d).sum(0)
-                continue
-            gw_sum: Optional[Tensor] = None
-            gb_sum: Optional[Tensor] = None
-            for i in idxs:
-                if isinstance(m, nn.Linear):
-                    gw, gb = _per_sample_linear(m, calls[i][1], deltas[i])
-                else:
-                    gw, gb = _per_sample_conv(m, unfolded[i], deltas[i])
-                gw_sum = gw if gw_sum is None else gw_sum + gw
-                if gb is not None:
-                    gb_sum = gb if gb_sum is None else gb_sum + gb
-            if wname is not None and gw_sum is not None:
-                acc[wname] += gw_sum.pow_(2).sum(0)
-            if bname is not None and gb_sum is not None:
-                acc[bname] += gb_sum.pow_(2).sum(0)
-
-
-def _accumulate_fallback(
-    model: nn.Module, fallback: List[Tuple[str, nn.Parameter]], x: Tensor, v: Tensor, acc: Dict[str, Tensor]
-) -> None:
-    """Squared per-sample ``J^T v`` for parameters without a fast path, by ``torch.func``."""
-    from torch.func import functional_call, grad, vmap
-
-    names = [n for n, _ in fallback]
-    fixed = {n: t.detach() for n, t in list(model.named_parameters()) + list(model.named_buffers()) if n not in names}
-    free = {n: p.detach() for n, p in fallback}
-
-    def scalar(free_params: Dict[str, Tensor], x1: Tensor, v1: Tensor) -> Tensor:
-        out = functional_call(model, {**fixed, **free_params}, (x1.unsqueeze(0),))
-        return (out.squeeze(0) * v1).sum()
-
-    per_sample = vmap(grad(scalar), in_dims=(None, 0, 0))(free, x, v)
-    with torch.no_grad():
-        for n in names:
-            acc[n] += (per_sample[n] ** 2).sum(0)
+        for name, value in squares.items():
+            if name is not None:
+                acc[name] += value
 
 
 # ----------------------------------------------------------------------------- Hessian-vector products
@@ -424,8 +398,9 @@ def hessian_diagonal(
         probe_chunk: probes sharing one pass over the data in ``"hutchinson"``; memory grows with it.
         loss_fn: ``loss_fn(outputs, targets) -> batch mean``; only for ``"hutchinson"`` (``"ggn-exact"``
             is defined for the cross-entropy loss).
-        backend: ``"hooks"`` (per-layer fast paths, ``torch.func`` for the rest) or ``"func"`` (``torch.func``
-            per-sample gradients for every parameter: slower, for cross-checks).
+        backend: ``"hooks"`` (the per-layer rules of :mod:`sturdy.persample`; ``torch.func`` through the
+            network for shared modules and tied weights) or ``"func"`` (``torch.func`` per-sample gradients
+            through the network for every parameter: slower, for cross-checks).
         progress: show a tqdm progress bar.
 
     Returns:

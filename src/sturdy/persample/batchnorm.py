@@ -1,0 +1,48 @@
+"""BatchNorm (``_BatchNorm``): per-sample terms ``sum_hw delta * xhat`` and ``sum_hw delta`` with the
+normalisation statistics the forward used (batch statistics when :func:`uses_batch_statistics`,
+running ones otherwise).
+
+With batch statistics the samples interact; the rule then gives the squared gradients of per-sample
+copies of the affine parameters (what each sample's share of ``delta`` contributes, the batch
+statistics held fixed as the forward computed them).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import Tensor, nn
+
+from sturdy.persample.registry import register_squared_grad
+
+__all__ = ["batchnorm_rule", "uses_batch_statistics"]
+
+
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm that normalises with the statistics of its batch (samples interact)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+        module.training or not module.track_running_stats or module.running_mean is None
+    )
+
+
+@register_squared_grad(nn.modules.batchnorm._BatchNorm)
+def batchnorm_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> Dict[str, Tensor]:
+    """Squared per-sample gradients of a BatchNorm's affine parameters."""
+    out: Dict[str, Tensor] = {}
+    reduce_dims = [0] + list(range(2, a.dim()))
+    shape = [1, -1] + [1] * (a.dim() - 2)
+    if uses_batch_statistics(module):
+        mean = a.mean(reduce_dims)
+        var = a.var(reduce_dims, unbiased=False)
+    else:
+        mean, var = module.running_mean, module.running_var
+    spatial = list(range(2, a.dim()))
+    if module.weight is not None and module.weight.requires_grad:
+        xhat = (a - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
+        per_sample = (delta * xhat).sum(spatial) if spatial else delta * xhat
+        out["weight"] = (per_sample * per_sample).sum(0)
+    if module.bias is not None and module.bias.requires_grad:
+        per_sample = delta.sum(spatial) if spatial else delta
+        out["bias"] = (per_sample * per_sample).sum(0)
+    return out

@@ -1,0 +1,41 @@
+"""``nn.Linear``: ``(delta^2)^T (a^2)`` for 2-D inputs; chunked per-sample products over extra dimensions."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, Tuple
+
+from torch import Tensor, nn
+
+from sturdy.persample.chunking import sum_of_squared_products
+from sturdy.persample.registry import register_squared_grad
+
+__all__ = ["linear_rule"]
+
+
+@register_squared_grad(nn.Linear)
+def linear_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> Dict[str, Tensor]:
+    """Squared per-sample gradients of a Linear layer (the sum over extra dimensions is per sample)."""
+    out: Dict[str, Tensor] = {}
+    want_bias = module.bias is not None and module.bias.requires_grad
+    if a.dim() == 2:
+        d2 = delta.square()
+        if module.weight.requires_grad:
+            out["weight"] = d2.t().mm(a.square())
+        if want_bias:
+            out["bias"] = d2.sum(0)
+        return out
+    n = a.shape[0]
+    a3 = a.reshape(n, -1, a.shape[-1])
+    d3 = delta.reshape(n, -1, delta.shape[-1])
+    if module.weight.requires_grad:
+        d3t = d3.transpose(1, 2)  # (n, out, t)
+
+        def pairs(chunk: int) -> Iterator[Tuple[Tensor, Tensor]]:
+            return zip(d3t.split(chunk), a3.split(chunk))
+
+        out["weight"] = sum_of_squared_products(pairs, n, (d3.shape[-1], a3.shape[-1]), budget, a).view_as(
+            module.weight
+        )
+    if want_bias:
+        out["bias"] = d3.sum(1).square_().sum(0)
+    return out
