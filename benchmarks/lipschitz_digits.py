@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from sturdy.experiments.jsonio import write_json
-from sturdy.experiments.lipschitz import certify_model
+from sturdy.experiments.lipschitz import certify_model, training_plugin
 from sturdy.experiments.train_job import TrainJob, fit
 from sturdy.lipschitz import LipschitzTracker, pgd_l2, tightness
-from sturdy.training import load_checkpoint
+from sturdy.training import TrainConfig, load_checkpoint
 
 ATTACK_FRACTION = 0.999
 
@@ -39,8 +39,9 @@ def _command(job: TrainJob) -> str:
     if opts.get("method") == "lmt":
         lmt = (f" --method lmt --c {opts['c']} --c-warmup-epochs {opts['c_warmup_epochs']}"
                f" --lmt-form {opts['lmt_form']}" + (" --lmt-clip" if opts.get("lmt_clip") else ""))
-    return (f"sturdy train --dataset digits --model {job.model} {kw} --epochs {job.epochs} --batch-size "
-            f"{job.batch_size} --lr {job.lr} --optimizer {job.optimizer} --schedule {job.schedule}{lmt} "
+    cfg = job.config
+    return (f"sturdy train --dataset digits --model {job.model} {kw} --epochs {cfg.epochs} --batch-size "
+            f"{cfg.batch_size} --lr {cfg.lr} --optimizer {cfg.optimizer} --schedule {cfg.schedule}{lmt} "
             f"--out {job.out}")
 
 
@@ -63,8 +64,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     arch = {"channels": tuple(int(c) for c in args.channels.split(",")), "width": args.width, "pool": args.pool}
-    common = dict(dataset="digits", model="cnn", model_kwargs=arch, epochs=args.epochs, batch_size=64, lr=3e-3,
-                  optimizer="adam", schedule="cosine", seed=0, device="cpu")
+    config = TrainConfig(epochs=args.epochs, batch_size=64, lr=3e-3, optimizer="adam", schedule="cosine", seed=0,
+                         device="cpu")
+    common = dict(dataset="digits", model="cnn", model_kwargs=arch, config=config)
     jobs = {
         "standard": TrainJob(**common, out=str(work / "standard")),
         "lmt": TrainJob(**common, out=str(work / "lmt"), options={
@@ -76,7 +78,8 @@ def main() -> None:
     for name, job in jobs.items():
         print(_command(job), flush=True)
         t0 = time.perf_counter()
-        fitted = fit(job, resume=False, progress=False)
+        plugin = training_plugin(job)
+        fitted = fit(job, plugins=[plugin] if plugin is not None else [], resume=False, progress=False)
         train_seconds = time.perf_counter() - t0
         model = fitted.model.eval()
         test_set_x, test_set_y = _test_data()
@@ -88,7 +91,7 @@ def main() -> None:
         if name == "lmt":
             # power-iteration gap: the tracker state at the end of training vs. the guaranteed bounds
             tracker = LipschitzTracker(model, input_shape=(1, 1, 8, 8), warmup_iterations=0)
-            state = load_checkpoint(Path(job.out) / "model.pt").get("state", {}).get("lipschitz_tracker")
+            state = load_checkpoint(Path(job.out) / "model.pt").get("state", {}).get("lipschitz")
             if state is not None:
                 tracker.load_state_dict(state)
             est = tracker.norms()
@@ -115,7 +118,7 @@ def main() -> None:
                                   "restarts": args.attack_restarts, "fraction_of_radius": ATTACK_FRACTION,
                                   "broken": int(res.success.sum()), "seconds": time.perf_counter() - t1}
             n = args.tightness_points
-            entry["tightness"] = tightness(model, test_set_x[:n], test_set_y[:n], bound=cert.bound).summary()
+            entry["tightness"] = tightness(model, test_set_x[:n], test_set_y[:n], bound=cert.bound).to_dict()
         result["models"][name] = entry
         print(json.dumps({name: {k: entry[k] for k in ("clean_accuracy", "certified_accuracy", "median_radius")}}),
               flush=True)

@@ -19,25 +19,27 @@ from pathlib import Path
 
 import torch
 
+from sturdy.data import load_dataset
 from sturdy.experiments.jsonio import write_json
 from sturdy.experiments.lipschitz import build_lmt_objective
-from sturdy.experiments.train_job import TrainJob, load_job_data
 from sturdy.lipschitz import lipschitz_bound
 from sturdy.models import create_model
-from sturdy.training import train
+from sturdy.training import TrainConfig, steps_per_epoch, train
 
 
 def run(*, epochs: int, iterations: int, c: float, seed: int, schedule_name: str) -> dict:
-    job = TrainJob(model="cnn", model_kwargs=dict(channels=(16, 32), width=64, pool="none"), epochs=epochs,
-                   batch_size=64, lr=3e-3, optimizer="adam", schedule=schedule_name, seed=seed, device="cpu",
-                   options=dict(method="lmt", c=c, c_warmup_epochs=epochs / 3, lmt_clip=True,
-                                lmt_iterations=iterations))
-    train_set, _ = load_job_data(job)
+    config = TrainConfig(epochs=epochs, batch_size=64, lr=3e-3, optimizer="adam", schedule=schedule_name, seed=seed,
+                         device="cpu")
+    train_set = load_dataset("digits", split="train")
     shape = (1, *train_set.image_shape)
     torch.manual_seed(seed)
-    model = create_model(job.model, in_shape=train_set.image_shape, num_classes=10, **job.model_kwargs)
-    loss_fn, state = build_lmt_objective(model, job, input_shape=shape)
-    tracker = state["lipschitz_tracker"]
+    model = create_model("cnn", in_shape=train_set.image_shape, num_classes=10, channels=(16, 32), width=64,
+                         pool="none")
+    objective = build_lmt_objective(
+        model, input_shape=shape, steps_per_epoch=steps_per_epoch(len(train_set), config.batch_size),
+        c=c, warmup_epochs=epochs / 3, clip=True, iterations=iterations, seed=seed,
+    )
+    tracker = objective.tracker
     history = []
     t0 = time.perf_counter()
 
@@ -53,8 +55,7 @@ def run(*, epochs: int, iterations: int, c: float, seed: int, schedule_name: str
                         "methods": sorted({layer.method for layer in exact.per_layer})})
         print(json.dumps({"schedule": schedule_name, "iterations": iterations, **history[-1]}), flush=True)
 
-    train(model, train_set, config=job.train_config(), loss_fn=loss_fn, on_epoch_end=measure_gap,
-          progress=False)
+    train(model, train_set, config=config, objective=objective, on_epoch_end=measure_gap, progress=False)
     return {"iterations_per_step": iterations, "schedule": schedule_name,
             "seconds": time.perf_counter() - t0, "history": history,
             "max_global_gap": max(h["global_gap"] for h in history),

@@ -15,6 +15,7 @@ __all__ = [
     "CheckpointError",
     "UnsupportedModuleError",
     "DistributedError",
+    "SoundnessError",
 ]
 
 
@@ -54,3 +55,7 @@ class UnsupportedModuleError(SturdyError, TypeError):
 
 class DistributedError(SturdyError, RuntimeError):
     """A distributed run failed: a worker died, timed out, or the process group is misconfigured."""
+
+
+class SoundnessError(SturdyError):
+    """A guarantee was contradicted (e.g. an attack beat a certified radius): a bug in a rule, never a user mistake."""

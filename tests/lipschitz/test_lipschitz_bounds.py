@@ -19,7 +19,7 @@ from sturdy.lipschitz import (
     operator_norm,
     register_bound,
 )
-from sturdy.lipschitz.bounds import _REGISTRY, GELU_MAX_SLOPE
+from sturdy.lipschitz.rules import GELU_MAX_SLOPE, unregister_bound
 
 from .lipschitz_reference import exact_norm, randomize_batchnorm
 
@@ -302,7 +302,7 @@ def test_register_bound_extends_registry():
         b = lipschitz_bound(net, input_shape=(1, 2))
         torch.testing.assert_close(b.upper, operator_norm(net[0], input_shape=(1, 2)).upper, rtol=REL_TOL, atol=0.0)
     finally:
-        _REGISTRY.pop(Clip, None)
+        unregister_bound(Clip)
 
 
 def test_scalar_multiplication_and_division():

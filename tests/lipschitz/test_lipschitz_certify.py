@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from sturdy.errors import ConfigurationError
-from sturdy.lipschitz import certify, lipschitz_bound, minimal_adversarial_radius, pgd_l2, tightness
+from sturdy.errors import ConfigurationError, SoundnessError, SturdyError
+from sturdy.lipschitz import (
+    certify,
+    lipschitz_bound,
+    local_lipschitz,
+    minimal_adversarial_radius,
+    operator_norm,
+    pgd_l2,
+    tightness,
+)
 from sturdy.models import create_model
 
 REL_TOL = 1e-6  # closed-form radius of a linear model (float32 logits)
@@ -170,6 +179,59 @@ def test_tightness_chain_on_lmt_model(lmt_digits):
     ok = t.certified > 0
     assert bool(ok.any())
     assert bool((t.certified[ok] <= t.adversarial[ok]).all())
-    s = t.summary()
+    s = t.to_dict()
     assert 0 < s["median_A_over_D"] <= 1
     assert s["median_A_over_B"] > 0
+
+
+def test_tightness_raises_on_soundness_violation():
+    net = _linear_model()
+    x = torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    honest = lipschitz_bound(net, input_shape=(1, 3, 2, 2))
+    # a bound 100x too small certifies radii 100x too large: the attack must beat them
+    wrong = dataclasses.replace(honest, upper=honest.upper / 100, upper_body=honest.upper_body / 100)
+    with pytest.raises(SoundnessError, match="soundness violation: 6 of 6 points") as info:
+        tightness(net, x, y, bound=wrong, steps=10, restarts=1, bisection_steps=2)
+    assert isinstance(info.value, SturdyError)
+    t = tightness(net, x, y, bound=wrong, steps=10, restarts=1, bisection_steps=2, check=False)
+    assert t.violations == 6 and t.to_dict()["violations"] == 6
+
+
+def test_analyses_restore_training_mode():
+    torch.manual_seed(0)
+    net = create_model("cnn", in_shape=(1, 6, 6), num_classes=3, channels=(2,), width=4, batchnorm=True,
+                       pool="none").double()
+    net.train()
+    next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d)).eval()  # a mixed state comes back as it was
+    modes = [m.training for m in net.modules()]
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64)
+    y = torch.zeros(3, dtype=torch.long)
+    lipschitz_bound(net, input_shape=(1, 1, 6, 6))
+    assert [m.training for m in net.modules()] == modes
+    certify(net, x, y)
+    assert [m.training for m in net.modules()] == modes
+    tightness(net, x, y, steps=2, restarts=1, bisection_steps=1, check=False)
+    assert [m.training for m in net.modules()] == modes
+    local_lipschitz(net, x[:1])
+    pgd_l2(net, x, y, eps=0.1, steps=2, restarts=1)
+    assert [m.training for m in net.modules()] == modes
+    conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d)).train()
+    operator_norm(conv, input_shape=(1, 1, 6, 6))
+    assert conv.training
+
+
+def test_pgd_bounds_is_the_valid_pixel_range():
+    net = _linear_model()
+    x = torch.rand(8, 3, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    res = pgd_l2(net, x, y, eps=5.0, steps=20, restarts=1, bounds=(0.0, 1.0))
+    assert bool(res.success.any())
+    assert float(res.adversarial.min()) >= 0.0 and float(res.adversarial.max()) <= 1.0
+    assert set(res.to_dict()) == {"n", "success_rate", "median_distance"}
+    with pytest.raises(ConfigurationError, match="valid pixel range"):
+        pgd_l2(net, x, y, eps=1.0, bounds=(1.0, 0.0))
+    with pytest.raises(ConfigurationError, match="valid pixel range"):
+        minimal_adversarial_radius(net, x, y, bounds=(0.0,))

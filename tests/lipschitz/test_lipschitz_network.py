@@ -12,6 +12,7 @@ from torch import nn
 
 from sturdy.errors import ConfigurationError
 from sturdy.lipschitz import CWarmup, LipschitzTracker, lipschitz_bound, lmt_logits, lmt_loss, operator_norm
+from sturdy.lipschitz.results import SupportsLipschitz
 from sturdy.models import create_model
 
 from .lipschitz_reference import adversarial_lipschitz, exact_norm, jacobian_norms, randomize_batchnorm
@@ -238,3 +239,21 @@ def test_tracker_several_iterations_per_step():
     est_one, est_many = float(one().lipschitz.detach()), float(many().lipschitz.detach())
     assert est_one <= est_many * (1 + CONVERGED_REL_TOL)
     torch.testing.assert_close(est_many, bound.upper, rtol=CONVERGED_REL_TOL, atol=0.0)
+
+
+def test_bound_and_estimate_share_one_protocol():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    bound = lipschitz_bound(net, input_shape=(1, 6))
+    est = LipschitzTracker(net, input_shape=(1, 6), warmup_iterations=300)()
+    for b in (bound, est):
+        assert isinstance(b, SupportsLipschitz)
+    assert (bound.lipschitz, bound.body) == (bound.upper, bound.upper_body)
+    z, y = torch.randn(5, 3, dtype=torch.float64), torch.arange(5) % 3
+    for form in ("pairwise", "global"):
+        # the converged estimate equals the exact norms of this net, hence the guaranteed bound up to its slack
+        torch.testing.assert_close(lmt_loss(z, y, c=0.2, bound=bound, form=form),
+                                   lmt_loss(z, y, c=0.2, bound=est, form=form).detach(),
+                                   rtol=CONVERGED_REL_TOL, atol=0.0)
+    assert set(est.to_dict()) == {"lipschitz", "body"}
+    assert set(operator_norm(net[1], input_shape=(1, 6)).to_dict()) == {"upper", "estimate", "method"}

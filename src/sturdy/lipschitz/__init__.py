@@ -1,5 +1,12 @@
 """Lipschitz-margin training and sound L2 certification.
 
+Modules, one idea each: :mod:`.norms` (operator-norm algorithms: dense SVD, the FFT bound of
+convolutions, power iteration), :mod:`.operators` (linear operators of layers), :mod:`.rules`
+(per-operator rules and their registry), :mod:`.graph` (``torch.fx`` tracing, BatchNorm folding,
+composition), :mod:`.bounds` (the public bound functions), :mod:`.tracker` (the training-time
+estimate), :mod:`.results` (result types and the protocol the loss reads), :mod:`.losses`,
+:mod:`.certify`, :mod:`.tightness`.
+
 * :func:`lipschitz_bound` / :func:`operator_norm`: guaranteed float64 upper bounds of a traced
   model's global L2 Lipschitz constant (per-operator rules from a registry, :func:`register_bound`).
 * :class:`LipschitzTracker`: differentiable training-time estimate with persistent power iteration.
@@ -16,20 +23,13 @@ Example:
     True
 """
 
-from sturdy.lipschitz.bounds import Factor, LinearOp, OpCall, find_rule, register_bound
+from sturdy.lipschitz.bounds import lipschitz_bound, operator_norm
 from sturdy.lipschitz.certify import Certificate, certified_radius, certify
 from sturdy.lipschitz.losses import CWarmup, lmt_logits, lmt_loss
-from sturdy.lipschitz.network import (
-    LayerBound,
-    LipschitzBound,
-    LipschitzEstimate,
-    LipschitzTracker,
-    OperatorNorm,
-    eval_mode,
-    lipschitz_bound,
-    operator_norm,
-)
-from sturdy.lipschitz.power import conv2d_fft_norm, guaranteed_norm, power_iteration
+from sturdy.lipschitz.norms import conv2d_fft_norm, guaranteed_norm, power_iteration
+from sturdy.lipschitz.operators import LinearOp
+from sturdy.lipschitz.results import LayerBound, LipschitzBound, LipschitzEstimate, OperatorNorm
+from sturdy.lipschitz.rules import Factor, OpCall, find_rule, register_bound
 from sturdy.lipschitz.tightness import (
     AttackResult,
     Tightness,
@@ -38,6 +38,8 @@ from sturdy.lipschitz.tightness import (
     pgd_l2,
     tightness,
 )
+from sturdy.lipschitz.tracker import LipschitzTracker
+from sturdy.utils import eval_mode
 
 __all__ = [
     "register_bound",

@@ -21,7 +21,10 @@ import torch
 from torch import nn
 
 from sturdy.errors import ConfigurationError
-from sturdy.lipschitz.network import LipschitzBound, _model_ref, eval_mode, lipschitz_bound
+from sturdy.lipschitz.bounds import lipschitz_bound
+from sturdy.lipschitz.graph import model_dtype_device
+from sturdy.lipschitz.results import LipschitzBound
+from sturdy.utils import eval_mode
 
 __all__ = ["Certificate", "certify", "certified_radius"]
 
@@ -152,7 +155,7 @@ def certify(
             f"the bound was computed for inputs {tuple(bound.input_shape[1:])} but x has samples {tuple(x.shape[1:])}; "
             "recompute it with lipschitz_bound(model, input_shape=(1, *x.shape[1:]))"
         )
-    dtype, device = _model_ref(model)
+    dtype, device = model_dtype_device(model)
     preds, radii = [], []
     with eval_mode(model), torch.no_grad():
         for start in range(0, x.shape[0], batch_size):

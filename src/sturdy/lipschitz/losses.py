@@ -15,28 +15,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from sturdy.errors import ConfigurationError
+from sturdy.lipschitz.results import SupportsLipschitz
 
 __all__ = ["lmt_loss", "lmt_logits", "CWarmup", "FORMS"]
 
 FORMS = ("pairwise", "global")
-
-
-def _bound_parts(bound: Any) -> Tuple[Any, Any, Any]:
-    """``(L, L_body, last_weight)`` of a :class:`LipschitzEstimate` or :class:`LipschitzBound`."""
-    if hasattr(bound, "lipschitz"):
-        return bound.lipschitz, bound.body, bound.last_weight
-    if hasattr(bound, "upper"):
-        return bound.upper, bound.upper_body, bound.last_weight
-    raise ConfigurationError(
-        f"bound must be a LipschitzEstimate (LipschitzTracker()) or a LipschitzBound (lipschitz_bound()), "
-        f"got {type(bound).__name__}"
-    )
 
 
 def lmt_logits(
@@ -44,7 +33,7 @@ def lmt_logits(
     targets: torch.Tensor,
     *,
     c: float,
-    bound: Any,
+    bound: SupportsLipschitz,
     form: str = "pairwise",
     clip_factor: bool = False,
 ) -> torch.Tensor:
@@ -57,7 +46,12 @@ def lmt_logits(
         raise ConfigurationError(
             f"logits must be (N, classes) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}"
         )
-    lip, body, weight = _bound_parts(bound)
+    if not isinstance(bound, SupportsLipschitz):
+        raise ConfigurationError(
+            "bound must provide lipschitz, body and last_weight: a LipschitzEstimate (LipschitzTracker()) or a "
+            f"LipschitzBound (lipschitz_bound()), got {type(bound).__name__}"
+        )
+    lip, body, weight = bound.lipschitz, bound.body, bound.last_weight
     onehot = F.one_hot(targets, logits.shape[1]).to(logits.dtype)
     if form == "global":
         lip_t = torch.as_tensor(lip, dtype=logits.dtype, device=logits.device)
@@ -92,7 +86,7 @@ def lmt_loss(
     targets: torch.Tensor,
     *,
     c: float,
-    bound: Any,
+    bound: SupportsLipschitz,
     form: str = "pairwise",
     clip_factor: bool = False,
 ) -> torch.Tensor:
@@ -102,7 +96,9 @@ def lmt_loss(
         logits: ``(N, classes)``.
         targets: ``(N,)`` int64 labels.
         c: target L2 radius (input units; pixels in ``[0, 1]``).
-        bound: a :class:`~sturdy.lipschitz.LipschitzEstimate` (training, differentiable) or a
+        bound: anything with ``lipschitz``, ``body`` and ``last_weight``
+            (:class:`~sturdy.lipschitz.results.SupportsLipschitz`): a
+            :class:`~sturdy.lipschitz.LipschitzEstimate` (training, differentiable) or a
             :class:`~sturdy.lipschitz.LipschitzBound` (constants).
         form: ``"pairwise"`` (``c L_body ||w_y - w_i||``) or ``"global"`` (``sqrt(2) c L``).
         clip_factor: scale the added term by ``clip(M / added, 0, 1)`` (no gradient).

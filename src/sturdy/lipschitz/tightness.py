@@ -5,8 +5,10 @@ from the exact local Jacobian (small models; not a certificate), (D) the L2 norm
 adversarial perturbation found by :func:`pgd_l2` with restarts and bisection on ``eps``.
 ``A <= D`` must always hold: a violation is a soundness bug.
 
-Conventions: L2 norms on flattened per-sample inputs; attacks are unconstrained in input range
-unless ``clip=(lo, hi)`` is given (the certificate covers all of R^n).
+Conventions: L2 norms on flattened per-sample inputs; ``eps`` is an L2 perturbation radius (budget);
+attacks are unconstrained in input range unless ``bounds=(lo, hi)``, the valid pixel range, is given
+(the certificate covers all of R^n, so the tightness chain attacks without it). Every function runs
+the model in eval mode and restores its mode.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sturdy.errors import ConfigurationError
+from sturdy.errors import ConfigurationError, SoundnessError
 from sturdy.lipschitz.certify import certify
-from sturdy.lipschitz.network import LipschitzBound, _model_ref, eval_mode
+from sturdy.lipschitz.graph import model_dtype_device
+from sturdy.lipschitz.results import LipschitzBound
+from sturdy.utils import eval_mode
 
 __all__ = ["AttackResult", "Tightness", "pgd_l2", "minimal_adversarial_radius", "local_lipschitz", "tightness"]
 
@@ -41,6 +45,15 @@ class AttackResult:
     success: torch.Tensor
     distance: torch.Tensor
 
+    def to_dict(self) -> Dict[str, Any]:
+        """Success rate and the median distance of successful attacks (JSON-able)."""
+        hit = self.distance[self.success]
+        return {
+            "n": int(self.success.numel()),
+            "success_rate": float(self.success.double().mean()) if self.success.numel() else 0.0,
+            "median_distance": float(hit.median()) if hit.numel() else None,
+        }
+
 
 def _flat_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1)
@@ -48,6 +61,18 @@ def _flat_norm(t: torch.Tensor) -> torch.Tensor:
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _check_bounds(bounds: Optional[Tuple[float, float]]) -> Optional[Tuple[float, float]]:
+    if bounds is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in bounds)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"bounds must be the valid pixel range (lo, hi), e.g. (0, 1); got {bounds!r}") from exc
+    if not lo < hi:
+        raise ConfigurationError(f"bounds must be the valid pixel range (lo, hi) with lo < hi, got {bounds!r}")
+    return lo, hi
 
 
 def pgd_l2(
@@ -59,7 +84,7 @@ def pgd_l2(
     steps: int = 50,
     restarts: int = 3,
     step_size: Optional[float] = None,
-    clip: Optional[Tuple[float, float]] = None,
+    bounds: Optional[Tuple[float, float]] = None,
     seed: int = 0,
 ) -> AttackResult:
     """L2 projected gradient attack on the margin loss ``f_t - f_y`` (``t`` the strongest other class,
@@ -74,12 +99,13 @@ def pgd_l2(
         restarts: restarts; the first (untargeted) starts at ``x``, restart ``r >= 1`` starts at a random
             point of the ball and targets the ``r``-th most likely other class.
         step_size: step length as a fraction of ``eps`` (default ``2.5 / steps``).
-        clip: optional valid input range ``(lo, hi)``.
+        bounds: the valid pixel range ``(lo, hi)``; adversarial inputs are clamped to it (default: none).
         seed: seed of the random starts.
     """
     if steps < 1 or restarts < 1:
         raise ConfigurationError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
-    dtype, device = _model_ref(model)
+    bounds = _check_bounds(bounds)
+    dtype, device = model_dtype_device(model)
     x = x.to(device=device, dtype=dtype)
     y = y.to(device)
     eps_t = torch.as_tensor(eps, dtype=dtype, device=device).expand(x.shape[0]).clone()
@@ -105,8 +131,8 @@ def pgd_l2(
             for _ in range(steps + 1):
                 delta.requires_grad_(True)
                 adv = x + delta
-                if clip is not None:
-                    adv = adv.clamp(*clip)
+                if bounds is not None:
+                    adv = adv.clamp(*bounds)
                 logits = model(adv)
                 # record successes at the current iterate (also after the last step)
                 with torch.no_grad():
@@ -141,14 +167,15 @@ def minimal_adversarial_radius(
     bisection_steps: int = 8,
     steps: int = 50,
     restarts: int = 3,
-    clip: Optional[Tuple[float, float]] = None,
+    bounds: Optional[Tuple[float, float]] = None,
     seed: int = 0,
 ) -> torch.Tensor:
     """Smallest adversarial L2 distance found per sample (an upper bound of the true minimum;
     ``inf`` where no adversarial example was found up to ``max_radius``).
 
     Doubles ``eps`` from ``start`` until :func:`pgd_l2` succeeds, then bisects ``bisection_steps``
-    times; the result is the norm of an actual adversarial perturbation.
+    times; the result is the norm of an actual adversarial perturbation. ``bounds`` is the valid pixel
+    range, as in :func:`pgd_l2`.
     """
     n = x.shape[0]
     hi = torch.as_tensor(start, dtype=torch.float64).expand(n).clone()
@@ -156,7 +183,7 @@ def minimal_adversarial_radius(
     todo = torch.ones(n, dtype=torch.bool)
     while bool(todo.any()) and float(hi[todo].min()) <= max_radius:
         idx = todo.nonzero().flatten()
-        res = pgd_l2(model, x[idx], y[idx], eps=hi[idx], steps=steps, restarts=restarts, clip=clip, seed=seed)
+        res = pgd_l2(model, x[idx], y[idx], eps=hi[idx], steps=steps, restarts=restarts, bounds=bounds, seed=seed)
         found[idx] = torch.minimum(found[idx], res.distance)
         todo[idx[res.success]] = False
         hi[idx[~res.success]] *= 2.0
@@ -169,7 +196,7 @@ def minimal_adversarial_radius(
         if idx.numel() == 0:
             break
         mid = (lo[idx] + hi[idx]) / 2
-        res = pgd_l2(model, x[idx], y[idx], eps=mid, steps=steps, restarts=restarts, clip=clip, seed=seed)
+        res = pgd_l2(model, x[idx], y[idx], eps=mid, steps=steps, restarts=restarts, bounds=bounds, seed=seed)
         found[idx] = torch.minimum(found[idx], res.distance)
         hi[idx] = torch.where(res.success, torch.minimum(mid, found[idx]), hi[idx])
         lo[idx] = torch.where(res.success, lo[idx], mid)
@@ -178,8 +205,9 @@ def minimal_adversarial_radius(
 
 def local_lipschitz(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Spectral norm ``||J(x_n)||_2`` of the exact input-output Jacobian at each sample (float64)."""
-    _, device = _model_ref(model)
-    net = copy.deepcopy(model).to(torch.float64).eval()
+    _, device = model_dtype_device(model)
+    with eval_mode(model):  # the float64 copy inherits eval mode; the model's own mode is restored
+        net = copy.deepcopy(model).to(torch.float64)
     out = []
     for xi in x.to(device=device, dtype=torch.float64):
         jac = torch.autograd.functional.jacobian(lambda t: net(t.unsqueeze(0))[0], xi)
@@ -195,7 +223,8 @@ class Tightness:
         certified: (A) certified radius ``(N,)``.
         first_order: (B) ``M / (sqrt(2) ||J(x)||_2)`` ``(N,)``.
         adversarial: (D) smallest adversarial distance found ``(N,)`` (``inf`` if none).
-        violations: number of points with ``A > D`` (must be 0).
+        violations: number of points with ``A > D`` (must be 0; :func:`tightness` raises
+            :class:`~sturdy.errors.SoundnessError` otherwise unless ``check=False``).
     """
 
     certified: torch.Tensor
@@ -203,7 +232,8 @@ class Tightness:
     adversarial: torch.Tensor
     violations: int
 
-    def summary(self) -> Dict[str, Any]:
+    def to_dict(self) -> Dict[str, Any]:
+        """Medians of A, B, D and of the ratios A/B and A/D over the points where they are defined."""
         ok = (self.certified > 0) & (self.first_order > 0)
         ad = ok & torch.isfinite(self.adversarial)
 
@@ -234,15 +264,47 @@ def tightness(
     bisection_steps: int = 8,
     progress: bool = False,
     seed: int = 0,
+    check: bool = True,
 ) -> Tightness:
     """Compute (A), (B), (D) for the points ``x`` with labels ``y`` (see module doc).
 
-    (B) and (D) are computed for correctly classified points (others get 0, like A).
+    (B) and (D) are computed for correctly classified points (others get 0, like A). The model runs
+    in eval mode (its mode is restored).
+
+    Args:
+        check: raise when a point has ``A > D`` (set ``False`` to inspect the violating result).
+
+    Raises:
+        SoundnessError: ``check`` and an attack found an adversarial example inside a certified radius.
     """
+    with eval_mode(model):
+        result = _tightness(model, x, y, bound=bound, form=form, steps=steps, restarts=restarts,
+                            bisection_steps=bisection_steps, progress=progress, seed=seed)
+    if check and result.violations:
+        raise SoundnessError(
+            f"soundness violation: {result.violations} of {int(result.certified.numel())} points have a certified "
+            "radius larger than an adversarial perturbation found by the attack; please report this with the model"
+        )
+    return result
+
+
+def _tightness(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    bound: Optional[LipschitzBound],
+    form: str,
+    steps: int,
+    restarts: int,
+    bisection_steps: int,
+    progress: bool,
+    seed: int,
+) -> Tightness:
     cert = certify(model, x, y, form=form, bound=bound)
     steps_bar = tqdm(total=3, disable=not progress, desc="tightness")
-    dtype, device = _model_ref(model)
-    with eval_mode(model), torch.no_grad():
+    dtype, device = model_dtype_device(model)
+    with torch.no_grad():
         logits = model(x.to(device=device, dtype=dtype)).double().cpu()
     top2 = logits.topk(2, dim=1).values
     margin = (top2[:, 0] - top2[:, 1]).clamp_min(0.0)

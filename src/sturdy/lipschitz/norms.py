@@ -7,18 +7,24 @@
   maps. Every value is multiplied by a documented safety factor (see ``*_SAFETY`` constants).
 * :func:`power_iteration` returns an estimate (a lower bound up to rounding) of ``||A||_2``.
 
+Both take a :class:`~sturdy.lipschitz.operators.LinearOp`; :func:`conv2d_fft_norm`,
+:func:`dense_spectral_norm` and :func:`padding_multiplicity` work on plain tensors and sizes.
+
 Conventions: L2 operator norm of the map on flattened per-sample tensors.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from sturdy.errors import UnsupportedModuleError
+
+if TYPE_CHECKING:  # operators.py builds on this module; the type is only needed for annotations
+    from sturdy.lipschitz.operators import LinearOp
 
 __all__ = [
     "DENSE_MAX_ENTRIES",
@@ -49,7 +55,9 @@ def dense_spectral_norm(matrix: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(m, ord=2))
 
 
-def _polyphase_axis(n: int, k: int, stride: int, dilation: int, pad_lo: int, pad_hi: int):
+def _polyphase_axis(
+    n: int, k: int, stride: int, dilation: int, pad_lo: int, pad_hi: int
+) -> Tuple[list, list, int, int]:
     """Per-axis polyphase form of ``y[i] = sum_t w_t x[i s + t d - p]``: tap ``t`` reads phase
     ``r_t = (t d - p) mod s`` at offset ``a_t = (t d - p) // s`` of ``x_r[m] = x[m s + r]``.
 
@@ -132,7 +140,7 @@ def padding_multiplicity(input_hw: Tuple[int, int], *, pads: Tuple[int, int, int
     return int(counts.max())
 
 
-def guaranteed_norm(op, *, dense_max_entries: int = DENSE_MAX_ENTRIES) -> Tuple[float, str]:
+def guaranteed_norm(op: LinearOp, *, dense_max_entries: int = DENSE_MAX_ENTRIES) -> Tuple[float, str]:
     """Guaranteed float64 upper bound of ``||op||_2`` and the method used.
 
     Methods: ``"closed-form"`` (diagonal maps), ``"dense-svd"`` (exact up to :data:`DENSE_SAFETY`),
@@ -159,7 +167,7 @@ def guaranteed_norm(op, *, dense_max_entries: int = DENSE_MAX_ENTRIES) -> Tuple[
 
 @torch.no_grad()
 def power_iteration(
-    op,
+    op: LinearOp,
     *,
     iterations: int = 50,
     generator: Optional[torch.Generator] = None,
