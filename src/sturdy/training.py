@@ -248,6 +248,9 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {str(path)!r} (expected a model.pt written by `sturdy train`)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (not a torch.save archive: corrupt, "
+                              "truncated or another kind of file)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -258,8 +261,13 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
             f"refusing to load {str(path)!r}: it holds pickled objects other than tensors and plain containers, "
             f"which could run code ({lines[0][:160]}); only load checkpoints from sources you trust"
         ) from exc
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (corrupt or truncated file): {exc}") from exc
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged archive fails inside the unpickler in many ways
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable checkpoint (corrupt or truncated file; {detail})"
+        ) from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a sturdy checkpoint (missing format tag {CHECKPOINT_FORMAT!r})")
     return state
