@@ -18,7 +18,8 @@ from typing import Any, List, Optional, Sequence
 
 from sturdy import __version__
 from sturdy.errors import ConfigurationError, SturdyError
-from sturdy.experiments.argtypes import bounded_int, non_negative_int, positive_float, positive_int
+from sturdy.experiments.argtypes import bounded_int, finite_float, non_negative_int, positive_float, positive_int
+from sturdy.utils import prepare_output_dir
 
 __all__ = ["main", "build_parser"]
 
@@ -28,7 +29,15 @@ MAX_IMAGE_SIDE = 4096
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so every error goes through one handler."""
+    """argparse that raises instead of exiting, so every error goes through one handler.
+
+    Every ``type=float`` option of every command (the parts' included) accepts finite numbers only:
+    ``nan``, ``inf`` and overflowing literals are refused at parse time with one line.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("type", float, finite_float)  # argument groups share this registry
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigurationError(f"{self.prog}: {message}")
@@ -195,25 +204,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``sturdy`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    created: Optional[Path] = None
     try:
         args = build_parser().parse_args(argv)
         if getattr(args, "func", None) is None:
             build_parser().print_help(sys.stderr)
             return EXIT_USAGE
+        if getattr(args, "out", None) is not None:  # checked before any work; removed again if left empty
+            created = None if Path(args.out).exists() else Path(args.out)
+            prepare_output_dir(args.out)
         return int(args.func(args) or 0)
     except (SturdyError, OSError) as exc:
+        _remove_if_empty(created)
         if debug:
             raise
         print(f"sturdy: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        _remove_if_empty(created)
         print("sturdy: interrupted", file=sys.stderr)
         return 130
 
 
+def _remove_if_empty(folder: Optional[Path]) -> None:
+    if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+MAX_ERROR_CHARS = 280
+
+
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+    """The error as one line of at most :data:`MAX_ERROR_CHARS` characters (``--debug`` shows all of it)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 30].rstrip() + " ... (--debug shows all)"
+    return text
 
 
 if __name__ == "__main__":  # pragma: no cover

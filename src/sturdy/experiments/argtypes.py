@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["positive_int", "non_negative_int", "positive_float", "bounded_int"]
+__all__ = ["positive_int", "non_negative_int", "positive_float", "finite_float", "bounded_int"]
 
 
 def _parse(text: str, kind: type, expected: str):
@@ -28,6 +28,14 @@ def non_negative_int(text: str) -> int:
     value = _parse(text, int, "an integer >= 0")
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text[:40]!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """Any finite number (no nan, no inf, no literal that overflows a float)."""
+    value = _parse(text, float, "a finite number")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text[:40]!r}")
     return value
 
 
