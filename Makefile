@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 PYTEST_ARGS ?=
 # compile the optional numba kernels of the compression hook once (numba caches them on disk)
-export WARM_UP := from sturdy.compression.accel import warm_up; print('compression kernels:', 'numba' if warm_up() else 'numpy')
+export WARM_UP := from sturdy.compression import warm_up; print('compression kernels:', 'numba' if warm_up() else 'numpy')
 
 .PHONY: venv install install-dev demo test test-slow lint clean
 

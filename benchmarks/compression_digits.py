@@ -25,10 +25,10 @@ from typing import Any, Dict, List
 
 import torch
 
-from sturdy.compression.launch import run_local_workers
-from sturdy.experiments.compression import DEFAULTS, _train_in_group
+from sturdy.distributed import run_local_workers
+from sturdy.experiments.compression import DEFAULTS, CompressionPlugin, compression_options
 from sturdy.experiments.jsonio import write_json
-from sturdy.experiments.train_job import TrainJob
+from sturdy.experiments.train_job import TrainJob, fit
 
 # name -> (options, seeds key); "many" seeds for the reference and vgc, "few" for the baselines
 METHODS: Dict[str, Any] = {
@@ -50,11 +50,12 @@ def _worker(rank: int, world: int, jobs: List[Dict[str, Any]]) -> Any:
     out = []
     for name, job_dict in jobs:
         t0 = time.perf_counter()
-        res = _train_in_group(TrainJob.from_dict(job_dict), resume=False, progress=False)
+        job = TrainJob.from_dict(job_dict)
+        res = fit(job, plugins=[CompressionPlugin(compression_options(job))], resume=False, progress=False).results
         comp = res["compression"]
         sent = comp["elements_sent_per_step"]
         out.append({
-            "method": name, "seed": job_dict["seed"], "test_accuracy": res["test_accuracy"],
+            "method": name, "seed": job.config.seed, "test_accuracy": res["test_accuracy"],
             "compression_ratio": comp["compression_ratio"],
             "payload_compression_ratio": comp["payload_compression_ratio"],
             "bytes_sent_per_step": comp["bytes_sent_per_step"], "never_sent_fraction": comp["never_sent_fraction"],
@@ -141,10 +142,11 @@ def main() -> None:
             for name in args.methods.split(","):
                 options, kind = METHODS[name]
                 for seed in range(seeds[kind]):
-                    job = TrainJob(dataset="digits", model=args.model, epochs=args.epochs, batch_size=batch,
-                                   lr=args.lr, optimizer="sgd", momentum=0.9, schedule="cosine", seed=seed,
-                                   device="cpu", out=str(Path(tmp) / f"{world}-{name}-{seed}".replace(" ", "_")),
-                                   options={**DEFAULTS, **options, "nproc": world, "gather": args.gather})
+                    job = TrainJob.from_dict(dict(
+                        dataset="digits", model=args.model, epochs=args.epochs, batch_size=batch, lr=args.lr,
+                        optimizer="sgd", momentum=0.9, schedule="cosine", seed=seed, device="cpu",
+                        out=str(Path(tmp) / f"{world}-{name}-{seed}".replace(" ", "_")),
+                        options={**DEFAULTS, **options, "nproc": world, "gather": args.gather}))
                     jobs.append((name, job.to_dict()))
             t0 = time.perf_counter()
             runs = run_local_workers(_worker, nproc=world, args=(jobs,), timeout_s=6 * 3600)[0]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from sturdy.compression import accel, codec
-from sturdy.compression.compressor import variance_select
+from sturdy.compression.compressor import variance_select, warm_up
 
 LAYOUTS = {  # parameter sizes of the digits models, in bucket order
     "mlp": [64 * 128, 128, 128 * 128, 128, 128 * 10, 10],
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if not accel.warm_up():
+    if not warm_up():
         raise SystemExit("numba is not installed: pip install -e '.[fast]'")
     for model, sizes in LAYOUTS.items():
         buckets = [_bucket(sizes, args.sent_percent / 100, seed) for seed in range(10)]

@@ -26,11 +26,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from sturdy.compression import attach_squared_gradient_statistics, create_compression
-from sturdy.compression.launch import run_local_workers
-from sturdy.compression.statistics import _RULES, _generic_rule
 from sturdy.data import load_dataset
+from sturdy.distributed import run_local_workers
 from sturdy.experiments.jsonio import write_json
 from sturdy.models import create_model
+from sturdy.persample import generic_rule as _generic_rule
+from sturdy.persample.registry import _RULES
 
 CONFIGS = ("plain", "stats_only", "vgc", "vgc_bounded", "vgc_vmap")
 

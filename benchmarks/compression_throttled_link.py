@@ -34,8 +34,8 @@ from torch import nn
 
 from sturdy.compression import create_compression
 from sturdy.compression.costmodel import predict_step_times
-from sturdy.compression.launch import run_local_workers
 from sturdy.data import load_dataset
+from sturdy.distributed import run_local_workers
 from sturdy.experiments.jsonio import write_json
 from sturdy.models import create_model
 

@@ -15,8 +15,6 @@ from sturdy.errors import DataError
 
 pytest.importorskip("numba")
 
-
-
 COMPILED = accel.kernels()
 
 
@@ -143,12 +141,23 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert accel.available()
 
 
-def test_falls_back_to_numpy_when_the_kernels_cannot_load(monkeypatch):
+def test_falls_back_to_numpy_without_numba_and_warns_when_the_kernels_cannot_load(monkeypatch):
+    import importlib.util
     import sys
+    import warnings
 
+    real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(accel, "_resolved", [])
-    monkeypatch.setitem(sys.modules, "sturdy.compression._numba_kernels", None)  # import raises ImportError
-    assert accel.kernels() is None
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "numba" else real_find_spec(name, *a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numba not installed: the numpy path, silently
+        assert accel.kernels() is None
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    monkeypatch.setattr(accel, "_resolved", [])
+    monkeypatch.setitem(sys.modules, "sturdy.compression._numba_kernels", None)  # its import fails
+    with pytest.warns(RuntimeWarning, match="numba kernels unavailable"):
+        assert accel.kernels() is None
     r, v = _case(5, 300)
     selection = variance_select(r, v, alpha=1.0, zeta=0.9, quantize="4bit")  # the numpy path runs
     assert selection.count > 0

@@ -1,4 +1,6 @@
-"""Hooks in real process groups: several gloo workers on CPU, FileStore rendezvous, bounded by timeouts."""
+"""Hooks in real process groups: gloo workers on CPU started by the core launcher (FileStore rendezvous,
+bounded by timeouts). One launch runs every scenario that needs a healthy group; the dying-worker test
+has its own."""
 
 import copy
 import os
@@ -19,7 +21,7 @@ from sturdy.compression import (
     topk_hook,
     variance_hook,
 )
-from sturdy.compression.launch import run_local_workers
+from sturdy.distributed import run_local_workers
 from sturdy.errors import DistributedError
 
 pytestmark = pytest.mark.distributed
@@ -69,18 +71,18 @@ class _RecordingVGC(VarianceCompressionState):
         super().__init__(**kw)
         self.grad_sum, self.sent_sum = {}, {}
 
-    def _select(self, bucket, buffers, max_bytes=None):
-        grad = bucket.buffer().detach().clone()
-        i = bucket.index()
+    def select(self, view, *, max_bytes=None):
+        grad = view.gradient.detach().clone()
+        i = view.index
         self.grad_sum[i] = self.grad_sum.get(i, torch.zeros_like(grad)) + grad
-        selection = super()._select(bucket, buffers, max_bytes)
+        selection = super().select(view, max_bytes=max_bytes)
         sent = torch.zeros_like(grad)
         sent[selection.indices] = selection.values
         self.sent_sum[i] = self.sent_sum.get(i, torch.zeros_like(grad)) + sent
         return selection
 
 
-def _hooks_worker(rank, world):
+def _hooks_scenarios(rank):
     report = {}
     # 1. alpha = 0, float32 values: identical gradients to plain allreduce, at every step.
     plain, hooked = _model(), _model()
@@ -107,7 +109,7 @@ def _hooks_worker(rank, world):
         _step(ddp, opt, rank, step)
     worst = 0.0
     for i, grad_sum in state.grad_sum.items():
-        residual = state._buffers["residual"][i]
+        residual = state.residual(i)
         torch.testing.assert_close(state.sent_sum[i] + residual, grad_sum, **CONSERVATION_TOL)
         worst = max(worst, float((state.sent_sum[i] + residual - grad_sum).abs().max()))
     report["conservation_buckets"] = len(state.grad_sum)
@@ -141,7 +143,7 @@ def _hooks_worker(rank, world):
     for step in range(15):
         _step(ddp, opt, rank, step)
     for i, grad_sum in state.grad_sum.items():
-        torch.testing.assert_close(state.sent_sum[i] + state._buffers["residual"][i], grad_sum, **CONSERVATION_TOL)
+        torch.testing.assert_close(state.sent_sum[i] + state.residual(i), grad_sum, **CONSERVATION_TOL)
     report["bounded_identical"] = _same_everywhere(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     report["bounded_sent"] = sum(state.statistics().elements_sent_per_step[2:])
 
@@ -162,7 +164,7 @@ def _hooks_worker(rank, world):
     return report
 
 
-def _resume_worker(rank, world, quantize, bucket_mb):
+def _resume_scenario(rank, quantize, bucket_mb):
     def build(seed):
         model = _model(seed)
         stats = attach_squared_gradient_statistics(model)
@@ -193,6 +195,22 @@ def _resume_worker(rank, world, quantize, bucket_mb):
     }
 
 
+RESUME_CASES = {"float32-default-buckets": (None, 25.0), "4bit-tiny-buckets": ("4bit", TINY_BUCKET_MB)}
+
+
+def _scenarios_worker(rank, world):
+    """Every healthy-group scenario in one launch (each launch costs seconds of process start-up)."""
+    return {
+        "hooks": _hooks_scenarios(rank),
+        "resume": {case: _resume_scenario(rank, *args) for case, args in RESUME_CASES.items()},
+    }
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return run_local_workers(_scenarios_worker, nproc=2, timeout_s=LAUNCH_TIMEOUT_S)
+
+
 def _dying_worker(rank, world):
     model = _model()
     stats = attach_squared_gradient_statistics(model)
@@ -206,9 +224,9 @@ def _dying_worker(rank, world):
     return "finished"
 
 
-def test_hooks_in_a_two_rank_gloo_group():
-    reports = run_local_workers(_hooks_worker, nproc=2, timeout_s=LAUNCH_TIMEOUT_S)
-    for rank, report in enumerate(reports):
+def test_hooks_in_a_two_rank_gloo_group(reports):
+    hooks = [r["hooks"] for r in reports]
+    for rank, report in enumerate(hooks):
         assert report["alpha0_exact"], rank
         assert report["alpha0_compressed_steps"] == 3
         assert report["conservation_buckets"] >= 3  # several buckets were compressed
@@ -221,19 +239,14 @@ def test_hooks_in_a_two_rank_gloo_group():
         assert report["all_empty_unchanged"]
         assert report["strom_identical"] and report["topk_identical"]
         assert report["bounded_identical"] and report["bounded_sent"] > 0
-    assert sum(reports[1]["one_empty_sent"]) == 0 and sum(reports[0]["one_empty_sent"]) > 0
+    assert sum(hooks[1]["one_empty_sent"]) == 0 and sum(hooks[0]["one_empty_sent"]) > 0
 
 
-@pytest.mark.parametrize(
-    "quantize,bucket_mb",
-    [(None, 25.0), ("4bit", TINY_BUCKET_MB)],
-    ids=["float32-default-buckets", "4bit-tiny-buckets"],
-)
-def test_checkpoint_resume_is_bit_identical(quantize, bucket_mb):
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_checkpoint_resume_is_bit_identical(reports, case):
     """A fresh DDP puts every parameter in one bucket for its first iteration, then rebuilds them:
     residuals and 4-bit scales follow parameters, so the continuation is still bit-identical."""
-    reports = run_local_workers(_resume_worker, nproc=2, args=(quantize, bucket_mb), timeout_s=LAUNCH_TIMEOUT_S)
-    for report in reports:
+    for report in (r["resume"][case] for r in reports):
         assert report["bit_identical"]
         assert report["iters"] == (12, 12)
 

@@ -2,14 +2,16 @@
 
 import argparse
 import json
+import pickle
 import shutil
 
 import pytest
+import torch
 
-from sturdy.compression import accel
+from sturdy.compression import TopKState, accel
 from sturdy.errors import ConfigurationError, DataError
 from sturdy.experiments import compression as exp
-from sturdy.experiments.train_job import TrainJob, load_trained_model
+from sturdy.experiments.train_job import TrainContext, TrainJob, load_trained_model
 
 
 def _parser():
@@ -27,7 +29,7 @@ def test_train_arguments_and_defaults():
 
 
 def test_option_validation_messages():
-    job = TrainJob(model="linear", epochs=1, options={"compress": "vgc", "nproc": 1})
+    job = TrainJob.from_dict(dict(model="linear", epochs=1, options={"compress": "vgc", "nproc": 1}))
     with pytest.raises(ConfigurationError, match="needs at least 2 workers; add --nproc 2"):
         exp.run_distributed_training(job)
     with pytest.raises(ConfigurationError, match="unknown --compress 'zip'"):
@@ -36,12 +38,41 @@ def test_option_validation_messages():
         exp.compression_options(TrainJob(model="linear", options={"nproc": 0}))
 
 
+def test_plugin_and_launcher_claim_only_distributed_or_compressed_jobs(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    plain = TrainJob(model="linear", options={"compress": "none", "nproc": 1})
+    assert exp.training_plugin(plain) is None and exp.train_launcher(plain) is None
+    for options in ({"compress": "vgc", "nproc": 2}, {"compress": "none", "nproc": 2}):
+        job = TrainJob(model="linear", options=options)
+        plugin = exp.training_plugin(job)
+        assert pickle.loads(pickle.dumps(plugin)) == plugin  # workers receive it pickled
+        assert plugin.options["compress"] == options["compress"]
+        assert exp.train_launcher(job) is exp.run_distributed_training
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert exp.train_launcher(plain) is exp.run_distributed_training
+
+
+def test_plugin_setup_attaches_state_hook_and_results(tmp_path):
+    job = TrainJob(model="mlp", options={"compress": "topk", "nproc": 2, "topk_ratio": 0.05})
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    ctx = TrainContext(job=job, input_shape=(1, 1, 2, 2), num_classes=3, steps_per_epoch=1,
+                       device=torch.device("cpu"))
+    hooks = exp.training_plugin(job).setup(model, ctx)
+    state, hook = hooks.comm_hook
+    assert isinstance(state, TopKState) and state.ratio == 0.05
+    assert hooks.extra_state == {"compression": state}
+    results = hooks.extra_results()["compression"]  # no process group: this rank's own figures
+    assert results["method"] == "topk" and results["world_size"] == 1 and results["steps"] == 0
+
+
 @pytest.mark.distributed
 def test_compressed_training_writes_results_and_feeds_the_cost_model(tmp_path, capsys):
     out = tmp_path / "vgc"
-    job = TrainJob(dataset="digits", model="mlp", model_kwargs={"width": 32, "depth": 1}, epochs=2, batch_size=32,
-                   lr=0.05, optimizer="sgd", device="cpu", out=str(out),
-                   options={"nproc": 2, "compress": "vgc", "alpha": 2.0})
+    job = TrainJob.from_dict(dict(
+        dataset="digits", model="mlp", model_kwargs={"width": 32, "depth": 1}, epochs=2, batch_size=32, lr=0.05,
+        optimizer="sgd", device="cpu", out=str(out), options={"nproc": 2, "compress": "vgc", "alpha": 2.0}))
     results = exp.run_distributed_training(job, progress=False)
     comp = results["compression"]
     assert comp["method"] == "vgc" and comp["world_size"] == 2
@@ -72,7 +103,7 @@ def test_compressed_training_writes_results_and_feeds_the_cost_model(tmp_path, c
     with pytest.raises(DataError, match="no measured compression ratio"):
         exp._cmd_costmodel(argparse.Namespace(checkpoint=str(plain / "model.pt"), ratio=None, workers=[2],
                                               bandwidth_gbps=[1.0], latency_us=50.0, threads=1, out=None,
-                                              codec_ms=None))
+                                              codec_ms=None, device="cpu"))
 
 
 @pytest.mark.slow
@@ -81,8 +112,9 @@ def test_vgc_keeps_accuracy_at_high_compression_on_digits(tmp_path):
     """Statistical check (slow): 2 workers, 15 epochs, alpha 4 vs. plain allreduce on the same seed."""
     accuracy, ratio = {}, {}
     for method in ("none", "vgc"):
-        job = TrainJob(dataset="digits", model="mlp", epochs=15, batch_size=32, lr=0.05, optimizer="sgd",
-                       device="cpu", out=str(tmp_path / method), options={"nproc": 2, "compress": method})
+        job = TrainJob.from_dict(dict(dataset="digits", model="mlp", epochs=15, batch_size=32, lr=0.05,
+                                      optimizer="sgd", device="cpu", out=str(tmp_path / method),
+                                      options={"nproc": 2, "compress": method}))
         res = exp.run_distributed_training(job, progress=False)
         accuracy[method], ratio[method] = res["test_accuracy"], res["compression"]["compression_ratio"]
     assert ratio["vgc"] > 25

@@ -78,6 +78,7 @@ class FakeBucket:
         (lambda: TopKState(ratio=2.0), r"ratio must lie in \[0.0, 1.0\]"),
         (lambda: TorchHookState("int8"), "wraps 'none', 'fp16' or 'powersgd'"),
         (lambda: TorchHookState("powersgd", rank=0), "rank must be a positive int"),
+        (lambda: TorchHookState("powersgd", start_iter=1), "PowerSGD needs start_iter >= 2"),
         (lambda: create_compression("gzip"), "unknown compression method 'gzip'"),
         (lambda: TopKState(gather="bounded"), "implemented for 'vgc' only"),
         (lambda: StromState(gather="fast"), "gather must be one of"),
@@ -97,8 +98,8 @@ def test_residuals_follow_parameters_when_buckets_change(single_process_group):
     # DDP rebuilt its buckets: b first, alone in bucket 0; a in bucket 1.
     strom_hook(state, FakeBucket(0, [b], torch.zeros(2), last=False)).wait()
     strom_hook(state, FakeBucket(1, [a], torch.zeros(3))).wait()
-    torch.testing.assert_close(state._buffers["residual"][0], torch.tensor([4.0, 5.0]))
-    torch.testing.assert_close(state._buffers["residual"][1], torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(state.residual(0), torch.tensor([4.0, 5.0]))
+    torch.testing.assert_close(state.residual(1), torch.tensor([1.0, 2.0, 3.0]))
     saved = state.state_dict()
     torch.testing.assert_close(saved["buffers"]["residual"]["a"], torch.tensor([1.0, 2.0, 3.0]))
 
@@ -130,15 +131,20 @@ def _train(model, state, hook, steps, seed=0):
         opt.step()
 
 
+def _saved_and_loaded(state):
+    """``state.state_dict()`` through ``torch.save`` and ``torch.load(weights_only=True)``."""
+    buf = io.BytesIO()
+    torch.save(state.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
 def test_state_dict_is_weights_only_safe_and_kind_checked(single_process_group):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
     state, hook = create_compression("vgc", model=model, alpha=1.0)
     _train(model, state, hook, steps=5)
-    buf = io.BytesIO()
-    torch.save(state.state_dict(), buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=True)
+    loaded = _saved_and_loaded(state)
     assert set(loaded["buffers"]["residual"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert loaded["iter"] == 5 and loaded["config"]["alpha"] == 1.0
     fresh = VarianceCompressionState(alpha=1.0, defer_statistics=True)
@@ -170,7 +176,35 @@ def test_torch_hooks_run_and_count_bytes(single_process_group):
     # PyTorch's rule: a 64x32 matrix is compressed at rank 1 ((64 + 32) * 2 < 2048), a bias is not.
     state.iter = state.start_iter
     bucket = FakeBucket(0, [torch.zeros(64, 32), torch.zeros(64)], torch.zeros(64 * 32 + 64))
-    assert state._bytes(bucket) == 4 * (64 + 32) + 4 * 64
+    assert state.bucket_bytes(bucket) == 4 * (64 + 32) + 4 * 64
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def test_powersgd_checkpoint_goes_through_its_own_state(single_process_group):
+    """PowerSGD's error feedback, warm-start matrices, generator and counters travel through
+    ``PowerSGDState.__getstate__`` (weights-only safe) and come back unchanged; training goes on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+    state, hook = create_compression("powersgd", model=model, rank=1)
+    _train(model, state, hook, steps=4)
+    saved = _saved_and_loaded(state)
+    assert saved["powersgd"]["iter"] >= 2 and saved["powersgd"]["error_dict"]
+    fresh, fresh_hook = create_compression("powersgd", model=model, rank=1)
+    fresh.load_state_dict(saved)
+    assert fresh.inner.process_group is fresh.process_group
+    assert _same(fresh.state_dict(), saved)
+    assert fresh.inner.rng.randint(1 << 30) == state.inner.rng.randint(1 << 30)
+    _train(model, fresh, fresh_hook, steps=2)
+    assert fresh.statistics().steps == 6
+    with pytest.raises(CheckpointError, match="PowerSGD state lacks"):
+        fresh.load_state_dict({**saved, "powersgd": {}})
 
 
 def test_variance_hook_float32_alpha0_returns_the_local_gradient(single_process_group):

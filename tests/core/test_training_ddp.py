@@ -1,16 +1,18 @@
-"""The shared loop under DDP: two local gloo workers (FileStore, no port), disjoint shards, same weights."""
+"""The shared loop under DDP: two local gloo workers (the core launcher: FileStore, no port), disjoint shards,
+same weights."""
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from sturdy.data import load_dataset
+from sturdy.distributed import run_local_workers
 from sturdy.training import TrainConfig, train
 
 pytestmark = pytest.mark.distributed
 WORLD = 2
+LAUNCH_TIMEOUT_S = 240.0
 SAME_WEIGHTS = dict(rtol=0, atol=0)
 MEAN_GRAD_TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -20,31 +22,26 @@ def _model():
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
 
 
-def _worker(rank, store_path, out_path, hook_calls_path):
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        data = load_dataset("digits", split="train").subset(range(256))
-        calls = []
+def _worker(rank, world, out_path):
+    data = load_dataset("digits", split="train").subset(range(256))
+    calls = []
 
-        def counting_allreduce(state, bucket):
-            calls.append(bucket.index())
-            tensor = bucket.buffer().div_(WORLD)
-            return dist.all_reduce(tensor, async_op=True).get_future().then(lambda fut: fut.value()[0])
+    def counting_allreduce(state, bucket):
+        calls.append(bucket.index())
+        tensor = bucket.buffer().div_(WORLD)
+        return dist.all_reduce(tensor, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
-        model = _model()
-        config = TrainConfig(epochs=1, batch_size=32, lr=0.1, optimizer="sgd", momentum=0.0, schedule="constant",
-                             device="cpu")
-        result = train(model, data, config=config, comm_hook=(None, counting_allreduce), progress=False)
-        assert result.world_size == WORLD and result.steps_per_epoch == 4
-        torch.save({"state": model.state_dict(), "calls": len(calls)}, f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    model = _model()
+    config = TrainConfig(epochs=1, batch_size=32, lr=0.1, optimizer="sgd", momentum=0.0, schedule="constant",
+                         device="cpu")
+    result = train(model, data, config=config, comm_hook=(None, counting_allreduce), progress=False)
+    assert result.world_size == WORLD and result.steps_per_epoch == 4
+    torch.save({"state": model.state_dict(), "calls": len(calls)}, f"{out_path}.{rank}")
 
 
 def test_two_workers_train_identical_weights_equal_to_large_batch(tmp_path):
     out = tmp_path / "weights"
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(out), None), nprocs=WORLD, join=True)
+    run_local_workers(_worker, nproc=WORLD, args=(str(out),), timeout_s=LAUNCH_TIMEOUT_S)
     states = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
     for a, b in zip(states[0]["state"].values(), states[1]["state"].values()):
         torch.testing.assert_close(a, b, **SAME_WEIGHTS)

@@ -1,4 +1,4 @@
-"""LMT under DDP (gloo, 2 CPU processes, FileStore): power-iteration vectors stay replicated (also with
+"""LMT under DDP (gloo, 2 CPU processes from the core launcher): power-iteration vectors stay replicated (also with
 BatchNorm, whose running statistics differ per rank) and the run matches single-process training on the
 concatenated batch."""
 
@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from sturdy.distributed import run_local_workers
 from sturdy.lipschitz import LipschitzTracker, lmt_loss
 from sturdy.models import create_model
 
 WORLD = 2
 STEPS = 4
 BATCH = 8  # per rank
+LAUNCH_TIMEOUT_S = 240.0
 MATCH_TOL = 1e-5  # DDP (gradient average over ranks) vs. one process on the full batch
 
 
@@ -41,26 +41,20 @@ def _train(model, net, x, y):
     return tracker
 
 
-def _worker(rank: int, store_path: str, out_path: str) -> None:
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
-    try:
-        state = {}
-        for bn in (False, True):
-            model, x, y = _setup(bn)
-            shard = slice(rank * BATCH, (rank + 1) * BATCH)
-            tracker = _train(model, DDP(model), x[:, shard], y[:, shard])
-            state[bn] = {"model": {k: v.clone() for k, v in model.state_dict().items()},
-                         "tracker": {k: v.clone() for k, v in tracker.state_dict().items()}}
-        torch.save(state, f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out_path: str) -> None:
+    state = {}
+    for bn in (False, True):
+        model, x, y = _setup(bn)
+        shard = slice(rank * BATCH, (rank + 1) * BATCH)
+        tracker = _train(model, DDP(model), x[:, shard], y[:, shard])
+        state[bn] = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                     "tracker": {k: v.clone() for k, v in tracker.state_dict().items()}}
+    torch.save(state, f"{out_path}.{rank}")
 
 
 @pytest.mark.distributed
 def test_tracker_replicated_under_ddp(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=WORLD, join=True)
+    run_local_workers(_worker, nproc=WORLD, args=(str(tmp_path / "out"),), timeout_s=LAUNCH_TIMEOUT_S)
     states = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(WORLD)]
     for bn in (False, True):
         for key in ("model", "tracker"):

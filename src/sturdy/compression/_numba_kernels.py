@@ -1,7 +1,8 @@
 """Compiled (numba) versions of the variance hook's per-step CPU work; load through :mod:`.accel`.
 
 Each kernel returns bit-identical results to the numpy reference path
-(:func:`sturdy.compression.compressor._variance_select_cpu` and :func:`sturdy.compression.codec.decode`);
+(:func:`sturdy.compression.compressor.variance_select` with :func:`sturdy.compression.codec.quantize_down`,
+and :func:`sturdy.compression.codec.decode`);
 ``tests/compression/test_compression_accel.py`` compares them. Importing this module imports numba.
 """
 
@@ -13,7 +14,7 @@ from typing import Optional, Tuple
 import numba
 import numpy as np
 
-from sturdy.compression.codec import HEADER_BYTES, MAX_RICE_K, NUM_LEVELS, VALUE_FORMATS
+from sturdy.compression.wire import BITMAP, DELTA, HEADER_BYTES, MAX_RICE_K, NUM_LEVELS, VALUE_FORMATS
 
 FORMAT_4BIT = VALUE_FORMATS.index("4bit")
 
@@ -131,7 +132,7 @@ def _select_encode(r, v, alpha, zeta, send_nonzero, edges):
     start = HEADER_BYTES + 4 * segments
     values_at = start + index_bytes
     payload = np.zeros(values_at + (kept + 1) // 2, dtype=np.uint8)
-    payload[0] = FORMAT_4BIT | ((0 if delta else 1) << 2) | (k << 3)
+    payload[0] = FORMAT_4BIT | ((DELTA if delta else BITMAP) << 2) | (k << 3)
     _put_int32(payload, 1, kept)
     _put_int32(payload, 5, segments)
     _put_int32(payload, 9, index_bytes)

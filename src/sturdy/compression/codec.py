@@ -39,30 +39,22 @@ import torch
 from torch import Tensor
 
 from sturdy.compression import accel
+from sturdy.compression.wire import BITMAP, DELTA, HEADER_BYTES, MAX_RICE_K, NUM_LEVELS, VALUE_FORMATS, format_byte
 from sturdy.errors import ConfigurationError, DataError
 
 __all__ = [
     "VALUE_FORMATS",
     "HEADER_BYTES",
     "NUM_LEVELS",
+    "MAX_RICE_K",
     "DecodedPayload",
     "encode",
     "decode",
     "decode_add_",
     "quantize_down",
-    "dequantize",
-    "segment_ids",
-    "segment_scales",
     "encode_unchecked",
-    "quantize_down_numpy",
     "value_section_bytes",
 ]
-
-VALUE_FORMATS = ("float32", "4bit", "sign")
-HEADER_BYTES = 13
-NUM_LEVELS = 8  # exponents 0..7 of the 4-bit format
-MAX_RICE_K = 31  # the Rice parameter lives in bits 3-7 of the format byte
-_DELTA, _BITMAP = 0, 1
 
 
 @dataclass(frozen=True)
@@ -78,68 +70,44 @@ def value_section_bytes(count: int, value_format: str) -> int:
     return {"float32": 4 * count, "4bit": (count + 1) // 2, "sign": (count + 7) // 8}[value_format]
 
 
-def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
-    """Values of 4-bit ``codes`` (int64, sign in bit 3, exponent in bits 0-2) for float32 ``scale``.
+def quantize_down(
+    values: np.ndarray, scales: np.ndarray, segments: Optional[np.ndarray] = None
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantise float32 ``values`` to ``+-scale * 2^-e`` (``e`` in 0..7), never rounding a magnitude up.
 
-    ``scale`` is a 0-d tensor or one scale per code.
-    """
-    exponent = (codes & 7).to(torch.float32)
-    magnitude = torch.ldexp(scale.to(torch.float32).expand_as(exponent), -exponent)
-    return torch.where((codes & 8) != 0, -magnitude, magnitude)
-
-
-def quantize_down(values: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Quantise ``values`` to ``+-scale * 2^-e`` (``e`` in 0..7), never rounding a magnitude up.
+    The numpy reference of the 4-bit format (the compiled kernels of :mod:`~sturdy.compression.accel`
+    compute the same bits).
 
     Args:
-        values: 1-D tensor of values with ``|value| <= scale``.
-        scale: float32 tensor, 0-d or one per value: the largest magnitude (usually ``max |values|``
-            of the value's segment).
+        values: 1-D float32 array with ``|value| <= scale`` of its segment.
+        scales: float32 scales: one per segment (the largest ``|value|`` of the segment), or one per
+            value when ``segments`` is ``None`` (a single scale broadcasts).
+        segments: segment of each value (an index into ``scales``), or ``None``.
 
     Returns:
-        ``(codes, quantised, representable)``: int64 codes, the quantised values (float32, exactly
-        what :func:`decode` returns) and a bool mask, False where ``|value| < scale * 2^-7`` (those
-        must not be sent; their code and quantised value are meaningless).
+        ``(codes, quantised, representable)``: ``uint8`` codes (sign in bit 3, exponent in bits 0-2),
+        the quantised float32 values (exactly what :func:`decode` returns) and a bool mask, False
+        where ``|value| < scale * 2^-7`` or ``value == 0`` (those must not be sent; their code and
+        quantised value are meaningless).
     """
-    mag = values.abs().to(torch.float32)
+    mag = np.abs(values).astype(np.float32, copy=False)
     # |v| = m_v 2^e_v and scale = m_s 2^e_s with mantissas in [0.5, 1): the largest level
     # scale 2^-e <= |v| has e = e_s - e_v, plus one when m_s > m_v (exact, no logarithm).
-    m_v, e_v = torch.frexp(mag)
-    m_s, e_s = torch.frexp(scale.to(torch.float32).expand_as(mag))
-    exponent = (e_s - e_v + (m_s > m_v).to(e_v.dtype)).to(torch.int64).clamp_(min=0)
-    representable = (exponent < NUM_LEVELS) & (mag > 0)
-    codes = exponent.clamp_(max=NUM_LEVELS - 1) | ((values < 0).to(torch.int64) << 3)
-    return codes, dequantize(codes, scale), representable
-
-
-def quantize_down_numpy(values: np.ndarray, scale: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`quantize_down` on float32 numpy arrays (the hooks' fast path; same results)."""
-    mag = np.abs(values).astype(np.float32)
+    scales = np.asarray(scales, dtype=np.float32)
+    m_s, e_s = np.frexp(scales)  # once per segment
+    if segments is not None:
+        scales, m_s, e_s = scales[segments], m_s[segments], e_s[segments]
     m_v, e_v = np.frexp(mag)
-    m_s, e_s = np.frexp(np.broadcast_to(np.asarray(scale, dtype=np.float32), mag.shape))
-    exponent = np.maximum(e_s.astype(np.int64) - e_v + (m_s > m_v), 0)
+    exponent = e_s - e_v
+    exponent += m_s > m_v
+    np.maximum(exponent, 0, out=exponent)
     representable = (exponent < NUM_LEVELS) & (mag > 0)
-    codes = np.minimum(exponent, NUM_LEVELS - 1) | ((values < 0).astype(np.int64) << 3)
-    quantised = np.ldexp(np.broadcast_to(np.asarray(scale, dtype=np.float32), mag.shape), -(codes & 7))
-    quantised = np.where((codes & 8) != 0, -quantised, quantised).astype(np.float32)
+    np.minimum(exponent, NUM_LEVELS - 1, out=exponent)
+    negative = values < 0
+    quantised = np.ldexp(np.broadcast_to(scales, mag.shape), -exponent).astype(np.float32, copy=False)
+    np.negative(quantised, out=quantised, where=negative)
+    codes = exponent.astype(np.uint8) | (negative.astype(np.uint8) << 3)
     return codes, quantised, representable
-
-
-def segment_ids(indices: Tensor, boundaries: Optional[Tensor], length: int) -> Tensor:
-    """Segment of each index for segment ``boundaries`` (``[0, ..., length]``; ``None``: one segment)."""
-    if boundaries is None:
-        return torch.zeros_like(indices)
-    inner = boundaries[1:-1].to(indices.device, torch.int64)
-    return torch.searchsorted(inner, indices, right=True)
-
-
-def segment_scales(segments: Tensor, values: Tensor, boundaries: Optional[Tensor]) -> Tensor:
-    """Per-segment ``max |values|`` (float32, 0 where a segment has no value); see :func:`segment_ids`."""
-    k = 1 if boundaries is None else boundaries.numel() - 1
-    if k == 1:
-        return values.abs().max().to(torch.float32).reshape(1)
-    out = torch.zeros(k, dtype=torch.float32, device=values.device)
-    return out.scatter_reduce(0, segments, values.abs().to(torch.float32), reduce="amax", include_self=True)
 
 
 _HEADER = struct.Struct("<Biii")
@@ -225,7 +193,7 @@ def encode(
 
     Args:
         indices: 1-D int64, strictly increasing, in ``[0, length)``.
-        values: for ``float32`` the values; for ``4bit`` the int64 codes of :func:`quantize_down`;
+        values: for ``float32`` the values; for ``4bit`` the codes of :func:`quantize_down`;
             for ``sign`` anything whose sign is the value's sign.
         length: size of the dense vector.
         value_format: one of :data:`VALUE_FORMATS`.
@@ -264,12 +232,12 @@ def encode_unchecked(indices: Tensor, values: Tensor, *, length: int, value_form
     gaps[1:] -= 1
     k, bits = _rice_parameter(gaps, int(idx[-1]) + 1 - n)  # the gaps sum to last index + 1 - n
     if (bits + 7) // 8 < (length + 7) // 8:  # a tie goes to the bitmap (cheaper to decode)
-        mode, index_section = _DELTA, _rice_encode(gaps, k)
+        mode, index_section = DELTA, _rice_encode(gaps, k)
     else:
         k = 0
         mask = np.zeros(length, dtype=bool)
         mask[idx] = True
-        mode, index_section = _BITMAP, np.packbits(mask, bitorder="little")
+        mode, index_section = BITMAP, np.packbits(mask, bitorder="little")
     if value_format == "float32":
         value_section = values.to(torch.float32).numpy().view(np.uint8)
     elif value_format == "4bit":
@@ -279,7 +247,7 @@ def encode_unchecked(indices: Tensor, values: Tensor, *, length: int, value_form
         value_section = codes[0::2] | (codes[1::2] << 4)
     else:
         value_section = np.packbits(values.numpy() < 0, bitorder="little")
-    fmt = VALUE_FORMATS.index(value_format) | (mode << 2) | (k << 3)
+    fmt = format_byte(value_format, mode, k)
     header = np.frombuffer(_HEADER.pack(fmt, n, scales.numel(), index_section.size), dtype=np.uint8)
     scale_bytes = scales.to(torch.float32).numpy().view(np.uint8)
     return torch.from_numpy(np.concatenate([header, scale_bytes, index_section, value_section]))
@@ -317,9 +285,9 @@ def _sections(buf: np.ndarray, length: int) -> _Sections:
         raise DataError(f"corrupt payload: value section holds {value_section.size} bytes for {n} {value_format} "
                         "values")
     index_section = buf[start : start + index_len]
-    if mode == _BITMAP and index_section.size != (length + 7) // 8:
+    if mode == BITMAP and index_section.size != (length + 7) // 8:
         raise DataError(f"corrupt payload: bitmap of {index_section.size} bytes for {length} elements")
-    return _Sections(value_format, mode == _DELTA, fmt >> 3, n, buf[HEADER_BYTES:start].copy().view(np.float32),
+    return _Sections(value_format, mode == DELTA, fmt >> 3, n, buf[HEADER_BYTES:start].copy().view(np.float32),
                      index_section, value_section)
 
 

@@ -40,13 +40,11 @@ class GatherResult:
         future: completes with the list of payloads (one ``uint8`` tensor per rank, trimmed).
         sizes: payload sizes in bytes, per rank.
         wire_bytes: bytes this rank transmitted (all rounds).
-        info: for :func:`all_gather_with_capacity`: ``sizes`` and ``extra_wire_bytes`` of a tail round.
     """
 
     future: torch.futures.Future
     sizes: List[int]
     wire_bytes: int
-    info: Optional[dict] = None
 
 
 def all_gather_variable(
@@ -119,7 +117,7 @@ def all_gather_with_capacity(
     dist.all_gather(outputs, slot, group=process_group)
     heads = gathered[:, :SIZE_BYTES].cpu().numpy()
     sizes = [int(x) for x in np.ascontiguousarray(heads).view("<i8").reshape(-1)]
-    info: dict = {"sizes": sizes, "extra_wire_bytes": 0}
+    extra_wire_bytes = 0
     longest = max(sizes)
     payloads = [o[SIZE_BYTES : SIZE_BYTES + min(s, capacity)] for o, s in zip(outputs, sizes)]
     if longest > capacity:
@@ -129,11 +127,11 @@ def all_gather_with_capacity(
             tail[: n - capacity] = payload[capacity:]
         tails = [torch.empty_like(tail) for _ in range(world)]
         dist.all_gather(tails, tail, group=process_group)
-        info["extra_wire_bytes"] = extra
+        extra_wire_bytes = extra
         payloads = [torch.cat([h, t[: max(0, s - capacity)]]) for h, t, s in zip(payloads, tails, sizes)]
     done: torch.futures.Future = torch.futures.Future()
     done.set_result(payloads)
-    return GatherResult(done, sizes, SIZE_BYTES + capacity + info["extra_wire_bytes"], info)
+    return GatherResult(done, sizes, SIZE_BYTES + capacity + extra_wire_bytes)
 
 
 def all_gather_slots(
@@ -167,4 +165,4 @@ def all_gather_slots(
         heads = [o[:SIZE_BYTES].cpu().view(torch.int32).tolist() for o in outputs]
         return [o[SIZE_BYTES : SIZE_BYTES + h[0]] for o, h in zip(outputs, heads)], [h[1] for h in heads]
 
-    return GatherResult(work.get_future().then(unpack), [], SIZE_BYTES + capacity, None)
+    return GatherResult(work.get_future().then(unpack), [], SIZE_BYTES + capacity)

@@ -11,24 +11,27 @@ encoded payload (:mod:`sturdy.compression.codec`) plus what was sent.
   like any unsent element) *(choice)*: rounding it up would overshoot and flip the residual's sign.
 * :func:`strom_select` (Strom 2015): send ``+-tau`` where ``|r_i| > tau``.
 * :func:`topk_select`: send the ``k = ceil(ratio * n)`` largest ``|r_i|`` as float32.
+
+:func:`warm_up` compiles (or loads) the optional kernels of :mod:`~sturdy.compression.accel` once per
+process, before the first step's collective.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from sturdy.compression import accel, codec
+from sturdy.compression.wire import HEADER_BYTES
 from sturdy.errors import ConfigurationError
 
-__all__ = ["Selection", "variance_select", "strom_select", "topk_select", "max_payload_bytes", "QUANTIZERS"]
+__all__ = ["Selection", "variance_select", "strom_select", "topk_select", "max_payload_bytes", "warm_up"]
 
-QUANTIZERS = ("4bit", None)
 _NO_SCALES = torch.zeros(0, dtype=torch.float32)
 
 
@@ -40,17 +43,14 @@ class Selection:
         payload: the encoded message (CPU ``uint8``; empty when nothing is sent).
         indices: sorted int64 indices sent (on ``r``'s device).
         values: the values exactly as the receiver decodes them (``r``'s dtype and device).
+        wanted_bytes: the payload size before truncation to a byte budget (``max_bytes`` of
+            :func:`variance_select`); the payload's own size when nothing was truncated.
     """
 
     payload: Tensor
     indices: Tensor
     values: Tensor
-    desired_bytes: Optional[int] = None
-
-    @property
-    def wanted_bytes(self) -> int:
-        """Payload size before truncation to ``max_bytes`` (equal to the payload size if none)."""
-        return int(self.payload.numel()) if self.desired_bytes is None else self.desired_bytes
+    wanted_bytes: int
 
     @property
     def count(self) -> int:
@@ -63,6 +63,7 @@ def _empty(r: Tensor) -> Selection:
         torch.zeros(0, dtype=torch.uint8),
         torch.zeros(0, dtype=torch.int64, device=r.device),
         torch.zeros(0, dtype=r.dtype, device=r.device),
+        0,
     )
 
 
@@ -88,7 +89,7 @@ def variance_select(
             the largest sent ``|r|`` of each segment. ``None``: one segment.
         max_bytes: payload budget; when the selection does not fit, only the elements with the largest
             ``r_i^2 / v_i`` are sent and the others stay in the residual, unsent (``v`` decays).
-            ``Selection.desired_bytes`` reports the size the full selection would have had.
+            ``Selection.wanted_bytes`` reports the size the full selection would have had.
     """
     if r.device.type == "cpu" and v.device.type == "cpu" and quantize == "4bit" and max_bytes is None:
         return _variance_select_cpu(r, v, alpha=alpha, zeta=zeta, boundaries=boundaries)
@@ -111,7 +112,7 @@ def variance_select(
             segments = np.searchsorted(boundaries.numpy()[1:-1], idx_np, side="right")
             scales_np = np.zeros(boundaries.numel() - 1, dtype=np.float32)
             np.maximum.at(scales_np, segments, np.abs(val_np))
-        codes_np, quantised_np, ok = codec.quantize_down_numpy(val_np, scales_np[segments])
+        codes_np, quantised_np, ok = codec.quantize_down(val_np, scales_np, segments)
         if not ok.all():
             keep_np = np.flatnonzero(ok)
             if keep_np.size == 0:
@@ -124,14 +125,14 @@ def variance_select(
     else:
         sent, wire_values, fmt, scales_cpu = values, values.cpu(), "float32", _NO_SCALES
     payload = codec.encode_unchecked(idx_cpu, wire_values, length=r.numel(), value_format=fmt, scales=scales_cpu)
-    desired = int(payload.numel())
-    if max_bytes is not None and desired > max_bytes:
-        fixed = codec.HEADER_BYTES + 4 * scales_cpu.numel()
+    wanted = int(payload.numel())
+    if max_bytes is not None and wanted > max_bytes:
+        fixed = HEADER_BYTES + 4 * scales_cpu.numel()
         priority = r[indices] ** 2 / v[indices].clamp_min(torch.finfo(v.dtype).tiny)
         while payload.numel() > max_bytes:
             keep = int(indices.numel() * (max_bytes - fixed) / max(1, payload.numel() - fixed) * 0.95)
             if keep <= 0:
-                return Selection(torch.zeros(0, dtype=torch.uint8), indices[:0], sent[:0], desired)
+                return Selection(torch.zeros(0, dtype=torch.uint8), indices[:0], sent[:0], wanted)
             chosen = torch.topk(priority, keep, sorted=False).indices.sort().values
             indices, sent, priority = indices[chosen], sent[chosen], priority[chosen]
             chosen = chosen.cpu()
@@ -142,7 +143,7 @@ def variance_select(
     if quantize is None:
         r.index_fill_(0, indices, 0.0)  # exact: r - r
     v.index_fill_(0, indices, 0.0)
-    return Selection(payload, indices, sent, desired)
+    return Selection(payload, indices, sent, wanted)
 
 
 def _variance_select_cpu(r: Tensor, v: Tensor, *, alpha: float, zeta: float, boundaries: Optional[Tensor]) -> Selection:
@@ -180,26 +181,12 @@ def _variance_select_cpu(r: Tensor, v: Tensor, *, alpha: float, zeta: float, bou
         scales = np.zeros(edges.size - 1, dtype=np.float32)
         scales[nonempty] = np.maximum.reduceat(mag, starts[nonempty])
         segments = np.searchsorted(edges[1:-1], idx, side="right")
-    # codec.quantize_down_numpy with the frexp of the scales taken once per segment (same results)
-    m_v, e_v = np.frexp(mag)
-    m_s, e_s = np.frexp(scales)
-    if segments is not None:
-        m_s, e_s = m_s[segments], e_s[segments]
-    exponent = e_s - e_v
-    exponent += m_s > m_v
-    np.maximum(exponent, 0, out=exponent)
-    ok = (exponent < codec.NUM_LEVELS) & (mag > 0)
+    codes, quantised, ok = codec.quantize_down(val, scales, segments)
     if not ok.all():
         keep = np.flatnonzero(ok)
         if keep.size == 0:
             return _empty(r)
-        idx, val, exponent = idx[keep], val[keep], exponent[keep]
-        if segments is not None:
-            segments = segments[keep]
-    negative = val < 0
-    quantised = np.ldexp(scales if segments is None else scales[segments], -exponent)
-    np.negative(quantised, out=quantised, where=negative)
-    codes = exponent.astype(np.uint8) | (negative.astype(np.uint8) << 3)
+        idx, codes, quantised = idx[keep], codes[keep], quantised[keep]
     rn[idx] -= quantised.astype(rn.dtype, copy=False)  # r - q, as r.index_add_(-q) computes it
     vn[idx] = 0
     indices = torch.from_numpy(idx)
@@ -211,7 +198,7 @@ def _variance_select_cpu(r: Tensor, v: Tensor, *, alpha: float, zeta: float, bou
 def max_payload_bytes(length: int, *, value_format: str, num_scales: int) -> int:
     """Largest payload :func:`~sturdy.compression.codec.encode` can produce for a vector of ``length``."""
     values = codec.value_section_bytes(length, value_format)
-    return codec.HEADER_BYTES + 4 * num_scales + (length + 7) // 8 + values
+    return HEADER_BYTES + 4 * num_scales + (length + 7) // 8 + values
 
 
 def strom_select(r: Tensor, *, tau: float) -> Selection:
@@ -225,7 +212,7 @@ def strom_select(r: Tensor, *, tau: float) -> Selection:
     payload = codec.encode_unchecked(indices.cpu(), signs.cpu(), length=r.numel(), value_format="sign",
                                      scales=torch.tensor([tau32], dtype=torch.float32))
     r.index_add_(0, indices, -sent)
-    return Selection(payload, indices, sent)
+    return Selection(payload, indices, sent, int(payload.numel()))
 
 
 def topk_select(r: Tensor, *, ratio: float) -> Selection:
@@ -242,7 +229,7 @@ def topk_select(r: Tensor, *, ratio: float) -> Selection:
         return _empty(r)
     payload = codec.encode_unchecked(indices.cpu(), values.cpu(), length=n, value_format="float32", scales=_NO_SCALES)
     r.index_fill_(0, indices, 0.0)
-    return Selection(payload, indices, values.clone())
+    return Selection(payload, indices, values.clone(), int(payload.numel()))
 
 
 def validate_rate(name: str, value: float, *, low: float, high: float, hint: str) -> float:
@@ -252,3 +239,23 @@ def validate_rate(name: str, value: float, *, low: float, high: float, hint: str
     if not low <= value <= high:
         raise ConfigurationError(f"{name} must lie in [{low}, {high}], got {value}; {hint}")
     return float(value)
+
+
+_warmed: List[bool] = []
+
+
+def warm_up() -> bool:
+    """Compile (or load from numba's cache) the kernels for float32 buffers; returns :func:`accel.available`.
+
+    Runs a tiny selection and decoding through the hook's own entry points, once per process. Worker
+    processes started afterwards load the cached code instead of each compiling it.
+    """
+    if accel.kernels() is None:
+        return False
+    if not _warmed:
+        boundaries = torch.tensor([0, 2, 4])
+        selection = variance_select(torch.tensor([1.0, 0.0, -0.25, 2.0]), torch.zeros(4), alpha=1.0, zeta=0.5,
+                                    quantize="4bit", boundaries=boundaries)
+        codec.decode_add_(torch.zeros(4), selection.payload, boundaries=boundaries)
+        _warmed.append(True)
+    return True

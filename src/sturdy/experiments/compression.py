@@ -1,10 +1,12 @@
-"""Distributed training with gradient compression: ``sturdy train --nproc N --compress ...``, the cost
-model command, and the demo section.
+"""Data-parallel training with gradient compression: ``sturdy train --nproc N --compress ...``, the cost
+model command (``sturdy compression costmodel``), and the demo section.
 
-Local runs start ``--nproc`` workers (gloo on CPU, FileStore rendezvous, loopback only); under
-``torchrun`` (``RANK``/``WORLD_SIZE`` set) the same entry point joins the launched process group.
-Each worker calls :func:`sturdy.experiments.train_job.run_train_job` with the compression state as a
-DDP communication hook and as checkpointed state; ``results.json`` gains a ``"compression"`` entry.
+This module only orchestrates. :func:`training_plugin` gives the training loop the compression state as
+a DDP communication hook and as checkpointed state (``results.json`` gains a ``"compression"`` entry);
+:func:`train_launcher` claims jobs that run in several processes: local runs start ``--nproc`` workers
+(:func:`sturdy.distributed.run_local_workers`: gloo on CPU, FileStore rendezvous, loopback only), and
+under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) the same entry point joins the launched process group.
+Each worker calls :func:`sturdy.experiments.train_job.fit` with the plugins it received.
 """
 
 from __future__ import annotations
@@ -12,28 +14,42 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics as pystats
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from sturdy.compression import METHODS, accel, create_compression
+from sturdy.compression import METHODS, accel, create_compression, warm_up
 from sturdy.compression.costmodel import crossover_bandwidth_gbps, predict_step_times
-from sturdy.compression.launch import init_from_env, launched_by_torchrun, run_local_workers
+from sturdy.compression.timing import StepClock, measure_codec_seconds, measure_step_seconds
+from sturdy.distributed import init_from_env, launched_by_torchrun, run_local_workers
 from sturdy.errors import ConfigurationError, DataError
 from sturdy.experiments.jsonio import write_json
-from sturdy.experiments.train_job import TrainJob, fit, load_trained_model
+from sturdy.experiments.train_job import (
+    TrainContext,
+    TrainHooks,
+    TrainJob,
+    TrainPlugin,
+    fit,
+    load_job_data,
+    load_trained_model,
+)
+from sturdy.training import resolve_device
 
 __all__ = [
     "add_train_arguments",
+    "CompressionPlugin",
+    "training_plugin",
+    "train_launcher",
     "run_distributed_training",
     "register_cli",
     "demo_section",
     "compression_options",
-    "measure_step_seconds",
+    "plot_speedup",
 ]
 
 DEFAULTS: Dict[str, Any] = {
@@ -92,110 +108,98 @@ def compression_options(job: TrainJob) -> Dict[str, Any]:
     return opts
 
 
-def _build_state(opts: Dict[str, Any]) -> Tuple[Any, Callable]:
-    return create_compression(
-        opts["compress"],
-        alpha=opts["alpha"],
-        zeta=opts["zeta"],
-        quantize=None if opts["quantize"] == "float32" else opts["quantize"],
-        tau=opts["strom_tau"],
-        ratio=opts["topk_ratio"],
-        rank=opts["powersgd_rank"],
-        start_iter=opts["start_iter"],
-        gather=opts["gather"],
-        slack=opts["gather_slack"],
-    )
+def _claims(opts: Dict[str, Any]) -> bool:
+    """Whether the run compresses or runs in several processes (``--nproc`` or ``torchrun``)."""
+    torchrun_world = int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 0
+    return opts["compress"] != "none" or opts["nproc"] > 1 or torchrun_world > 1
 
 
-class _StepClock:
-    """Wraps a hook to time steps (from one last bucket to the next)."""
+@dataclass(frozen=True)
+class CompressionPlugin:
+    """The compression part's contribution to a run: its DDP hook, its checkpointed state, its results.
 
-    def __init__(self, hook: Callable) -> None:
-        self.inner = hook
-        self.marks: List[float] = []
+    Attributes:
+        options: the validated compression options (:func:`compression_options`).
+    """
 
-    def hook(self, state, bucket):  # noqa: ANN001 - DDP inspects the signature; keep it unannotated
-        fut = self.inner(state, bucket)
-        if bucket.is_last():
-            self.marks.append(time.perf_counter())
-        return fut
+    options: Dict[str, Any] = field(default_factory=dict)
 
-    def median_step_s(self) -> Optional[float]:
-        gaps = [b - a for a, b in zip(self.marks, self.marks[1:])]
-        return pystats.median(gaps) if gaps else None
+    def setup(self, model: nn.Module, ctx: TrainContext) -> TrainHooks:
+        """Attach the statistics to ``model`` (the module DDP wraps) and build the state and its hook."""
+        opts = self.options
+        state, hook = create_compression(
+            opts["compress"],
+            model=model,
+            alpha=opts["alpha"],
+            zeta=opts["zeta"],
+            quantize=None if opts["quantize"] == "float32" else opts["quantize"],
+            tau=opts["strom_tau"],
+            ratio=opts["topk_ratio"],
+            rank=opts["powersgd_rank"],
+            start_iter=opts["start_iter"],
+            gather=opts["gather"],
+            slack=opts["gather_slack"],
+        )
+        clock = StepClock(hook)
+        return TrainHooks(comm_hook=(state, clock.hook), extra_state={"compression": state},
+                          extra_results=lambda: _compression_results(state, opts, clock))
 
 
-def _reduce(values: Sequence[float]) -> List[float]:
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor(list(values), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.cpu().tolist()
-
-
-def _compression_results(state: Any, opts: Dict[str, Any], clock: _StepClock) -> Dict[str, Any]:
-    world = dist.get_world_size()
-    s = state.statistics()
-    totals = _reduce([s.dense_bytes, s.wire_bytes, s.payload_bytes, s.elements, s.elements_sent,
-                      s.never_sent_fraction])
-    sent_steps = _reduce(s.elements_sent_per_step)
-    wire_steps = _reduce(s.wire_bytes_per_step)
-    step_s = clock.median_step_s()
-    step_times = _reduce([step_s if step_s is not None else 0.0])
-    steps = max(s.steps, 1)
-    settings = {k: opts[k] for k in DEFAULTS if k not in ("nproc", "dist_timeout")}
+def _compression_results(state: Any, opts: Dict[str, Any], clock: StepClock) -> Dict[str, Any]:
+    """The ``"compression"`` entry of ``results.json``: traffic per rank and step, averaged over the ranks."""
+    local = state.statistics()
+    grouped = dist.is_available() and dist.is_initialized()
+    total = local.all_reduce() if grouped else local
+    step_s = clock.mean_median_step_s() if grouped else clock.median_step_s()
+    world, steps = total.ranks, max(local.steps, 1)
     return {
         "compression": {
             "method": opts["compress"],
-            "settings": settings,
+            "settings": {k: opts[k] for k in DEFAULTS if k not in ("nproc", "dist_timeout")},
             "kernels": "numba" if accel.available() else "numpy",
             "world_size": world,
-            "steps": s.steps,
-            "compression_ratio": totals[0] / totals[1] if totals[1] else None,
-            "payload_compression_ratio": totals[0] / totals[2] if totals[2] else None,
-            "dense_bytes_per_step": totals[0] / world / steps,
-            "bytes_sent_per_step": totals[1] / world / steps,
-            "elements_per_step": totals[3] / world / steps,
-            "elements_sent_per_step_mean": totals[4] / world / steps,
-            "never_sent_fraction": totals[5] / world,
-            "elements_sent_per_step": [x / world for x in sent_steps],
-            "bytes_sent_per_step_history": [x / world for x in wire_steps],
-            "step_time_s": step_times[0] / world if step_s is not None else None,
+            "steps": local.steps,
+            "compression_ratio": total.compression_ratio if total.wire_bytes else None,
+            "payload_compression_ratio": total.payload_compression_ratio if total.payload_bytes else None,
+            "dense_bytes_per_step": total.dense_bytes / world / steps,
+            "bytes_sent_per_step": total.wire_bytes / world / steps,
+            "elements_per_step": total.elements / world / steps,
+            "elements_sent_per_step_mean": total.elements_sent / world / steps,
+            "never_sent_fraction": total.never_sent_fraction,
+            "elements_sent_per_step": [x / world for x in total.elements_sent_per_step],
+            "bytes_sent_per_step_history": [x / world for x in total.wire_bytes_per_step],
+            "step_time_s": step_s,
         }
     }
 
 
-def _train_in_group(job: TrainJob, *, resume: bool, progress: bool) -> Dict[str, Any]:
+def training_plugin(job: TrainJob) -> Optional[CompressionPlugin]:
+    """The compression plugin when ``job`` compresses or runs in several processes (traffic is then
+    counted with plain allreduce too), else ``None``."""
     opts = compression_options(job)
-    state, hook = _build_state(opts)
-    clock = _StepClock(hook)
-    return fit(
-        job,
-        comm_hook=(state, clock.hook),
-        extra_state={"compression": state},
-        extra_results=lambda: _compression_results(state, opts, clock),
-        model_setup=state.bind_model,
-        resume=resume,
-        progress=progress,
-    ).results
+    return CompressionPlugin(opts) if _claims(opts) else None
+
+
+def train_launcher(job: TrainJob) -> Optional[Callable[..., Dict[str, Any]]]:
+    """:func:`run_distributed_training` when ``job`` needs several processes or compresses, else ``None``."""
+    return run_distributed_training if _claims(compression_options(job)) else None
 
 
 def _local_job(job: TrainJob, rank: int) -> TrainJob:
-    if job.device.startswith("cuda") and torch.cuda.device_count() > 1:
+    if job.config.device.startswith("cuda") and torch.cuda.device_count() > 1:
         return job.replace(device=f"cuda:{rank % torch.cuda.device_count()}")
     return job
 
 
-def _train_worker(rank: int, world: int, job_dict: Dict[str, Any], resume: bool, progress: bool) -> Any:
+def _train_worker(rank: int, world: int, job_dict: Dict[str, Any], plugins: Sequence[TrainPlugin], resume: bool,
+                  progress: bool) -> Any:
     job = _local_job(TrainJob.from_dict(job_dict), rank)
-    results = _train_in_group(job, resume=resume, progress=progress and rank == 0)
+    results = fit(job, plugins=plugins, resume=resume, progress=progress and rank == 0).results
     return results if rank == 0 else None
 
 
 def _backend_device(job: TrainJob, nproc: int) -> str:
-    from sturdy.training import resolve_device
-
-    device = resolve_device(job.device)
-    if device.type == "cuda":
+    if resolve_device(job.config.device).type == "cuda":
         if torch.cuda.device_count() < nproc:
             raise ConfigurationError(
                 f"{nproc} local workers need {nproc} GPUs for NCCL, found {torch.cuda.device_count()}; "
@@ -205,26 +209,32 @@ def _backend_device(job: TrainJob, nproc: int) -> str:
     return "cpu"
 
 
-def run_distributed_training(job: TrainJob, *, resume: bool = True, progress: bool = True) -> Dict[str, Any]:
-    """Train ``job`` data-parallel with the compression hook of ``job.options["compress"]``.
+def run_distributed_training(
+    job: TrainJob,
+    *,
+    plugins: Optional[Sequence[TrainPlugin]] = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Train ``job`` data-parallel with ``plugins`` (default: this part's :func:`training_plugin`).
 
     Under ``torchrun`` this process joins the launched group; otherwise ``job.options["nproc"]``
-    local workers are started. Returns rank 0's results (those written to ``results.json``).
+    local workers are started, each receiving the plugins pickled. Returns rank 0's results (those
+    written to ``results.json``).
 
     Raises:
         ConfigurationError: compression requested with a single worker, or bad options.
         DistributedError: a worker failed or died (the others fail within ``--dist-timeout``).
     """
     opts = compression_options(job)
+    if plugins is None:
+        plugins = [p for p in (training_plugin(job),) if p is not None]
     if launched_by_torchrun():
-        from sturdy.training import resolve_device
-
-        if resolve_device(job.device).type == "cuda":  # one GPU per process: NCCL on cuda:LOCAL_RANK
+        if resolve_device(job.config.device).type == "cuda":  # one GPU per process: NCCL on cuda:LOCAL_RANK
             job = job.replace(device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-        init_from_env(device=job.device, timeout_s=opts["dist_timeout"])
+        init_from_env(device=job.config.device, timeout_s=opts["dist_timeout"])
         try:
-            rank = dist.get_rank()
-            return _train_in_group(job, resume=resume, progress=progress and rank == 0)
+            return fit(job, plugins=plugins, resume=resume, progress=progress and dist.get_rank() == 0).results
         finally:
             dist.destroy_process_group()
     nproc = opts["nproc"]
@@ -234,11 +244,11 @@ def run_distributed_training(job: TrainJob, *, resume: bool = True, progress: bo
         )
     device = _backend_device(job, nproc)
     if opts["compress"] == "vgc":
-        accel.warm_up()  # compile the kernels once here: the workers then load them from numba's cache
+        warm_up()  # compile the kernels once here: the workers then load them from numba's cache
     results = run_local_workers(
         _train_worker,
         nproc=nproc,
-        args=(job.to_dict(), resume, progress),
+        args=(job.to_dict(), tuple(plugins), resume, progress),
         device=device,
         timeout_s=TRAIN_DEADLINE_S,
         collective_timeout_s=opts["dist_timeout"],
@@ -247,52 +257,6 @@ def run_distributed_training(job: TrainJob, *, resume: bool = True, progress: bo
 
 
 # ----------------------------------------------------------------------------- cost model
-
-
-def measure_step_seconds(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-                         batch_size: int, repeats: int = 20) -> float:
-    """Median wall time of forward + backward + SGD step on one batch (after 3 warm-up steps)."""
-    import torch.nn.functional as F
-
-    device = next(model.parameters()).device
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    x, y = images[:batch_size].to(device), labels[:batch_size].to(device)
-    times = []
-    for i in range(repeats + 3):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    model.eval()
-    return pystats.median(times)
-
-
-def measure_codec_seconds(num_elements: int, sent_fraction: float, *, repeats: int = 30) -> float:
-    """Median time of one variance selection + 4-bit encoding + one decode for a gradient of
-    ``num_elements`` with ``sent_fraction`` of the elements passing the test (synthetic values)."""
-    from sturdy.compression import codec
-    from sturdy.compression.compressor import variance_select
-
-    gen = torch.Generator().manual_seed(0)
-    chosen = torch.rand(num_elements, generator=gen) < max(sent_fraction, 1.0 / num_elements)
-    r0 = torch.randn(num_elements, generator=gen)
-    v0 = torch.where(chosen, torch.zeros(()), torch.full((), 1e30))
-    times = []
-    for i in range(repeats + 3):
-        r, v, out = r0.clone(), v0.clone(), torch.zeros(num_elements)
-        t0 = time.perf_counter()
-        selection = variance_select(r, v, alpha=1.0, zeta=0.999, quantize="4bit")
-        codec.decode_add_(out, selection.payload)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return pystats.median(times)
 
 
 def _csv(kind: Callable[[str], Any], name: str) -> Callable[[str], List[Any]]:
@@ -306,10 +270,8 @@ def _csv(kind: Callable[[str], Any], name: str) -> Callable[[str], List[Any]]:
 
 
 def _cmd_costmodel(args: argparse.Namespace) -> int:
-    from sturdy.experiments.train_job import load_job_data
-
     checkpoint = Path(args.checkpoint)
-    model, job = load_trained_model(checkpoint)
+    model, job = load_trained_model(checkpoint, device=resolve_device(args.device))
     ratio = args.ratio
     source = "--ratio"
     results_path = checkpoint.parent / "results.json"
@@ -327,7 +289,7 @@ def _cmd_costmodel(args: argparse.Namespace) -> int:
             )
     torch.set_num_threads(max(1, args.threads))
     train_set, _ = load_job_data(job)
-    compute_s = measure_step_seconds(model, train_set.images, train_set.labels, batch_size=job.batch_size)
+    compute_s = measure_step_seconds(model, train_set.images, train_set.labels, batch_size=job.config.batch_size)
     num_elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dense_bytes = 4 * num_elements
     if args.codec_ms is not None:
@@ -348,7 +310,7 @@ def _cmd_costmodel(args: argparse.Namespace) -> int:
              round(1e3 * p.dense_step_s, 3), round(1e3 * p.compressed_step_s, 3), round(p.speedup, 2)] for p in preds]
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
     print(f"compute {1e3 * compute_s:.3f} ms/step and codec {1e3 * codec_s:.3f} ms/step (measured, batch "
-          f"{job.batch_size}), gradient {dense_bytes} bytes, compression ratio {float(ratio):.1f} from {source}")
+          f"{job.config.batch_size}), gradient {dense_bytes} bytes, compression ratio {float(ratio):.1f} from {source}")
     print("  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
     for r in rows:
         print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
@@ -368,13 +330,11 @@ def _cmd_costmodel(args: argparse.Namespace) -> int:
 
 
 def plot_speedup(preds: Sequence[Any]) -> Any:
-    """Predicted speedup against bandwidth, one line per worker count (a matplotlib figure)."""
-    import matplotlib
+    """Predicted speedup against bandwidth, one line per worker count (a ``matplotlib.figure.Figure``)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig = Figure(figsize=(5.5, 3.6))
+    ax = fig.add_subplot()
     for p in sorted({q.workers for q in preds}):
         pts = sorted((q.bandwidth_gbps, q.speedup) for q in preds if q.workers == p)
         ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=f"{p} workers")
@@ -384,7 +344,6 @@ def plot_speedup(preds: Sequence[Any]) -> Any:
     ax.set_ylabel("predicted speedup vs. allreduce")
     ax.legend()
     fig.tight_layout()
-    plt.close(fig)
     return fig
 
 
@@ -404,6 +363,7 @@ def register_cli(subparsers: Any) -> None:
                    help="encode + decode time per step (default: measured on the checkpoint's gradient size with "
                         "the fraction of elements its run sent)")
     c.add_argument("--threads", type=int, default=1, help="torch threads for the compute measurement")
+    c.add_argument("--device", default="auto", help="device of the compute measurement: auto, cpu, cuda, cuda:N")
     c.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
     c.set_defaults(func=_cmd_costmodel)
 
@@ -414,17 +374,15 @@ def register_cli(subparsers: Any) -> None:
 def _demo_worker(rank: int, world: int, job_dicts: List[Dict[str, Any]]) -> Any:
     out = []
     for job_dict in job_dicts:
-        results = _train_in_group(TrainJob.from_dict(job_dict), resume=False, progress=False)
-        out.append(results)
+        job = TrainJob.from_dict(job_dict)
+        plugin = CompressionPlugin(compression_options(job))
+        out.append(fit(job, plugins=[plugin], resume=False, progress=False).results)
     return out if rank == 0 else None
 
 
 def demo_section(ctx: Any) -> None:
     """A compressed data-parallel run on digits next to the uncompressed one (same seed, same data)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     nproc, epochs = (2, 1) if ctx.quick else (4, 15)
     batch = 16
@@ -432,11 +390,11 @@ def demo_section(ctx: Any) -> None:
                 momentum=0.9, schedule="cosine", seed=ctx.seed, device="cpu")
     methods = ("none", "vgc")
     jobs = [
-        TrainJob(**base, out=str(Path(ctx.out) / "compression" / m),
-                 options={**DEFAULTS, "nproc": nproc, "compress": m}).to_dict()
+        TrainJob.from_dict({**base, "out": str(Path(ctx.out) / "compression" / m),
+                            "options": {**DEFAULTS, "nproc": nproc, "compress": m}}).to_dict()
         for m in methods
     ]
-    accel.warm_up()
+    warm_up()
     t0 = time.perf_counter()
     runs = run_local_workers(_demo_worker, nproc=nproc, args=(jobs,), timeout_s=600.0, collective_timeout_s=120.0)[0]
     seconds = time.perf_counter() - t0
@@ -456,7 +414,8 @@ def demo_section(ctx: Any) -> None:
     ctx.results["compression"] = {"workers": nproc, "epochs": epochs, "model": "mlp", "seconds": seconds,
                                   "runs": summary}
 
-    fig, (ax_acc, ax_sent) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig = Figure(figsize=(9, 3.4))
+    ax_acc, ax_sent = fig.subplots(1, 2)
     for m, s in summary.items():
         ax_acc.plot(range(1, epochs + 1), s["test_accuracy_history"], marker="o", label=m)
         ax_sent.plot(s["elements_sent_per_step"], label=m, lw=1)
@@ -468,7 +427,6 @@ def demo_section(ctx: Any) -> None:
     ax_sent.set_ylabel("elements sent per worker")
     ax_sent.legend()
     fig.tight_layout()
-    plt.close(fig)
 
     sec = ctx.report.section("Gradient compression")
     vgc, plain = summary["vgc"], summary["none"]

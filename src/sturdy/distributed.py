@@ -1,4 +1,5 @@
-"""Start local ``torch.distributed`` workers (gloo on CPU, NCCL on GPU), or join a ``torchrun`` launch.
+"""Local multi-process runs and process lifecycle: start ``torch.distributed`` workers (gloo on CPU, NCCL
+on GPU), join a ``torchrun`` launch, and small collective helpers shared by the parts.
 
 Local runs rendezvous through a :class:`torch.distributed.FileStore` in a fresh temporary folder (no
 port to pick, nothing listening on a network interface) and gloo connects over the loopback
@@ -17,7 +18,7 @@ import socket
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,14 @@ import torch.multiprocessing as mp
 
 from sturdy.errors import ConfigurationError, DistributedError
 
-__all__ = ["launched_by_torchrun", "init_from_env", "run_local_workers", "loopback_interface"]
+__all__ = [
+    "launched_by_torchrun",
+    "init_from_env",
+    "run_local_workers",
+    "loopback_interface",
+    "collective_device",
+    "all_reduce_sum",
+]
 
 GRACE_S = 10.0
 
@@ -55,6 +63,25 @@ def init_from_env(*, device: str = "cpu", timeout_s: float = 300.0) -> None:
     """Initialise the default process group from ``torchrun``'s environment (``env://``)."""
     if not dist.is_initialized():
         dist.init_process_group(_backend(device), timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def collective_device(process_group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """Where tensors of a collective in ``process_group`` must live (the current GPU for NCCL, else the CPU)."""
+    if dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(
+    values: Sequence[Union[int, float]], *, process_group: Optional[dist.ProcessGroup] = None
+) -> List[float]:
+    """Element-wise sum of ``values`` over the ranks of ``process_group``, as float64 (one collective).
+
+    Every rank must pass the same number of values.
+    """
+    t = torch.tensor([float(x) for x in values], dtype=torch.float64, device=collective_device(process_group))
+    dist.all_reduce(t, group=process_group)
+    return t.cpu().tolist()
 
 
 def _worker(

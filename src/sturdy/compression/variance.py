@@ -1,0 +1,156 @@
+"""Variance-based gradient compression (Tsuzuku et al. 2018, DESIGN section 4) as a DDP communication hook.
+
+Usage (every rank)::
+
+    stats = attach_squared_gradient_statistics(model)         # before the first forward
+    ddp = DistributedDataParallel(model)
+    state = VarianceCompressionState(statistics=stats, alpha=4.0)
+    ddp.register_comm_hook(state, variance_hook)
+
+The hook has PyTorch's shape (``hook(state, bucket) -> Future[Tensor]``, after
+``torch/distributed/algorithms/ddp_comm_hooks``): the future's tensor is the bucket's gradient averaged
+over ranks (the sum of every rank's decoded update divided by the world size). Until
+``state.iter >= start_iter`` (default 2: DDP rebuilds its buckets after the first iteration) it runs a
+plain allreduce. Residuals and accumulated variances follow parameters
+(:class:`~sturdy.compression.residual.ResidualState`); traffic is counted by
+:class:`~sturdy.compression.traffic.TrafficMeter`.
+"""
+
+import math
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from sturdy.compression.compressor import Selection, validate_rate, variance_select, warm_up
+from sturdy.compression.exchange import sparse_exchange
+from sturdy.compression.residual import BucketView, ResidualState
+from sturdy.compression.statistics import SquaredGradientStatistics, attach_squared_gradient_statistics
+from sturdy.errors import ConfigurationError, DistributedError
+
+__all__ = ["VarianceCompressionState", "variance_hook"]
+
+
+class VarianceCompressionState(ResidualState):
+    """State of :func:`variance_hook` (DESIGN section 4).
+
+    Args:
+        process_group: the group to communicate in (default: the world).
+        statistics: squared-gradient statistics attached to the model DDP wraps
+            (:func:`~sturdy.compression.statistics.attach_squared_gradient_statistics`); required
+            unless ``alpha == 0``. Also gives parameter names for checkpoints.
+        alpha: send element ``i`` when ``r_i^2 > alpha * v_i``; ``>= 0``. Larger sends less.
+        zeta: decay of ``v`` for elements not sent, in ``[0, 1]``.
+        quantize: ``"4bit"`` (sign + 3-bit exponent relative to the largest sent ``|r|`` of each
+            parameter in the bucket; never rounded up) or ``None`` (float32 values). With ``"4bit"``
+            the constructor loads :mod:`~sturdy.compression.accel`'s compiled kernels when numba is
+            installed (compiling them once, about 10 s, if numba's cache does not hold them yet).
+        start_iter: plain allreduce before this iteration.
+        named_parameters: ``model.named_parameters()`` when ``statistics`` is not given.
+        defer_statistics: build the state before the model exists; :meth:`bind_model` then attaches
+            the statistics (a compressed step without them raises ``DistributedError``).
+        gather: how payloads travel (:mod:`sturdy.compression.collective`). ``"capacity"``: one
+            synchronous round with slots of ``slack`` times the previous step's largest payload, a
+            second round for what does not fit (numerics independent of the mode); ``"exact"``: a size
+            round then a payload round; ``"bounded"``: one asynchronous round of fixed slots, the
+            elements that do not fit stay in the residual (sends at most ``slack`` times the last
+            step's largest wanted payload; not bit-identical across bucket layouts).
+        slack: slot growth factor of ``"capacity"`` and ``"bounded"``, ``>= 1``.
+    """
+
+    kind = "vgc"
+    buffer_kinds = ("residual", "variance", "ever_sent")
+
+    def __init__(
+        self,
+        *,
+        process_group: Optional[dist.ProcessGroup] = None,
+        statistics: Optional[SquaredGradientStatistics] = None,
+        alpha: float = 4.0,
+        zeta: float = 0.999,
+        quantize: Optional[str] = "4bit",
+        start_iter: int = 2,
+        named_parameters: Optional[Iterable[Tuple[str, Tensor]]] = None,
+        defer_statistics: bool = False,
+        gather: str = "capacity",
+        slack: float = 1.25,
+    ) -> None:
+        self.alpha = validate_rate("alpha", alpha, low=0.0, high=math.inf, hint="typical values are 1 to 8")
+        self.zeta = validate_rate("zeta", zeta, low=0.0, high=1.0, hint="typical value 0.999")
+        if quantize not in ("4bit", None):
+            raise ConfigurationError(f"quantize must be '4bit' or None, got {quantize!r}")
+        if statistics is None and self.alpha != 0 and not defer_statistics:
+            raise ConfigurationError(
+                "variance-based compression with alpha > 0 needs squared-gradient statistics: pass "
+                "statistics=attach_squared_gradient_statistics(model), or defer_statistics=True and call "
+                "state.bind_model(model) before training"
+            )
+        if statistics is not None and not isinstance(statistics, SquaredGradientStatistics):
+            raise ConfigurationError(
+                f"statistics must be a SquaredGradientStatistics, got {type(statistics).__name__}"
+            )
+        self.quantize = quantize
+        self.statistics_source = statistics
+        self.value_format = "4bit" if quantize == "4bit" else "float32"
+        if quantize == "4bit":
+            warm_up()  # compile or load the kernels now, not inside the first step's collective
+        super().__init__(
+            process_group=process_group,
+            start_iter=start_iter,
+            named_parameters=named_parameters,
+            parameter_names=statistics.parameter_names if statistics is not None else None,
+            gather=gather,
+            slack=slack,
+        )
+
+    def config(self) -> Dict[str, Any]:
+        return {"start_iter": self.start_iter, "alpha": self.alpha, "zeta": self.zeta, "quantize": self.quantize}
+
+    def bind_model(self, model: nn.Module) -> None:
+        """Attach squared-gradient statistics to ``model`` (the module DDP wraps) and take its names."""
+        if self.statistics_source is None:
+            self.statistics_source = attach_squared_gradient_statistics(model)
+        self._names = dict(self.statistics_source.parameter_names)
+
+    def before_plain_step(self, bucket: dist.GradBucket) -> None:
+        """Drop the statistics of a plain-allreduce step (they are not accumulated before compression starts)."""
+        if self.statistics_source is not None:
+            self.statistics_source.pop_flat(bucket.parameters())
+
+    def _buffers_built(self, index: int, params: Sequence[Tensor]) -> None:
+        # from now on the statistics go straight into the accumulated variance (no storage of their own)
+        if self.statistics_source is not None:
+            variance = self._buffers["variance"][index]
+            for p, seg in zip(params, self._segments[index]):
+                self.statistics_source.route(p, variance[seg.offset : seg.offset + seg.numel])
+
+    def _buffers_dropped(self) -> None:
+        if self.statistics_source is not None:
+            self.statistics_source.clear_routes()
+
+    def select(self, view: BucketView, *, max_bytes: Optional[int] = None) -> Selection:
+        """Send ``i`` iff ``r_i^2 > alpha * v_i`` after adding this step's statistics to ``v``."""
+        variance = view.buffers["variance"]
+        if self.statistics_source is None:
+            if self.alpha != 0:
+                raise DistributedError(
+                    "variance-based compression has no squared-gradient statistics: call state.bind_model(model) "
+                    "with the module DDP wraps before training"
+                )
+        else:
+            self.statistics_source.pop_add_(view.params, variance)
+        return variance_select(
+            view.buffers["residual"],
+            variance,
+            alpha=self.alpha,
+            zeta=self.zeta,
+            quantize=self.quantize,
+            boundaries=view.boundaries,
+            max_bytes=max_bytes,
+        )
+
+
+def variance_hook(state: VarianceCompressionState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """Variance-based gradient compression hook; register with ``ddp.register_comm_hook(state, variance_hook)``."""
+    return sparse_exchange(state, bucket)
