@@ -17,12 +17,9 @@ Conventions:
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import pickle
 import time
-import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
@@ -33,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sturdy.checkpoints import CHECKPOINT_FORMAT, check_state_dict_shapes, load_checkpoint, save_checkpoint
 from sturdy.data import ImageDataset, apply_label_noise
 from sturdy.errors import CheckpointError, ConfigurationError
-from sturdy.utils import atomic_writer
 
 __all__ = [
     "TrainConfig",
@@ -53,9 +50,6 @@ __all__ = [
     "check_state_dict_shapes",
     "CHECKPOINT_FORMAT",
 ]
-
-CHECKPOINT_FORMAT = "sturdy-checkpoint-v1"
-
 
 class Objective(Protocol):
     """A training objective: ``(model, inputs, targets, *, epoch, step) -> (mean loss, clean logits)``.
@@ -220,76 +214,6 @@ def evaluate(
     model.train(was_training)
     n = max(len(dataset), 1)
     return total_loss / n, correct / n
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then a rename.
-
-    An interrupted or failed save (a full disk included, reported as the ``OSError`` it is) leaves
-    the previous checkpoint intact. The checkpoint is serialised in memory first, so file-system
-    errors surface from the plain write rather than from inside torch's archive writer.
-    """
-    buffer = io.BytesIO()
-    torch.save(dict(state), buffer)
-    with atomic_writer(path) as fh:
-        fh.write(buffer.getbuffer())
-
-
-def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` without unpickling code.
-
-    Raises:
-        CheckpointError: the file is missing, corrupt, not a sturdy checkpoint, or contains
-            pickled objects other than tensors and plain containers (refused as unsafe).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {str(path)!r} (expected a model.pt written by `sturdy train`)")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (not a torch.save archive: corrupt, "
-                              "truncated or another kind of file)")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if "global" in ln.lower()]
-        if not lines:  # not a forbidden object: the byte stream itself is broken
-            raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (corrupt or truncated file)") from exc
-        raise CheckpointError(
-            f"refusing to load {str(path)!r}: it holds pickled objects other than tensors and plain containers, "
-            f"which could run code ({lines[0][:160]}); only load checkpoints from sources you trust"
-        ) from exc
-    except (MemoryError, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # noqa: BLE001 - a damaged archive fails inside the unpickler in many ways
-        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-        raise CheckpointError(
-            f"{str(path)!r} is not a readable checkpoint (corrupt or truncated file; {detail})"
-        ) from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a sturdy checkpoint (missing format tag {CHECKPOINT_FORMAT!r})")
-    return state
-
-
-def check_state_dict_shapes(model: nn.Module, state: Mapping[str, Any], *, source: str) -> None:
-    """Refuse ``state`` unless it holds exactly ``model``'s tensors with the same shapes, naming the difference.
-
-    Raises:
-        CheckpointError: missing or unexpected entries, or different shapes (another architecture).
-    """
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    stored = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
-    problems = [f"{k} is {stored[k]} there, {own[k]} here" for k in own if k in stored and stored[k] != own[k]]
-    problems += [f"{k} missing there" for k in own if k not in stored]
-    problems += [f"{k} unexpected" for k in stored if k not in own]
-    if problems:
-        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise CheckpointError(
-            f"{source!r} holds weights of another architecture ({'; '.join(problems[:3])}{more}); use a new "
-            "output folder or --no-resume to start over, or the model settings the checkpoint was made with"
-        )
 
 
 # ----------------------------------------------------------------------------- the loop
