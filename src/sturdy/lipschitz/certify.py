@@ -107,6 +107,37 @@ def certified_radius(logits: torch.Tensor, *, bound: LipschitzBound, form: str =
     return ratio.min(dim=1).values.clamp_min(0.0)
 
 
+def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise ConfigurationError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
+    if x.dim() < 2 or y.shape != x.shape[:1]:
+        raise ConfigurationError(
+            f"x must be a batch (N, ...) and y labels (N,); got x {tuple(x.shape)} and y {tuple(y.shape)}"
+        )
+    if not x.is_floating_point():
+        hint = " (images in 0..255: pass x.float() / 255)" if x.dtype == torch.uint8 else ""
+        raise ConfigurationError(f"x must hold floating-point inputs (images in [0, 1]), got dtype {x.dtype}{hint}")
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ConfigurationError(f"x holds {bad} NaN or inf values; certificates need finite inputs")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ConfigurationError(f"y must hold integer class labels (int64), got dtype {y.dtype}")
+
+
+def _check_labels(y: torch.Tensor, logits: torch.Tensor, n: int) -> None:
+    k = logits.shape[1] if logits.dim() == 2 else None
+    if k is None or logits.shape[0] != n:
+        raise ConfigurationError(
+            f"the model must return logits (N, classes) for N inputs; for {n} inputs it returned shape "
+            f"{tuple(logits.shape)} (does it mix the samples of a batch?)"
+        )
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
+        raise ConfigurationError(
+            f"labels must lie in [0, {k - 1}] for a model with {k} classes, got labels in [{int(y.min())}, "
+            f"{int(y.max())}]"
+        )
+
+
 def certify(
     model: nn.Module,
     x: torch.Tensor,
@@ -131,6 +162,11 @@ def certify(
     Returns:
         A :class:`Certificate`; radius 0 for wrong predictions.
 
+    Raises:
+        ConfigurationError: ``x`` not floating point (e.g. uint8 images in 0..255) or not finite, labels
+            not integers or out of range, ``x`` of another shape than the model (or the bound) takes.
+        UnsupportedModuleError: the model has an operator without a sound rule (named with the reason).
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -141,10 +177,7 @@ def certify(
         >>> round(float(cert.radius[0]), 6)  # (1 - 0) / ||(1, -1)||
         0.707107
     """
-    if x.dim() < 2 or y.shape != x.shape[:1]:
-        raise ConfigurationError(
-            f"x must be a batch (N, ...) and y labels (N,); got x {tuple(x.shape)} and y {tuple(y.shape)}"
-        )
+    _check_data(x, y)
     if batch_size < 1:
         raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
     shape = tuple(input_shape) if input_shape is not None else (1, *x.shape[1:])
@@ -160,6 +193,8 @@ def certify(
     with eval_mode(model), torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
             logits = model(x[start : start + batch_size].to(device=device, dtype=dtype))
+            if start == 0:
+                _check_labels(y, logits, x[start : start + batch_size].shape[0])
             radii.append(certified_radius(logits, bound=bound, form=form))
             preds.append(logits.argmax(dim=1))
     if radii:

@@ -1,13 +1,22 @@
 """Trace a model with ``torch.fx`` and compose per-operator bounds over its graph.
 
-:func:`build_program` traces the model once (modules with a registered rule stay leaves), runs it on
-zeros of the input shape, and asks every input-dependent operator's rule (:mod:`.rules`) for a
-factor, a linear operator or a combinator. :func:`fold_batchnorm` folds a convolution or linear layer
-followed directly by an eval-mode BatchNorm (and used by nothing else) into one operator, which is
-tighter than multiplying the two norms. :func:`compose` then gives every node the bound of the map from
-the model input to that node's output: sequential composition multiplies, residual addition adds,
-concatenation gives ``sqrt(L1^2 + L2^2)``, values that do not depend on the input have none. The same
-composition serves the guaranteed bound (float norms) and the training-time estimate (tensor norms).
+:func:`build_program` traces the model once (modules whose registered rule applies stay leaves; every
+other module, hooks included, is traced into: see :mod:`.registry`), runs it on zeros of the input shape,
+and asks every input-dependent operator's rule (:mod:`.rules`, :mod:`.rules_copy`, :mod:`.rules_layers`)
+for a factor, a linear operator or a combinator. Weights computed in ``forward`` (standardised,
+scaled, reparametrised) are recomputed live from the parameters. :func:`fold_batchnorm` folds a
+convolution or linear layer followed directly by an eval-mode BatchNorm (and used by nothing else) into
+one operator, which is tighter than multiplying the two norms. :func:`compose` then gives every node the
+bound of the map from the model input to that node's output: sequential composition multiplies, residual
+addition adds (a broadcast term counts ``sqrt(copies)``), concatenation gives ``sqrt(L1^2 + L2^2)``,
+values that do not depend on the input have none. The same composition serves the guaranteed bound
+(float norms) and the training-time estimate (tensor norms).
+
+Soundness checks beyond the rules: random operators (and functional dropout/batch norm called with
+``training=True``) are refused; in-place operations are made explicit in the graph (refused when a view
+of the overwritten tensor is used afterwards); the traced graph must reproduce the model's output on
+random inputs, and two runs of the model must agree (randomness hidden in custom code); input-dependent
+integer tensors (indices) are not Lipschitz; global module hooks are refused.
 
 Conventions: L2 norms on flattened per-sample tensors; the model is traced in eval mode (BatchNorm
 running statistics, Dropout off); ``input_shape`` is the shape of one input batch including the batch
@@ -16,16 +25,20 @@ dimension, e.g. ``(1, 1, 8, 8)`` (its batch size is ignored).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
 from torch import nn
 
-from sturdy.errors import ConfigurationError, UnsupportedModuleError
+from sturdy.errors import ConfigurationError, SturdyError, UnsupportedModuleError
+from sturdy.lipschitz import rules, rules_copy, rules_layers  # noqa: F401  (the rules register themselves)
+from sturdy.lipschitz.checks import Live, check_model, check_reproduces, functionalize_inplace, target_name
 from sturdy.lipschitz.operators import BatchNormOp, Conv2dOp, LinearLayerOp, LinearOp
-from sturdy.lipschitz.rules import Combine, Factor, OpCall, find_rule
+from sturdy.lipschitz.registry import Combine, Factor, OpCall, find_rule, is_inplace, rule_refusal
+from sturdy.lipschitz.rules_layers import random_call
 from sturdy.utils import eval_mode
 
 __all__ = [
@@ -51,6 +64,7 @@ class Step:
     factor: float = 1.0
     op: Optional[LinearOp] = None
     op_kind: str = ""
+    weights: Tuple[float, ...] = ()  # per input of a sum/concat (scales, broadcast copies)
 
 
 @dataclass
@@ -88,18 +102,40 @@ def model_dtype_device(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
 
 
 class _Tracer(torch.fx.Tracer):
-    """Treats every module with a registered rule as a leaf (custom layers included)."""
+    """Keeps every module whose registered rule applies as a leaf (custom layers included) and traces into
+    every other module, including ``torch.nn`` layers whose rule does not apply (hooks, overridden forward)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return find_rule(m) is not None or super().is_leaf_module(m, module_qualified_name)
+        if find_rule(m) is not None:
+            return True
+        if rule_refusal(m) is not None or m._forward_hooks or m._forward_pre_hooks:
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except SturdyError:
+            raise
+        except Exception as exc:
+            why = rule_refusal(m)
+            if why is None:
+                raise
+            path = self.path_of_module(m)
+            raise UnsupportedModuleError(
+                f"no Lipschitz bound for {type(m).__name__} at {path!r}: {why}; tracing into it failed "
+                f"({type(exc).__name__}: {exc})",
+                module=m,
+                path=path,
+            ) from exc
 
 
 def trace(model: nn.Module) -> torch.fx.GraphModule:
-    """``torch.fx`` graph of ``model``, every module with a registered rule kept as a leaf."""
+    """``torch.fx`` graph of ``model``, every module with an applicable registered rule kept as a leaf."""
     try:
         graph = _Tracer().trace(model)
         return torch.fx.GraphModule(model, graph)
-    except (MemoryError, torch.cuda.OutOfMemoryError):
+    except (MemoryError, torch.cuda.OutOfMemoryError, SturdyError):
         raise
     except Exception as exc:  # symbolic tracing reports untraceable code as TraceError, TypeError, RuntimeError, ...
         raise UnsupportedModuleError(
@@ -109,29 +145,35 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
         ) from exc
 
 
-def _target_name(node: torch.fx.Node, target: Any) -> str:
-    if isinstance(target, nn.Module):
-        return type(target).__name__
-    if isinstance(target, str):
-        return f"Tensor.{target}"
-    return getattr(target, "__qualname__", getattr(target, "__name__", repr(target)))
-
-
 def build_program(model: nn.Module, input_shape: Sequence[int]) -> Program:
     """Trace ``model`` (in eval mode, restored after) on zeros of ``input_shape`` and apply every operator's rule.
 
     Raises:
-        UnsupportedModuleError: untraceable model, or an operator without a rule (named with its path).
-        ConfigurationError: malformed ``input_shape``.
+        UnsupportedModuleError: untraceable model, an operator without a rule (named with its path), random
+            operators, a traced graph that does not reproduce the model.
+        ConfigurationError: malformed ``input_shape``, a model that cannot run on it, non-finite weights.
     """
     shape = check_input_shape(input_shape)
     dtype, device = model_dtype_device(model)
-    if find_rule(model) is not None:  # a single registered operator: keep it a leaf instead of tracing inside
-        model = nn.Sequential(model)
-    gm = trace(model)
+    check_model(model)
+    root = model
+    if find_rule(model) is not None or model._forward_hooks or model._forward_pre_hooks:
+        root = nn.Sequential(model)  # keep a single registered operator a leaf; run the root's own hooks
+    with eval_mode(model):
+        gm = trace(root)
+        with torch.no_grad():
+            program = _build(gm, root, model, shape, dtype, device)
+        check_reproduces(gm, model, shape, dtype, device)
+    return program
+
+
+def _build(gm: torch.fx.GraphModule, root: nn.Module, model: nn.Module, shape: Tuple[int, ...], dtype: torch.dtype,
+           device: torch.device) -> Program:
     values: Dict[str, Any] = {}
     dependent: Dict[str, bool] = {}
     steps: List[Step] = []
+    live = Live(gm, root)
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise UnsupportedModuleError(
@@ -143,99 +185,149 @@ def build_program(model: nn.Module, input_shape: Sequence[int]) -> Program:
     def load(a: Any) -> Any:
         return torch.fx.node.map_arg(a, lambda n: values[n.name])
 
-    with eval_mode(model), torch.no_grad():
-        for node in gm.graph.nodes:
-            if node.op == "placeholder":
-                values[node.name] = torch.zeros(shape, dtype=dtype, device=device)
-                dependent[node.name] = True
-                steps.append(Step(node.name, "input", (), node.name))
-                continue
-            if node.op == "output":
-                output_node = node
-                continue
-            if node.op == "get_attr":
-                obj: Any = model
-                for part in node.target.split("."):
-                    obj = getattr(obj, part)
-                values[node.name] = obj
-                dependent[node.name] = False
-                steps.append(Step(node.name, "const", (), node.target))
-                continue
-            args, kwargs = load(node.args), load(node.kwargs)
-            if node.op == "call_module":
-                target: Any = model.get_submodule(node.target)
-                values[node.name] = target(*args, **kwargs)
-                path = node.target
-            elif node.op == "call_function":
-                target = node.target
-                values[node.name] = target(*args, **kwargs)
-                path = node.name
-            else:  # call_method
-                target = node.target
-                values[node.name] = getattr(args[0], target)(*args[1:], **kwargs)
-                path = node.name
-            dep_inputs = [n for n in node.all_input_nodes if dependent[n.name]]
-            if not dep_inputs or not _has_tensor(values[node.name]):  # constants, sizes, shapes
-                dependent[node.name] = False
-                steps.append(Step(node.name, "const", (), path))
-                continue
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            values[node.name] = torch.zeros(shape, dtype=dtype, device=device)
             dependent[node.name] = True
-            occurrences: List[torch.fx.Node] = []  # every use, so that x + x counts twice
-            torch.fx.node.map_arg((node.args, node.kwargs), occurrences.append)
-            dep_inputs = [n for n in occurrences if dependent[n.name]]
-            dep_positions = tuple(
-                i for i, a in enumerate(node.args)
-                if isinstance(a, torch.fx.Node) and dependent[a.name]
-            )
-            rule = find_rule(target)
-            if rule is None:
-                raise UnsupportedModuleError(
-                    f"no Lipschitz bound registered for {_target_name(node, target)} at {path!r}; register one with "
-                    "@sturdy.lipschitz.register_bound or replace the operator",
-                    module=target,
-                    path=path,
-                )
-            main = dep_inputs[0]
-            main_val = values[main.name]
-            call = OpCall(
-                target=target,
+            steps.append(Step(node.name, "input", (), node.name))
+            continue
+        if node.op == "output":
+            output_node = node
+            continue
+        if node.op == "get_attr":
+            values[node.name] = live.value(node)
+            dependent[node.name] = False
+            steps.append(Step(node.name, "const", (), node.target))
+            continue
+        args, kwargs = load(node.args), load(node.kwargs)
+        if node.op == "call_module":
+            target: Any = root.get_submodule(node.target)
+            path = node.target
+        else:
+            target, path = node.target, node.name
+        reason = random_call(target, args, kwargs)
+        if reason is not None:
+            raise UnsupportedModuleError(
+                f"{target_name(node, target)} at {path!r} is random in eval mode ({reason}), so the model's "
+                "predictions are random and cannot be certified",
+                module=target,
                 path=path,
-                args=tuple(args),
-                kwargs=dict(kwargs),
-                input_shape=tuple(main_val.shape) if isinstance(main_val, torch.Tensor) else None,
-                output=values[node.name],
-                dependent_args=dep_positions,
             )
-            result = rule(call)
-            names = tuple(n.name for n in dep_inputs)
-            if isinstance(result, Combine):
-                steps.append(Step(node.name, result.how, names, path))
-                continue
-            if len(dep_inputs) != 1:
+        dep_inputs = [n for n in node.all_input_nodes if dependent[n.name]]
+        inplace = bool(dep_inputs) and is_inplace(target, kwargs)
+        values[node.name] = _run(node, target, path, args, kwargs, shape)
+        if not dep_inputs or not _has_tensor(values[node.name]):  # constants, sizes, shapes
+            dependent[node.name] = False
+            steps.append(Step(node.name, "const", (), path))
+            continue
+        dependent[node.name] = True
+        occurrences: List[torch.fx.Node] = []  # every use, so that x + x counts twice
+        torch.fx.node.map_arg((node.args, node.kwargs), occurrences.append)
+        dep_inputs = [n for n in occurrences if dependent[n.name]]
+        for n in dep_inputs:
+            v = values[n.name]
+            if isinstance(v, torch.Tensor) and not (v.is_floating_point() or v.is_complex()):
                 raise UnsupportedModuleError(
-                    f"{_target_name(node, target)} at {path!r} depends on the input through {len(dep_inputs)} "
-                    "arguments; only single-input operators, sums and concatenations are supported",
+                    f"{target_name(node, target)} at {path!r} uses {n.name!r}, an input-dependent {v.dtype} tensor "
+                    "(e.g. indices of a max, a comparison): not Lipschitz; use only the values",
                     module=target,
                     path=path,
                 )
-            if isinstance(result, Factor):
-                steps.append(Step(node.name, "factor", names, path, factor=float(result.value), op_kind=result.kind))
-            elif isinstance(result, LinearOp):
-                steps.append(Step(node.name, "op", names, path, op=result, op_kind=result.kind))
-            else:
-                raise TypeError(f"rule for {_target_name(node, target)} returned {type(result).__name__}")
+        dep_positions = tuple(
+            i for i, a in enumerate(node.args)
+            if isinstance(a, torch.fx.Node) and dependent[a.name]
+        )
+        rule = find_rule(target)
+        if rule is None:
+            raise UnsupportedModuleError(
+                f"no Lipschitz bound registered for {target_name(node, target)} at {path!r}; register one with "
+                "@sturdy.lipschitz.register_bound or replace the operator",
+                module=target,
+                path=path,
+            )
+        main_val = values[dep_inputs[0].name]
+
+        def live_arg(index: int, name: str, node: torch.fx.Node = node) -> Callable[[], Any]:
+            a = node.args[index] if index < len(node.args) else node.kwargs.get(name)
+            return live.thunk(a)
+
+        call = OpCall(
+            target=target,
+            path=path,
+            args=tuple(args),
+            kwargs=dict(kwargs),
+            input_shape=tuple(main_val.shape) if isinstance(main_val, torch.Tensor) else None,
+            output=values[node.name],
+            dependent_args=dep_positions,
+            live=live_arg,
+        )
+        result = rule(call)
+        names = tuple(n.name for n in dep_inputs)
+        contraction = (isinstance(result, Factor) and result.value <= 1.0) or (
+            isinstance(result, Combine) and len(dep_inputs) == 1 and all(w <= 1.0 for w in result.weights or (1.0,)))
+        if inplace:
+            functionalize_inplace(node, target, path, values, dependent, order, contraction)
+        if isinstance(result, Combine):
+            weights = [1.0] * len(names) if result.weights is None else list(result.weights)
+            if len(weights) != len(names):
+                raise UnsupportedModuleError(
+                    f"{target_name(node, target)} at {path!r}: cannot match its input-dependent arguments",
+                    module=target, path=path,
+                )
+            out = values[node.name]
+            for i, n in enumerate(dep_inputs):  # a broadcast input is copied numel(out) / numel(input) times
+                v = values[n.name]
+                if isinstance(out, torch.Tensor) and isinstance(v, torch.Tensor) and v.numel() and result.how == "sum":
+                    weights[i] *= math.sqrt(out.numel() / v.numel())
+            steps.append(Step(node.name, result.how, names, path, weights=tuple(weights)))
+            continue
+        if len(dep_inputs) != 1:
+            raise UnsupportedModuleError(
+                f"{target_name(node, target)} at {path!r} depends on the input through {len(dep_inputs)} "
+                "arguments; only single-input operators, sums and concatenations are supported",
+                module=target,
+                path=path,
+            )
+        if isinstance(result, Factor):
+            steps.append(Step(node.name, "factor", names, path, factor=float(result.value), op_kind=result.kind))
+        elif isinstance(result, LinearOp):
+            steps.append(Step(node.name, "op", names, path, op=result, op_kind=result.kind))
+        else:
+            raise TypeError(f"rule for {target_name(node, target)} returned {type(result).__name__}")
 
     assert output_node is not None
     out_arg = output_node.args[0]
-    if not isinstance(out_arg, torch.fx.Node) or not isinstance(values[out_arg.name], torch.Tensor):
+    out_val = values.get(out_arg.name) if isinstance(out_arg, torch.fx.Node) else None
+    if not isinstance(out_val, torch.Tensor) or not out_val.is_floating_point():
         raise UnsupportedModuleError(
-            f"{type(model).__name__} must return one logits tensor; it returns {type(out_arg).__name__}", module=model
+            f"{type(model).__name__} must return one floating-point logits tensor; it returns "
+            f"{type(out_val).__name__ if out_val is not None else type(out_arg).__name__}",
+            module=model,
         )
     fold_batchnorm(steps, gm)
     by_name = {s.name: s for s in steps}
     out_step = by_name[out_arg.name]
-    last = out_step if out_step.kind == "op" and isinstance(out_step.op, LinearLayerOp) else None
+    last = None
+    if out_step.kind == "op" and isinstance(out_step.op, LinearLayerOp) and out_val.dim() == 2:
+        feeds = values[out_step.inputs[0]]
+        last = out_step if isinstance(feeds, torch.Tensor) and feeds.dim() == 2 else None
     return Program(steps, out_arg.name, last, shape)
+
+
+def _run(node: torch.fx.Node, target: Any, path: str, args: Any, kwargs: Any, shape: Tuple[int, ...]) -> Any:
+    try:
+        if node.op == "call_module":
+            return target(*args, **kwargs)
+        if node.op == "call_function":
+            return target(*args, **kwargs)
+        return getattr(args[0], target)(*args[1:], **kwargs)
+    except (MemoryError, torch.cuda.OutOfMemoryError, SturdyError):
+        raise
+    except Exception as exc:  # the model itself fails on this shape: say where, keep PyTorch's words
+        raise ConfigurationError(
+            f"the model cannot run on inputs of shape {shape} (input_shape includes the batch dimension): "
+            f"{target_name(node, target)} at {path!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _has_tensor(value: Any) -> bool:
@@ -282,13 +374,13 @@ def compose(program: Program, norms: Dict[str, Any], one: Any) -> Dict[str, Opti
         elif s.kind == "op":
             bound[s.name] = bound[s.inputs[0]] * norms[s.name]
         elif s.kind == "sum":
-            parts = [bound[i] for i in s.inputs if bound[i] is not None]
+            parts = _weighted(s, bound)
             total = parts[0]
             for p in parts[1:]:
                 total = total + p
             bound[s.name] = total
         elif s.kind == "concat":
-            parts = [bound[i] for i in s.inputs if bound[i] is not None]
+            parts = _weighted(s, bound)
             sq = parts[0] * parts[0]
             for p in parts[1:]:
                 sq = sq + p * p
@@ -296,3 +388,8 @@ def compose(program: Program, norms: Dict[str, Any], one: Any) -> Dict[str, Opti
         else:  # pragma: no cover - internal
             raise AssertionError(s.kind)
     return bound
+
+
+def _weighted(step: Step, bound: Dict[str, Any]) -> List[Any]:
+    weights = step.weights or (1.0,) * len(step.inputs)
+    return [bound[i] * w if w != 1.0 else bound[i] for i, w in zip(step.inputs, weights) if bound[i] is not None]

@@ -17,7 +17,6 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from sturdy.errors import UnsupportedModuleError
 from sturdy.lipschitz.norms import DENSE_SAFETY, conv2d_fft_norm, dense_spectral_norm, padding_multiplicity
@@ -28,6 +27,9 @@ __all__ = [
     "Conv2dOp",
     "BatchNormOp",
     "FunctionOp",
+    "ScaleOp",
+    "Conv1dOp",
+    "ConvTranspose2dOp",
     "pair",
     "conv_pads",
 ]
@@ -182,6 +184,7 @@ class Conv2dOp(LinearOp):
         out_scale: Optional[Callable[[], torch.Tensor]] = None,
     ) -> None:
         super().__init__(in_shape)
+        self._hw: Tuple[int, int] = (int(self.in_shape[-2]), int(self.in_shape[-1]))
         self._weight = weight
         self.stride = pair(stride)
         self.dilation = pair(dilation)
@@ -216,7 +219,7 @@ class Conv2dOp(LinearOp):
         lh, rh, lw, rw = self.pads
         if not (self.padding_mode == "zeros" and lh == rh and lw == rw):
             return super().adjoint(y, weight)
-        h, w_ = self.in_shape[-2:]
+        h, w_ = self._hw
         out_pad = []
         for size, out, s, p, d, k in zip(
             (h, w_), y.shape[-2:], self.stride, (lh, lw), self.dilation, self.kernel
@@ -227,7 +230,7 @@ class Conv2dOp(LinearOp):
 
     def structured_upper(self) -> Optional[Tuple[float, str]]:
         w = self.weight().detach().to(torch.float64)
-        h, w_ = self.in_shape[-2:]
+        h, w_ = self._hw
         lh, rh, lw, rw = self.pads
         if self.padding_mode == "zeros":
             norm = conv2d_fft_norm(w, input_hw=(h, w_), pads=self.pads, dilation=self.dilation, groups=self.groups,
@@ -254,9 +257,15 @@ class BatchNormOp(LinearOp):
     kind = "batchnorm"
     parametric = True
 
-    def __init__(self, module: nn.modules.batchnorm._BatchNorm, in_shape: Sequence[int]) -> None:
+    def __init__(self, module: Any, in_shape: Sequence[int]) -> None:
         super().__init__(in_shape)
         self.module = module
+
+    @classmethod
+    def from_live(cls, *, var: Callable[[], torch.Tensor], weight: Optional[Callable[[], torch.Tensor]], eps: float,
+                  in_shape: Sequence[int]) -> BatchNormOp:
+        """The functional form (``F.batch_norm``): running variance and weight read live."""
+        return cls(_LiveBatchNorm(var, weight, eps), in_shape)
 
     def scale(self) -> torch.Tensor:
         m = self.module
@@ -280,6 +289,21 @@ class BatchNormOp(LinearOp):
 
     def param_device(self) -> torch.device:
         return self.module.running_var.device
+
+
+class _LiveBatchNorm:
+    """The attributes of a BatchNorm module that :class:`BatchNormOp` reads, from live functions."""
+
+    def __init__(self, var: Callable[[], torch.Tensor], weight: Optional[Callable[[], torch.Tensor]], eps: float):
+        self._var, self._weight, self.eps = var, weight, eps
+
+    @property
+    def running_var(self) -> torch.Tensor:
+        return self._var()
+
+    @property
+    def weight(self) -> Optional[torch.Tensor]:
+        return None if self._weight is None else self._weight()
 
 
 class FunctionOp(LinearOp):
@@ -314,3 +338,115 @@ class FunctionOp(LinearOp):
 
     def param_device(self) -> torch.device:
         return self._dev
+
+
+class ScaleOp(LinearOp):
+    """Elementwise scaling ``x -> x * c`` (or ``x / c``) by a constant tensor ``c`` that may broadcast ``x``.
+
+    Exact norm (closed form, differentiable in ``c``): with ``x_j`` copied to the output entries ``k``
+    of its broadcast, ``||A||_2 = sqrt(max_j sum_{k -> j} c_k^2)``.
+    """
+
+    kind = "scale"
+    parametric = True
+
+    def __init__(self, scale: Callable[[], torch.Tensor], in_shape: Sequence[int], out_shape: Sequence[int], *,
+                 divide: bool = False) -> None:
+        # shapes include the batch dimension (1) so that broadcasting against c is exact
+        super().__init__(tuple(in_shape)[1:])
+        self._scale = scale
+        self.full_in = tuple(int(v) for v in in_shape)
+        self.full_out = tuple(int(v) for v in out_shape)
+        self.divide = divide
+
+    def factor(self) -> torch.Tensor:
+        c = self._scale()
+        return 1.0 / c if self.divide else c
+
+    def apply(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        c = self.factor().to(x.dtype)
+        out = x * c
+        return out if out.shape[0] == x.shape[0] else out.expand(x.shape[0], *out.shape[1:])
+
+    def closed_form_norm(self) -> Optional[torch.Tensor]:
+        c = self.factor()
+        sq = (c * c).expand(self.full_out).sum_to_size(self.full_in)
+        return sq.max().sqrt()
+
+    def param_dtype(self) -> torch.dtype:
+        return self._scale().dtype
+
+    def param_device(self) -> torch.device:
+        return self._scale().device
+
+
+class Conv1dOp(Conv2dOp):
+    """A 1-D convolution on inputs ``(C, L)``: the 2-D convolution of height 1 (same bounds, same folding)."""
+
+    kind = "conv1d"
+
+    def __init__(self, weight: Callable[[], torch.Tensor], *, in_shape: Sequence[int], stride: Any = 1,
+                 padding: Any = 0, dilation: Any = 1, groups: int = 1, padding_mode: str = "zeros") -> None:
+        c, length = (int(v) for v in in_shape)
+        if isinstance(padding, str):
+            pad2d: Any = padding
+        else:
+            pad2d = (0, int(padding))
+        super().__init__(lambda: weight().unsqueeze(2), in_shape=(c, 1, length), stride=(1, int(stride)),
+                         padding=pad2d, dilation=(1, int(dilation)), groups=groups, padding_mode=padding_mode)
+        self.in_shape = (c, length)
+
+    def apply(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return super().apply(x.unsqueeze(-2), weight).squeeze(-2)
+
+    def adjoint(self, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        lh, rh, lw, rw = self.pads
+        if not (self.padding_mode == "zeros" and lw == rw):
+            return LinearOp.adjoint(self, y, weight)
+        return super().adjoint(y.unsqueeze(-2), weight).squeeze(-2)
+
+
+class ConvTranspose2dOp(LinearOp):
+    """A transposed 2-D convolution on inputs ``(C_in, H, W)`` with outputs ``(C_out, H', W')``.
+
+    It is the adjoint of the convolution with the same weight, stride, padding, dilation and groups on
+    inputs of the output shape (``output_padding`` only adds output rows/columns the convolution does not
+    read), so both have the same norm: the structured bound is that convolution's FFT bound.
+    """
+
+    kind = "conv_transpose2d"
+    parametric = True
+
+    def __init__(self, weight: Callable[[], torch.Tensor], *, in_shape: Sequence[int], out_shape: Sequence[int],
+                 stride: Any = 1, padding: Any = 0, output_padding: Any = 0, dilation: Any = 1, groups: int = 1):
+        super().__init__(in_shape)
+        self._weight = weight
+        self.out_shape = tuple(int(v) for v in out_shape)
+        self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
+        self.output_padding, self.groups = pair(output_padding), int(groups)
+
+    def weight(self) -> torch.Tensor:
+        return self._weight()
+
+    def apply(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w = (self.weight() if weight is None else weight).to(x.dtype)
+        return F.conv_transpose2d(x, w, None, self.stride, self.padding, self.output_padding, self.groups,
+                                  self.dilation)
+
+    def adjoint(self, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w = (self.weight() if weight is None else weight).to(y.dtype)
+        x = F.conv2d(y, w, None, self.stride, self.padding, self.dilation, self.groups)
+        return x[..., : self.in_shape[-2], : self.in_shape[-1]]
+
+    def structured_upper(self) -> Optional[Tuple[float, str]]:
+        w = self.weight().detach().to(torch.float64)
+        ph, pw = self.padding
+        norm = conv2d_fft_norm(w, input_hw=(self.out_shape[-2], self.out_shape[-1]), pads=(ph, ph, pw, pw),
+                               dilation=self.dilation, groups=self.groups, stride=self.stride)
+        return norm, "fft"
+
+    def param_dtype(self) -> torch.dtype:
+        return self._weight().dtype
+
+    def param_device(self) -> torch.device:
+        return self._weight().device

@@ -1,6 +1,6 @@
-"""Per-operator Lipschitz rules and the registry that maps operators to them.
+"""Per-operator Lipschitz rules of the common layers (the registry itself is :mod:`.registry`).
 
-Every operator of a traced model is looked up in a registry keyed by module class (``nn.Conv2d``),
+Every operator of a traced model is looked up in the registry, keyed by module class (``nn.Conv2d``),
 function (``F.relu``, ``torch.flatten``, ``operator.add``) or tensor-method name (``"view"``), and
 its rule returns one of:
 
@@ -19,23 +19,34 @@ New rules are added with :func:`register_bound`::
         return Factor(2.0)
 
 Conventions: L2 norm on the flattened per-sample tensors; BatchNorm in eval mode (running
-statistics); Dropout is the identity (eval mode).
+statistics); Dropout modules are the identity (eval mode). More rules: :mod:`.rules_copy` (indexing,
+padding, expanding: data movement, bounded by the multiplicity of copies) and :mod:`.rules_layers`.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Hashable
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sturdy.errors import UnsupportedModuleError
-from sturdy.lipschitz.operators import BatchNormOp, Conv2dOp, FunctionOp, LinearLayerOp, LinearOp, pair
+from sturdy.errors import ConfigurationError, UnsupportedModuleError
+from sturdy.lipschitz.operators import BatchNormOp, Conv2dOp, FunctionOp, LinearLayerOp, ScaleOp, pair
+from sturdy.lipschitz.registry import (
+    CONCAT,
+    SUM,
+    Combine,
+    Factor,
+    OpCall,
+    Rule,
+    find_rule,
+    register_bound,
+    rule_refusal,
+    unregister_bound,
+)
 
 __all__ = [
     "OpCall",
@@ -47,114 +58,13 @@ __all__ = [
     "register_bound",
     "unregister_bound",
     "find_rule",
+    "rule_refusal",
     "GELU_MAX_SLOPE",
     "SILU_MAX_SLOPE",
 ]
 
 GELU_MAX_SLOPE = 1.13  # max_x d/dx [x Phi(x)] = 1.1289..., rounded up
 SILU_MAX_SLOPE = 1.1  # max_x d/dx [x sigmoid(x)] = 1.0998..., rounded up
-
-
-@dataclass(frozen=True)
-class OpCall:
-    """One call of an operator in a traced model, as seen by a rule.
-
-    Attributes:
-        target: the module instance (``call_module``), function, or method name.
-        path: qualified module name inside the model (e.g. ``"features.3"``) or the graph node name.
-        args: positional arguments with graph values replaced by example values (tensors of the
-            traced input shape, batch size 1).
-        kwargs: keyword arguments, same convention.
-        input_shape: shape of the operator's input tensor that depends on the model input, or ``None``.
-        output: example output value.
-        dependent_args: positions in ``args`` whose value depends on the model input.
-    """
-
-    target: Any
-    path: str
-    args: Tuple[Any, ...]
-    kwargs: Dict[str, Any]
-    input_shape: Optional[Tuple[int, ...]]
-    output: Any
-    dependent_args: Tuple[int, ...] = ()
-
-    @property
-    def module(self) -> Optional[nn.Module]:
-        return self.target if isinstance(self.target, nn.Module) else None
-
-    def arg(self, index: int, name: str, default: Any = None) -> Any:
-        """Argument by position or keyword (functional forms accept both)."""
-        if len(self.args) > index:
-            return self.args[index]
-        return self.kwargs.get(name, default)
-
-
-@dataclass(frozen=True)
-class Factor:
-    """A constant L2 Lipschitz factor of a single-input operator."""
-
-    value: float
-    kind: str = "factor"
-
-
-@dataclass(frozen=True)
-class Combine:
-    """Combinator of several inputs: ``"sum"`` (L = sum L_i) or ``"concat"`` (L = sqrt(sum L_i^2))."""
-
-    how: str
-
-
-SUM = Combine("sum")
-CONCAT = Combine("concat")
-
-
-Rule = Callable[[OpCall], Union[Factor, LinearOp, Combine]]
-_REGISTRY: Dict[Any, Rule] = {}
-
-
-def register_bound(*targets: Any) -> Callable[[Rule], Rule]:
-    """Register a Lipschitz rule for module classes, functions, or tensor-method names.
-
-    Module classes match their subclasses too (the most derived registration wins).
-
-    Example:
-        >>> from torch import nn
-        >>> class Doubler(nn.Module):
-        ...     def forward(self, x):
-        ...         return 2 * x
-        >>> @register_bound(Doubler)
-        ... def _doubler(call):
-        ...     return Factor(2.0)
-        >>> find_rule(Doubler()) is _doubler
-        True
-    """
-    if not targets:
-        raise TypeError("register_bound needs at least one module class, function or method name")
-
-    def deco(rule: Rule) -> Rule:
-        for t in targets:
-            _REGISTRY[t] = rule
-        return rule
-
-    return deco
-
-
-def find_rule(target: Any) -> Optional[Rule]:
-    """The registered rule for a module instance, function, or method name, or ``None``."""
-    if isinstance(target, nn.Module):
-        for cls in type(target).__mro__:
-            if cls in _REGISTRY:
-                return _REGISTRY[cls]
-        return None
-    if not isinstance(target, Hashable):
-        return None
-    return _REGISTRY.get(target)
-
-
-def unregister_bound(*targets: Any) -> None:
-    """Remove the rules registered for ``targets`` (a no-op for targets without a rule)."""
-    for t in targets:
-        _REGISTRY.pop(t, None)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -220,14 +130,16 @@ def _elu(call: OpCall) -> Factor:
 
 
 @register_bound(
-    nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout2d, nn.Unflatten,
-    torch.flatten, F.dropout, F.dropout2d, torch.reshape, torch.squeeze, torch.unsqueeze,
-    torch.permute, torch.transpose, torch.clone, operator.getitem, operator.pos,
+    nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, torch.clone,
+    torch.movedim, torch.swapaxes, torch.t, operator.pos,
     "view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "permute", "transpose",
-    "clone", "view_as", "reshape_as",
+    "clone", "view_as", "reshape_as", "movedim", "swapaxes", "t", "detach",
 )
 def _isometry(call: OpCall) -> Factor:
-    # reshapes and permutations preserve the L2 norm; getitem/crop is a projection; dropout is eval-mode identity
+    # reshapes and permutations preserve the L2 norm; the Dropout modules are the identity in eval mode
+    # (their forward reads self.training); functional dropout is checked in rules_layers
     return Factor(1.0, "reshape")
 
 
@@ -236,11 +148,19 @@ def _neg(call: OpCall) -> Factor:
     return Factor(1.0, "reshape")
 
 
-@register_bound(operator.add, torch.add, "add", operator.sub, torch.sub, "sub", operator.iadd)
+@register_bound(
+    operator.add, torch.add, "add", operator.sub, torch.sub, "sub", operator.iadd, operator.isub, "add_", "sub_",
+)
 def _add(call: OpCall) -> Combine:
-    if call.kwargs.get("alpha", 1) != 1:
-        raise _unsupported(call, "add/sub with alpha != 1; write a + alpha * b instead")
-    return SUM
+    # sums add the bounds of their input-dependent terms (the graph multiplies a broadcast term by
+    # sqrt(copies)); alpha scales the second term
+    alpha = call.kwargs.get("alpha", 1)
+    if isinstance(alpha, torch.Tensor) or not math.isfinite(float(alpha)):
+        raise _unsupported(call, "alpha must be a finite number")
+    weights = tuple(abs(float(alpha)) if i == 1 else 1.0 for i in call.dependent_args)
+    if "other" in call.kwargs and isinstance(call.kwargs["other"], torch.Tensor) and len(call.dependent_args) < 2:
+        weights = weights + (abs(float(alpha)),)
+    return Combine("sum", weights)
 
 
 @register_bound(torch.cat, torch.concat)
@@ -248,19 +168,30 @@ def _cat(call: OpCall) -> Combine:
     return CONCAT
 
 
-@register_bound(operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div")
-def _scale(call: OpCall) -> Factor:
+@register_bound(
+    operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div", operator.imul, operator.itruediv, "mul_",
+    "div_",
+)
+def _scale(call: OpCall) -> Any:
     # graph.build_program guarantees exactly one input-dependent argument; the other one is constant
-    divide = call.target in (operator.truediv, torch.div, "div")
+    divide = call.target in (operator.truediv, torch.div, "div", operator.itruediv, "div_")
     if call.dependent_args != (0,) and divide:
         raise _unsupported(call, "division by an input-dependent tensor is not Lipschitz")
-    const = call.args[1] if call.dependent_args == (0,) else call.args[0]
-    c = const.detach().abs() if isinstance(const, torch.Tensor) else torch.tensor(abs(float(const)))
-    if divide:
-        if float(c.min()) == 0.0:
+    if divide and call.kwargs.get("rounding_mode") is not None:
+        raise _unsupported(call, "rounded division is not Lipschitz")
+    index = 1 if call.dependent_args == (0,) else 0
+    const = call.arg(index, "other")
+    x = call.args[call.dependent_args[0]] if call.dependent_args else call.args[0]
+    if isinstance(const, torch.Tensor):
+        if not bool(torch.isfinite(const).all()):
+            raise _unsupported(call, "the constant factor holds NaN or inf values")
+        if divide and bool((const == 0).any()):
             raise _unsupported(call, "division by zero")
-        return Factor(float((1.0 / c).max()), "scale")
-    return Factor(float(c.max()), "scale")
+        return ScaleOp(call.live_arg(index, "other"), tuple(x.shape), tuple(call.output.shape), divide=divide)
+    c = abs(float(const))
+    if not math.isfinite(c) or (divide and c == 0.0):
+        raise _unsupported(call, f"scaling by {const!r}")
+    return Factor(1.0 / c if divide else c, "scale")
 
 
 def _window_cover(n: int, windows: Sequence[Tuple[int, Sequence[int]]]) -> int:
@@ -359,10 +290,23 @@ def _linear(call: OpCall) -> LinearLayerOp:
     return LinearLayerOp(_live_param(module, "weight"))
 
 
-@register_bound(nn.Conv2d)
+def check_batched(call: OpCall, dims: int) -> None:
+    """Refuse an input without the batch dimension (PyTorch layers accept unbatched inputs silently)."""
+    shape = call.input_shape
+    if shape is None or len(shape) != dims:
+        target = call.target
+        name = type(target).__name__ if isinstance(target, nn.Module) else getattr(target, "__name__", str(target))
+        raise ConfigurationError(
+            f"{name} at {call.path!r} needs a {dims}-D input (batch, channels, ...) but gets shape {shape}; "
+            "input_shape must include the batch dimension, e.g. (1, C, H, W) for images"
+        )
+
+
+@register_bound(nn.Conv2d, computes=("_conv_forward",))
 def _conv2d(call: OpCall) -> Conv2dOp:
     m = call.module
     assert m is not None
+    check_batched(call, 4)
     if m.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
         raise _unsupported(call, f"padding_mode {m.padding_mode!r}")
     in_shape = _per_sample(call.input_shape)
@@ -390,22 +334,28 @@ def _batchnorm(call: OpCall) -> BatchNormOp:
     return BatchNormOp(m, _per_sample(call.input_shape))
 
 
-def _parameter_arg(call: OpCall, index: int, name: str) -> Callable[[], torch.Tensor]:
+def weight_arg(call: OpCall, index: int, name: str) -> Callable[[], torch.Tensor]:
+    """Live value of a weight argument (a parameter, or a tensor computed from parameters in ``forward``)."""
+    if index in call.dependent_args:
+        raise _unsupported(call, f"the {name} depends on the input")
     w = call.arg(index, name)
-    if not isinstance(w, nn.Parameter):
-        raise _unsupported(call, f"the {name} must be a parameter of the model (a computed {name} has no live bound)")
-    return lambda: w
+    if not isinstance(w, torch.Tensor):
+        raise _unsupported(call, f"the {name} must be a tensor, got {type(w).__name__}")
+    if not bool(torch.isfinite(w).all()):
+        raise ConfigurationError(f"the {name} of {call.path!r} holds NaN or inf values; a bound needs finite weights")
+    return call.live_arg(index, name)
 
 
-@register_bound(F.linear)
+@register_bound(F.linear, torch._C._nn.linear)
 def _functional_linear(call: OpCall) -> LinearLayerOp:
-    return LinearLayerOp(_parameter_arg(call, 1, "weight"))
+    return LinearLayerOp(weight_arg(call, 1, "weight"))
 
 
 @register_bound(F.conv2d, torch.conv2d)
 def _functional_conv2d(call: OpCall) -> Conv2dOp:
+    check_batched(call, 4)
     return Conv2dOp(
-        _parameter_arg(call, 1, "weight"),
+        weight_arg(call, 1, "weight"),
         in_shape=_per_sample(call.input_shape),
         stride=call.arg(3, "stride", 1),
         padding=call.arg(4, "padding", 0),
