@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 
@@ -54,14 +55,16 @@ def test_exhaustive_search_equals_brute_force(shape, norm, wave, eps):
     assert report.fooling_rate == expected
 
 
-def test_halving_reaches_95_percent_of_exhaustive_with_fewer_queries(trained_cnn, digits):
+@pytest.mark.parametrize("search", ["staged", "halving"])
+def test_default_searches_reach_95_percent_of_exhaustive_with_fewer_queries(trained_cnn, digits, search):
     _, test = digits
     x = test.images[:200]
     exhaustive = single_fourier_attack(trained_cnn, x, eps=2.0, search="exhaustive")
-    halving = single_fourier_attack(trained_cnn, x, eps=2.0)
-    assert halving.search == "halving" and exhaustive.fooling_rate > 0.3
+    halving = single_fourier_attack(trained_cnn, x, eps=2.0, search=search)
+    default = inspect.signature(single_fourier_attack).parameters["search"].default
+    assert default == "staged" and exhaustive.fooling_rate > 0.3
     assert halving.fooling_rate >= HALVING_MIN_RATIO * exhaustive.fooling_rate
-    assert halving.queries < 0.5 * exhaustive.queries
+    assert halving.queries < (0.25 if search == "staged" else 0.5) * exhaustive.queries
     held_out = evaluate_perturbation(trained_cnn, halving.delta, test.images[200:], test.labels[200:], shifts=2)
     assert held_out.fooling_rate > 0.2 and held_out.shifts == 2 and held_out.shifted_fooling_rate is not None
 
@@ -96,15 +99,41 @@ def test_attack_reads_only_predicted_labels():
     )
 
 
-def test_max_queries_is_respected():
+class _QueryCounter(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.images = 0
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("search", ["staged", "halving", "random"])
+@pytest.mark.parametrize("budget", [700, 3000, 9000])
+def test_max_queries_is_never_exceeded_and_reported_exactly(search, budget):
+    """The reported queries are the model's image evaluations, and never more than max_queries."""
+    x = torch.rand(40, 1, 6, 6, dtype=torch.float64)
+    model = _QueryCounter(tiny_cnn((1, 6, 6)))
+    result = single_fourier_attack(model, x, eps=1.0, max_queries=budget, search=search)
+    assert result.queries == model.images <= budget
+    assert result.max_queries == budget and result.to_dict()["max_queries"] == budget
+    if search != "halving":  # staged and random fit their sizes to the budget: most of it is used
+        assert result.queries >= 0.5 * min(budget, result.exhaustive_queries)
+
+
+def test_max_queries_errors():
     x = torch.rand(40, 1, 6, 6, dtype=torch.float64)
     model = tiny_cnn((1, 6, 6))
-    result = single_fourier_attack(model, x, eps=1.0, max_queries=3000)
-    assert result.queries <= 3000
-    with pytest.raises(ConfigurationError, match="exhaustive search over .* use search='halving'"):
+    with pytest.raises(ConfigurationError, match="exhaustive search over .* use search='staged'"):
         single_fourier_attack(model, x, eps=1.0, search="exhaustive", max_queries=3000)
     with pytest.raises(ConfigurationError, match="max_queries=100 is too small"):
-        single_fourier_attack(model, x, eps=1.0, max_queries=100)
+        single_fourier_attack(model, x, eps=1.0, max_queries=100, search="halving")
+    with pytest.raises(ConfigurationError, match="too small for the staged search"):
+        single_fourier_attack(model, x, eps=1.0, max_queries=60)
+    with pytest.raises(ConfigurationError, match="does not even cover the 40 clean predictions"):
+        single_fourier_attack(model, x, eps=1.0, max_queries=40)
 
 
 class CircularLinear(nn.Module):
@@ -155,7 +184,7 @@ def test_bad_attack_inputs_give_clear_errors():
     with pytest.raises(ConfigurationError, match="eps must be a finite number > 0"):
         single_fourier_attack(model, x, eps=-0.5)
     with pytest.raises(ConfigurationError, match="search must be one of"):
-        single_fourier_attack(model, x, eps=1.0, search="random")
+        single_fourier_attack(model, x, eps=1.0, search="greedy")
     with pytest.raises(DataError, match=r"shape \(N, C, H, W\)"):
         single_fourier_attack(model, x.flatten(1), eps=1.0)
     with pytest.raises(DataError, match="NaN"):

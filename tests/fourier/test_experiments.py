@@ -29,7 +29,7 @@ def test_cli_group_spellings_and_defaults():
         args = parser.parse_args(["fourier", "heatmap", "--checkpoint", "m.pt", "--eps", "1", flag, "7"])
         assert args.limit == 7 and args.device == "auto"
     args = parser.parse_args(["fourier", "attack", "--checkpoint", "m.pt", "--eps", "1"])
-    assert args.device == "auto" and args.search == "halving"
+    assert args.device == "auto" and args.search == "staged" and args.batch_size is None
 
 
 def test_heatmap_command_writes_png_and_json(checkpoint, tmp_path, capsys):
@@ -73,7 +73,7 @@ def test_command_errors_are_one_line(checkpoint, tmp_path, capsys):
     argv = ["fourier", "attack", "--checkpoint", str(checkpoint), "--eps", "1", "--search", "exhaustive",
             "--max-queries", "10", "--out", str(tmp_path), "--device", "cpu"]
     assert main(argv) == 2
-    assert "use search='halving'" in capsys.readouterr().err
+    assert "does not even cover the 300 clean predictions" in capsys.readouterr().err
 
 
 def test_quick_demo_section(trained_cnn, digits, tmp_path):

@@ -3,10 +3,18 @@
 Commands (checkpoints are ``model.pt`` files written by ``sturdy train``):
 
 * ``sturdy fourier heatmap --checkpoint M --eps E [--norm l2|linf] [--limit N] --out DIR`` writes
-  ``heatmap.png``, ``gradient.png`` and ``heatmap.json`` (maps, rates, gradient rank correlation);
-* ``sturdy fourier attack --checkpoint M --eps E [--search halving|exhaustive] --out DIR`` writes
-  ``delta.pt`` (the ``(C, H, W)`` perturbation tensor), ``delta.png``, ``examples.png`` and
-  ``attack.json`` (held-out and shifted fooling rates, queries, seconds).
+  ``heatmap.png``, ``gradient.png`` and ``heatmap.json`` (maps, rates, gradient rank correlation).
+  ``--stride S`` / ``--band LOW HIGH`` / ``--frequencies K,L ...`` measure a subset of the frequencies.
+  Progress is saved atomically to ``DIR/heatmap.partial.json`` and an interrupted map resumes from it
+  (``--no-resume`` starts over). Under ``torchrun`` the frequencies are split over the ranks (gloo on CPU,
+  NCCL on GPU, one GPU per local rank) and rank 0 writes the files; the command is unchanged.
+* ``sturdy fourier attack --checkpoint M --eps E [--search staged|halving|exhaustive|random]
+  [--max-queries Q] --out DIR`` writes ``delta.pt`` (the ``(C, H, W)`` perturbation tensor), ``delta.png``,
+  ``examples.png`` and ``attack.json`` (held-out and shifted fooling rates, queries, seconds).
+
+Both take ``--autocast bf16|fp16``, ``--channels-last`` and ``--compile`` (run the model the way it runs
+for inference; perturbations and counts stay exact) and choose their batch size online unless
+``--batch-size`` is given.
 
 The attack runs on training images (``--attack-images`` of them, seeded) and is evaluated on the whole
 test split, so the reported fooling rate is held-out. The analyses, the random-noise baseline and the
@@ -16,9 +24,11 @@ figures live in :mod:`sturdy.fourier`; this module loads models and data, calls 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -29,8 +39,11 @@ from sturdy.experiments.argtypes import positive_float, positive_int
 from sturdy.experiments.jsonio import write_json
 from sturdy.fourier import (
     DEFAULT_PHASE,
+    SEARCHES,
+    FourierHeatmap,
     PerturbationReport,
     UniversalPerturbation,
+    band_frequencies,
     evaluate_perturbation,
     fourier_combination_attack,
     fourier_heatmap,
@@ -41,9 +54,11 @@ from sturdy.fourier import (
     random_noise_baseline,
     rank_correlation,
     single_fourier_attack,
+    strided_frequencies,
 )
+from sturdy.utils import prepare_output_dir
 
-__all__ = ["register_cli", "demo_section"]
+__all__ = ["register_cli", "demo_section", "local_sharded_heatmap"]
 
 DEMO_EPS = 2.0  # L2 budget on 8x8 digits in [0, 1] (image norms are about 3.5)
 
@@ -60,13 +75,29 @@ def _phase(text: str) -> Optional[float]:
         raise argparse.ArgumentTypeError(f"expected a phase in radians or 'random', got {text!r}") from None
 
 
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _frequency(text: str) -> Tuple[int, int]:
+    try:
+        k, col = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a frequency as K,L (two integers), got {text!r}") from None
+    return k, col
+
+
 def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="model.pt written by `sturdy train`")
     p.add_argument("--eps", type=positive_float, required=True, help="budget in --norm (images in [0, 1])")
     p.add_argument("--norm", choices=("l2", "linf"), default="l2")
     p.add_argument("--wave", choices=("sine", "square"), default="sine",
                    help="sinusoid, or its sign (square wave; the strongest L-inf variant)")
-    p.add_argument("--batch-size", type=positive_int, default=2048, help="perturbed images per model call")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="perturbed images per model call (default: chosen online for throughput)")
+    p.add_argument("--autocast", choices=tuple(_AUTOCAST), default=None,
+                   help="run the model under torch.autocast in this dtype (perturbations stay float32)")
+    p.add_argument("--channels-last", action="store_true", help="hand the model channels_last images")
+    p.add_argument("--compile", action="store_true", help="run torch.compile(model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true")
@@ -84,12 +115,25 @@ def register_cli(subparsers: Any) -> None:
                    help="use the first N test images (at most the split)")
     p.add_argument("--phase", type=_phase, default=DEFAULT_PHASE,
                    help="phase of the directions in radians, or 'random' (per image); default -pi/4")
+    subset = p.add_mutually_exclusive_group()
+    subset.add_argument("--stride", type=positive_int, default=None,
+                        help="measure the frequencies whose centred coordinates are multiples of S")
+    subset.add_argument("--band", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                        help="measure the frequencies of radius LOW <= r < HIGH (centred, cycles per image)")
+    subset.add_argument("--frequencies", type=_frequency, nargs="+", metavar="K,L", default=None,
+                        help="measure these frequencies (k,l pairs)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over instead of resuming from OUT/heatmap.partial.json")
+    p.add_argument("--save-every", type=positive_int, default=None,
+                   help="frequencies per rank between saves of the partial results (default: ~20 saves)")
     p.add_argument("--out", default="runs/fourier/heatmap")
     p.set_defaults(func=_cmd_heatmap)
 
     p = sub.add_parser("attack", help="Single Fourier Attack: one black-box universal perturbation")
     _common_arguments(p)
-    p.add_argument("--search", choices=("halving", "exhaustive"), default="halving")
+    p.add_argument("--search", choices=SEARCHES, default="staged",
+                   help="staged (default: frequency screen, then phases and signs of the best), halving, "
+                   "exhaustive (reference) or random (baseline)")
     p.add_argument("--attack-images", type=positive_int, default=300,
                    help="training images the attack searches on (held-out: the whole test split)")
     p.add_argument("--phases", type=positive_int, default=8, help="phases 2 pi j / PHASES searched")
@@ -105,13 +149,45 @@ def _cmd_missing(args: argparse.Namespace) -> int:
     raise ConfigurationError("sturdy fourier: choose a sub-command: heatmap or attack (see sturdy fourier -h)")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, device: Optional[torch.device] = None):
     from sturdy.experiments.train_job import load_trained_model
     from sturdy.training import resolve_device
 
-    model, job = load_trained_model(args.checkpoint, device=resolve_device(args.device))
+    model, job = load_trained_model(args.checkpoint, device=device or resolve_device(args.device))
     kw = dict(root=job.data_root, download=job.download, resize=job.resize)
     return model, job, kw
+
+
+def _runtime(args: argparse.Namespace, model: Any) -> Tuple[Any, Dict[str, Any]]:
+    """The model to analyse (compiled when asked) and the inference keywords of the analyses."""
+    if args.compile:
+        model = torch.compile(model)
+    return model, dict(autocast=_AUTOCAST.get(args.autocast), channels_last=args.channels_last)
+
+
+def _distributed_device(args: argparse.Namespace) -> Optional[torch.device]:
+    """Under torchrun: join the process group and return this rank's device (``None`` otherwise)."""
+    from sturdy.distributed import init_from_env, launched_by_torchrun
+    from sturdy.training import resolve_device
+
+    if not launched_by_torchrun():
+        return None
+    device = resolve_device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    init_from_env(device=device.type)
+    return device
+
+
+def _frequency_subset(args: argparse.Namespace, height: int, width: int) -> Optional[Tensor]:
+    if args.stride is not None:
+        return strided_frequencies(height, width, args.stride)
+    if args.band is not None:
+        return band_frequencies(height, width, args.band[0], args.band[1])
+    if args.frequencies is not None:
+        return torch.tensor(args.frequencies, dtype=torch.long)
+    return None
 
 
 def _save_figure(fig: Any, path: Path) -> None:
@@ -119,29 +195,72 @@ def _save_figure(fig: Any, path: Path) -> None:
 
 
 def _cmd_heatmap(args: argparse.Namespace) -> int:
-    model, job, kw = _load(args)
+    import torch.distributed as dist
+
+    device = _distributed_device(args)
+    distributed = device is not None and dist.get_world_size() > 1
+    rank = dist.get_rank() if device is not None else 0
+    out = Path(args.out)
+    if rank == 0:
+        prepare_output_dir(out)
+    model, job, kw = _load(args, device)
+    analysed, inference = _runtime(args, model)
     test = load_dataset(job.dataset, split="test", **kw)
     n = min(args.limit, len(test))
     x, y = test.images[:n], test.labels[:n]
-    hm = fourier_heatmap(model, x, y, eps=args.eps, norm=args.norm, wave=args.wave, phase=args.phase,
-                         batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
-    grad = gradient_spectrum(model, x, y, batch_size=min(args.batch_size, 256))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "heatmap.partial.json"
+    if args.no_resume and rank == 0:
+        partial.unlink(missing_ok=True)
+    if distributed:
+        dist.barrier()
+    hm = fourier_heatmap(analysed, x, y, eps=args.eps, norm=args.norm, wave=args.wave, phase=args.phase,
+                         frequencies=_frequency_subset(args, x.shape[2], x.shape[3]), batch_size=args.batch_size,
+                         seed=args.seed, distributed=distributed, partial=partial, save_every=args.save_every,
+                         progress=not args.no_progress, **inference)
+    if rank != 0:
+        return 0
+    grad = gradient_spectrum(model, x, y, batch_size=min(args.batch_size or 256, 256))
     hm.plot(out / "heatmap.png", title=job.model)
     _save_figure(plot_fourier_maps([("input-gradient power (mean)", grad.full())]), out / "gradient.png")
     summary = hm.to_dict()
     summary.update(
         checkpoint=str(args.checkpoint), dataset=job.dataset,
-        gradient_rank_correlation_fooling=rank_correlation(grad.power, hm.fooling),
-        gradient_rank_correlation_error=rank_correlation(grad.power, hm.error),
+        gradient_rank_correlation_fooling=rank_correlation(grad.power[hm.measured], hm.fooling[hm.measured]),
+        gradient_rank_correlation_error=rank_correlation(grad.power[hm.measured], hm.error[hm.measured]),
         gradient_seconds=grad.seconds, gradient_power_map=grad.full().tolist(),
     )
     write_json(summary, out / "heatmap.json")
-    keys = ("clean_error", "max_error", "mean_error", "max_fooling", "gradient_rank_correlation_fooling", "seconds")
+    keys = ("clean_error", "max_error", "mean_error", "max_fooling", "gradient_rank_correlation_fooling", "seconds",
+            "batch_size", "measured_frequencies", "resumed", "world_size")
     print(json.dumps({k: summary[k] for k in keys}))
     print(f"wrote {out / 'heatmap.png'}, {out / 'gradient.png'} and {out / 'heatmap.json'}")
     return 0
+
+
+def _heatmap_on_rank(rank: int, world: int, model: Any, x: Tensor, y: Tensor, kwargs: Dict[str, Any]) -> Any:
+    hm = fourier_heatmap(model, x, y, distributed=True, **kwargs)
+    if rank != 0:
+        return None
+    # Plain Python values: tensors would travel as shared-memory handles that die with the worker.
+    return {f.name: (getattr(hm, f.name).tolist(), str(getattr(hm, f.name).dtype).split(".")[1])
+            if isinstance(getattr(hm, f.name), Tensor) else getattr(hm, f.name) for f in dataclasses.fields(hm)}
+
+
+def local_sharded_heatmap(model: Any, x: Tensor, y: Tensor, *, nproc: int, device: str = "cpu",
+                          timeout_s: float = 3600.0, **kwargs: Any) -> Any:
+    """:func:`~sturdy.fourier.fourier_heatmap` split over ``nproc`` local processes (core launcher).
+
+    The processes join one group (gloo on CPU, NCCL on CUDA) and each measures a share of the
+    frequencies; rank 0's :class:`~sturdy.fourier.FourierHeatmap` is returned (equal to a one-process run
+    with the same seed). ``model``, ``x`` and ``y`` are pickled to the workers; ``kwargs`` go to
+    ``fourier_heatmap``.
+    """
+    from sturdy.distributed import run_local_workers
+
+    fields = run_local_workers(_heatmap_on_rank, nproc=nproc, args=(model, x, y, kwargs), device=device,
+                               timeout_s=timeout_s)[0]
+    return FourierHeatmap(**{k: torch.tensor(v[0], dtype=getattr(torch, v[1])) if isinstance(v, tuple) else v
+                             for k, v in fields.items()})
 
 
 def _split_attack_set(train: ImageDataset, n: int, seed: int) -> Tensor:
@@ -153,16 +272,19 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     if args.shifts < 0:
         raise ConfigurationError(f"--shifts must be >= 0, got {args.shifts}")
     model, job, kw = _load(args)
+    analysed, inference = _runtime(args, model)
     train = load_dataset(job.dataset, split="train", **kw)
     test = load_dataset(job.dataset, split="test", **kw)
     x_attack = _split_attack_set(train, args.attack_images, args.seed)
-    sfa = single_fourier_attack(model, x_attack, eps=args.eps, norm=args.norm, wave=args.wave, search=args.search,
-                                phases=args.phases, max_queries=args.max_queries, batch_size=args.batch_size,
-                                seed=args.seed, progress=not args.no_progress)
+    sfa = single_fourier_attack(analysed, x_attack, eps=args.eps, norm=args.norm, wave=args.wave,
+                                search=args.search, phases=args.phases, max_queries=args.max_queries,
+                                batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+                                **inference)
+    eval_batch = args.batch_size or 2048
     held = evaluate_perturbation(model, sfa.delta, test.images, test.labels, shifts=args.shifts,
-                                 batch_size=args.batch_size, seed=args.seed)
+                                 batch_size=eval_batch, seed=args.seed)
     noise = random_noise_baseline(model, test.images, test.labels, eps=args.eps, norm=args.norm,
-                                  batch_size=args.batch_size, seed=args.seed)
+                                  batch_size=eval_batch, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(sfa.delta, out / "delta.pt")
@@ -173,10 +295,10 @@ def _cmd_attack(args: argparse.Namespace) -> int:
                    random_noise_fooling_rate=noise.fooling_rate)
     if args.combine:
         combo = fourier_combination_attack(model, x_attack, eps=args.eps, norm=args.norm, wave=args.wave,
-                                           initial=sfa, batch_size=args.batch_size, seed=args.seed,
+                                           initial=sfa, batch_size=eval_batch, seed=args.seed,
                                            progress=not args.no_progress)
         combo_held = evaluate_perturbation(model, combo.delta, test.images, test.labels, shifts=args.shifts,
-                                           batch_size=args.batch_size, seed=args.seed)
+                                           batch_size=eval_batch, seed=args.seed)
         torch.save(combo.delta, out / "delta_combination.pt")
         _save_figure(plot_perturbation(combo.delta, title="Fourier combination"), out / "delta_combination.png")
         summary["combination"] = {**combo.to_dict(), "heldout_fooling_rate": combo_held.fooling_rate,

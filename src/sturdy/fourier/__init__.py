@@ -11,6 +11,13 @@ Analyses are keyword-only functions returning frozen dataclasses:
 * :func:`fourier_combination_attack` -> :class:`FourierCombination` (beyond the paper: a few directions mixed);
 * :func:`gradient_spectrum` -> :class:`GradientSpectrum` (one-backward predictor of the heat map).
 
+Noise is added in pixel space: a model trained on normalised inputs is passed as
+:func:`with_normalization` ``(model, mean, std)``. Heat maps take frequency subsets
+(:func:`strided_frequencies`, :func:`band_frequencies`, or a list), split them over ``torchrun`` ranks
+(``distributed=True``) and resume from partial results (``partial=path``). Every analysis chooses its
+batch size online when none is given and can run the model under ``autocast`` / ``channels_last``
+(:mod:`sturdy.fourier.batching`).
+
 Every analysis evaluates an ``nn.Module`` in eval mode (:func:`sturdy.utils.eval_mode`) and restores its
 training flags after. Figures (:mod:`sturdy.fourier.plots`) are ``matplotlib.figure.Figure`` objects.
 """
@@ -25,6 +32,7 @@ from sturdy.fourier.basis import (
     is_self_conjugate,
     to_full_map,
 )
+from sturdy.fourier.batching import BatchSizer, ModelRunner
 from sturdy.fourier.combine import FourierCombination, fourier_combination_attack, project_budget
 from sturdy.fourier.evaluate import (
     PerturbationReport,
@@ -32,8 +40,10 @@ from sturdy.fourier.evaluate import (
     evaluate_perturbation,
     random_noise_baseline,
 )
+from sturdy.fourier.frequencies import band_frequencies, canonical_rows, strided_frequencies
 from sturdy.fourier.gradient import GradientSpectrum, gradient_spectrum, rank_correlation
 from sturdy.fourier.heatmap import FourierHeatmap, fourier_heatmap, heatmap_draws
+from sturdy.fourier.normalization import Normalized, with_normalization
 from sturdy.fourier.perturbation import (
     NORMS,
     WAVES,
@@ -65,6 +75,13 @@ __all__ = [
     "FourierHeatmap",
     "fourier_heatmap",
     "heatmap_draws",
+    "strided_frequencies",
+    "band_frequencies",
+    "canonical_rows",
+    "with_normalization",
+    "Normalized",
+    "BatchSizer",
+    "ModelRunner",
     "plot_fourier_maps",
     "plot_perturbation",
     "plot_examples",

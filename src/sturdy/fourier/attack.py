@@ -6,13 +6,20 @@ every canonical frequency (see :func:`~sturdy.fourier.half_plane`), ``phases`` p
 :mod:`sturdy.fourier.perturbation`) that changes the model's predicted label on the most images of the
 attack set. It only reads predicted labels.
 
-Searches (:mod:`sturdy.fourier.search`):
+Searches (:mod:`sturdy.fourier.search`, :mod:`sturdy.fourier.staged`):
 
+* ``"staged"`` (default): screen every frequency with random phases and signs on a few images, then
+  successive halving over every phase and sign pattern of the best frequencies (a few percent of
+  exhaustive's queries on 32 x 32 and 64 x 64 images);
 * ``"exhaustive"`` (the reference): every candidate on every image, ``K * N`` queries;
-* ``"halving"`` (default): successive halving over a growing, nested random subset of the images:
-  every candidate is scored on ``initial_images`` images, the best ``1 / eta`` survive, the subset
+* ``"halving"``: successive halving over every candidate and a growing, nested random subset of the
+  images: every candidate is scored on ``initial_images`` images, the best ``1 / eta`` survive, the subset
   grows by ``eta``, until one candidate is left (then scored on the whole set) or the subset is the
-  whole set (then the best survivor wins).
+  whole set (then the best survivor wins);
+* ``"random"`` (baseline): uniformly drawn candidates, each on every image, within the budget (the
+  staged search's when none is given).
+
+``max_queries`` is a hard budget: no search spends more, and the result reports what it spent.
 
 Queries count image evaluations, the ``N`` clean predictions included. Ties go to the candidate
 enumerated first (frequency-major order). Held-out evaluation lives in :mod:`sturdy.fourier.evaluate`.
@@ -29,21 +36,24 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sturdy.errors import ConfigurationError
-from sturdy.fourier._common import Model, check_batch_size, in_eval_mode, predict_labels
+from sturdy.fourier._common import Model, check_batch_size, in_eval_mode
+from sturdy.fourier.batching import ModelRunner, work_dtype
 from sturdy.fourier.perturbation import Bounds, check_bounds, check_eps, check_images, check_norm
 from sturdy.fourier.search import (
     candidate_deltas,
     count_fooled,
     enumerate_candidates,
     halving_schedule,
+    make_sizer,
     plan_queries,
     successive_halving,
 )
+from sturdy.fourier.staged import default_budget, frequency_groups, plan_staged, random_search, staged_search
 from sturdy.utils import model_device_dtype
 
 __all__ = ["SEARCHES", "UniversalPerturbation", "single_fourier_attack"]
 
-SEARCHES = ("halving", "exhaustive")
+SEARCHES = ("staged", "halving", "exhaustive", "random")
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,8 +72,10 @@ class UniversalPerturbation:
         queries: image evaluations spent (clean predictions included).
         exhaustive_queries: what the exhaustive search costs on the same attack set.
         candidates: size of the search space.
-        search: ``"halving"`` or ``"exhaustive"``.
+        search: one of :data:`SEARCHES`.
         seconds: wall time.
+        max_queries: the budget it was given (``None``: none).
+        batch_size: perturbed images per model call (the one chosen when automatic).
     """
 
     delta: Tensor
@@ -79,6 +91,8 @@ class UniversalPerturbation:
     candidates: int
     search: str
     seconds: float
+    max_queries: Optional[int] = None
+    batch_size: int = 0
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-able summary (without ``delta``)."""
@@ -95,6 +109,8 @@ class UniversalPerturbation:
             "candidates": self.candidates,
             "search": self.search,
             "seconds": self.seconds,
+            "max_queries": self.max_queries,
+            "batch_size": self.batch_size,
         }
 
 
@@ -107,21 +123,27 @@ def single_fourier_attack(
     eps: float,
     norm: str = "l2",
     wave: str = "sine",
-    search: str = "halving",
+    search: str = "staged",
     phases: int = 8,
     search_signs: bool = True,
     max_queries: Optional[int] = None,
     initial_images: int = 16,
     eta: int = 2,
+    screen_images: int = 32,
+    keep_frequencies: int = 16,
+    screen_configs: int = 4,
     bounds: Bounds = (0.0, 1.0),
-    batch_size: int = 2048,
+    batch_size: Optional[int] = None,
     seed: int = 0,
+    autocast: Optional[torch.dtype] = None,
+    channels_last: bool = False,
     progress: bool = False,
 ) -> UniversalPerturbation:
     """Find the single Fourier perturbation that fools ``model`` on the most images of ``x``.
 
     Black-box: only predicted labels (``argmax`` of the logits) are read. Universal: one ``delta`` for
-    all images.
+    all images. Pixel space: a model trained on normalised inputs is passed as
+    ``with_normalization(model, mean, std)``.
 
     Args:
         model: classifier on ``(N, C, H, W)`` images; an ``nn.Module`` is put in eval mode for the
@@ -130,17 +152,25 @@ def single_fourier_attack(
         eps: budget (> 0) in ``norm``.
         norm: ``"l2"`` or ``"linf"``.
         wave: ``"sine"`` or ``"square"`` (see :mod:`sturdy.fourier.perturbation`).
-        search: ``"halving"`` (default, fewer queries) or ``"exhaustive"`` (reference).
+        search: ``"staged"`` (default), ``"halving"``, ``"exhaustive"`` (reference) or ``"random"``.
         phases: number of phases ``2 pi j / phases`` searched (DESIGN: 8).
         search_signs: search the channel sign patterns (else all channels ``+1``).
-        max_queries: hard query budget; halving shrinks ``initial_images`` to fit it, exhaustive refuses
-            to start when it cannot fit.
-        initial_images: images per candidate in the first halving round.
+        max_queries: hard query budget, clean predictions included; never exceeded. Staged and random
+            searches fit their sizes to it, halving shrinks ``initial_images``, exhaustive refuses to
+            start when it cannot fit.
+        initial_images: images per candidate in the first halving round (halving; staged refinement).
         eta: halving rate (keep ``1 / eta`` of the candidates, grow the subset ``eta`` times).
+        screen_images: staged: images of the frequency screen (without ``max_queries``).
+        keep_frequencies: staged: frequencies refined (without ``max_queries``).
+        screen_configs: staged: random (phase, signs) configurations per frequency in the screen.
         bounds: valid pixel range; perturbed images are clipped to it.
-        batch_size: perturbed images per model call.
-        seed: seeds the random order of the images for halving.
-        progress: show a tqdm bar over rounds.
+        batch_size: perturbed images per model call, or ``None``: chosen online on the search's own
+            calls (no query is spent on probing).
+        seed: seeds the random image order and the staged / random choices.
+        autocast: ``None``, ``torch.bfloat16`` or ``torch.float16``: run the model under autocast
+            (perturbations stay float32, counts exact).
+        channels_last: hand the model ``channels_last`` images.
+        progress: show a tqdm bar over halving rounds.
 
     Returns:
         A :class:`UniversalPerturbation` whose ``fooling_rate`` is measured on all of ``x``.
@@ -149,53 +179,80 @@ def single_fourier_attack(
     eps = check_eps(eps)
     check_norm(norm, wave)
     bounds = check_bounds(bounds)
-    batch_size = check_batch_size(batch_size)
+    if batch_size is not None:
+        check_batch_size(batch_size)
     if search not in SEARCHES:
         raise ConfigurationError(f"search must be one of {SEARCHES}, got {search!r}")
-    for name, value, low in (("initial_images", initial_images, 1), ("eta", eta, 2)):
+    limits = (("initial_images", initial_images, 1), ("eta", eta, 2), ("screen_images", screen_images, 1),
+              ("keep_frequencies", keep_frequencies, 1), ("screen_configs", screen_configs, 1))
+    for name, value, low in limits:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigurationError(f"{name} must be an int >= {low}, got {value!r}")
+    if max_queries is not None and (isinstance(max_queries, bool) or not isinstance(max_queries, int)
+                                    or max_queries < 1):
+        raise ConfigurationError(f"max_queries must be a positive int or None, got {max_queries!r}")
     check_images(x, bounds)
-    device, dtype = model_device_dtype(model, x)
+    device, model_dtype = model_device_dtype(model, x)
+    dtype = work_dtype(model_dtype if model_dtype.is_floating_point else x.dtype)
     x = x.to(device=device, dtype=dtype)
     n, channels, height, width = x.shape
     cands = enumerate_candidates(channels, height, width, phases=phases, search_signs=search_signs)
     n_cand = len(cands)
     exhaustive_queries = n + n_cand * n
+    if max_queries is not None and max_queries <= n:
+        raise ConfigurationError(
+            f"max_queries={max_queries} does not even cover the {n} clean predictions; raise it or use fewer images"
+        )
+    budget = None if max_queries is None else max_queries - n
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen) if search != "exhaustive" else torch.arange(n)
+    plan = None
+    staged = None
     if search == "exhaustive":
         plan = [(n_cand, n)]
-    else:
-        plan = halving_schedule(n_cand, n, initial_images=initial_images, eta=eta)
-    if max_queries is not None:
-        if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
-            raise ConfigurationError(f"max_queries must be a positive int or None, got {max_queries!r}")
-        if search == "exhaustive" and exhaustive_queries > max_queries:
+        if budget is not None and exhaustive_queries > max_queries:
             raise ConfigurationError(
                 f"exhaustive search over {n_cand} candidates on {n} images needs {exhaustive_queries} "
-                f"queries, more than max_queries={max_queries}; use search='halving' or fewer images"
+                f"queries, more than max_queries={max_queries}; use search='staged' or fewer images"
             )
+    elif search == "halving":
+        plan = halving_schedule(n_cand, n, initial_images=initial_images, eta=eta)
         m0 = min(initial_images, n)
-        while search == "halving" and n + plan_queries(plan) > max_queries and m0 > 1:
+        while budget is not None and plan_queries(plan) > budget and m0 > 1:
             m0 = max(1, m0 // 2)
             plan = halving_schedule(n_cand, n, initial_images=m0, eta=eta)
-        if n + plan_queries(plan) > max_queries:
+        if budget is not None and plan_queries(plan) > budget:
             raise ConfigurationError(
                 f"max_queries={max_queries} is too small: halving over {n_cand} candidates on {n} images "
                 f"needs at least {n + plan_queries(plan)} queries; raise it or use fewer images"
             )
-    clean = predict_labels(model, x, batch_size=batch_size)
+    else:
+        _, sizes = frequency_groups(cands)
+        staged = plan_staged(len(sizes), int(sizes.max()), n, budget=budget, screen_images=screen_images,
+                             keep=keep_frequencies, initial_images=initial_images, eta=eta)
+    total = plan_queries(plan) if plan is not None else (budget or staged.queries)
+    runner = ModelRunner(model, device=device, model_dtype=model_dtype, autocast=autocast,
+                         channels_last=channels_last)
+    sizer = make_sizer(batch_size, x, total + n)
+    clean = runner.predict(x, batch_size=sizer.next(n))
 
     def deltas(idx: Tensor) -> Tensor:
         return candidate_deltas(cands, idx, height, width, eps=eps, norm=norm, wave=wave, dtype=dtype, device=device)
 
     def count(idx: Tensor, images: Tensor) -> Tensor:
         return count_fooled(model, x, clean, lambda c0, c1: deltas(idx[c0:c1]), len(idx), images, bounds=bounds,
-                            batch_size=batch_size)
+                            batch_size=sizer, runner=runner)
 
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=gen) if search == "halving" else torch.arange(n)
-    rounds = tqdm(plan, desc=f"SFA {search}", disable=not progress, leave=False)
-    best, counts, queries = successive_halving(count, n_cand, rounds, order)
+    if plan is not None:
+        rounds = tqdm(plan, desc=f"SFA {search}", disable=not progress, leave=False)
+        best, counts, queries = successive_halving(count, n_cand, rounds, order)
+        best_count = int(counts[best])
+    elif search == "staged":
+        best, best_count, queries = staged_search(count, cands, order, staged, screen_configs=screen_configs,
+                                                  eta=eta, generator=gen)
+    else:
+        budget_r = budget if budget is not None else default_budget(staged)
+        best, best_count, queries = random_search(count, n_cand, order, budget=budget_r, generator=gen)
     delta = deltas(torch.tensor([best]))[0]
     return UniversalPerturbation(
         delta=delta.detach().cpu(),
@@ -205,10 +262,12 @@ def single_fourier_attack(
         eps=eps,
         norm=norm,
         wave=wave,
-        fooling_rate=float(counts[best]) / n,
+        fooling_rate=best_count / n,
         queries=n + queries,
         exhaustive_queries=exhaustive_queries,
         candidates=n_cand,
         search=search,
         seconds=time.perf_counter() - start,
+        max_queries=max_queries,
+        batch_size=sizer.best,
     )

@@ -1,27 +1,42 @@
 """Fourier sensitivity heat maps (Yin et al. 2019; Tsuzuku & Sato 2019).
 
-For every distinct frequency ``(k, l)`` (the canonical half plane), every image ``x_n`` is perturbed by
-``d = eps * (s_n x u) / ||s_n x u||`` (see :mod:`sturdy.fourier.perturbation`), ``s_n`` a random channel
-sign pattern drawn per image and frequency, clipped to the valid range, and classified. The map holds
-the error rate (prediction != label) and the fooling rate (prediction != clean prediction), plus the
-mean budget actually applied after clipping. Work is batched over (frequency x image) and streamed:
-peak memory is set by ``batch_size`` whatever the number of frequencies.
+For every distinct frequency ``(k, l)`` (the canonical half plane, or a subset of it, see
+:mod:`sturdy.fourier.frequencies`), every image ``x_n`` is perturbed by ``d = eps * (s_n x u) / ||s_n x u||``
+(see :mod:`sturdy.fourier.perturbation`), ``s_n`` a random channel sign pattern drawn per image and
+frequency, clipped to the valid range, and classified. The map holds the error rate (prediction != label)
+and the fooling rate (prediction != clean prediction), plus the mean budget actually applied after clipping.
+
+The work is a stream of (frequency, image) pairs in frequency-major order, cut into model calls of any
+size (:mod:`sturdy.fourier.batching` picks it when the user does not): peak memory is set by the batch
+size whatever the number of frequencies, and the result does not depend on the slicing. The random draws
+of a frequency depend only on ``(seed, frequency)``, so a subset, a shard or a resumed run measures each
+frequency exactly as a full single-process run does.
+
+**Pixel space.** The perturbation is added to ``x`` in pixel space (``bounds``, default ``[0, 1]``) and the
+images are clipped there. A model that normalises its inputs must do it inside the model: wrap it with
+:func:`sturdy.fourier.with_normalization` rather than passing normalised images (the budget would then be
+measured in normalised units and the clipping would be wrong).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sturdy.errors import DataError
-from sturdy.fourier._common import Model, call_model, check_batch_size, check_labels, in_eval_mode, predict_labels
+from sturdy.errors import ConfigurationError, DataError
+from sturdy.fourier._common import Model, check_labels, in_eval_mode
 from sturdy.fourier.basis import DEFAULT_PHASE, fourier_basis_batch, half_plane, to_full_map
+from sturdy.fourier.batching import BatchSizer, ModelRunner, work_dtype
+from sturdy.fourier.frequencies import FrequencyList, canonical_rows
+from sturdy.fourier.partial import HeatmapCounts, fingerprint, load_partial, save_partial
 from sturdy.fourier.perturbation import (
     Bounds,
     check_bounds,
@@ -39,6 +54,8 @@ if TYPE_CHECKING:
 __all__ = ["FourierHeatmap", "fourier_heatmap", "heatmap_draws"]
 
 _MAPS = ("error", "fooling", "applied")
+SAVES_PER_RUN = 20
+"""With partial results and no ``save_every``, the state is saved about this many times per run."""
 
 
 def heatmap_draws(
@@ -47,7 +64,7 @@ def heatmap_draws(
     """The random channel signs ``(N, C)`` and (optionally) phases ``(N,)`` used for frequency ``index``.
 
     Drawn on the CPU from a generator seeded by ``(seed, index)`` so that any evaluation order (batched
-    or one frequency at a time) sees the same draws.
+    or one frequency at a time, any subset, any shard) sees the same draws.
     """
     gen = torch.Generator().manual_seed((seed % 2**31) * 2**32 + index)
     signs = 1.0 - 2.0 * torch.randint(0, 2, (n_images, channels), generator=gen).float()
@@ -60,13 +77,15 @@ class FourierHeatmap:
     """Per-frequency sensitivity of a model at one budget.
 
     Values are stored per canonical frequency (rows of ``frequencies``, see
-    :func:`~sturdy.fourier.half_plane`); :meth:`full` expands them to a centred symmetric map.
+    :func:`~sturdy.fourier.half_plane`); :meth:`full` expands them to a centred symmetric map. A frequency
+    that was not measured (a subset) holds NaN and ``measured`` is ``False`` there.
 
     Attributes:
-        frequencies: ``(F, 2)`` canonical ``(k, l)``.
-        error: ``(F,)`` error rate of the perturbed images (prediction != label).
-        fooling: ``(F,)`` fooling rate (prediction != clean prediction).
-        applied: ``(F,)`` mean budget actually applied after clipping, in ``norm``.
+        frequencies: ``(F, 2)`` canonical ``(k, l)`` (the whole half plane).
+        error: ``(F,)`` error rate of the perturbed images (prediction != label); NaN where not measured.
+        fooling: ``(F,)`` fooling rate (prediction != clean prediction); NaN where not measured.
+        applied: ``(F,)`` mean budget actually applied after clipping, in ``norm``; NaN where not measured.
+        measured: ``(F,)`` bool, which frequencies were measured.
         clean_error: error rate without perturbation.
         eps: budget requested.
         norm: ``"l2"`` or ``"linf"``.
@@ -75,8 +94,12 @@ class FourierHeatmap:
         height: image height H.
         width: image width W.
         n_images: number of images N.
-        evaluations: model evaluations spent (images), clean ones included.
+        evaluations: model evaluations spent by this call over all ranks (images), clean ones included;
+            frequencies loaded from partial results cost none.
         seconds: wall time.
+        batch_size: perturbed images per model call (the one chosen when automatic).
+        resumed: frequencies taken from partial results.
+        world_size: processes the frequencies were split over.
     """
 
     frequencies: Tensor
@@ -93,9 +116,17 @@ class FourierHeatmap:
     n_images: int
     evaluations: int
     seconds: float
+    measured: Optional[Tensor] = None
+    batch_size: int = 0
+    resumed: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.measured is None:
+            object.__setattr__(self, "measured", torch.ones(self.frequencies.shape[0], dtype=torch.bool))
 
     def values(self, which: str = "error") -> Tensor:
-        """The per-frequency values of ``which`` in ``{"error", "fooling", "applied"}``."""
+        """The per-frequency values of ``which`` in ``{"error", "fooling", "applied"}`` (NaN: not measured)."""
         if which not in _MAPS:
             raise DataError(f"which must be one of {_MAPS}, got {which!r}")
         return getattr(self, which)
@@ -104,14 +135,27 @@ class FourierHeatmap:
         """``(H, W)`` symmetric map of ``which``; frequency ``(0, 0)`` at the centre when ``centered``."""
         return to_full_map(self.values(which), self.height, self.width, centered=centered)
 
+    def measured_map(self, *, centered: bool = True) -> Tensor:
+        """``(H, W)`` bool map of the measured frequencies (same layout as :meth:`full`)."""
+        return to_full_map(self.measured, self.height, self.width, centered=centered)
+
     def top(self, n: int = 5, which: str = "fooling") -> list:
-        """The ``n`` most harmful canonical frequencies as ``[(k, l, value), ...]``."""
-        vals = self.values(which)
-        order = torch.argsort(vals, descending=True, stable=True)[:n]
+        """The ``n`` most harmful measured canonical frequencies as ``[(k, l, value), ...]``."""
+        vals = torch.where(self.measured, self.values(which), torch.full_like(self.values(which), -math.inf))
+        order = torch.argsort(vals, descending=True, stable=True)[: min(n, int(self.measured.sum()))]
         return [(int(self.frequencies[i, 0]), int(self.frequencies[i, 1]), float(vals[i])) for i in order]
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-able summary with the full centred maps as nested lists."""
+        """JSON-able summary with the full centred maps as nested lists (``NaN``: not measured).
+
+        ``measured`` is the centred bool map of the measured frequencies; means and maxima are over them.
+        """
+        m = self.measured
+
+        def stat(which: str, fn: Any) -> float:
+            vals = self.values(which)[m]
+            return float(fn(vals)) if vals.numel() else math.nan
+
         return {
             "eps": self.eps,
             "norm": self.norm,
@@ -121,20 +165,26 @@ class FourierHeatmap:
             "width": self.width,
             "n_images": self.n_images,
             "clean_error": self.clean_error,
-            "mean_error": float(self.error.mean()),
-            "max_error": float(self.error.max()),
-            "mean_fooling": float(self.fooling.mean()),
-            "max_fooling": float(self.fooling.max()),
-            "mean_applied": float(self.applied.mean()),
+            "mean_error": stat("error", torch.mean),
+            "max_error": stat("error", torch.max),
+            "mean_fooling": stat("fooling", torch.mean),
+            "max_fooling": stat("fooling", torch.max),
+            "mean_applied": stat("applied", torch.mean),
             "top_fooling": [list(t) for t in self.top(5)],
             "evaluations": self.evaluations,
             "seconds": self.seconds,
+            "batch_size": self.batch_size,
+            "measured_frequencies": int(m.sum()),
+            "total_frequencies": int(m.numel()),
+            "resumed": self.resumed,
+            "world_size": self.world_size,
             "error_map": self.full("error").tolist(),
             "fooling_map": self.full("fooling").tolist(),
+            "measured": self.measured_map().tolist(),
         }
 
     def figure(self, which: Sequence[str] = ("error", "fooling"), *, title: str = "") -> Figure:
-        """A matplotlib ``Figure`` of the centred maps (one panel per entry of ``which``)."""
+        """A matplotlib ``Figure`` of the centred maps (one panel per entry of ``which``; unmeasured: hatched)."""
         prefix = f"{title}: " if title else ""
         panels = [(f"{prefix}{w} (eps={self.eps:g}, {self.norm})", self.full(w)) for w in which]
         return plot_fourier_maps(panels)
@@ -142,6 +192,91 @@ class FourierHeatmap:
     def plot(self, path, which: Sequence[str] = ("error", "fooling"), *, title: str = "") -> None:
         """Save :meth:`figure` as a PNG at ``path``."""
         self.figure(which, title=title).savefig(path, dpi=120, bbox_inches="tight")
+
+
+class _Draws:
+    """The draws of the frequencies of the current slice, cached while a frequency spans several slices."""
+
+    def __init__(self, seed: int, n: int, channels: int, random_phase: bool, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.args = (seed, n, channels, random_phase, device, dtype)
+        self.cache: Dict[int, Tuple[Tensor, Optional[Tensor]]] = {}
+
+    def get(self, rows: Sequence[int]) -> Tuple[Tensor, Optional[Tensor]]:
+        seed, n, channels, random_phase, device, dtype = self.args
+        self.cache = {r: self.cache[r] for r in rows if r in self.cache}
+        for r in rows:
+            if r not in self.cache:
+                signs, phases = heatmap_draws(seed, r, n, channels, random_phase=random_phase)
+                self.cache[r] = (signs.to(device=device, dtype=dtype), None if phases is None else phases.to(device))
+        signs = torch.stack([self.cache[r][0] for r in rows])
+        phases = torch.stack([self.cache[r][1] for r in rows]) if random_phase else None  # type: ignore[misc]
+        return signs, phases
+
+
+def _measure(
+    runner: ModelRunner, sizer: BatchSizer, x: Tensor, y: Tensor, clean: Tensor, freqs: Tensor, rows: Tensor,
+    counts: HeatmapCounts, *, eps: float, norm: str, wave: str, phase: Optional[float], bounds: Bounds,
+    draws: _Draws, bar: Any,
+) -> int:
+    """Measure the canonical frequencies ``rows`` on every image into ``counts``; returns the evaluations."""
+    n, channels, height, width = x.shape
+    device, dtype = x.device, x.dtype
+    total = len(rows) * n
+    pos = 0
+    while pos < total:
+        b = sizer.next(total - pos)
+        sizer.start()
+        f0, f1 = pos // n, (pos + b - 1) // n + 1
+        slice_rows = rows[f0:f1].tolist()
+        pair = torch.arange(pos, pos + b, device=device)
+        local, img = pair // n - f0, pair % n
+        signs, phases = draws.get(slice_rows)  # (f, N, C), (f, N)
+        pair_signs = signs[local, img]
+        xs = x[img]
+        if phase is None:
+            u = fourier_basis_batch(height, width, freqs[rows[f0:f1]][local.cpu()], phases[local, img],
+                                    dtype=dtype, device=device)
+            images = shape_directions(u, pair_signs, eps=eps, norm=norm, wave=wave).add_(xs)
+        else:
+            basis = fourier_basis_batch(height, width, freqs[rows[f0:f1]], phase, dtype=dtype, device=device)
+            ones = torch.ones(len(slice_rows), channels, dtype=dtype, device=device)
+            scaled = shape_directions(basis, ones, eps=eps, norm=norm, wave=wave)[:, :1]  # (f, 1, H, W)
+            images = torch.addcmul(xs, pair_signs[:, :, None, None], scaled[local])
+        if bounds is not None:
+            images.clamp_(bounds[0], bounds[1])
+        diff = (images - xs).flatten(1)
+        budget = torch.linalg.vector_norm(diff, dim=1) if norm == "l2" else diff.abs().amax(dim=1)
+        try:
+            pred = runner.labels(images)
+        except torch.cuda.OutOfMemoryError:
+            del images, diff, xs
+            if not sizer.shrink():
+                raise
+            torch.cuda.empty_cache()
+            continue
+        target = rows.to(device)[f0:f1][local]
+        counts.errors.index_add_(0, target, (pred != y[img]).long())
+        counts.fooled.index_add_(0, target, (pred != clean[img]).long())
+        counts.applied.index_add_(0, target, budget.double())
+        sizer.stop(b)
+        done_before, pos = pos // n, pos + b
+        bar.update(pos // n - done_before)
+    counts.measured[rows.to(device)] = True
+    return total
+
+
+def _world(distributed: bool) -> Tuple[int, int]:
+    if not isinstance(distributed, bool):
+        raise ConfigurationError(f"distributed must be a bool, got {distributed!r}")
+    if not distributed:
+        return 0, 1
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigurationError(
+            "distributed=True needs an initialised default process group (torchrun, or "
+            "sturdy.distributed.init_from_env() / run_local_workers)"
+        )
+    return dist.get_rank(), dist.get_world_size()
 
 
 @in_eval_mode
@@ -156,25 +291,51 @@ def fourier_heatmap(
     wave: str = "sine",
     phase: Optional[float] = DEFAULT_PHASE,
     bounds: Bounds = (0.0, 1.0),
-    batch_size: int = 2048,
+    frequencies: Optional[FrequencyList] = None,
+    batch_size: Optional[int] = None,
     seed: int = 0,
+    autocast: Optional[torch.dtype] = None,
+    channels_last: bool = False,
+    distributed: bool = False,
+    partial: Optional[os.PathLike] = None,
+    save_every: Optional[int] = None,
     progress: bool = False,
 ) -> FourierHeatmap:
-    """Error and fooling rate of ``model`` under every Fourier direction at budget ``eps``.
+    """Error and fooling rate of ``model`` under every Fourier direction (or a subset) at budget ``eps``.
+
+    The perturbation is added in pixel space, before any input normalisation: a model trained on
+    normalised inputs must be passed as ``with_normalization(model, mean, std)`` with ``x`` in ``bounds``.
 
     Args:
         model: classifier taking ``(N, C, H, W)`` images and returning ``(N, classes)`` logits; an
-            ``nn.Module`` is evaluated in eval mode and its training flags restored after.
-        x: images ``(N, C, H, W)`` in ``bounds``; any H, W; grayscale or RGB.
+            ``nn.Module`` is evaluated in eval mode and its training flags restored after. A
+            ``torch.compile``d module or function is called as given.
+        x: images ``(N, C, H, W)`` in ``bounds`` (pixel space); any H, W; grayscale or RGB.
         y: labels ``(N,)``.
         eps: budget (> 0) in ``norm``.
         norm: ``"l2"`` or ``"linf"`` (see :mod:`sturdy.fourier.perturbation`).
         wave: ``"sine"`` or ``"square"``.
         phase: phase of every direction, or ``None`` for a uniform random phase per image and frequency.
         bounds: valid pixel range; perturbed images are clipped to it (``None``: no clipping).
-        batch_size: perturbed images per model call; sets the peak memory.
+        frequencies: ``None`` (every distinct frequency) or ``(F, 2)`` integer ``(k, l)`` to measure (any
+            representative; see :func:`~sturdy.fourier.strided_frequencies` and
+            :func:`~sturdy.fourier.band_frequencies`). Unmeasured frequencies are NaN in the result.
+        batch_size: perturbed images per model call (sets the peak memory), or ``None``: chosen online for
+            throughput (:class:`~sturdy.fourier.batching.BatchSizer`).
         seed: seeds the channel signs (random per image, channel and frequency) and random phases.
-        progress: show a tqdm bar over frequencies.
+        autocast: ``None``, ``torch.bfloat16`` or ``torch.float16``: run the model under ``torch.autocast``;
+            perturbations stay float32 (float64 for a float64 model) and rates are exact counts.
+        channels_last: hand the model ``channels_last`` images.
+        distributed: split the frequencies over the ranks of the default process group (torchrun; gloo on
+            CPU, NCCL on GPU). Every rank passes the same arguments and gets the full map, equal to a
+            single-process run with the same seed.
+        partial: a JSON file of partial results: frequencies already measured there (under the same
+            settings, images, labels and weights) are kept, and the state is saved there atomically as
+            the map progresses (by rank 0); the frequencies of the result are those requested plus those
+            loaded.
+        save_every: frequencies per rank between saves of ``partial`` (default: about
+            :data:`SAVES_PER_RUN` saves per run).
+        progress: show a tqdm bar over frequencies (rank 0).
 
     Returns:
         A :class:`FourierHeatmap`; rates are means over the N images.
@@ -183,63 +344,74 @@ def fourier_heatmap(
     eps = check_eps(eps)
     check_norm(norm, wave)
     bounds = check_bounds(bounds)
-    batch_size = check_batch_size(batch_size)
     check_images(x, bounds)
     y = check_labels(y, x.shape[0])
-    device, dtype = model_device_dtype(model, x)
+    rank, world = _world(distributed)
+    if save_every is not None and (isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1):
+        raise ConfigurationError(f"save_every must be a positive int or None, got {save_every!r}")
+    device, model_dtype = model_device_dtype(model, x)
+    dtype = work_dtype(model_dtype if model_dtype.is_floating_point else x.dtype)
     x = x.to(device=device, dtype=dtype)
     y = y.to(device)
     n, channels, height, width = x.shape
-    clean = predict_labels(model, x, batch_size=batch_size)
-    clean_error = float((clean != y).double().mean())
     freqs = half_plane(height, width)
     n_freq = freqs.shape[0]
-    errors = torch.zeros(n_freq, dtype=torch.float64, device=device)
-    fooled = torch.zeros_like(errors)
-    applied = torch.zeros_like(errors)
-    img_chunk = min(n, batch_size)
-    freq_chunk = max(1, batch_size // img_chunk)
-    random_phase = phase is None
-    bar = tqdm(total=n_freq, desc="fourier heatmap", unit="freq", disable=not progress, leave=False)
-    for f0 in range(0, n_freq, freq_chunk):
-        f1 = min(n_freq, f0 + freq_chunk)
-        draws = [heatmap_draws(seed, i, n, channels, random_phase=random_phase) for i in range(f0, f1)]
-        signs = torch.stack([d[0] for d in draws]).to(device=device, dtype=dtype)  # (f, N, C)
-        chunk_freqs = freqs[f0:f1]
-        if not random_phase:
-            basis = fourier_basis_batch(height, width, chunk_freqs, phase, dtype=dtype, device=device)
-        for i0 in range(0, n, img_chunk):
-            i1 = min(n, i0 + img_chunk)
-            m = i1 - i0
-            if random_phase:
-                phases = torch.stack([d[1][i0:i1] for d in draws]).reshape(-1).to(device)
-                rep = chunk_freqs.repeat_interleave(m, dim=0)
-                u = fourier_basis_batch(height, width, rep, phases, dtype=dtype, device=device)
-                u = u.view(f1 - f0, m, height, width)
-            else:
-                u = basis[:, None]
-            xs = x[i0:i1]
-            # (f, m, C, H, W): one broadcast product, then x added in place.
-            images = shape_directions(u, signs[:, i0:i1], eps=eps, norm=norm, wave=wave).add_(xs)
-            images = images.view(-1, channels, height, width)
-            if bounds is not None:
-                images.clamp_(bounds[0], bounds[1])
-            diff = (images.view(f1 - f0, m, -1) - xs.view(1, m, -1))
-            if norm == "l2":
-                budget = torch.linalg.vector_norm(diff, dim=2)
-            else:
-                budget = diff.abs().amax(dim=2)
-            pred = call_model(model, images).argmax(dim=1).view(f1 - f0, m)
-            errors[f0:f1] += (pred != y[i0:i1]).sum(dim=1)
-            fooled[f0:f1] += (pred != clean[i0:i1]).sum(dim=1)
-            applied[f0:f1] += budget.sum(dim=1).double()
-        bar.update(f1 - f0)
+    requested = torch.arange(n_freq) if frequencies is None else canonical_rows(frequencies, height, width)
+    if requested.numel() == 0:
+        raise ConfigurationError("frequencies is empty: pass None (every frequency) or at least one (k, l)")
+    runner = ModelRunner(model, device=device, model_dtype=model_dtype, autocast=autocast,
+                         channels_last=channels_last)
+    counts = HeatmapCounts(n_freq, device)
+    settings: Dict[str, Any] = {}
+    resumed = 0
+    if partial is not None:
+        settings = {"eps": eps, "norm": norm, "wave": wave, "phase": None if phase is None else float(phase),
+                    "bounds": None if bounds is None else list(bounds), "seed": seed,
+                    "shape": [n, channels, height, width], "autocast": str(autocast),
+                    **fingerprint(model, x, y)}
+        loaded = load_partial(partial, n_freq, settings, device)
+        if loaded is not None:
+            counts.add(loaded)
+            resumed = int(loaded.measured.sum())
+    pending = requested[~counts.measured.cpu()[requested]]
+    mine = pending[rank::world]
+    per_rank = -(-len(pending) // world)
+    if partial is None:
+        chunk = max(1, per_rank)
+    else:
+        chunk = save_every if save_every is not None else max(1, -(-per_rank // SAVES_PER_RUN))
+    sizer = BatchSizer(batch_size, device=device, total=max(1, per_rank * n),
+                       item_bytes=channels * height * width * x.element_size())
+    clean = runner.predict(x, batch_size=sizer.next(n))
+    clean_error = float((clean != y).double().mean())
+    draws = _Draws(seed, n, channels, phase is None, device, dtype)
+    spent = n
+    bar = tqdm(total=len(mine), desc="fourier heatmap", unit="freq", disable=not progress or rank != 0, leave=False)
+    for r in range(-(-per_rank // chunk) if per_rank else 0):
+        part = HeatmapCounts(n_freq, device)
+        spent += _measure(runner, sizer, x, y, clean, freqs, mine[r * chunk : (r + 1) * chunk], part, eps=eps,
+                          norm=norm, wave=wave, phase=phase, bounds=bounds, draws=draws, bar=bar)
+        if world > 1:
+            part.all_reduce()
+        counts.add(part)
+        if partial is not None and rank == 0:
+            save_partial(partial, counts, settings)
     bar.close()
+    if world > 1:
+        from sturdy.distributed import all_reduce_sum
+
+        spent = int(all_reduce_sum([spent])[0])
+    measured = counts.measured.cpu()
+    nan = torch.tensor(math.nan, dtype=torch.float64)
+
+    def rate(total: Tensor) -> Tensor:
+        return torch.where(measured, total.cpu().double() / n, nan)
+
     return FourierHeatmap(
         frequencies=freqs,
-        error=(errors / n).cpu(),
-        fooling=(fooled / n).cpu(),
-        applied=(applied / n).cpu(),
+        error=rate(counts.errors),
+        fooling=rate(counts.fooled),
+        applied=torch.where(measured, counts.applied.cpu() / n, nan),
         clean_error=clean_error,
         eps=eps,
         norm=norm,
@@ -248,6 +420,10 @@ def fourier_heatmap(
         height=height,
         width=width,
         n_images=n,
-        evaluations=n * (n_freq + 1),
+        evaluations=spent,
         seconds=time.perf_counter() - start,
+        measured=measured,
+        batch_size=sizer.best,
+        resumed=resumed,
+        world_size=world,
     )

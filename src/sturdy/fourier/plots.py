@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -24,18 +25,27 @@ __all__ = ["plot_fourier_maps", "plot_perturbation", "plot_examples"]
 def plot_fourier_maps(panels: Sequence[Tuple[str, Tensor]], *, vmax: Optional[float] = None) -> Figure:
     """Side-by-side centred frequency maps ``[(title, (H, W) tensor), ...]`` on a shared colour scale.
 
-    Axes show the centred frequencies (``-H//2 .. (H-1)//2``).
+    Axes show the centred frequencies (``-H//2 .. (H-1)//2``). NaN entries (frequencies not measured) are
+    left transparent over a grey, hatched background, and the title counts the measured ones.
     """
     from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     maps = [m.detach().cpu().double() for _, m in panels]
-    top = vmax if vmax is not None else max(float(m.max()) for m in maps) or 1.0
+    finite = [m[torch.isfinite(m)] for m in maps]
+    top = vmax if vmax is not None else max((float(f.max()) for f in finite if f.numel()), default=0.0) or 1.0
     fig = Figure(figsize=(3.6 * len(panels), 3.2))
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, _), m in zip(axes[0], panels, maps):
         h, w = m.shape
         extent = (-(w // 2) - 0.5, (w - 1) // 2 + 0.5, (h - 1) // 2 + 0.5, -(h // 2) - 0.5)
-        im = ax.imshow(m.numpy(), cmap="magma", vmin=0.0, vmax=top, extent=extent, interpolation="nearest")
+        missing = ~torch.isfinite(m)
+        if bool(missing.any()):
+            ax.add_patch(Rectangle((extent[0], extent[3]), w, h, facecolor="0.85", edgecolor="0.55", hatch="///",
+                                   linewidth=0, zorder=0))
+            title = f"{title}\n{int((~missing).sum())} of {h * w} measured (hatched: not measured)"
+        data = np.ma.masked_invalid(m.numpy())
+        im = ax.imshow(data, cmap="magma", vmin=0.0, vmax=top, extent=extent, interpolation="nearest", zorder=1)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("l (horizontal frequency)")
         ax.set_ylabel("k (vertical frequency)")

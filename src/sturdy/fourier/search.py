@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from sturdy.errors import ConfigurationError
-from sturdy.fourier._common import Model, call_model
+from sturdy.fourier._common import Model
 from sturdy.fourier.basis import SELF_CONJUGATE_COS_TOL, fourier_basis_batch, half_plane, is_self_conjugate
+from sturdy.fourier.batching import BatchSizer, ModelRunner
 from sturdy.fourier.perturbation import Bounds, shape_directions, sign_patterns
 
 __all__ = [
@@ -145,6 +146,13 @@ def candidate_deltas(
     return shape_directions(u, signs, eps=eps, norm=norm, wave=wave)
 
 
+def make_sizer(batch_size: Union[None, int, BatchSizer], x: Tensor, total: int) -> BatchSizer:
+    """``batch_size`` as a :class:`BatchSizer` (a given sizer is returned as is, to be shared by calls)."""
+    if isinstance(batch_size, BatchSizer):
+        return batch_size
+    return BatchSizer(batch_size, device=x.device, total=max(1, total), item_bytes=x[0].numel() * x.element_size())
+
+
 @torch.no_grad()
 def count_fooled(
     model: Model,
@@ -155,40 +163,62 @@ def count_fooled(
     images: Tensor,
     *,
     bounds: Bounds,
-    batch_size: int,
+    batch_size: Union[None, int, BatchSizer],
+    runner: Optional[ModelRunner] = None,
 ) -> Tensor:
     """How many of the images ``x[images]`` each perturbation fools: ``(n_deltas,)`` counts.
 
+    The (perturbation, image) pairs are evaluated in perturbation-major order, in model calls of
+    ``batch_size`` pairs; the counts do not depend on the slicing.
+
     Args:
         model: classifier on ``(N, C, H, W)`` images (used as given: the callers set eval mode).
-        x: all images, on the model's device and dtype.
+        x: all images, on the model's device, in the perturbation dtype.
         clean: the clean predicted labels of ``x``.
         make_deltas: ``make_deltas(c0, c1)`` returns perturbations ``c0 .. c1 - 1`` as ``(c1 - c0, C, H, W)``;
-            called once per chunk, so the perturbations need never be held all at once.
+            called once per model call, so the perturbations need never be held all at once.
         n_deltas: number of perturbations.
         images: indices of the images to count on.
         bounds: valid pixel range the perturbed images are clipped to (``None``: no clipping).
-        batch_size: perturbed images per model call.
+        batch_size: perturbed images per model call, ``None`` (chosen online), or a :class:`BatchSizer`
+            shared by several calls.
+        runner: how the model is called (autocast, memory format); default: plainly.
     """
-    counts = torch.zeros(n_deltas, dtype=torch.long)
     m = len(images)
     if m == 0 or n_deltas == 0:
-        return counts
-    img_chunk = min(m, batch_size)
-    cand_chunk = max(1, batch_size // img_chunk)
+        return torch.zeros(n_deltas, dtype=torch.long)
+    counts = torch.zeros(n_deltas, dtype=torch.long, device=x.device)
+    total = m * n_deltas
+    sizer = make_sizer(batch_size, x, total)
+    if runner is None:
+        runner = ModelRunner(model, device=x.device, model_dtype=x.dtype)
     images = images.to(x.device)
-    for c0 in range(0, n_deltas, cand_chunk):
-        c1 = min(n_deltas, c0 + cand_chunk)
-        delta = make_deltas(c0, c1)
-        for i0 in range(0, m, img_chunk):
-            sel = images[i0 : i0 + img_chunk]
-            xs = x[sel]
-            batch = (delta[:, None] + xs).view(-1, *xs.shape[1:])
-            if bounds is not None:
-                batch.clamp_(bounds[0], bounds[1])
-            pred = call_model(model, batch).argmax(dim=1).view(c1 - c0, len(sel))
-            counts[c0:c1] += (pred != clean[sel]).sum(dim=1).cpu()
-    return counts
+    cached: Tuple[int, int, Optional[Tensor]] = (0, 0, None)
+    pos = 0
+    while pos < total:
+        b = sizer.next(total - pos)
+        sizer.start()
+        c0, c1 = pos // m, (pos + b - 1) // m + 1
+        if cached[2] is None or cached[0] != c0 or cached[1] != c1:
+            cached = (c0, c1, make_deltas(c0, c1))
+        delta = cached[2]
+        pair = torch.arange(pos, pos + b, device=x.device)
+        local, img = pair // m - c0, images[pair % m]
+        batch = delta[local] + x[img]
+        if bounds is not None:
+            batch.clamp_(bounds[0], bounds[1])
+        try:
+            pred = runner.labels(batch)
+        except torch.cuda.OutOfMemoryError:
+            del batch
+            if not sizer.shrink():
+                raise
+            torch.cuda.empty_cache()
+            continue
+        counts.index_add_(0, local + c0, (pred != clean[img]).long())
+        sizer.stop(b)
+        pos += b
+    return counts.cpu()
 
 
 class HalvingOutcome(NamedTuple):
