@@ -1,8 +1,10 @@
-"""Per-bucket CPU time of the variance hook's selection + encoding and decoding: numpy path vs numba kernels.
+"""Per-bucket CPU time of the variance hook's selection + encoding and decoding: numpy, numba and torch paths.
 
-Both paths run in the same process on the same buckets, interleaved; they give bit-identical results
-(checked here too). Buckets are laid out like the digits MLP (26,122 elements, 6 parameter segments)
-and CNN (53,002 elements, 8 segments); residuals are heavy-tailed and the variances are drawn so that
+The three paths (the numpy reference, the numba kernels, and the torch operations of
+:mod:`sturdy.compression.device_codec` that CUDA buckets take, forced here on the CPU) run in the
+same process on the same buckets, interleaved; they give bit-identical results (checked here too).
+Buckets are laid out like the digits MLP (26,122 elements, 6 parameter segments) and CNN (53,002
+elements, 8 segments); residuals are heavy-tailed and the variances are drawn so that
 about ``--sent-percent`` of the elements pass ``r^2 > alpha v`` (alpha 4).
 
     python benchmarks/compression_kernels.py
@@ -20,7 +22,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from sturdy.compression import accel, codec
+from sturdy.compression import accel, codec, device_codec
 from sturdy.compression.compressor import variance_select, warm_up
 
 LAYOUTS = {  # parameter sizes of the digits models, in bucket order
@@ -30,10 +32,14 @@ LAYOUTS = {  # parameter sizes of the digits models, in bucket order
 ALPHA = 4.0
 
 
+PATHS = ("numpy", "numba", "torch")
+
+
 @contextmanager
-def _path(compiled):
+def _path(name):
     kernels = accel.kernels()
-    with mock.patch.object(accel, "kernels", (lambda: kernels) if compiled else (lambda: None)):
+    with mock.patch.object(accel, "kernels", (lambda: kernels) if name == "numba" else (lambda: None)), \
+            device_codec.forced(name == "torch"):
         yield
 
 
@@ -47,9 +53,9 @@ def _bucket(sizes, sent_fraction, seed):
     return r, v, torch.tensor(np.cumsum([0, *sizes]))
 
 
-def _time_path(compiled, buckets, reps):
+def _time_path(name, buckets, reps):
     select_s, decode_s, outputs = [], [], []
-    with _path(compiled):
+    with _path(name):
         for i in range(reps):
             r, v, boundaries = buckets[i % len(buckets)]
             rt, vt = torch.from_numpy(r.copy()), torch.from_numpy(v.copy())
@@ -78,20 +84,21 @@ def main() -> None:
         raise SystemExit("numba is not installed: pip install -e '.[fast]'")
     for model, sizes in LAYOUTS.items():
         buckets = [_bucket(sizes, args.sent_percent / 100, seed) for seed in range(10)]
-        reference = _time_path(False, buckets, len(buckets))[2]
-        times = {False: [], True: []}
+        reference = _time_path("numpy", buckets, len(buckets))[2]
+        times = {name: [] for name in PATHS}
         for _ in range(args.rounds):
-            for compiled in (False, True):
-                sel_s, dec_s, outputs = _time_path(compiled, buckets, args.reps)
-                times[compiled].append((sel_s, dec_s))
+            for name in PATHS:
+                sel_s, dec_s, outputs = _time_path(name, buckets, args.reps)
+                times[name].append((sel_s, dec_s))
                 for got, want in zip(outputs, reference):
-                    assert all(torch.equal(a, b) for a, b in zip(got, want)), "paths disagree"
+                    assert all(torch.equal(a, b) for a, b in zip(got, want)), f"{name} disagrees with numpy"
         sel = {c: statistics.median(t[0] for t in times[c]) * 1e6 for c in times}
         dec = {c: statistics.median(t[1] for t in times[c]) * 1e6 for c in times}
         sent = int(np.mean([indices.numel() for _, indices, *_ in reference]))
-        print(f"{model}: {sum(sizes)} elements, {sent} sent | select+encode us numpy {sel[False]:.0f}, "
-              f"numba {sel[True]:.0f} ({sel[False] / sel[True]:.2f}x) | decode+add us numpy {dec[False]:.0f}, "
-              f"numba {dec[True]:.0f} ({dec[False] / dec[True]:.2f}x) | identical results")
+        print(f"{model}: {sum(sizes)} elements, {sent} sent | select+encode us "
+              + ", ".join(f"{c} {sel[c]:.0f}" for c in PATHS)
+              + " | decode+add us " + ", ".join(f"{c} {dec[c]:.0f}" for c in PATHS)
+              + " | identical results")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from types import ModuleType
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -54,6 +55,9 @@ __all__ = [
     "quantize_down",
     "encode_unchecked",
     "value_section_bytes",
+    "rice_search",
+    "Header",
+    "parse_header",
 ]
 
 
@@ -123,18 +127,24 @@ def _rice_bits(gaps: np.ndarray, k: int) -> int:
 
 
 def _rice_parameter(gaps: np.ndarray, total: int) -> Tuple[int, int]:
-    """``(k, bits)``: the ``k`` in ``0..MAX_RICE_K`` with the fewest bits for ``gaps`` (which sum to ``total``).
+    """``(k, bits)``: the ``k`` in ``0..MAX_RICE_K`` with the fewest bits for ``gaps`` (which sum to ``total``)."""
+    return rice_search(gaps.size, total, lambda k: _rice_bits(gaps, k))
+
+
+def rice_search(count: int, total: int, bits_of: Callable[[int], int]) -> Tuple[int, int]:
+    """``(k, bits)`` minimising ``bits_of(k)``, the Rice code size of ``count`` gaps summing to ``total``.
 
     The size is convex in ``k`` (its increment ``n - sum(ceil(floor(g / 2^k) / 2))`` never
     decreases), so a local search from ``log2`` of the mean gap finds the global minimum (two or
-    three evaluations usually).
+    three evaluations usually). Every encoder (numpy, compiled, torch) runs this same search, so
+    ties resolve alike.
     """
-    k = min(MAX_RICE_K, max(0, (total // gaps.size).bit_length() - 1))
-    bits = _rice_bits(gaps, k)
+    k = min(MAX_RICE_K, max(0, (total // count).bit_length() - 1))
+    bits = bits_of(k)
     for step in (-1, 1):
         moved = False
         while 0 <= k + step <= MAX_RICE_K:
-            trial = _rice_bits(gaps, k + step)
+            trial = bits_of(k + step)
             if trial >= bits:
                 break
             k, bits, moved = k + step, trial, True
@@ -254,6 +264,46 @@ def encode_unchecked(indices: Tensor, values: Tensor, *, length: int, value_form
 
 
 @dataclass(frozen=True)
+class Header:
+    """The checked header of a non-empty payload and where its sections lie (byte offsets)."""
+
+    value_format: str
+    delta: bool
+    rice_k: int
+    count: int
+    num_scales: int
+    index_start: int
+    value_start: int
+
+
+def parse_header(head: bytes, size: int, length: int) -> Header:
+    """Check the first :data:`HEADER_BYTES` bytes ``head`` of a payload of ``size`` bytes for a vector of ``length``.
+
+    Raises DataError for every inconsistency between the header and the payload's size (the checks
+    every decoder shares; the index section's content is checked while decoding it).
+    """
+    if size < HEADER_BYTES:
+        raise DataError(f"corrupt payload: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    fmt, n, k, index_len = _HEADER.unpack(bytes(head[:HEADER_BYTES]))
+    if (fmt & 3) >= len(VALUE_FORMATS) or n < 0 or k < 0 or index_len < 0:
+        raise DataError(f"corrupt payload: bad header (format {fmt}, n {n}, scales {k}, index bytes {index_len})")
+    value_format, mode = VALUE_FORMATS[fmt & 3], (fmt >> 2) & 1
+    start = HEADER_BYTES + 4 * k
+    if start + index_len > size:
+        raise DataError(f"corrupt payload: header announces {start + index_len - HEADER_BYTES} bytes of scales and "
+                        f"indices, the payload has {size - HEADER_BYTES}")
+    expected_scales = {"float32": k == 0, "4bit": k >= 1, "sign": k == 1}[value_format]
+    if not expected_scales or n == 0:
+        raise DataError(f"corrupt payload: {n} {value_format} values with {k} scales")
+    if size - start - index_len != value_section_bytes(n, value_format):
+        raise DataError(f"corrupt payload: value section holds {size - start - index_len} bytes for {n} "
+                        f"{value_format} values")
+    if mode == BITMAP and index_len != (length + 7) // 8:
+        raise DataError(f"corrupt payload: bitmap of {index_len} bytes for {length} elements")
+    return Header(value_format, mode == DELTA, fmt >> 3, n, k, start, start + index_len)
+
+
+@dataclass(frozen=True)
 class _Sections:
     """A payload split along its header (every header field checked against the payload)."""
 
@@ -267,28 +317,9 @@ class _Sections:
 
 
 def _sections(buf: np.ndarray, length: int) -> _Sections:
-    if buf.size < HEADER_BYTES:
-        raise DataError(f"corrupt payload: {buf.size} bytes, shorter than the {HEADER_BYTES}-byte header")
-    fmt, n, k, index_len = _HEADER.unpack(buf[:HEADER_BYTES].tobytes())
-    if (fmt & 3) >= len(VALUE_FORMATS) or n < 0 or k < 0 or index_len < 0:
-        raise DataError(f"corrupt payload: bad header (format {fmt}, n {n}, scales {k}, index bytes {index_len})")
-    value_format, mode = VALUE_FORMATS[fmt & 3], (fmt >> 2) & 1
-    start = HEADER_BYTES + 4 * k
-    if start + index_len > buf.size:
-        raise DataError(f"corrupt payload: header announces {start + index_len - HEADER_BYTES} bytes of scales and "
-                        f"indices, the payload has {buf.size - HEADER_BYTES}")
-    expected_scales = {"float32": k == 0, "4bit": k >= 1, "sign": k == 1}[value_format]
-    if not expected_scales or n == 0:
-        raise DataError(f"corrupt payload: {n} {value_format} values with {k} scales")
-    value_section = buf[start + index_len :]
-    if value_section.size != value_section_bytes(n, value_format):
-        raise DataError(f"corrupt payload: value section holds {value_section.size} bytes for {n} {value_format} "
-                        "values")
-    index_section = buf[start : start + index_len]
-    if mode == BITMAP and index_section.size != (length + 7) // 8:
-        raise DataError(f"corrupt payload: bitmap of {index_section.size} bytes for {length} elements")
-    return _Sections(value_format, mode == DELTA, fmt >> 3, n, buf[HEADER_BYTES:start].copy().view(np.float32),
-                     index_section, value_section)
+    h = parse_header(buf[:HEADER_BYTES].tobytes(), buf.size, length)
+    return _Sections(h.value_format, h.delta, h.rice_k, h.count, buf[HEADER_BYTES : h.index_start].copy().view(
+        np.float32), buf[h.index_start : h.value_start], buf[h.value_start :])
 
 
 def _inner_boundaries(num_scales: int, boundaries: Optional[Tensor]) -> Optional[np.ndarray]:
@@ -339,8 +370,27 @@ def _decode_sections(sec: _Sections, length: int, boundaries: Optional[Tensor]) 
     return DecodedPayload(torch.from_numpy(indices.astype(np.int64, copy=False)), torch.from_numpy(values))
 
 
+_device_codec: List[ModuleType] = []  # imported on first use: it imports this module
+
+
+def _device_path(device: torch.device) -> Optional[ModuleType]:
+    """:mod:`~sturdy.compression.device_codec` when it takes tensors on ``device`` (CUDA; or forced), else None."""
+    if not _device_codec:
+        from sturdy.compression import device_codec
+
+        _device_codec.append(device_codec)
+    return _device_codec[0] if _device_codec[0].enabled_for(device) else None
+
+
 def decode_add_(out: Tensor, payload: Tensor, *, boundaries: Optional[Tensor] = None) -> Tensor:
-    """Decode ``payload`` and add its values into the dense vector ``out`` in place."""
+    """Decode ``payload`` and add its values into the dense vector ``out`` in place.
+
+    CUDA tensors decode on the device (:mod:`~sturdy.compression.device_codec`, same sums). A corrupt
+    payload raises :class:`~sturdy.errors.DataError` and leaves ``out`` unchanged.
+    """
+    device_path = _device_path(out.device)
+    if device_path is not None:
+        return device_path.decode_add_(out, payload, boundaries=boundaries)
     buf = payload.detach().to("cpu", torch.uint8).reshape(-1).numpy()
     if buf.size == 0:
         return out

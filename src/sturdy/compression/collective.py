@@ -15,6 +15,11 @@ Two protocols, both correct for empty payloads:
   ``8 + capacity`` bytes; the caller guarantees that its payload fits (the bounded compression
   mode truncates its selection, the rest stays in the residual). Each slot also carries the size the
   rank *wanted* to send, so every rank can derive the same next capacity.
+
+Every round sends tensors of the same size from every rank, as NCCL requires (gloo would take any
+sizes; the exact protocol pads to the largest payload). On NCCL the rounds use
+``all_gather_into_tensor`` into one buffer; the host reads the sizes (and, for the capacity protocol,
+every payload's header with them, for :mod:`~sturdy.compression.device_codec`) in one copy.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from sturdy.compression.wire import HEADER_BYTES
 
 __all__ = ["GatherResult", "all_gather_variable", "all_gather_with_capacity", "all_gather_slots"]
 
@@ -40,11 +47,23 @@ class GatherResult:
         future: completes with the list of payloads (one ``uint8`` tensor per rank, trimmed).
         sizes: payload sizes in bytes, per rank.
         wire_bytes: bytes this rank transmitted (all rounds).
+        heads: per rank, the first :data:`~sturdy.compression.wire.HEADER_BYTES` bytes of its
+            payload as a host ``uint8`` array (rows of short payloads hold padding), when the
+            protocol read them with the sizes; else ``None``.
     """
 
     future: torch.futures.Future
     sizes: List[int]
     wire_bytes: int
+    heads: Optional[np.ndarray] = None
+
+
+def _gather_into(out: Tensor, slot: Tensor, process_group: Optional[dist.ProcessGroup]) -> None:
+    """All-gather equal-size ``slot`` into the rows of ``out`` (one buffer on NCCL, a list of views on gloo)."""
+    if out.is_cuda and dist.get_backend(process_group) == "nccl":
+        dist.all_gather_into_tensor(out, slot, group=process_group)
+    else:
+        dist.all_gather(list(out.unbind(0)), slot, group=process_group)
 
 
 def all_gather_variable(
@@ -61,9 +80,9 @@ def all_gather_variable(
     world = dist.get_world_size(process_group)
     payload = payload.reshape(-1).to(device, torch.uint8)
     size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
-    sizes_t = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes_t, size, group=process_group)
-    sizes = [int(s.item()) for s in sizes_t]
+    sizes_t = torch.zeros(world, 1, dtype=torch.int64, device=device)
+    _gather_into(sizes_t, size, process_group)
+    sizes = sizes_t.reshape(-1).tolist()  # one host read
     longest = max(sizes)
     if longest == 0:
         done: torch.futures.Future = torch.futures.Future()
@@ -114,9 +133,10 @@ def all_gather_with_capacity(
     outputs = list(gathered.unbind(0))
     # Synchronous on purpose: whether a tail round follows must be decided in the same order on every
     # rank, so no collective is ever issued from a future's callback (that would race between buckets).
-    dist.all_gather(outputs, slot, group=process_group)
-    heads = gathered[:, :SIZE_BYTES].cpu().numpy()
-    sizes = [int(x) for x in np.ascontiguousarray(heads).view("<i8").reshape(-1)]
+    _gather_into(gathered, slot, process_group)
+    read = gathered[:, : SIZE_BYTES + min(capacity, HEADER_BYTES)].cpu().numpy()  # sizes and headers, one copy
+    sizes = [int(x) for x in np.ascontiguousarray(read[:, :SIZE_BYTES]).view("<i8").reshape(-1)]
+    heads = read[:, SIZE_BYTES:] if capacity >= HEADER_BYTES else None
     extra_wire_bytes = 0
     longest = max(sizes)
     payloads = [o[SIZE_BYTES : SIZE_BYTES + min(s, capacity)] for o, s in zip(outputs, sizes)]
@@ -131,7 +151,7 @@ def all_gather_with_capacity(
         payloads = [torch.cat([h, t[: max(0, s - capacity)]]) for h, t, s in zip(payloads, tails, sizes)]
     done: torch.futures.Future = torch.futures.Future()
     done.set_result(payloads)
-    return GatherResult(done, sizes, SIZE_BYTES + capacity + extra_wire_bytes)
+    return GatherResult(done, sizes, SIZE_BYTES + capacity + extra_wire_bytes, heads)
 
 
 def all_gather_slots(
@@ -154,15 +174,18 @@ def all_gather_slots(
     n = payload.numel()
     if n > capacity:
         raise ValueError(f"payload of {n} bytes does not fit a slot of {capacity} bytes")
-    slot = torch.zeros(SIZE_BYTES + capacity, dtype=torch.uint8)
-    slot[:SIZE_BYTES] = torch.tensor([n, wanted], dtype=torch.int32).view(torch.uint8)
-    slot[SIZE_BYTES : SIZE_BYTES + n] = payload.reshape(-1).to("cpu", torch.uint8)
-    slot = slot.to(device)
-    outputs = [torch.empty_like(slot) for _ in range(world)]
-    work = dist.all_gather(outputs, slot, group=process_group, async_op=True)
+    slot = torch.zeros(SIZE_BYTES + capacity, dtype=torch.uint8, device=device)
+    slot[:SIZE_BYTES] = torch.tensor([n, wanted], dtype=torch.int32).view(torch.uint8).to(device)
+    slot[SIZE_BYTES : SIZE_BYTES + n] = payload.reshape(-1).to(device, torch.uint8)
+    gathered = torch.empty(world, SIZE_BYTES + capacity, dtype=torch.uint8, device=device)
+    outputs = list(gathered.unbind(0))
+    if device.type == "cuda" and dist.get_backend(process_group) == "nccl":
+        work = dist.all_gather_into_tensor(gathered, slot, group=process_group, async_op=True)
+    else:
+        work = dist.all_gather(outputs, slot, group=process_group, async_op=True)
 
     def unpack(_: torch.futures.Future) -> tuple:
-        heads = [o[:SIZE_BYTES].cpu().view(torch.int32).tolist() for o in outputs]
+        heads = gathered[:, :SIZE_BYTES].cpu().contiguous().view(torch.int32).tolist()  # one host read
         return [o[SIZE_BYTES : SIZE_BYTES + h[0]] for o, h in zip(outputs, heads)], [h[1] for h in heads]
 
     return GatherResult(work.get_future().then(unpack), [], SIZE_BYTES + capacity)

@@ -14,6 +14,10 @@ encoded payload (:mod:`sturdy.compression.codec`) plus what was sent.
 
 :func:`warm_up` compiles (or loads) the optional kernels of :mod:`~sturdy.compression.accel` once per
 process, before the first step's collective.
+
+Paths: CUDA buffers select and encode on the device (:mod:`~sturdy.compression.device_codec`, same bits;
+the byte-budgeted selection stays on the host); CPU buffers use the compiled kernels when numba is
+installed, else numpy. ``STURDY_DEVICE_CODEC=1`` forces the device path everywhere (tests).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sturdy.compression import accel, codec
+from sturdy.compression import accel, codec, device_codec
 from sturdy.compression.wire import HEADER_BYTES
 from sturdy.errors import ConfigurationError
 
@@ -40,7 +44,8 @@ class Selection:
     """What one rank sends for one bucket.
 
     Attributes:
-        payload: the encoded message (CPU ``uint8``; empty when nothing is sent).
+        payload: the encoded message (``uint8``, empty when nothing is sent; on the CPU, or on the
+            bucket's device where :mod:`~sturdy.compression.device_codec` encoded it).
         indices: sorted int64 indices sent (on ``r``'s device).
         values: the values exactly as the receiver decodes them (``r``'s dtype and device).
         wanted_bytes: the payload size before truncation to a byte budget (``max_bytes`` of
@@ -91,8 +96,13 @@ def variance_select(
             ``r_i^2 / v_i`` are sent and the others stay in the residual, unsent (``v`` decays).
             ``Selection.wanted_bytes`` reports the size the full selection would have had.
     """
-    if r.device.type == "cpu" and v.device.type == "cpu" and quantize == "4bit" and max_bytes is None:
-        return _variance_select_cpu(r, v, alpha=alpha, zeta=zeta, boundaries=boundaries)
+    if quantize == "4bit" and max_bytes is None:
+        if device_codec.enabled_for(r.device) and r.dtype == v.dtype == torch.float32:
+            payload, idx, quantised = device_codec.variance_select_4bit(r, v, alpha=alpha, zeta=zeta,
+                                                                        boundaries=boundaries)
+            return Selection(payload, idx, quantised, int(payload.numel())) if idx.numel() else _empty(r)
+        if r.device.type == "cpu" and v.device.type == "cpu":
+            return _variance_select_cpu(r, v, alpha=alpha, zeta=zeta, boundaries=boundaries)
     if alpha == 0:
         candidates = r != 0
     else:
@@ -102,6 +112,11 @@ def variance_select(
     if indices.numel() == 0:
         return _empty(r)
     values = r[indices]
+    if quantize is None and max_bytes is None and device_codec.enabled_for(r.device):
+        payload = device_codec.encode(indices, values, length=r.numel(), value_format="float32", scales=_NO_SCALES)
+        r.index_fill_(0, indices, 0.0)  # exact: r - r
+        v.index_fill_(0, indices, 0.0)
+        return Selection(payload, indices, values, int(payload.numel()))
     idx_cpu = indices.cpu()
     if quantize == "4bit":  # on the CPU in numpy: a few thousand values, many small operations
         idx_np, val_np = idx_cpu.numpy(), values.detach().to("cpu", torch.float32).numpy()
@@ -195,6 +210,14 @@ def _variance_select_cpu(r: Tensor, v: Tensor, *, alpha: float, zeta: float, bou
     return Selection(payload, indices, torch.from_numpy(quantised).to(r.dtype), int(payload.numel()))
 
 
+def _encode(indices: Tensor, values: Tensor, *, length: int, value_format: str, scales: Tensor) -> Tensor:
+    """Encode on ``indices``'s device when the device path takes it, else on the CPU (same bytes)."""
+    if device_codec.enabled_for(indices.device):
+        return device_codec.encode(indices, values, length=length, value_format=value_format, scales=scales)
+    return codec.encode_unchecked(indices.cpu(), values.cpu(), length=length, value_format=value_format,
+                                  scales=scales)
+
+
 def max_payload_bytes(length: int, *, value_format: str, num_scales: int) -> int:
     """Largest payload :func:`~sturdy.compression.codec.encode` can produce for a vector of ``length``."""
     values = codec.value_section_bytes(length, value_format)
@@ -209,8 +232,8 @@ def strom_select(r: Tensor, *, tau: float) -> Selection:
     signs = r[indices]
     tau32 = float(torch.tensor(tau, dtype=torch.float32))  # the receiver decodes a float32 magnitude
     sent = torch.where(signs < 0, -tau32, tau32).to(r.dtype)
-    payload = codec.encode_unchecked(indices.cpu(), signs.cpu(), length=r.numel(), value_format="sign",
-                                     scales=torch.tensor([tau32], dtype=torch.float32))
+    payload = _encode(indices, signs, length=r.numel(), value_format="sign",
+                      scales=torch.tensor([tau32], dtype=torch.float32))
     r.index_add_(0, indices, -sent)
     return Selection(payload, indices, sent, int(payload.numel()))
 
@@ -227,7 +250,7 @@ def topk_select(r: Tensor, *, ratio: float) -> Selection:
     indices, values = indices[keep], values[keep]
     if indices.numel() == 0:
         return _empty(r)
-    payload = codec.encode_unchecked(indices.cpu(), values.cpu(), length=n, value_format="float32", scales=_NO_SCALES)
+    payload = _encode(indices, values, length=n, value_format="float32", scales=_NO_SCALES)
     r.index_fill_(0, indices, 0.0)
     return Selection(payload, indices, values.clone(), int(payload.numel()))
 

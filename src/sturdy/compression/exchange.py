@@ -6,21 +6,28 @@ all-gather the payloads (:mod:`sturdy.compression.collective`, mode ``state.gath
 sum of every rank's decoded update, divided by the world size, into the bucket. This rank's own
 payload is not decoded: its selection holds exactly the decoded values. Every rank sums in rank
 order, so replicas stay bit-identical.
+
+CUDA buckets decode on the device (:mod:`~sturdy.compression.device_codec`): with the headers the
+capacity all-gather read alongside the sizes, and one read of the payloads' validity flags per bucket.
+bf16 and fp16 buckets (their residuals and variances are float32) sum the decoded updates in float32
+and cast the average to the bucket's dtype once.
 """
 
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from sturdy.compression import codec
+from sturdy.compression import codec, device_codec
 from sturdy.compression.collective import all_gather_slots, all_gather_variable, all_gather_with_capacity
 from sturdy.compression.compressor import Selection, max_payload_bytes
 from sturdy.compression.residual import BucketView, ResidualState
+from sturdy.compression.wire import HEADER_BYTES
 
 __all__ = ["sparse_exchange"]
 
@@ -50,8 +57,8 @@ def sparse_exchange(state: ResidualState, bucket: dist.GradBucket) -> torch.futu
                        wire=gathered.wire_bytes)
 
     def combine(fut: torch.futures.Future) -> Tensor:
-        _sum_updates(buffer, fut.value(), view.boundaries, rank, selection)
-        return buffer.div_(world)
+        return _average(buffer, _sum_updates(buffer, fut.value(), view.boundaries, rank, selection, gathered.heads),
+                        world)
 
     return gathered.future.then(combine)
 
@@ -65,19 +72,46 @@ def _mark_sent(ever_sent: Tensor, selection: Selection) -> None:
         ever_sent[selection.indices] = True
 
 
-def _sum_updates(buffer: Tensor, payloads: List[Tensor], boundaries: Tensor, rank: int, selection: Selection) -> None:
-    """``buffer = sum of the decoded payloads`` in rank order; this rank's own payload is not decoded:
-    its selection holds exactly the decoded values (float32 buffers), added at the same point of the sum."""
-    buffer.zero_()
-    own = selection if buffer.dtype == torch.float32 and selection.count else None
+_WIDE = (torch.float32, torch.float64)
+
+
+def _sum_updates(
+    buffer: Tensor, payloads: List[Tensor], boundaries: Tensor, rank: int, selection: Selection,
+    heads: Optional[np.ndarray] = None,
+) -> Tensor:
+    """The sum of the decoded payloads in rank order: in ``buffer``, or for a bf16/fp16 bucket in a float32
+    tensor (returned). This rank's own payload is not decoded: its selection holds exactly the decoded
+    values (float32), added at the same point of the sum."""
+    if buffer.dtype in _WIDE:
+        target = buffer.zero_()
+    else:
+        target = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
+    own = selection if target.dtype == torch.float32 and selection.count else None
+    on_device = device_codec.enabled_for(target.device)
+    flags = []
     for index, payload in enumerate(payloads):
         if index == rank and own is not None:
-            if buffer.device.type == "cpu" and own.indices.device.type == "cpu":
-                buffer.numpy()[own.indices.numpy()] += own.values.numpy()
+            if target.device.type == "cpu" and own.indices.device.type == "cpu":
+                target.numpy()[own.indices.numpy()] += own.values.numpy()
             else:
-                buffer.index_add_(0, own.indices.to(buffer.device), own.values.to(buffer.device, buffer.dtype))
+                target.index_add_(0, own.indices.to(target.device), own.values.to(target.device, target.dtype))
+        elif on_device:
+            header = heads[index].tobytes() if heads is not None and payload.numel() >= HEADER_BYTES else None
+            flags.append(device_codec.decode_add_unchecked(target, payload, boundaries=boundaries, header=header))
         else:
-            codec.decode_add_(buffer, payload, boundaries=boundaries)
+            codec.decode_add_(target, payload, boundaries=boundaries)
+    if flags and not bool(torch.stack(flags).all()):  # one host read per bucket
+        bad = next(i for i, ok in enumerate(torch.stack(flags).tolist()) if not ok)
+        payload = [p for i, p in enumerate(payloads) if not (i == rank and own is not None)][bad]
+        raise device_codec.corrupt_error(payload, target.numel(), boundaries)
+    return target
+
+
+def _average(buffer: Tensor, total: Tensor, world: int) -> Tensor:
+    """``buffer = total / world`` (cast once to a bf16/fp16 bucket's dtype)."""
+    if total is buffer:
+        return buffer.div_(world)
+    return buffer.copy_(total.div_(world))
 
 
 def _bounded_exchange(
@@ -99,7 +133,6 @@ def _bounded_exchange(
     def combine(fut: torch.futures.Future) -> Tensor:
         payloads, wanted = fut.value()
         state.slot_bytes[index] = max(1, math.ceil(state.slack * max(wanted)))  # identical on every rank
-        _sum_updates(buffer, payloads, view.boundaries, rank, selection)
-        return buffer.div_(world)
+        return _average(buffer, _sum_updates(buffer, payloads, view.boundaries, rank, selection), world)
 
     return gathered.future.then(combine)
