@@ -13,6 +13,8 @@ from sturdy.errors import UnsupportedModuleError
 from sturdy.persample import (
     CallRecorder,
     SquaredGradientHooks,
+    column_rule_for,
+    column_squared_gradients,
     func_squared_gradients,
     generic_rule,
     per_sample_squared_gradients,
@@ -82,7 +84,13 @@ RULE_CASES = {
     "conv-reflect": (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect", bias=False), (2, 5, 5)),
     "batchnorm-eval": (lambda: nn.BatchNorm2d(3).eval(), (3, 4, 4)),
     "layernorm-generic": (lambda: nn.LayerNorm(6), (2, 6)),
-    "conv1d-generic": (lambda: nn.Conv1d(2, 3, 3, padding=1), (2, 5)),
+    "conv1d": (lambda: nn.Conv1d(2, 3, 3, padding=1), (2, 5)),
+    "conv1d-grouped-dilated-strided": (lambda: nn.Conv1d(4, 6, 3, stride=2, dilation=2, padding=2, groups=2), (4, 11)),
+    "conv1d-same-circular": (lambda: nn.Conv1d(3, 2, 4, padding="same", padding_mode="circular"), (3, 7)),
+    "conv1d-same-zeros-dilated": (lambda: nn.Conv1d(3, 2, 3, padding="same", dilation=2, bias=False), (3, 8)),
+    "conv-depthwise": (lambda: nn.Conv2d(3, 6, 3, padding=1, groups=3), (3, 4, 5)),
+    "conv-same-dilated": (lambda: nn.Conv2d(2, 4, (3, 2), padding="same", dilation=(2, 1)), (2, 6, 5)),
+    "batchnorm1d-sequence": (lambda: nn.BatchNorm1d(3).eval(), (3, 4)),
 }
 
 
@@ -92,7 +100,7 @@ def test_each_rule_matches_a_per_sample_loop_for_a_given_output_gradient(case, b
     make, shape = RULE_CASES[case]
     torch.manual_seed(11)
     module = make().double()
-    if isinstance(module, nn.BatchNorm2d):
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
         with torch.no_grad():
             module.weight.uniform_(0.5, 1.5)
             module.running_mean.uniform_(-1, 1)
@@ -110,7 +118,8 @@ def test_each_rule_matches_a_per_sample_loop_for_a_given_output_gradient(case, b
 
 def test_registry_and_fallback():
     rules = squared_grad_rules()
-    assert nn.LayerNorm not in rules and nn.Conv1d not in rules
+    assert nn.LayerNorm not in rules and nn.Conv3d not in rules
+    assert rules[nn.Conv1d] is rules[nn.Conv2d] and nn.Embedding in rules
     assert rule_for(nn.LayerNorm(3)) is generic_rule
     assert rule_for(nn.BatchNorm1d(3)) is rules[nn.modules.batchnorm._BatchNorm]
 
@@ -127,6 +136,62 @@ def test_registry_and_fallback():
     finally:
         _RULES.pop(nn.LayerNorm, None)
     assert samples_per_chunk(100, 5, 4) == 5 and samples_per_chunk(1, 5) == 1
+
+
+def _embedding_net() -> nn.Module:
+    return nn.Embedding(7, 4, padding_idx=0)
+
+
+EMBEDDING_CASES = {
+    "embedding": (lambda: nn.Embedding(7, 4), (5,)),
+    "embedding-padding-idx": (_embedding_net, (3, 2)),
+    "embedding-scale-by-freq": (lambda: nn.Embedding(7, 4, scale_grad_by_freq=True), (5,)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMBEDDING_CASES))
+def test_embedding_rule_matches_a_per_sample_loop(case):
+    """Indices repeat within a sample (their gradients add before squaring) and across samples."""
+    make, shape = EMBEDDING_CASES[case]
+    torch.manual_seed(5)
+    module = make().double()
+    a = torch.randint(0, 7, (6, *shape))
+    a[0] = 3  # one sample that uses one row everywhere
+    with torch.no_grad():
+        delta = torch.randn_like(module(a))
+    tracked = trainable_modules(module)[0]
+    reference = _rule_reference(module, a, delta)
+    torch.testing.assert_close(squared_gradients(tracked, a, delta, BIG_BUDGET)["weight"], reference["weight"],
+                               rtol=REL_TOL, atol=ABS_TOL)
+    deltas = torch.stack([delta, 2 * delta.flip(0)])
+    twice = column_squared_gradients(tracked, a, deltas, BIG_BUDGET)["weight"]
+    torch.testing.assert_close(twice, reference["weight"] + 4 * _rule_reference(module, a, delta.flip(0))["weight"],
+                               rtol=REL_TOL, atol=ABS_TOL)
+
+
+@pytest.mark.parametrize("case", sorted(RULE_CASES))
+@pytest.mark.parametrize("budget", [1, BIG_BUDGET])
+def test_each_column_rule_equals_the_sum_of_its_columns(case, budget):
+    """Column rules (K output gradients of one input at once) against a per-sample loop per column."""
+    make, shape = RULE_CASES[case]
+    torch.manual_seed(12)
+    module = make().double()
+    a = torch.randn(4, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        deltas = torch.randn(3, *module(a).shape, dtype=torch.float64)
+    tracked = next(t for t in trainable_modules(module) if t.module is module)
+    result = column_squared_gradients(tracked, a, deltas, budget)
+    references = [_rule_reference(module, a, d) for d in deltas]
+    assert set(result) == set(references[0])
+    for name in result:
+        torch.testing.assert_close(result[name], sum(r[name] for r in references), rtol=REL_TOL, atol=ABS_TOL,
+                                   msg=name)
+
+
+def test_column_rules_are_registered_for_the_rules_that_share_work():
+    assert column_rule_for(nn.Conv1d(1, 1, 1)) is column_rule_for(nn.Conv2d(1, 1, 1))
+    assert column_rule_for(nn.Linear(1, 1)).__name__ == "linear_column_rule"
+    assert column_rule_for(nn.LayerNorm(3)).__name__ == "column_rule"  # loops over columns (torch.func)
 
 
 def test_linear_mlp_matches_per_sample_loop():

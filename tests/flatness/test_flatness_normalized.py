@@ -140,11 +140,11 @@ def test_validation_messages():
         solve_layer(torch.full((2, 2), float("nan")), torch.ones(2, 2))
     with pytest.raises(ConfigurationError, match="pass the training data"):
         normalized_sharpness(model)
-    with pytest.raises(ConfigurationError, match="no Linear/Conv2d layer named 'fc'"):
+    with pytest.raises(ConfigurationError, match="no covered layer named 'fc'"):
         normalized_sharpness(model, hessian={}, layers=["fc"])
     with pytest.raises(ConfigurationError, match="lacks parameter"):
         normalized_sharpness(model, hessian={})
-    with pytest.raises(ConfigurationError, match="at least one nn.Linear or nn.Conv2d"):
+    with pytest.raises(ConfigurationError, match="at least one Linear, Conv1d/2d/3d or Embedding layer"):
         normalized_sharpness(nn.Sequential(nn.ReLU()), hessian={})
 
 

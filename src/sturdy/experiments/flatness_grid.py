@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from sturdy.data import ImageDataset, apply_label_noise, load_dataset
 from sturdy.errors import ConfigurationError
 from sturdy.experiments.jsonio import json_safe, write_json
-from sturdy.flatness import available_measures, compute_measures, correlate_measures
+from sturdy.flatness import available_measures, compute_measures, correlate_measures, sign_errors, tau_difference
 from sturdy.models import create_model
 from sturdy.report import new_figure
 from sturdy.training import EpochMetrics, TrainConfig, evaluate, resolve_device, train
@@ -285,6 +285,27 @@ def _correlate(records: Sequence[Mapping[str, Any]], names: Sequence[str], spec:
     return {n: c.to_dict() for n, c in corr.items()}
 
 
+def _robustness(records: Sequence[Mapping[str, Any]], names: Sequence[str], spec: GridSpec,
+                seed: int) -> Dict[str, Any]:
+    """Dziugaite et al.'s sign-errors of every measure, and normalized sharpness against each baseline."""
+    gap = [r["gap"] for r in records]
+    hps = [{k: r["hyperparams"][k] for k in HYPERPARAMETERS} for r in records]
+    values = {n: [float(r["measures"][n]["value"]) for r in records] for n in names}
+    out: Dict[str, Any] = {"sign_errors": {}, "normalized_sharpness_vs": {}}
+    for n in names:
+        try:
+            out["sign_errors"][n] = sign_errors(values[n], gap, hps).to_dict()
+        except ConfigurationError:
+            out["sign_errors"][n] = None  # no pair of models differs in exactly one hyper-parameter
+    if "normalized_sharpness" in values:
+        for n in names:
+            if n != "normalized_sharpness":
+                out["normalized_sharpness_vs"][n] = tau_difference(
+                    values["normalized_sharpness"], values[n], gap, resamples=max(spec.bootstrap, 1), seed=seed
+                ).to_dict()
+    return out
+
+
 def summarize(records: Sequence[Mapping[str, Any]], *, spec: GridSpec, seed: int = 0) -> Dict[str, Any]:
     """Kendall and granulated tau of every measure against the gap (JSON-able).
 
@@ -310,6 +331,7 @@ def summarize(records: Sequence[Mapping[str, Any]], *, spec: GridSpec, seed: int
         "gap_definition": "train accuracy (on the trained labels) - test accuracy",
         "correlations": _correlate(converged, names, spec, seed) if use_converged else every,
         "correlations_all_models": every,
+        "robustness": _robustness(converged if use_converged else records, names, spec, seed),
         "mean_seconds_per_model": seconds,
         "mean_train_seconds": sum(r["train_seconds"] for r in records) / len(records),
         "bootstrap": spec.bootstrap,

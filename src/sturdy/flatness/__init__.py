@@ -1,4 +1,4 @@
-"""Normalized flatness: exact Hessian diagonals, normalized sharpness, baseline measures, correlations.
+"""Normalized flatness: GGN and Hessian diagonals, normalized sharpness, baselines, correlations, robustness.
 
 Scale-invariant flatness after Tsuzuku, Sato and Sugiyama (ICML 2020), with the generalisation
 measures and rank-correlation protocol of Jiang et al. (ICLR 2020). Conventions: the training loss
@@ -28,6 +28,7 @@ from sturdy.flatness.norms import log_frobenius_product, log_spectral_product
 from sturdy.flatness.perturbation import adaptive_average_sharpness, pacbayes_flatness
 from sturdy.flatness.registry import Measure, MeasureSet, MeasureSpec, available_measures, register_measure
 from sturdy.flatness.rescale import rescale_nodes
+from sturdy.flatness.robustness import SignErrors, TauDifference, sign_errors, tau_difference
 
 __all__ = [
     "HessianDiagonal",
@@ -59,4 +60,8 @@ __all__ = [
     "granulated_tau",
     "MeasureCorrelation",
     "correlate_measures",
+    "SignErrors",
+    "sign_errors",
+    "TauDifference",
+    "tau_difference",
 ]

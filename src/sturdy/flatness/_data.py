@@ -10,7 +10,7 @@ Conventions used by every function of the subpackage:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, List, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 Not to be confused with :class:`sturdy.training.Objective`, which runs the model itself.
 """
 
-WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
+WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
 
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -41,13 +41,14 @@ def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
 
 
 def iter_batches(
-    data: Any, *, batch_size: int, device: torch.device, dtype: torch.dtype
+    data: Any, *, batch_size: int, device: torch.device, dtype: torch.dtype, classes: bool = False
 ) -> Iterator[Tuple[Tensor, Tensor]]:
     """Yield ``(inputs, targets)`` batches of ``data`` on ``device`` (inputs cast to ``dtype``).
 
     ``data`` may be a pair ``(inputs, targets)`` of tensors, an object with ``images`` and ``labels``
     tensors (a :class:`sturdy.data.ImageDataset`), a map-style dataset of ``(x, y)`` pairs, or an
     iterable of ``(inputs, targets)`` batches (e.g. a ``DataLoader``), which is used as given.
+    Every batch is checked (:func:`check_batch`); with ``classes`` its targets must be class indices.
     """
     check_positive_int("batch_size", batch_size)
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
@@ -57,10 +58,13 @@ def iter_batches(
                 f"inputs and targets must have the same number of samples, got {x.shape[0]} and {y.shape[0]}"
             )
         for start in range(0, x.shape[0], batch_size):
-            yield _cast(x[start : start + batch_size], device, dtype), y[start : start + batch_size].to(device)
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            check_batch(xb, yb, start, classes=classes)
+            yield _cast(xb, device, dtype), yb.to(device)
         return
     if isinstance(getattr(data, "images", None), Tensor) and isinstance(getattr(data, "labels", None), Tensor):
-        yield from iter_batches((data.images, data.labels), batch_size=batch_size, device=device, dtype=dtype)
+        yield from iter_batches((data.images, data.labels), batch_size=batch_size, device=device, dtype=dtype,
+                                classes=classes)
         return
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
         loader: Iterable = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
@@ -71,11 +75,77 @@ def iter_batches(
             f"cannot read samples from a {type(data).__name__}; pass (inputs, targets) tensors, an ImageDataset, "
             "a map-style Dataset of (x, y) pairs, or an iterable of (inputs, targets) batches"
         )
+    seen = 0
     for batch in loader:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise DataError(f"each batch must be an (inputs, targets) pair, got a {type(batch).__name__}")
-        x, y = batch
-        yield _cast(torch.as_tensor(x), device, dtype), torch.as_tensor(y).to(device)
+        x, y = torch.as_tensor(batch[0]), torch.as_tensor(batch[1])
+        check_batch(x, y, seen, classes=classes)
+        seen += int(x.shape[0]) if x.dim() else 0
+        yield _cast(x, device, dtype), y.to(device)
+
+
+def check_batch(x: Tensor, y: Tensor, first: int, *, classes: bool) -> None:
+    """Refuse a batch whose sizes differ or whose floating inputs hold NaN/inf; with ``classes``, targets
+    that are not one integer class index per sample (the range is checked by :func:`check_class_range`)."""
+    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+        raise DataError(
+            f"inputs and targets must have the same number of samples, got shapes {tuple(x.shape)} and "
+            f"{tuple(y.shape)} (batch starting at sample {first})"
+        )
+    if x.is_floating_point() or x.is_complex():
+        finite = torch.isfinite(x).reshape(x.shape[0], -1).all(1)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0, 0]) + first
+            raise DataError(
+                f"inputs hold NaN or inf values ({int((~finite).sum())} sample(s) of the batch starting at sample "
+                f"{first}, the first is sample {bad}); remove or repair them before measuring"
+            )
+    if classes:
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise DataError(
+                f"targets must be integer class indices for the cross-entropy loss, got dtype {y.dtype} "
+                "(convert with targets.long(), or pass loss_fn=... for other targets)"
+            )
+        if y.dim() != 1:
+            raise DataError(f"targets must be one class index per sample, shape (N,), got {tuple(y.shape)}")
+
+
+def check_class_range(batches: List[Tuple[Tensor, Tensor]], num_classes: int) -> None:
+    """Refuse class indices outside ``[0, num_classes)`` (``num_classes``: the model's output width)."""
+    low = min(int(y.min()) for _, y in batches if y.numel())
+    high = max(int(y.max()) for _, y in batches if y.numel())
+    if low < 0 or high >= num_classes:
+        raise DataError(
+            f"targets must be class indices in [0, {num_classes - 1}] for a model with {num_classes} outputs, "
+            f"got values in [{low}, {high}]; check the labels (or the model's number of classes)"
+        )
+
+
+def output_width(model: nn.Module, x: Tensor) -> int:
+    """Number of logits the model gives per sample (one forward pass of two samples, no graph)."""
+    with torch.no_grad():
+        out = model(x[:2])
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ConfigurationError(
+            f"the model must return logits of shape (N, classes) for the cross-entropy loss, got {shape}; "
+            "pass loss_fn=... (where accepted) for other outputs"
+        )
+    return int(out.shape[1])
+
+
+def classification_batches(
+    model: nn.Module, data: Any, *, batch_size: int, device: torch.device, dtype: torch.dtype
+) -> Tuple[List[Tuple[Tensor, Tensor]], int]:
+    """:func:`collect_batches` for the cross-entropy loss: targets checked against the model's class count.
+
+    Returns the batches and the number of classes. The model should already be in eval mode.
+    """
+    batches = collect_batches(data, batch_size=batch_size, device=device, dtype=dtype, classes=True)
+    num_classes = output_width(model, batches[0][0])
+    check_class_range(batches, num_classes)
+    return batches, num_classes
 
 
 def _cast(x: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -83,10 +153,13 @@ def _cast(x: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
 
 
 def collect_batches(
-    data: Any, *, batch_size: int, device: torch.device, dtype: torch.dtype
+    data: Any, *, batch_size: int, device: torch.device, dtype: torch.dtype, classes: bool = False
 ) -> List[Tuple[Tensor, Tensor]]:
-    """All batches of ``data`` as a list (so that several passes see identical batches); refuses empty data."""
-    batches = list(iter_batches(data, batch_size=batch_size, device=device, dtype=dtype))
+    """All batches of ``data`` as a list (so that several passes see identical batches); refuses empty data.
+
+    With ``classes`` the targets must be integer class indices (:func:`check_batch`).
+    """
+    batches = list(iter_batches(data, batch_size=batch_size, device=device, dtype=dtype, classes=classes))
     if sum(int(x.shape[0]) for x, _ in batches) == 0:
         raise DataError("the data holds no samples; pass at least one (input, target) pair")
     return batches
@@ -101,9 +174,34 @@ def trainable_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
 
 
 def weight_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv2d`` whose weight is trainable, in order."""
+    """``(name, module)`` of every layer whose trainable weight is a node-to-node matrix, in order.
+
+    Covered: ``nn.Linear`` (out x in), ``nn.Conv1d/2d/3d`` (out x in/groups x kernel; any groups, dilation,
+    stride, padding) and ``nn.Embedding`` (tokens x dim). Other weights are listed by :func:`skipped_weights`.
+    """
     return [
         (n, m)
         for n, m in model.named_modules()
-        if isinstance(m, WEIGHT_LAYERS) and m.weight.requires_grad
+        if isinstance(m, WEIGHT_LAYERS) and isinstance(getattr(m, "weight", None), Tensor) and m.weight.requires_grad
     ]
+
+
+def skipped_weights(model: nn.Module) -> List[str]:
+    """Names of trainable parameters with 2 or more dimensions that no covered layer owns as its ``weight``.
+
+    Biases and normalisation scales (1-D) are outside the layer-wise measures by definition and not listed.
+    """
+    covered = {id(m.weight) for _, m in weight_layers(model)}
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and id(p) not in covered]
+
+
+def loss_batches(
+    model: nn.Module, data: Any, *, batch_size: int, device: torch.device, dtype: torch.dtype,
+    loss_fn: Optional[LossFn],
+) -> List[Tuple[Tensor, Tensor]]:
+    """The batches of ``data`` for ``loss_fn``: checked as class indices (:func:`classification_batches`,
+    the model in eval mode for that one forward pass) when ``loss_fn`` is ``None`` (the cross-entropy)."""
+    if loss_fn is not None:
+        return collect_batches(data, batch_size=batch_size, device=device, dtype=dtype)
+    with eval_mode(model):
+        return classification_batches(model, data, batch_size=batch_size, device=device, dtype=dtype)[0]

@@ -1,64 +1,59 @@
-"""Hessian diagonals, Hessian traces and top eigenvalues of the training loss.
+"""Curvature of the training loss: GGN and Hessian diagonals, Hessian traces and top eigenvalues.
 
 The training loss is ``L(w) = (1/N) sum_n loss(f(x_n; w), y_n)`` over every sample of ``data``
 (**mean** reduction; batching never changes the value). The model is evaluated in eval mode.
 
-Two diagonals are offered by :func:`hessian_diagonal`:
+:func:`hessian_diagonal` offers, by ``method``:
 
-* ``"ggn-exact"``: the exact diagonal of the generalised Gauss-Newton matrix of the cross-entropy
-  loss, ``G = (1/N) sum_n J_n^T (diag(p_n) - p_n p_n^T) J_n`` (``J_n`` the Jacobian of the logits
-  with respect to the parameters, ``p_n`` the softmax). The softmax Hessian factorises as
-  ``diag(p) - p p^T = S S^T`` with columns ``s_c = sqrt(p_c) (e_c - p)``, so
-  ``diag(G) = (1/N) sum_n sum_c (J_n^T s_{n,c})^2``: one backward pass per class, each giving the
-  output gradients of every layer, to which the per-sample squared-gradient rules of
-  :mod:`sturdy.persample` apply (Linear, Conv2d, BatchNorm, ``torch.func`` for any other module). A
-  module called more than once per forward pass and a weight tied across modules take ``torch.func``
-  per-sample gradients through the whole network instead (their per-sample gradients add up before
-  squaring). For networks that are piecewise linear in each single parameter (ReLU/max-pool MLPs and
-  CNNs, eval-mode BatchNorm, every weight used by one layer) the logits have zero second derivative
-  along each coordinate, so ``diag(G)`` **equals the Hessian diagonal** of the cross-entropy loss
-  (almost everywhere); with tied weights it is the GGN diagonal.
-  A BatchNorm that normalises with batch statistics in eval mode (``track_running_stats=False``) makes
-  samples interact and is refused.
+* ``"ggn-exact"``: the exact diagonal of the generalised Gauss-Newton matrix of the cross-entropy loss,
+  ``G = (1/N) sum_n J_n^T (diag(p_n) - p_n p_n^T) J_n``, one backward pass per class
+  (:mod:`sturdy.flatness.ggn`: the per-sample rules of :mod:`sturdy.persample` applied to the columns of
+  the softmax Hessian's factor).
+* ``"ggn-mc"``: a Monte-Carlo estimate of the same diagonal from labels drawn from the model's softmax,
+  ``mc_samples`` per input, whatever the class count, with standard errors (entries, per-parameter sums).
+* ``"auto"`` (default): ``"ggn-exact"`` up to :data:`MC_CLASS_THRESHOLD` classes, ``"ggn-mc"`` above.
 * ``"hutchinson"``: ``E_v[v * (H v)]`` with Rademacher probes ``v`` and Hessian-vector products by
-  double backward, for any loss; it reports the standard error of the mean over probes.
+  double backward: the **Hessian** diagonal, for any loss, with the standard error over probes.
 
-Memory bound of ``"ggn-exact"``: one forward/backward graph of ``chunk_size`` samples, plus for one
-layer at a time its per-sample tensors of the whole chunk (for ``nn.Conv2d`` the unfolded input,
-``chunk_size x C_in k_h k_w x L`` values, and the per-sample gradients, ``chunk_size x numel(weight)``
-values), plus one accumulator of the parameters' size.
-For the digits grid models with the default ``chunk_size=512`` this is under 200 MiB.
+The GGN diagonal is the Hessian diagonal only when the logits are piecewise linear in each single
+parameter (ReLU/max-pool MLPs and CNNs, eval-mode BatchNorm, every weight in one factor of every
+product). Each result says which it is: ``quantity`` is ``"ggn_diagonal"`` or ``"hessian_diagonal"`` and
+``is_hessian`` is decided from the operators autograd traced (:mod:`sturdy.flatness.exactness`); a GELU,
+tanh or LayerNorm network, or tied weights, give ``is_hessian=False``. A BatchNorm that normalises with
+batch statistics in eval mode (``track_running_stats=False``) makes samples interact and is refused by
+the GGN methods.
+
+Memory of the GGN methods, bounded whatever the data size: the forward graph of one chunk of samples
+and the output gradients of one block of columns together take at most ``memory_budget`` bytes (the
+chunk has as many samples as that allows, ``chunk_size`` overrides it, see
+:func:`sturdy.flatness.ggn.plan_memory`); the rules' per-sample tensors take one chunk of at most
+16 MiB (:data:`sturdy.flatness.ggn.RULE_CHUNK_BYTES`); the accumulators take the parameters' size
+(``groups`` times for ``"ggn-mc"``). Peak extra memory is about ``memory_budget + 16 MiB`` plus the
+accumulators (measured in BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sturdy.errors import ConfigurationError, UnsupportedModuleError
+from sturdy.errors import ConfigurationError
 from sturdy.flatness._data import (
     LossFn,
     check_positive_int,
-    collect_batches,
+    classification_batches,
     default_loss,
     eval_mode,
+    loss_batches,
     model_device_dtype,
     trainable_parameters,
 )
-from sturdy.persample import (
-    CallRecorder,
-    TrackedModule,
-    func_squared_gradients,
-    squared_gradients,
-    trainable_modules,
-    uses_batch_statistics,
-)
-from sturdy.persample.recorder import Call
+from sturdy.flatness.ggn import exact_columns, ggn_columns, monte_carlo_columns
 
 __all__ = [
     "HessianDiagonal",
@@ -68,21 +63,35 @@ __all__ = [
     "hutchinson_trace",
     "top_hessian_eigenvalue",
     "HESSIAN_METHODS",
+    "MC_CLASS_THRESHOLD",
+    "DEFAULT_MEMORY_BUDGET",
 ]
 
-HESSIAN_METHODS = ("ggn-exact", "hutchinson")
+HESSIAN_METHODS = ("auto", "ggn-exact", "ggn-mc", "hutchinson")
+MC_CLASS_THRESHOLD = 100
+"""``method="auto"`` takes the exact GGN diagonal up to this many classes and ``"ggn-mc"`` above."""
+DEFAULT_MEMORY_BUDGET = 2**30
+"""Default ``memory_budget`` of the GGN methods in bytes (module docstring)."""
 
 
 @dataclass(frozen=True)
 class HessianDiagonal:
-    """Diagonal of the Hessian of the mean training loss, per parameter.
+    """A curvature diagonal of the mean training loss, per parameter: the GGN's or the Hessian's.
 
     Attributes:
         diagonal: parameter name -> tensor of the parameter's shape (float, on the model's device).
         stderr: parameter name -> standard error of each entry (zeros for ``"ggn-exact"``).
-        method: ``"ggn-exact"`` or ``"hutchinson"``.
+        method: ``"ggn-exact"``, ``"ggn-mc"`` or ``"hutchinson"``.
         num_samples: number of data samples the loss averages over.
-        probes: Rademacher probes used (0 for ``"ggn-exact"``).
+        probes: Rademacher probes (``"hutchinson"``) or sampled labels per input (``"ggn-mc"``); 0 otherwise.
+        quantity: ``"ggn_diagonal"`` (GGN methods) or ``"hessian_diagonal"`` (Hutchinson).
+        is_hessian: whether ``diagonal`` is (an estimate of) the Hessian's diagonal: always for
+            Hutchinson; for the GGN methods when the traced operators prove the GGN diagonal equal to it.
+        reasons: the operators that keep the GGN diagonal from being the Hessian's (empty when ``is_hessian``).
+        num_classes: width of the logits (0 for Hutchinson).
+        sum_stderr: parameter name -> standard error of the sum of its entries (0 for ``"ggn-exact"``).
+        replicates: for ``"ggn-mc"``, parameter name -> ``(groups, *shape)`` diagonals of independent groups
+            of sampled labels (their mean is ``diagonal``), for the uncertainty of derived quantities.
     """
 
     diagonal: Dict[str, Tensor]
@@ -90,24 +99,33 @@ class HessianDiagonal:
     method: str
     num_samples: int
     probes: int
+    quantity: str = "ggn_diagonal"
+    is_hessian: bool = False
+    reasons: Tuple[str, ...] = ()
+    num_classes: int = 0
+    sum_stderr: Dict[str, float] = field(default_factory=dict)
+    replicates: Optional[Dict[str, Tensor]] = None
 
     def trace(self) -> float:
-        """Sum of every diagonal entry (the Hessian trace over the covered parameters)."""
+        """Sum of every diagonal entry (the GGN's or Hessian's trace over the covered parameters)."""
         return float(sum(float(d.sum()) for d in self.diagonal.values()))
 
     def trace_stderr(self) -> float:
-        """Standard error of :meth:`trace` when probe errors are treated as independent across entries.
-
-        This is only an indication; :func:`hutchinson_trace` gives the exact standard error of a trace.
-        """
+        """Standard error of :meth:`trace`: exact over groups for ``"ggn-mc"``; for Hutchinson an indication
+        (probe errors treated as independent across entries; :func:`hutchinson_trace` gives the exact one)."""
+        if self.replicates:
+            traces = sum(r.flatten(1).sum(1).double() for r in self.replicates.values())
+            return float(traces.std() / math.sqrt(traces.numel())) if traces.numel() > 1 else math.nan
         return float(math.sqrt(sum(float((s**2).sum()) for s in self.stderr.values())))
 
     def to_dict(self) -> Dict[str, Any]:
-        """Plain JSON types (tensors as nested lists)."""
+        """Plain JSON types (tensors as nested lists; ``replicates`` left out)."""
         return {
             "diagonal": {n: d.tolist() for n, d in self.diagonal.items()},
             "stderr": {n: s.tolist() for n, s in self.stderr.items()},
             "method": self.method, "num_samples": self.num_samples, "probes": self.probes,
+            "quantity": self.quantity, "is_hessian": self.is_hessian, "reasons": list(self.reasons),
+            "num_classes": self.num_classes, "sum_stderr": dict(self.sum_stderr),
         }
 
 
@@ -143,134 +161,6 @@ class EigenEstimate:
     def to_dict(self) -> Dict[str, Any]:
         """Plain JSON types."""
         return asdict(self)
-
-
-# ----------------------------------------------------------------------------- exact GGN diagonal
-
-# The per-sample tensors of a backward pass form one chunk: ``chunk_size`` bounds them (module doc).
-_ONE_CHUNK = 2**62
-
-
-def _refuse_interacting_samples(model: nn.Module) -> None:
-    for name, module in model.named_modules():
-        if uses_batch_statistics(module):
-            raise UnsupportedModuleError(
-                f"module '{name}' ({type(module).__name__}) normalises with the statistics of its batch even in "
-                "eval mode (track_running_stats=False): samples interact, so the GGN is not a sum over samples "
-                "and method='ggn-exact' does not apply; use method='hutchinson'",
-                module=module,
-                path=name,
-            )
-
-
-def _hooked_modules(
-    model: nn.Module, name_of: Dict[int, str], backend: str
-) -> List[TrackedModule]:
-    """Modules whose selected parameters take their layer's rule (the others take torch.func on the network).
-
-    A parameter shared by several modules (tied weights) needs its per-sample gradients summed over the
-    modules before squaring: it goes to the torch.func path, which sees the whole network.
-    """
-    if backend != "hooks":
-        return []
-    owners: Dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    return [
-        t
-        for t in trainable_modules(model)
-        if any(id(p) in name_of for p in t.params.values()) and all(owners[id(p)] == 1 for p in t.params.values())
-    ]
-
-
-def _split_calls(
-    calls: List[Call], params: List[Tuple[str, nn.Parameter]], name_of: Dict[int, str]
-) -> Tuple[List[Call], Dict[str, Tensor]]:
-    """Calls a rule can take (a module called once, as ``module(x)``), and the parameters left to torch.func.
-
-    A module called several times (shared weights) needs its per-sample gradients summed over the calls
-    before squaring, which the rules (one call each) do not do: the torch.func path takes it.
-    """
-    count: Dict[int, int] = {}
-    for call in calls:
-        count[id(call.tracked)] = count.get(id(call.tracked), 0) + 1
-    hooked = [
-        call
-        for call in calls
-        if count[id(call.tracked)] == 1
-        and len(call.args) == 1
-        and isinstance(call.args[0], Tensor)
-        and isinstance(call.output, Tensor)
-        and call.output.requires_grad
-    ]
-    covered = {id(p) for call in hooked for p in call.tracked.params.values()}
-    fallback = {n: p.detach() for n, p in params if id(p) not in covered}
-    return hooked, fallback
-
-
-def _ggn_exact(
-    model: nn.Module,
-    batches: List[Tuple[Tensor, Tensor]],
-    params: List[Tuple[str, nn.Parameter]],
-    *,
-    chunk_size: int,
-    progress: bool,
-    backend: str = "hooks",
-) -> Dict[str, Tensor]:
-    """``sum_n sum_c (J_n^T s_{n,c})^2``: the squared-gradient rules applied to each softmax-factor column."""
-    _refuse_interacting_samples(model)
-    name_of = {id(p): n for n, p in params}
-    acc = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in params}
-    recorder = CallRecorder(_hooked_modules(model, name_of, backend))
-    chunks = [x[i : i + chunk_size] for x, _ in batches for i in range(0, x.shape[0], chunk_size)]
-    try:
-        for x in tqdm(chunks, desc="ggn-exact", unit="chunk", disable=not progress):
-            recorder.clear()
-            recorder.active = True
-            with torch.enable_grad():
-                logits = model(x)
-            recorder.active = False
-            if logits.dim() != 2:
-                raise ConfigurationError(
-                    f"ggn-exact needs logits of shape (N, classes), got {tuple(logits.shape)}; use method='hutchinson'"
-                )
-            calls, fallback = _split_calls(recorder.calls, params, name_of)
-            constants = _constants(model, fallback) if fallback else {}
-            with torch.no_grad():
-                p = torch.softmax(logits.detach(), dim=1)
-            num_classes = p.shape[1]
-            for c in range(num_classes):
-                v = -p * p[:, c : c + 1].sqrt()
-                v[:, c] += p[:, c].sqrt()
-                if calls:
-                    deltas = torch.autograd.grad(
-                        logits, [call.output for call in calls], grad_outputs=v,
-                        retain_graph=c < num_classes - 1, allow_unused=True,
-                    )
-                    for call, delta in zip(calls, deltas):
-                        if delta is not None:
-                            squares = squared_gradients(call.tracked, call.args[0], delta, _ONE_CHUNK)
-                            _add(acc, {name_of.get(id(call.tracked.params[attr])): sq for attr, sq in squares.items()})
-                if fallback:
-                    _add(acc, func_squared_gradients(model, fallback, x, v, _ONE_CHUNK, constants=constants))
-    finally:
-        recorder.remove()
-    return acc
-
-
-def _constants(model: nn.Module, free: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """Detached parameters and buffers of ``model`` other than ``free`` (torch.func then builds no graph of them)."""
-    named = list(model.named_parameters()) + list(model.named_buffers())
-    return {n: t.detach() for n, t in named if n not in free}
-
-
-def _add(acc: Dict[str, Tensor], squares: Dict[Optional[str], Tensor]) -> None:
-    """``acc[name] += value`` for every selected parameter name (``None``: not selected)."""
-    with torch.no_grad():
-        for name, value in squares.items():
-            if name is not None:
-                acc[name] += value
 
 
 # ----------------------------------------------------------------------------- Hessian-vector products
@@ -372,39 +262,56 @@ def hessian_diagonal(
     model: nn.Module,
     data: Any,
     *,
-    method: str = "ggn-exact",
+    method: str = "auto",
     probes: int = 100,
+    mc_samples: int = 16,
+    mc_groups: int = 8,
     seed: int = 0,
     parameters: Optional[Sequence[str]] = None,
     batch_size: int = 1024,
-    chunk_size: int = 512,
+    chunk_size: Optional[int] = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     probe_chunk: int = 16,
     loss_fn: Optional[LossFn] = None,
     backend: str = "hooks",
     progress: bool = False,
 ) -> HessianDiagonal:
-    """Diagonal of the Hessian of the mean training loss with respect to every trainable parameter.
+    """A curvature diagonal of the mean training loss for every trainable parameter: GGN or Hessian.
 
     Args:
         model: network mapping inputs to logits ``(N, classes)``; evaluated in eval mode.
-        data: ``(inputs, targets)`` tensors, an ``ImageDataset``, a Dataset or an iterable of batches.
-        method: ``"ggn-exact"`` (exact GGN diagonal of the cross-entropy loss; equals the Hessian
-            diagonal for piecewise-linear networks) or ``"hutchinson"`` (stochastic, any loss).
+        data: ``(inputs, targets)`` tensors, an ``ImageDataset``, a Dataset or an iterable of batches;
+            for the cross-entropy loss the targets must be class indices of the model's outputs.
+        method: ``"auto"`` (``"ggn-exact"`` up to :data:`MC_CLASS_THRESHOLD` classes, else ``"ggn-mc"``),
+            ``"ggn-exact"`` (exact GGN diagonal of the cross-entropy loss; the Hessian's for piecewise-linear
+            networks, see ``is_hessian``), ``"ggn-mc"`` (its Monte-Carlo estimate) or ``"hutchinson"``
+            (stochastic Hessian diagonal, any loss).
         probes: Rademacher probes of ``"hutchinson"`` (>= 2, for the standard error).
-        seed: seed of the probes (drawn on the CPU: identical on CPU and CUDA).
+        mc_samples: labels drawn per input by ``"ggn-mc"`` (>= 2); its cost is that of the exact diagonal
+            of ``mc_samples`` classes.
+        mc_groups: groups the draws are split into for standard errors (the largest divisor of
+            ``mc_samples`` not above it is used; at least 2).
+        seed: seed of the probes and of the sampled labels (drawn on the CPU: identical on CPU and CUDA).
         parameters: names (as in ``named_parameters``) to restrict to; default every trainable one.
-        batch_size: samples per forward pass (memory only; the value does not depend on it).
-        chunk_size: samples per backward pass of ``"ggn-exact"`` (bounds its memory, see module doc).
+        batch_size: samples per forward pass of ``"hutchinson"`` and per read of ``data`` (memory only).
+        chunk_size: samples per forward/backward pass of the GGN methods; default: as many as
+            ``memory_budget`` allows (module docstring).
+        memory_budget: bytes for the forward graph of one chunk and one block of output gradients of the
+            GGN methods (module docstring; default 1 GiB).
         probe_chunk: probes sharing one pass over the data in ``"hutchinson"``; memory grows with it.
-        loss_fn: ``loss_fn(outputs, targets) -> batch mean``; only for ``"hutchinson"`` (``"ggn-exact"``
-            is defined for the cross-entropy loss).
+        loss_fn: ``loss_fn(outputs, targets) -> batch mean``; only for ``"hutchinson"`` (the GGN methods
+            are defined for the cross-entropy loss).
         backend: ``"hooks"`` (the per-layer rules of :mod:`sturdy.persample`; ``torch.func`` through the
             network for shared modules and tied weights) or ``"func"`` (``torch.func`` per-sample gradients
             through the network for every parameter: slower, for cross-checks).
         progress: show a tqdm progress bar.
 
     Returns:
-        A :class:`HessianDiagonal` (same type for both methods).
+        A :class:`HessianDiagonal` (same type for every method; ``quantity`` and ``is_hessian`` say what it is).
+
+    Raises:
+        DataError: targets that are not class indices of the model's outputs (cross-entropy), inputs and
+            targets of different lengths, NaN or inf inputs, empty data.
 
     Example:
         >>> import torch
@@ -412,38 +319,79 @@ def hessian_diagonal(
         >>> net = nn.Linear(3, 2).double()
         >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1])
         >>> hd = hessian_diagonal(net, (x, y))
-        >>> hd.diagonal["weight"].shape, hd.method
-        (torch.Size([2, 3]), 'ggn-exact')
+        >>> hd.diagonal["weight"].shape, hd.method, hd.quantity, hd.is_hessian
+        (torch.Size([2, 3]), 'ggn-exact', 'ggn_diagonal', True)
     """
     if method not in HESSIAN_METHODS:
         raise ConfigurationError(f"method must be one of {', '.join(HESSIAN_METHODS)}, got {method!r}")
     if backend not in ("hooks", "func"):
         raise ConfigurationError(f"backend must be 'hooks' or 'func', got {backend!r}")
-    check_positive_int("chunk_size", chunk_size)
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
+    check_positive_int("memory_budget", memory_budget)
     check_positive_int("probe_chunk", probe_chunk)
     if method == "hutchinson":
         check_positive_int("probes", probes, minimum=2)
     elif loss_fn is not None:
         raise ConfigurationError(
-            "method='ggn-exact' is defined for the cross-entropy loss only; drop loss_fn or use method='hutchinson'"
+            f"method={method!r} (the GGN diagonal) is defined for the cross-entropy loss only; drop loss_fn or use "
+            "method='hutchinson'"
         )
+    if method in ("auto", "ggn-mc"):
+        check_positive_int("mc_samples", mc_samples, minimum=2)
+        check_positive_int("mc_groups", mc_groups, minimum=2)
     device, dtype = model_device_dtype(model)
     params = _select(model, parameters)
-    batches = collect_batches(data, batch_size=batch_size, device=device, dtype=dtype)
-    num_samples = sum(int(x.shape[0]) for x, _ in batches)
     with eval_mode(model):
-        if method == "ggn-exact":
-            acc = _ggn_exact(model, batches, params, chunk_size=chunk_size, progress=progress, backend=backend)
-            diag = {n: a / num_samples for n, a in acc.items()}
-            err = {n: torch.zeros_like(d) for n, d in diag.items()}
-            used = 0
-        else:
+        if method == "hutchinson":
+            batches = loss_batches(model, data, batch_size=batch_size, device=device, dtype=dtype, loss_fn=loss_fn)
+            num_samples = sum(int(x.shape[0]) for x, _ in batches)
             diag, err = _hutchinson_diagonal(
                 model, batches, params, probes=probes, probe_chunk=probe_chunk, seed=seed,
                 num_samples=num_samples, loss_fn=loss_fn or default_loss, progress=progress,
             )
-            used = probes
-    return HessianDiagonal(diagonal=diag, stderr=err, method=method, num_samples=num_samples, probes=used)
+            return HessianDiagonal(diag, err, method, num_samples, probes, quantity="hessian_diagonal",
+                                   is_hessian=True, sum_stderr={n: _sum_stderr(e) for n, e in err.items()})
+        batches, num_classes = classification_batches(model, data, batch_size=batch_size, device=device, dtype=dtype)
+        if method == "auto":
+            method = "ggn-exact" if num_classes <= MC_CLASS_THRESHOLD else "ggn-mc"
+        num_samples = sum(int(x.shape[0]) for x, _ in batches)
+        if method == "ggn-exact":
+            columns, groups, used = exact_columns, 1, 0
+        else:
+            groups = max(g for g in range(1, min(mc_groups, mc_samples) + 1) if mc_samples % g == 0)
+            if groups < 2:
+                groups = mc_samples  # a prime number of samples: one group per sample
+            columns, used = monte_carlo_columns(mc_samples, seed), mc_samples
+        result = ggn_columns(model, batches, params, columns, groups=groups, memory_budget=memory_budget,
+                             chunk_size=chunk_size, progress=progress, backend=backend, desc=method)
+    diag: Dict[str, Tensor] = {}
+    err: Dict[str, Tensor] = {}
+    sum_err: Dict[str, float] = {}
+    replicates: Optional[Dict[str, Tensor]] = None
+    if groups == 1:
+        for n, acc in result.groups.items():
+            diag[n] = acc[0] / num_samples
+            err[n] = torch.zeros_like(diag[n])
+            sum_err[n] = 0.0
+    else:
+        replicates = {}
+        for n, acc in result.groups.items():
+            reps = acc * (groups / num_samples)  # each group's own estimate of the diagonal
+            replicates[n] = reps
+            diag[n] = reps.mean(0)
+            err[n] = reps.std(0) / math.sqrt(groups)
+            sums = reps.flatten(1).sum(1).double()
+            sum_err[n] = float(sums.std() / math.sqrt(groups))
+    return HessianDiagonal(
+        diag, err, method, num_samples, used, quantity="ggn_diagonal", is_hessian=result.exactness.is_hessian,
+        reasons=result.exactness.reasons, num_classes=result.num_classes, sum_stderr=sum_err, replicates=replicates,
+    )
+
+
+def _sum_stderr(entry_stderr: Tensor) -> float:
+    """Standard error of a sum of entries with independent errors (an indication for Hutchinson)."""
+    return float(math.sqrt(float((entry_stderr.double() ** 2).sum())))
 
 
 def hutchinson_trace(
@@ -473,7 +421,7 @@ def hutchinson_trace(
     check_positive_int("probes", probes, minimum=2)
     device, dtype = model_device_dtype(model)
     tensors = [p for _, p in trainable_parameters(model)]
-    batches = collect_batches(data, batch_size=batch_size, device=device, dtype=dtype)
+    batches = loss_batches(model, data, batch_size=batch_size, device=device, dtype=dtype, loss_fn=loss_fn)
     num_samples = sum(int(x.shape[0]) for x, _ in batches)
     loss_fn = loss_fn or default_loss
     per_probe = [0.0] * probes
@@ -517,7 +465,7 @@ def top_hessian_eigenvalue(
         raise ConfigurationError(f"tol must be a finite number > 0, got {tol!r}")
     device, dtype = model_device_dtype(model)
     tensors = [p for _, p in trainable_parameters(model)]
-    batches = collect_batches(data, batch_size=batch_size, device=device, dtype=dtype)
+    batches = loss_batches(model, data, batch_size=batch_size, device=device, dtype=dtype, loss_fn=loss_fn)
     num_samples = sum(int(x.shape[0]) for x, _ in batches)
     loss_fn = loss_fn or default_loss
     gen = torch.Generator().manual_seed(seed)

@@ -9,9 +9,9 @@ seeded and made on the CPU.
 Registered measures (see :func:`available_measures`), in this order:
 
 ===============================  ==============================================================
-``normalized_sharpness``         normalized sharpness, arXiv variant, exact GGN diagonal
-``normalized_sharpness_icml``    normalized sharpness, ICML-2020 variant, exact GGN diagonal
-``ggn_trace``                    exact trace of the GGN (= Hessian trace for ReLU nets), all parameters
+``normalized_sharpness``         normalized sharpness, arXiv variant, GGN diagonal (exact up to 100 classes)
+``normalized_sharpness_icml``    normalized sharpness, ICML-2020 variant, GGN diagonal
+``ggn_trace``                    trace of the GGN (= Hessian trace when ``is_hessian``), all parameters
 ``hessian_trace``                Hutchinson trace of the Hessian (100 Rademacher probes)
 ``hessian_top_eigenvalue``       largest Hessian eigenvalue (power iteration on HVPs)
 ``log_spectral_product``         ``sum_l log ||W_l||_2^2`` (Jiang et al.'s log_prod_of_spec)
@@ -20,6 +20,11 @@ Registered measures (see :func:`available_measures`), in this order:
 ``pacbayes_mag_flatness``        ``1 / alpha^2``, noise variance ``alpha^2 w_i^2 + noise_floor^2`` (magnitude-aware)
 ``adaptive_average_sharpness``   ``E[L(w + rho |w| * z)] - L(w)``, ``z ~ N(0, I)``
 ===============================  ==============================================================
+
+Curvature measures name their curvature in their details (``curvature``/``quantity``, ``is_hessian``
+decided from the traced operators, :mod:`sturdy.flatness.exactness`): the GGN diagonal is the
+Hessian's only for piecewise-linear networks. ``normalized_sharpness`` accepts ``require_hessian=True``
+(in ``settings``) to refuse otherwise, and ``strict=True`` to refuse uncovered weight matrices.
 
 The functions themselves live in :mod:`sturdy.flatness.normalized`, :mod:`sturdy.flatness.curvature`,
 :mod:`sturdy.flatness.norms` and :mod:`sturdy.flatness.perturbation`; this module only registers them.
@@ -33,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sturdy.errors import ConfigurationError
+from sturdy.flatness._data import loss_batches, model_device_dtype
 from sturdy.flatness.curvature import HessianDiagonal, hessian_diagonal, hutchinson_trace, top_hessian_eigenvalue
 from sturdy.flatness.normalized import normalized_sharpness
 from sturdy.flatness.norms import log_frobenius_product, log_spectral_product
@@ -85,6 +91,9 @@ def compute_measures(
         raise ConfigurationError(f"settings given for measure(s) not computed: {', '.join(unknown)}")
     for spec in specs:
         check_settings(spec, settings.get(spec.name, {}))
+    if not any("loss_fn" in options for options in settings.values()):
+        device, dtype = model_device_dtype(model)  # refuse bad data before anything is computed
+        loss_batches(model, data, batch_size=batch_size, device=device, dtype=dtype, loss_fn=None)
     hessian: Optional[HessianDiagonal] = None
     if any(s.uses_hessian for s in specs):
         hessian = hessian_diagonal(model, data, batch_size=batch_size)
@@ -122,6 +131,8 @@ def _ns(model: nn.Module, data: Any, variant: str, hessian: Optional[HessianDiag
     return Measure(name, ns.value, {
         "iterations": ns.iterations, "grad_norm": ns.grad_norm, "clamped_entries": ns.clamped_entries,
         "removed_units": removed, "per_layer": {k: v.value for k, v in ns.per_layer.items()},
+        "curvature": ns.quantity, "curvature_method": ns.hessian_method, "is_hessian": ns.is_hessian,
+        "skipped": list(ns.skipped), "stderr": ns.stderr,
     })
 
 
@@ -131,7 +142,8 @@ def _ggn_trace(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_
                hessian: Optional[HessianDiagonal], **options: Any) -> Measure:
     hd = hessian if hessian is not None else hessian_diagonal(model, data, batch_size=batch_size, progress=progress,
                                                               **options)
-    return Measure("ggn_trace", hd.trace(), {"method": hd.method})
+    return Measure("ggn_trace", hd.trace(), {"method": hd.method, "quantity": hd.quantity,
+                                            "is_hessian": hd.is_hessian, "reasons": list(hd.reasons)})
 
 
 @register_measure("hessian_trace", description="Hessian trace, Hutchinson with 100 Rademacher probes")

@@ -1,7 +1,8 @@
 """Normalized sharpness (Tsuzuku, Sato, Sugiyama, ICML 2020, arXiv:1901.04653).
 
-For each weight tensor ``W`` of an ``nn.Linear`` (out x in) or ``nn.Conv2d`` (out x in x kh x kw) with
-Hessian diagonal ``H`` of the mean training loss, kernel positions are aggregated,
+For each weight tensor ``W`` of an ``nn.Linear`` (out x in), ``nn.Conv1d/2d/3d`` (out x in x kernel) or
+``nn.Embedding`` (tokens x dim, taken as dim x tokens: its inputs are the tokens) with curvature
+diagonal ``H`` of the mean training loss, kernel positions are aggregated,
 ``H_ij = sum_k H_ijk`` and ``S_ij = sum_k W_ijk^2`` (exact under the row/column-scaled posterior
 ``sigma_ijk^2 = alpha_i beta_j``), and
 
@@ -12,7 +13,17 @@ Hessian diagonal ``H`` of the mean training loss, kernel positions are aggregate
 * ``variant="icml"``: ``NS = min_{beta > 0} sqrt( sum_i (sum_k H_ik beta_k) (sum_j S_ij / beta_j) )``, the
   ICML-2020 form, solved by damped Newton steps in ``log beta`` (convex there).
 
-The network value is the sum over layers. Negative curvature entries (possible with stochastic
+A grouped convolution's ``(out, in/groups)`` matrices are placed block-diagonally in ``(out, in)``
+(weights that do not exist are zero in both ``H`` and ``S`` and add nothing), so that ``beta_j`` scales
+input channel ``j`` whatever its group and the invariance below holds.
+
+The network value is the sum over layers. Trainable matrices outside these layers (a bare
+``nn.Parameter``, a ``ConvTranspose``, attention projections called through ``F``) are listed in
+``skipped`` with a warning, or refused with ``strict=True``; biases and normalisation scales are outside
+the measure by definition. The curvature is the GGN diagonal unless stated otherwise: the result says
+whether it is the Hessian's (``is_hessian``), and ``require_hessian=True`` refuses when it is not.
+A Monte-Carlo diagonal (``"ggn-mc"``) carries its uncertainty into ``stderr`` and ``interval``
+(jackknife over its groups of sampled labels). Negative curvature entries (possible with stochastic
 diagonals) are clamped to 0 and counted. Rows and columns whose curvature (or weight) is all zero,
 e.g. dead ReLU units, contribute exactly their infimum 0 and are removed analytically, never by a ridge:
 a ridge of 1e-16 was measured to break the rescaling invariance at the 1e-5 level.
@@ -26,14 +37,15 @@ point that transforms the same way, so the iterates (not only the minimum) are c
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from sturdy.errors import ConfigurationError
-from sturdy.flatness._data import check_positive_int, weight_layers
+from sturdy.flatness._data import check_positive_int, skipped_weights, weight_layers
 from sturdy.flatness.curvature import HessianDiagonal, hessian_diagonal
 
 __all__ = [
@@ -91,7 +103,13 @@ class NormalizedSharpness:
         grad_norm: largest relative log-space gradient norm over layers.
         clamped_entries: total negative curvature entries clamped to 0.
         variant: ``"arxiv"`` or ``"icml"``.
-        hessian_method: method of the Hessian diagonal used (``"given"`` when passed as a plain mapping).
+        hessian_method: method of the curvature diagonal used (``"given"`` when passed as a plain mapping).
+        quantity: ``"ggn_diagonal"``, ``"hessian_diagonal"`` or ``"given"``.
+        is_hessian: whether the curvature was (an estimate of) the Hessian diagonal (``None``: unknown, given).
+        skipped: trainable matrices not covered (see the module docstring).
+        stderr: standard error of ``value`` from the Monte-Carlo curvature (jackknife over groups of sampled
+            labels; 0 for an exact diagonal, ``None`` when unknown, e.g. Hutchinson or given diagonals).
+        interval: ``value -+ 1.96 stderr`` (``None`` when ``stderr`` is).
     """
 
     value: float
@@ -101,13 +119,20 @@ class NormalizedSharpness:
     clamped_entries: int
     variant: str
     hessian_method: str
+    quantity: str = "ggn_diagonal"
+    is_hessian: Optional[bool] = None
+    skipped: Tuple[str, ...] = ()
+    stderr: Optional[float] = None
+    interval: Optional[Tuple[float, float]] = field(default=None)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain JSON types; ``per_layer`` maps module name -> :meth:`LayerSharpness.to_dict`."""
         return {
             "value": self.value, "per_layer": {k: v.to_dict() for k, v in self.per_layer.items()},
             "iterations": self.iterations, "grad_norm": self.grad_norm, "clamped_entries": self.clamped_entries,
-            "variant": self.variant, "hessian_method": self.hessian_method,
+            "variant": self.variant, "hessian_method": self.hessian_method, "quantity": self.quantity,
+            "is_hessian": self.is_hessian, "skipped": list(self.skipped), "stderr": self.stderr,
+            "interval": list(self.interval) if self.interval is not None else None,
         }
 
 
@@ -125,6 +150,24 @@ def aggregate_layer(weight: Tensor, hessian: Tensor) -> Tuple[Tensor, Tensor]:
     if dims:
         return h.sum(dims), (w * w).sum(dims)
     return h.clone(), w * w
+
+
+def layer_matrices(module: nn.Module, hessian: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(H, S)`` of a covered layer as float64 ``(out, in)`` matrices (module docstring): kernel positions
+    summed, a grouped convolution block-diagonal, an Embedding transposed (dim x tokens)."""
+    h, s = aggregate_layer(module.weight, hessian)
+    if isinstance(module, nn.Embedding):
+        return h.t().contiguous(), s.t().contiguous()
+    groups = getattr(module, "groups", 1)
+    if groups > 1:
+        out, per_group = h.shape
+        rows = out // groups
+        hh, ss = h.new_zeros(out, per_group * groups), s.new_zeros(out, per_group * groups)
+        for g in range(groups):
+            block = (slice(g * rows, (g + 1) * rows), slice(g * per_group, (g + 1) * per_group))
+            hh[block], ss[block] = h[g * rows : (g + 1) * rows], s[g * rows : (g + 1) * rows]
+        return hh, ss
+    return h, s
 
 
 def _prune(h: Tensor, s: Tensor, *, icml: bool) -> Tuple[Tensor, Tensor]:
@@ -285,72 +328,123 @@ def normalized_sharpness(
     variant: str = "arxiv",
     hessian: Optional[HessianInput] = None,
     layers: Optional[Sequence[str]] = None,
+    strict: bool = False,
+    require_hessian: bool = False,
+    method: str = "auto",
     tol: float = 1e-10,
     max_iter: int = 10_000,
     batch_size: int = 1024,
-    chunk_size: int = 512,
+    chunk_size: Optional[int] = None,
     progress: bool = False,
 ) -> NormalizedSharpness:
-    """Normalized sharpness of the ``nn.Linear`` and ``nn.Conv2d`` weights of ``model``.
+    """Normalized sharpness of the Linear, Conv1d/2d/3d and Embedding weights of ``model``.
 
     Args:
         model: the network (eval mode; its weights are read, never changed).
         data: training data (as for :func:`sturdy.flatness.hessian_diagonal`); needed unless ``hessian`` is given.
         variant: ``"arxiv"`` or ``"icml"`` (module docstring).
         hessian: a precomputed :class:`HessianDiagonal` or mapping parameter name -> diagonal; default:
-            the exact GGN diagonal of the mean cross-entropy on ``data``.
-        layers: module names to include; default every Linear/Conv2d with a trainable weight.
+            ``hessian_diagonal(model, data, method=method)`` of the covered weights.
+        layers: module names to include; default every covered layer with a trainable weight.
+        strict: refuse (instead of warning about) trainable matrices outside the covered layers.
+        require_hessian: refuse a curvature that is not (an estimate of) the Hessian diagonal, e.g. the GGN
+            diagonal of a GELU network (use ``method="hutchinson"`` for a stochastic Hessian diagonal).
+        method: method of the diagonal when it is computed here (``"auto"``: exact GGN up to
+            :data:`sturdy.flatness.curvature.MC_CLASS_THRESHOLD` classes, Monte Carlo above).
         tol, max_iter: solver stopping rule (relative objective change) and cap, per layer.
         batch_size, chunk_size, progress: passed to :func:`hessian_diagonal`.
 
     Returns:
-        :class:`NormalizedSharpness`; the sum over layers, with per-layer details.
+        :class:`NormalizedSharpness`; the sum over layers, with per-layer details, what the curvature was,
+        what was skipped, and the Monte-Carlo uncertainty when there is one.
     """
     if variant not in VARIANTS:
         raise ConfigurationError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     chosen = weight_layers(model)
+    skipped = tuple(skipped_weights(model)) if layers is None else ()
+    if skipped:
+        message = (
+            f"normalized sharpness covers Linear, Conv1d/2d/3d and Embedding weights; the trainable matrices "
+            f"{', '.join(skipped)} are not covered"
+        )
+        if strict:
+            raise ConfigurationError(message + " (strict=True); pass strict=False to measure the others")
+        warnings.warn(message + " and are left out of the value (listed in `skipped`)", stacklevel=2)
     if layers is not None:
         known = dict(chosen)
         missing = [n for n in layers if n not in known]
         if missing:
             raise ConfigurationError(
-                f"no Linear/Conv2d layer named {', '.join(map(repr, missing))}; layers are: {', '.join(known)}"
+                f"no covered layer named {', '.join(map(repr, missing))}; layers are: {', '.join(known)}"
             )
         chosen = [(n, known[n]) for n in layers]
     if not chosen:
         raise ConfigurationError(
-            "normalized sharpness needs at least one nn.Linear or nn.Conv2d layer with a trainable weight"
+            "normalized sharpness needs at least one Linear, Conv1d/2d/3d or Embedding layer with a trainable weight"
         )
     names = [f"{n}.weight" if n else "weight" for n, _ in chosen]
     if hessian is None:
         if data is None:
             raise ConfigurationError("pass the training data (data=...) or a precomputed hessian=...")
-        hd = hessian_diagonal(
-            model, data, parameters=names, batch_size=batch_size, chunk_size=chunk_size, progress=progress
-        )
-        diag, method = hd.diagonal, hd.method
-    elif isinstance(hessian, HessianDiagonal):
-        diag, method = hessian.diagonal, hessian.method
+        hessian = hessian_diagonal(model, data, method=method, parameters=names, batch_size=batch_size,
+                                   chunk_size=chunk_size, progress=progress)
+    if isinstance(hessian, HessianDiagonal):
+        diag, hd = hessian.diagonal, hessian
     elif isinstance(hessian, Mapping):
-        diag, method = dict(hessian), "given"
+        diag, hd = dict(hessian), None
     else:
         raise ConfigurationError(
             "hessian must be a HessianDiagonal or a mapping of parameter names to tensors, "
             f"got {type(hessian).__name__}"
         )
+    if require_hessian and not (hd is not None and hd.is_hessian):
+        why = (f"the traced operators ({', '.join(hd.reasons)}) make it the GGN diagonal only" if hd is not None
+               else "a plain mapping says nothing about it")
+        raise ConfigurationError(
+            f"require_hessian=True but the curvature is not the Hessian diagonal: {why}; use "
+            "hessian_diagonal(..., method='hutchinson') for a stochastic Hessian diagonal, or drop require_hessian"
+        )
     missing = [n for n in names if n not in diag]
     if missing:
-        raise ConfigurationError(f"the Hessian diagonal lacks parameter(s) {', '.join(missing)}; recompute it")
-    per_layer: Dict[str, LayerSharpness] = {}
-    for (module_name, module), pname in zip(chosen, names):
-        h, s = aggregate_layer(module.weight, diag[pname])
-        per_layer[module_name] = solve_layer(h, s, variant=variant, tol=tol, max_iter=max_iter)
+        raise ConfigurationError(f"the curvature diagonal lacks parameter(s) {', '.join(missing)}; recompute it")
+
+    def solve_all(diagonal: Mapping[str, Tensor]) -> Dict[str, LayerSharpness]:
+        return {
+            module_name: solve_layer(*layer_matrices(module, diagonal[pname]), variant=variant, tol=tol,
+                                     max_iter=max_iter)
+            for (module_name, module), pname in zip(chosen, names)
+        }
+
+    per_layer = solve_all(diag)
+    value = float(sum(r.value for r in per_layer.values()))
+    stderr: Optional[float] = None
+    if hd is not None and hd.method == "ggn-exact":
+        stderr = 0.0
+    elif hd is not None and hd.replicates:
+        stderr = _jackknife_stderr(hd.replicates, names, solve_all)
     return NormalizedSharpness(
-        value=float(sum(r.value for r in per_layer.values())),
+        value=value,
         per_layer=per_layer,
         iterations=sum(r.iterations for r in per_layer.values()),
         grad_norm=max(r.grad_norm for r in per_layer.values()),
         clamped_entries=sum(r.clamped_entries for r in per_layer.values()),
         variant=variant,
-        hessian_method=method,
+        hessian_method=hd.method if hd is not None else "given",
+        quantity=hd.quantity if hd is not None else "given",
+        is_hessian=hd.is_hessian if hd is not None else None,
+        skipped=skipped,
+        stderr=stderr,
+        interval=None if stderr is None else (value - 1.96 * stderr, value + 1.96 * stderr),
     )
+
+
+def _jackknife_stderr(replicates: Mapping[str, Tensor], names: List[str], solve_all: Any) -> float:
+    """Jackknife standard error of the network value over the groups of a Monte-Carlo diagonal."""
+    groups = next(iter(replicates.values())).shape[0]
+    totals = {n: replicates[n].sum(0) for n in names}
+    values = []
+    for g in range(groups):
+        leave_out = {n: (totals[n] - replicates[n][g]) / (groups - 1) for n in names}
+        values.append(sum(r.value for r in solve_all(leave_out).values()))
+    v = torch.tensor(values, dtype=torch.float64)
+    return float(((groups - 1) / groups * ((v - v.mean()) ** 2).sum()).sqrt())

@@ -19,8 +19,8 @@ from sturdy.errors import ConfigurationError
 from sturdy.flatness._data import (
     LossFn,
     check_positive_int,
-    collect_batches,
     default_loss,
+    loss_batches,
     trainable_parameters,
 )
 from sturdy.flatness.registry import Measure
@@ -41,7 +41,8 @@ class _Perturber:
         self.device, self.dtype = model_device_dtype(model)
         self.params = trainable_parameters(model)
         self.buffers = dict(model.named_buffers())
-        self.batches = collect_batches(data, batch_size=batch_size, device=self.device, dtype=self.dtype)
+        self.batches = loss_batches(model, data, batch_size=batch_size, device=self.device, dtype=self.dtype,
+                                    loss_fn=None if loss_fn is default_loss else loss_fn)
         self.n = sum(int(x.shape[0]) for x, _ in self.batches)
         self.loss_fn = loss_fn
         self.criterion = criterion

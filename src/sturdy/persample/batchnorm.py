@@ -4,7 +4,8 @@ running ones otherwise).
 
 With batch statistics the samples interact; the rule then gives the squared gradients of per-sample
 copies of the affine parameters (what each sample's share of ``delta`` contributes, the batch
-statistics held fixed as the forward computed them).
+statistics held fixed as the forward computed them). The column rule broadcasts over a leading column
+dimension of the output gradients.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Dict
 import torch
 from torch import Tensor, nn
 
-from sturdy.persample.registry import register_squared_grad
+from sturdy.persample.registry import register_column_rule, register_squared_grad
 
-__all__ = ["batchnorm_rule", "uses_batch_statistics"]
+__all__ = ["batchnorm_rule", "batchnorm_column_rule", "uses_batch_statistics"]
 
 
 def uses_batch_statistics(module: nn.Module) -> bool:
@@ -26,9 +27,8 @@ def uses_batch_statistics(module: nn.Module) -> bool:
     )
 
 
-@register_squared_grad(nn.modules.batchnorm._BatchNorm)
-def batchnorm_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> Dict[str, Tensor]:
-    """Squared per-sample gradients of a BatchNorm's affine parameters."""
+def _batchnorm_squares(module: nn.Module, a: Tensor, delta: Tensor, lead: int) -> Dict[str, Tensor]:
+    """The squares for ``delta`` with ``lead`` leading dimensions (batch, or columns and batch)."""
     out: Dict[str, Tensor] = {}
     reduce_dims = [0] + list(range(2, a.dim()))
     shape = [1, -1] + [1] * (a.dim() - 2)
@@ -37,12 +37,25 @@ def batchnorm_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> 
         var = a.var(reduce_dims, unbiased=False)
     else:
         mean, var = module.running_mean, module.running_var
-    spatial = list(range(2, a.dim()))
+    spatial = list(range(lead + 1, delta.dim()))
+    leading = tuple(range(lead))
     if module.weight is not None and module.weight.requires_grad:
         xhat = (a - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
         per_sample = (delta * xhat).sum(spatial) if spatial else delta * xhat
-        out["weight"] = (per_sample * per_sample).sum(0)
+        out["weight"] = (per_sample * per_sample).sum(leading)
     if module.bias is not None and module.bias.requires_grad:
         per_sample = delta.sum(spatial) if spatial else delta
-        out["bias"] = (per_sample * per_sample).sum(0)
+        out["bias"] = (per_sample * per_sample).sum(leading)
     return out
+
+
+@register_squared_grad(nn.modules.batchnorm._BatchNorm)
+def batchnorm_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> Dict[str, Tensor]:
+    """Squared per-sample gradients of a BatchNorm's affine parameters."""
+    return _batchnorm_squares(module, a, delta, 1)
+
+
+@register_column_rule(nn.modules.batchnorm._BatchNorm)
+def batchnorm_column_rule(module: nn.Module, a: Tensor, deltas: Tensor, budget: int) -> Dict[str, Tensor]:
+    """:func:`batchnorm_rule` summed over the leading column dimension of ``deltas``."""
+    return _batchnorm_squares(module, a, deltas, 2)

@@ -1,6 +1,11 @@
-"""``nn.Conv2d`` (any padding / padding mode / stride / dilation / groups): per-sample gradients from the
-input unfolded per chunk of samples through a channels-last copy, one batched product per chunk into a
-reused buffer, whose squares are summed by a matrix-vector product."""
+"""``nn.Conv1d`` and ``nn.Conv2d`` (any padding / padding mode / stride / dilation / groups): per-sample
+gradients from the input unfolded per chunk of samples through a channels-last copy, one batched product
+per chunk into a reused buffer, whose squares are summed by a matrix-vector product.
+
+A Conv1d is the Conv2d of height 1 (kernel ``(1, k)``). The column rule takes ``K`` output gradients of
+one input at once (a leading column dimension): each chunk of samples is unfolded once and multiplied by
+the ``K`` gradients stacked along the output channels.
+"""
 
 from __future__ import annotations
 
@@ -10,28 +15,39 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sturdy.persample.chunking import sum_of_squared_products
-from sturdy.persample.registry import register_squared_grad
+from sturdy.persample.registry import register_column_rule, register_squared_grad
 
-__all__ = ["conv2d_rule"]
+__all__ = ["conv_rule", "conv_column_rule"]
+
+Pair = Tuple[int, int]
 
 
-def _padded_input(module: nn.Conv2d, a: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-    """Return the input padded as the convolution sees it, and the padding left for unfold."""
+def _pair(module: nn.Module, name: str, fill: int = 1) -> Pair:
+    """A Conv2d-style pair of ``module.<name>``; a Conv1d's value becomes ``(fill, value)``."""
+    value = getattr(module, name)
+    return (fill, value[0]) if isinstance(module, nn.Conv1d) else tuple(value)  # type: ignore[return-value]
+
+
+def _padded_input(module: nn.Module, a: Tensor) -> Tuple[Tensor, Pair]:
+    """The input padded as the convolution sees it, as ``(n, C, H, W)``, and the padding left for unfold."""
+    one_d = isinstance(module, nn.Conv1d)
     if module.padding_mode != "zeros":
-        return F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0, 0)
-    if isinstance(module.padding, str):
-        if module.padding == "valid":
-            return a, (0, 0)
-        pads: List[int] = []  # 'same' (stride 1): total dilation*(k-1), extra on the right/bottom
-        for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        return F.pad(a, pads), (0, 0)
-    return a, tuple(module.padding)  # type: ignore[return-value]
+        padded, padding = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0, 0)
+    elif isinstance(module.padding, str):
+        padded, padding = a, (0, 0)
+        if module.padding == "same":  # (stride 1): total dilation*(k-1), extra on the right/bottom
+            pads: List[int] = []
+            for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            padded = F.pad(a, pads)
+    else:
+        padded, padding = a, _pair(module, "padding", fill=0)
+    return (padded.unsqueeze(2) if one_d else padded), padding
 
 
 def _unfold_channels_last(
-    inputs: Tensor, module: nn.Module, padding: Tuple[int, int], out_hw: Tuple[int, int]
+    inputs: Tensor, module: nn.Module, padding: Pair, out_hw: Pair
 ) -> Tensor:
     """Unfolded ``inputs`` as ``(c * groups, L, kh * kw * C/groups)`` with the columns ordered (kh, kw, channel).
 
@@ -41,8 +57,8 @@ def _unfold_channels_last(
     """
     c, channels, h, w = inputs.shape
     (ph, pw), (oh, ow) = padding, out_hw
-    kh, kw = module.kernel_size
-    (sh, sw), (dh, dw) = module.stride, module.dilation
+    kh, kw = _pair(module, "kernel_size")
+    (sh, sw), (dh, dw) = _pair(module, "stride"), _pair(module, "dilation")
     groups = module.groups
     cg = channels // groups
     buf = inputs.new_zeros(c, h + 2 * ph, w + 2 * pw, channels)
@@ -52,32 +68,51 @@ def _unfold_channels_last(
     return patches.reshape(c * groups, oh * ow, kh * kw * cg)
 
 
-@register_squared_grad(nn.Conv2d)
-def conv2d_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> Dict[str, Tensor]:
-    """Squared per-sample gradients of a Conv2d layer, chunked to ``budget`` bytes."""
+def _conv_squares(module: nn.Module, a: Tensor, deltas: Tensor, budget: int) -> Dict[str, Tensor]:
+    """``sum_{k, x} g_{k,x}^2`` for output gradients ``deltas`` ``(K, n, C_out, *spatial)``."""
     out: Dict[str, Tensor] = {}
-    n = a.shape[0]
+    columns, n = deltas.shape[0], deltas.shape[1]
     groups = module.groups
     c_out = module.out_channels
+    spatial = tuple(range(3, deltas.dim()))
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = delta.sum((2, 3)).square_().sum(0)
+        out["bias"] = deltas.sum(spatial).square_().sum((0, 1))
     if not module.weight.requires_grad:
         return out
     padded, padding = _padded_input(module, a)
-    out_hw = (delta.shape[2], delta.shape[3])
+    out_hw = (1, deltas.shape[3]) if deltas.dim() == 4 else (deltas.shape[3], deltas.shape[4])
     positions = out_hw[0] * out_hw[1]
-    k = module.weight.numel() // c_out  # Cin/G * kh * kw (from the shape: no tensor op on the parameter)
-    d_flat = delta.reshape(n * groups, c_out // groups, positions)  # per sample and group: (Cout/G, L)
+    k = module.weight.numel() // c_out  # Cin/G * kernel (from the shape: no tensor op on the parameter)
+    rows = columns * (c_out // groups)
+    # (K, n, G, Cout/G, L) -> per sample and group (K * Cout/G, L); a view when K == 1
+    d5 = deltas.reshape(columns, n, groups, c_out // groups, positions).permute(1, 2, 0, 3, 4)
     padded_pixels = (padded.shape[2] + 2 * padding[0]) * (padded.shape[3] + 2 * padding[1]) * padded.shape[1]
 
     def pairs(chunk: int) -> Iterator[Tuple[Tensor, Tensor]]:
-        for left, inputs in zip(d_flat.split(chunk * groups), padded.split(chunk)):
+        for left, inputs in zip(d5.split(chunk), padded.split(chunk)):
             # built in the yield so that no reference outlives the chunk
-            yield left, _unfold_channels_last(inputs, module, padding, out_hw)
+            yield left.reshape(-1, rows, positions), _unfold_channels_last(inputs, module, padding, out_hw)
 
-    weight = sum_of_squared_products(pairs, n, (c_out // groups, k), budget, a, groups=groups,
-                                     extra_per_sample=groups * k * positions + padded_pixels)
-    # columns are ordered (kh, kw, Cin/G); the weight is (Cout, Cin/G, kh, kw)
-    kh, kw = module.kernel_size
-    out["weight"] = weight.view(c_out, kh, kw, k // (kh * kw)).permute(0, 3, 1, 2).contiguous()
+    extra = groups * k * positions + padded_pixels + (columns * c_out * positions if columns > 1 else 0)
+    weight = sum_of_squared_products(pairs, n, (rows, k), budget, a, groups=groups, extra_per_sample=extra)
+    weight = weight.view(groups, columns, c_out // groups, k)
+    weight = weight[:, 0] if columns == 1 else weight.sum(1)
+    # columns are ordered (kh, kw, Cin/G); the weight is (Cout, Cin/G, kh, kw) or (Cout, Cin/G, kw)
+    kh, kw = _pair(module, "kernel_size")
+    out["weight"] = weight.reshape(c_out, kh, kw, k // (kh * kw)).permute(0, 3, 1, 2).reshape(module.weight.shape)
     return out
+
+
+@register_squared_grad(nn.Conv1d, nn.Conv2d)
+def conv_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> Dict[str, Tensor]:
+    """Squared per-sample gradients of a Conv1d/Conv2d layer, chunked to ``budget`` bytes."""
+    return _conv_squares(module, a, delta.unsqueeze(0), budget)
+
+
+@register_column_rule(nn.Conv1d, nn.Conv2d)
+def conv_column_rule(module: nn.Module, a: Tensor, deltas: Tensor, budget: int) -> Dict[str, Tensor]:
+    """:func:`conv_rule` summed over the leading column dimension of ``deltas`` (one unfold per chunk)."""
+    return _conv_squares(module, a, deltas, budget)
+
+
+conv2d_rule = conv_rule  # the name of the Conv2d-only rule before Conv1d shared it

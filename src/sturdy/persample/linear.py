@@ -1,4 +1,9 @@
-"""``nn.Linear``: ``(delta^2)^T (a^2)`` for 2-D inputs; chunked per-sample products over extra dimensions."""
+"""``nn.Linear``: ``(delta^2)^T (a^2)`` for 2-D inputs; chunked per-sample products over extra dimensions.
+
+Its column rule adds the squared output gradients of the columns first for 2-D inputs (the per-sample
+gradient is an outer product, so ``sum_k (delta_k^2)^T a^2 = (sum_k delta_k^2)^T a^2``) and stacks the
+columns along the output features otherwise.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,9 @@ from typing import Dict, Iterator, Tuple
 from torch import Tensor, nn
 
 from sturdy.persample.chunking import sum_of_squared_products
-from sturdy.persample.registry import register_squared_grad
+from sturdy.persample.registry import register_column_rule, register_squared_grad
 
-__all__ = ["linear_rule"]
+__all__ = ["linear_rule", "linear_column_rule"]
 
 
 @register_squared_grad(nn.Linear)
@@ -38,4 +43,34 @@ def linear_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> Dic
         )
     if want_bias:
         out["bias"] = d3.sum(1).square_().sum(0)
+    return out
+
+
+@register_column_rule(nn.Linear)
+def linear_column_rule(module: nn.Module, a: Tensor, deltas: Tensor, budget: int) -> Dict[str, Tensor]:
+    """:func:`linear_rule` summed over the leading column dimension of ``deltas``."""
+    out: Dict[str, Tensor] = {}
+    if a.dim() == 2:
+        d2 = deltas.square().sum(0)
+        if module.weight.requires_grad:
+            out["weight"] = d2.t().mm(a.square())
+        if module.bias is not None and module.bias.requires_grad:
+            out["bias"] = d2.sum(0)
+        return out
+    columns, n = deltas.shape[0], a.shape[0]
+    a3 = a.reshape(n, -1, a.shape[-1])
+    d4 = deltas.reshape(columns, n, -1, deltas.shape[-1])  # (K, n, t, out)
+    width = d4.shape[-1]
+    if module.weight.requires_grad:
+        d_per_sample = d4.permute(1, 0, 3, 2)  # (n, K, out, t)
+
+        def pairs(chunk: int) -> Iterator[Tuple[Tensor, Tensor]]:
+            for left, right in zip(d_per_sample.split(chunk), a3.split(chunk)):
+                yield left.reshape(left.shape[0], columns * width, -1), right
+
+        total = sum_of_squared_products(pairs, n, (columns * width, a3.shape[-1]), budget, a,
+                                        extra_per_sample=columns * d4.shape[2] * width)
+        out["weight"] = total.view(columns, width, -1).sum(0).view_as(module.weight)
+    if module.bias is not None and module.bias.requires_grad:
+        out["bias"] = d4.sum(2).square_().sum((0, 1))
     return out

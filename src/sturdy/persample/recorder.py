@@ -19,9 +19,16 @@ import torch
 from torch import Tensor, nn
 
 from sturdy.errors import UnsupportedModuleError
-from sturdy.persample.registry import SquaredGradRule, rule_for
+from sturdy.persample.registry import SquaredGradRule, column_rule_for, rule_for
 
-__all__ = ["TrackedModule", "trainable_modules", "squared_gradients", "SquaredGradientHooks", "CallRecorder"]
+__all__ = [
+    "TrackedModule",
+    "trainable_modules",
+    "squared_gradients",
+    "column_squared_gradients",
+    "SquaredGradientHooks",
+    "CallRecorder",
+]
 
 
 @dataclass(eq=False)
@@ -64,6 +71,14 @@ def squared_gradients(tracked: TrackedModule, a: Tensor, delta: Tensor, budget: 
     """``{attribute: sum_x g_x^2}`` of one call of ``tracked`` with input ``a`` and output gradient ``delta``."""
     with torch.no_grad():
         return tracked.rule(tracked.module, a, delta.detach(), budget)
+
+
+def column_squared_gradients(
+    tracked: TrackedModule, a: Tensor, deltas: Tensor, budget: int
+) -> Dict[str, Tensor]:
+    """:func:`squared_gradients` summed over the leading column dimension of ``deltas`` (``(K, *output.shape)``)."""
+    with torch.no_grad():
+        return column_rule_for(tracked.module)(tracked.module, a, deltas.detach(), budget)
 
 
 def _refuse_arguments(tracked: TrackedModule, args: Tuple[Any, ...]) -> None:

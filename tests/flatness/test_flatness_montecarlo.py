@@ -1,0 +1,104 @@
+"""Monte-Carlo GGN diagonal: convergence to the exact diagonal, standard errors, propagation to sharpness."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sturdy.flatness import hessian_diagonal, normalized_sharpness
+from sturdy.flatness.curvature import MC_CLASS_THRESHOLD
+
+from .conftest import tiny_data
+
+CLASSES = 20
+REPEATS = 8  # independent seeds per sample count
+SQRT_RATIO_RANGE = (2.5, 6.5)  # 16x the samples: error shrinks by sqrt(16) = 4 (8 repeats: +-60%)
+Z_COVERAGE = (3.5, 0.9)  # at least 90% of entries within 3.5 reported standard errors (t with 7 dof)
+NS_Z = 4.0  # exact normalized sharpness within 4 reported standard errors of the Monte-Carlo value
+SPREAD_RATIO_RANGE = (0.3, 3.0)  # std over repeats / mean reported standard error
+
+
+def _many_class_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, CLASSES)).double()
+
+
+@pytest.fixture(scope="module")
+def problem():
+    model = _many_class_mlp()
+    x, y = tiny_data((1, 3, 4), n=24, classes=CLASSES)
+    return model, (x, y), hessian_diagonal(model, (x, y), method="ggn-exact")
+
+
+def _rms_relative_error(estimate, exact) -> float:
+    num = sum(float(((estimate.diagonal[n] - d) ** 2).sum()) for n, d in exact.diagonal.items())
+    den = sum(float((d**2).sum()) for d in exact.diagonal.values())
+    return math.sqrt(num / den)
+
+
+def test_monte_carlo_converges_like_one_over_sqrt_samples(problem):
+    model, data, exact = problem
+    errors = {}
+    for k in (4, 64):
+        runs = [hessian_diagonal(model, data, method="ggn-mc", mc_samples=k, seed=s) for s in range(REPEATS)]
+        errors[k] = math.sqrt(sum(_rms_relative_error(r, exact) ** 2 for r in runs) / REPEATS)
+        assert all(r.method == "ggn-mc" and r.probes == k and r.quantity == "ggn_diagonal" for r in runs)
+    ratio = errors[4] / errors[64]
+    assert SQRT_RATIO_RANGE[0] <= ratio <= SQRT_RATIO_RANGE[1], errors
+
+
+def test_reported_standard_errors_cover_the_exact_diagonal(problem):
+    model, data, exact = problem
+    mc = hessian_diagonal(model, data, method="ggn-mc", mc_samples=64, seed=3)
+    z, coverage = Z_COVERAGE
+    hits = total = 0
+    for name, d in exact.diagonal.items():
+        err = mc.stderr[name]
+        live = err > 0
+        hits += int(((mc.diagonal[name] - d).abs()[live] <= z * err[live]).sum())
+        total += int(live.sum())
+        # per-parameter sums (the layer's trace) carry their own standard error
+        assert mc.sum_stderr[name] > 0
+        assert abs(float(mc.diagonal[name].sum() - d.sum())) <= NS_Z * mc.sum_stderr[name]
+    assert hits / total >= coverage
+    assert mc.replicates is not None and mc.replicates["1.weight"].shape == (8, 10, 12)
+    torch.testing.assert_close(mc.replicates["1.weight"].mean(0), mc.diagonal["1.weight"])
+    assert mc.trace_stderr() > 0 and mc.is_hessian  # a ReLU net: its expectation is the Hessian diagonal
+
+
+def test_normalized_sharpness_carries_the_monte_carlo_uncertainty(problem):
+    model, data, exact = problem
+    reference = normalized_sharpness(model, hessian=exact)
+    assert reference.stderr == 0.0
+    runs = [normalized_sharpness(model, hessian=hessian_diagonal(model, data, method="ggn-mc", mc_samples=32, seed=s))
+            for s in range(REPEATS)]
+    for ns in runs:
+        assert ns.stderr is not None and ns.stderr > 0 and ns.hessian_method == "ggn-mc"
+        low, high = ns.interval
+        assert low < ns.value < high
+        assert abs(ns.value - reference.value) <= NS_Z * ns.stderr
+    spread = float(torch.tensor([ns.value for ns in runs], dtype=torch.float64).std())
+    reported = sum(ns.stderr for ns in runs) / REPEATS
+    assert SPREAD_RATIO_RANGE[0] <= spread / reported <= SPREAD_RATIO_RANGE[1], (spread, reported)
+
+
+def test_auto_takes_monte_carlo_above_the_class_threshold():
+    torch.manual_seed(1)
+    for classes, expected in ((MC_CLASS_THRESHOLD, "ggn-exact"), (MC_CLASS_THRESHOLD + 1, "ggn-mc")):
+        model = nn.Linear(3, classes).double()
+        x, y = tiny_data((3,), n=4, classes=classes)
+        hd = hessian_diagonal(model, (x, y))
+        assert hd.method == expected and hd.num_classes == classes
+    assert hessian_diagonal(model, (x, y), method="ggn-exact").method == "ggn-exact"  # the user's choice holds
+
+
+def test_monte_carlo_is_reproducible_and_groups_divide_the_samples(problem):
+    model, data, _ = problem
+    a = hessian_diagonal(model, data, method="ggn-mc", mc_samples=6, seed=7, chunk_size=5)
+    b = hessian_diagonal(model, data, method="ggn-mc", mc_samples=6, seed=7, chunk_size=5)
+    torch.testing.assert_close(a.diagonal["1.weight"], b.diagonal["1.weight"], rtol=0, atol=0)
+    assert a.replicates["1.weight"].shape[0] == 6  # largest divisor of 6 up to 8 groups
+    assert hessian_diagonal(model, data, method="ggn-mc", mc_samples=5).replicates["3.bias"].shape[0] == 5
