@@ -14,11 +14,21 @@ start-up phase (DESIGN section 4); then, for each rate, both methods run ``--ste
 rounds.
 
     python benchmarks/compression_throttled_link.py --workers 2 --rates-mbit 10,30,100,300,1000
+
+``--time-to-accuracy`` instead trains whole runs (the job ``sturdy train --nproc P --compress M`` builds, every
+method with its defaults, seed 0) of none, fp16, PowerSGD, top-k and vgc, unthrottled and at each rate, one
+after another in one launch, and reports the wall-clock time each needs to reach the uncompressed run's final
+test accuracy minus one point, next to the cost model's prediction
+(:func:`sturdy.compression.costmodel.predict_time_to_accuracy`: the epochs each method needed, times its
+unthrottled step plus its predicted communication at ``rate / P``, plus its unthrottled per-epoch overhead):
+
+    python benchmarks/compression_throttled_link.py --time-to-accuracy --workers 4 --rates-mbit 100,1000
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import statistics
@@ -33,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sturdy.compression import create_compression
-from sturdy.compression.costmodel import predict_step_times
+from sturdy.compression.costmodel import method_comm_seconds, predict_step_times, predict_time_to_accuracy
 from sturdy.data import load_dataset
 from sturdy.distributed import run_local_workers
 from sturdy.experiments.jsonio import write_json
@@ -130,6 +140,87 @@ def predict(rows: List[Dict[str, Any]], *, workers: int, dense_bytes: int) -> No
         row["predicted_speedup"] = pred.speedup
 
 
+TTA_METHODS: Dict[str, Dict[str, Any]] = {
+    "none": {"compress": "none"}, "fp16": {"compress": "fp16"}, "powersgd r=1": {"compress": "powersgd"},
+    "topk 1%": {"compress": "topk"}, "vgc": {"compress": "vgc"},
+}
+TARGET_DROP = 0.01  # time to reach (uncompressed final accuracy - 1 point)
+
+
+def _tta_worker(rank: int, world: int, plan: List[Dict[str, Any]]) -> Any:
+    import torch.distributed as dist
+
+    from sturdy.experiments.compression import CompressionPlugin, compression_options
+    from sturdy.experiments.train_job import TrainJob, fit
+
+    torch.set_num_threads(1)
+    out = []
+    for item in plan:
+        if rank == 0:
+            shape_loopback(item["rate_mbit"])
+        dist.barrier()
+        job = TrainJob.from_dict(item["job"])
+        res = fit(job, plugins=[CompressionPlugin(compression_options(job))], resume=False, progress=False).results
+        out.append({"method": item["method"], "rate_mbit": item["rate_mbit"], "steps_per_epoch": res["steps_per_epoch"],
+                    "test_accuracy": [h["test_accuracy"] for h in res["history"]],
+                    "epoch_seconds": [h["seconds"] for h in res["history"]],
+                    "step_time_s": res["compression"]["step_time_s"],
+                    "compression_ratio": res["compression"]["compression_ratio"]})
+    if rank == 0:
+        shape_loopback(None)
+    return out if rank == 0 else None
+
+
+def time_to_accuracy(args: argparse.Namespace) -> None:
+    """Whole runs of every method at every rate; time to the target accuracy, measured and predicted."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from compression_digits import cli_job
+
+    rates: List[Optional[float]] = [None] + [float(r) for r in args.rates_mbit.split(",")]
+    with tempfile.TemporaryDirectory(prefix="sturdy-tta-") as tmp:
+        plan = [{"method": name, "rate_mbit": rate,
+                 "job": cli_job(args.workers, args.model, 0, options, f"{tmp}/{name}-{rate}".replace(" ", "_"),
+                                None).to_dict()}
+                for rate in rates for name, options in TTA_METHODS.items()]
+        runs = run_local_workers(_tta_worker, nproc=args.workers, args=(plan,), timeout_s=6 * 3600)[0]
+    out = Path(args.out).with_name(Path(args.out).stem + "_tta.json")
+    write_json({"raw_runs": runs}, out)  # kept if the summary below fails
+    train = load_dataset("digits")
+    model = create_model(args.model, in_shape=train.image_shape, num_classes=train.num_classes)
+    dense_bytes = 4 * sum(p.numel() for p in model.parameters())
+    base = {r["method"]: r for r in runs if r["rate_mbit"] is None}
+    target = base["none"]["test_accuracy"][-1] - TARGET_DROP
+    rows = []
+    for r in runs:
+        reached = [i for i, acc in enumerate(r["test_accuracy"]) if acc >= target]
+        epochs = reached[0] + 1 if reached else math.inf
+        measured = sum(r["epoch_seconds"][:epochs]) if reached else math.inf
+        b = base[r["method"]]
+        overhead = statistics.mean(b["epoch_seconds"]) - b["steps_per_epoch"] * b["step_time_s"]
+        comm = 0.0 if r["rate_mbit"] is None else method_comm_seconds(
+            r["method"].split()[0], dense_bytes=dense_bytes, compression_ratio=r["compression_ratio"],
+            workers=args.workers, bandwidth_gbps=r["rate_mbit"] / 1000 / args.workers, latency_s=0.0)
+        predicted = predict_time_to_accuracy(epochs=epochs, steps_per_epoch=r["steps_per_epoch"],
+                                             compute_codec_s=b["step_time_s"], comm_s=comm,
+                                             epoch_overhead_s=max(0.0, overhead))
+        rows.append({**r, "target_accuracy": target, "epochs_to_target": epochs, "seconds_to_target": measured,
+                     "predicted_seconds_to_target": predicted, "final_accuracy": r["test_accuracy"][-1]})
+    report = {"hardware": "2-core CPU shared with other jobs, loopback shaped by tc tbf in a private network "
+                          "namespace", "settings": {"workers": args.workers, "model": args.model,
+                                                    "dense_bytes": dense_bytes, "target_drop": TARGET_DROP},
+              "rows": rows}
+    write_json(report, out)
+    print(f"{args.workers} workers, model {args.model}, target accuracy {target:.4f}")
+    print("rate Mbit/s | method | final acc | ratio | epochs to target | seconds to target meas / pred")
+    for row in rows:
+        rate = "unlimited" if row["rate_mbit"] is None else f"{row['rate_mbit']:.0f}"
+        print(f"{rate:>11} | {row['method']:>12} | {row['final_accuracy']:.4f} | {row['compression_ratio']:7.1f}x | "
+              f"{row['epochs_to_target']} | {row['seconds_to_target']:.1f} / {row['predicted_seconds_to_target']:.1f}")
+    print(f"wrote {out}")
+
+
 def _reexec_in_namespace() -> int:
     missing = [tool for tool in ("unshare", "tc", "ip") if shutil.which(tool) is None]
     if missing:
@@ -149,6 +240,8 @@ def main() -> None:
     ap.add_argument("--warmup-steps", type=int, default=400, help="unthrottled compressed steps before measuring")
     ap.add_argument("--steps", type=int, default=30, help="measured steps per method and rate")
     ap.add_argument("--out", default="runs/bench/compression_throttled_link.json")
+    ap.add_argument("--time-to-accuracy", action="store_true",
+                    help="whole runs of none, fp16, PowerSGD, top-k and vgc at each rate (see the docstring)")
     ap.add_argument(INSIDE_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not getattr(args, INSIDE_FLAG[2:].replace("-", "_")):
@@ -163,6 +256,9 @@ def main() -> None:
         raise SystemExit(f"cannot set up the shaped loopback here ({' '.join(exc.cmd)}: {exc.stderr.strip()}); "
                          "the kernel needs network namespaces and the tbf queueing discipline") from None
     torch.set_num_threads(1)
+    if args.time_to_accuracy:
+        time_to_accuracy(args)
+        return
     settings = {"model": args.model, "global_batch": args.global_batch, "alpha": args.alpha,
                 "rates_mbit": [float(r) for r in args.rates_mbit.split(",")], "warmup_steps": args.warmup_steps,
                 "steps": args.steps}

@@ -238,3 +238,111 @@ def wrn(
     model.blocks[0] = BasicBlock(16, widths[0], 1, batchnorm, dropout)
     del first
     return model
+
+
+# ----------------------------------------------------------------------------- ImageNet-style ResNets
+
+
+class _ImageNetBasicBlock(nn.Module):
+    """ResNet-18/34 block (He et al. 2016): conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU."""
+
+    expansion = 1
+
+    def __init__(self, c_in: int, width: int, stride: int, batchnorm: bool) -> None:
+        super().__init__()
+        c_out = width * self.expansion
+        self.conv1 = nn.Conv2d(c_in, width, 3, stride=stride, padding=1, bias=not batchnorm)
+        self.bn1 = nn.BatchNorm2d(width) if batchnorm else nn.Identity()
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(width, c_out, 3, padding=1, bias=not batchnorm)
+        self.bn2 = nn.BatchNorm2d(c_out) if batchnorm else nn.Identity()
+        self.shortcut = _projection(c_in, c_out, stride, batchnorm)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class _ImageNetBottleneck(nn.Module):
+    """ResNet-50/101/152 block: conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1-BN (4x width), plus the shortcut,
+    then ReLU. The stride sits on the first 1x1 convolution, as in the paper (torchvision's "v1.5" moves it
+    to the 3x3 one: ``stride_in_3x3=True``)."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, width: int, stride: int, batchnorm: bool, stride_in_3x3: bool = False) -> None:
+        super().__init__()
+        c_out = width * self.expansion
+        s1, s3 = (1, stride) if stride_in_3x3 else (stride, 1)
+        self.conv1 = nn.Conv2d(c_in, width, 1, stride=s1, bias=not batchnorm)
+        self.bn1 = nn.BatchNorm2d(width) if batchnorm else nn.Identity()
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(width, width, 3, stride=s3, padding=1, bias=not batchnorm)
+        self.bn2 = nn.BatchNorm2d(width) if batchnorm else nn.Identity()
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(width, c_out, 1, bias=not batchnorm)
+        self.bn3 = nn.BatchNorm2d(c_out) if batchnorm else nn.Identity()
+        self.shortcut = _projection(c_in, c_out, stride, batchnorm)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu1(self.bn1(self.conv1(x)))
+        y = self.relu2(self.bn2(self.conv2(y)))
+        return self.relu(self.bn3(self.conv3(y)) + self.shortcut(x))
+
+
+def _projection(c_in: int, c_out: int, stride: int, batchnorm: bool) -> nn.Module:
+    """Identity shortcut, or the paper's option B: a 1x1 projection (with BatchNorm) when the shape changes."""
+    if stride == 1 and c_in == c_out:
+        return nn.Identity()
+    conv = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=not batchnorm)
+    return nn.Sequential(conv, nn.BatchNorm2d(c_out)) if batchnorm else conv
+
+
+class ImageNetResNet(nn.Module):
+    """ResNet of He et al. (2016) for ImageNet-sized inputs: 7x7/2 stem conv, BatchNorm, ReLU, 3x3/2 max
+    pooling, four stages (64, 128, 256, 512 base widths; stride 2 from the second on), global average
+    pooling and a Linear classifier. ``batchnorm=False`` replaces every BatchNorm with the identity (the
+    convolutions then get biases)."""
+
+    def __init__(self, block: type, layers: Sequence[int], in_shape: Tuple[int, int, int], num_classes: int,
+                 batchnorm: bool, **block_kwargs: object) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_shape[0], 64, 7, stride=2, padding=3, bias=not batchnorm)
+        self.bn = nn.BatchNorm2d(64) if batchnorm else nn.Identity()
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        stages, c = [], 64
+        for i, (n, width) in enumerate(zip(layers, (64, 128, 256, 512))):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(c, width, 2 if (i > 0 and j == 0) else 1, batchnorm, **block_kwargs))
+                c = width * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn(self.stem(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+@register_model("resnet18")
+def resnet18(*, in_shape: Tuple[int, int, int], num_classes: int, batchnorm: bool = True) -> nn.Module:
+    """ResNet-18 (He et al. 2016; basic blocks 2-2-2-2), designed for 224x224 inputs; 11.7M parameters
+    with 1000 classes."""
+    return ImageNetResNet(_ImageNetBasicBlock, (2, 2, 2, 2), in_shape, num_classes, batchnorm)
+
+
+@register_model("resnet50")
+def resnet50(
+    *, in_shape: Tuple[int, int, int], num_classes: int, batchnorm: bool = True, stride_in_3x3: bool = False
+) -> nn.Module:
+    """ResNet-50 (He et al. 2016; bottleneck blocks 3-4-6-3), designed for 224x224 inputs; 25.6M
+    parameters with 1000 classes. ``stride_in_3x3``: torchvision's variant (stride on the 3x3 convolution)."""
+    return ImageNetResNet(_ImageNetBottleneck, (3, 4, 6, 3), in_shape, num_classes, batchnorm,
+                          stride_in_3x3=stride_in_3x3)

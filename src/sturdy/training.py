@@ -13,6 +13,10 @@ Conventions:
       ...) is checkpointed, so resuming gives bit-identical weights.
     * Checkpoints are written atomically (temporary file, then rename) and read with
       ``torch.load(weights_only=True)``: a checkpoint can never run code.
+    * Extra state that differs between ranks (an object with ``per_rank_state = True``, e.g. the
+      compression residuals) is gathered from every rank into rank 0's one checkpoint, as
+      ``{"per_rank": [state of rank 0, rank 1, ...]}``, and each rank resumes from its own entry; a
+      checkpoint of another world size is refused. Other extra state is rank 0's.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from tqdm.auto import tqdm
 
 from sturdy.checkpoints import CHECKPOINT_FORMAT, check_state_dict_shapes, load_checkpoint, save_checkpoint
 from sturdy.data import ImageDataset, apply_label_noise
+from sturdy.distributed import gather_to_rank0
 from sturdy.errors import CheckpointError, ConfigurationError
 
 __all__ = [
@@ -63,9 +68,44 @@ class Objective(Protocol):
 
 
 class Stateful(Protocol):
+    """Checkpointed extra state; set ``per_rank_state = True`` when it differs between ranks."""
+
     def state_dict(self) -> Dict[str, Any]: ...
 
     def load_state_dict(self, state: Dict[str, Any]) -> Any: ...
+
+
+def _per_rank(obj: Any) -> bool:
+    return bool(getattr(obj, "per_rank_state", False))
+
+
+def _saved_extra_state(extra_state: Mapping[str, Stateful], rank: int, world: int,
+                       device: torch.device) -> Dict[str, Any]:
+    """Every extra state for the checkpoint (on rank 0; a collective when some state is per rank)."""
+    out: Dict[str, Any] = {}
+    for name, obj in extra_state.items():
+        if _per_rank(obj):
+            parts = gather_to_rank0(obj.state_dict(), device=device) if world > 1 else [obj.state_dict()]
+            out[name] = {"per_rank": parts}
+        elif rank == 0:
+            out[name] = obj.state_dict()
+    return out
+
+
+def _load_extra_state(obj: Stateful, saved: Any, *, name: str, rank: int, world: int, path: Any) -> None:
+    if not _per_rank(obj):
+        obj.load_state_dict(saved)
+        return
+    parts = saved.get("per_rank") if isinstance(saved, dict) else None
+    if not isinstance(parts, list):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds one rank's {name!r} state, not every rank's (an older "
+                              "version wrote it); resuming would lose the other ranks' state: use a new output folder "
+                              "or --no-resume to start over")
+    if len(parts) != world:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds the {name!r} state of {len(parts)} workers and this run "
+                              f"has {world}; resume with {len(parts)} workers (e.g. --nproc {len(parts)}), or use a "
+                              "new output folder or --no-resume to start over")
+    obj.load_state_dict(parts[rank])
 
 
 @dataclass(frozen=True)
@@ -301,7 +341,8 @@ def train(
         config: hyper-parameters.
         test_set: optional held-out data evaluated after each epoch.
         objective: training objective (default: mean cross-entropy); see the module docstring.
-        extra_state: objects whose ``state_dict()`` is checkpointed and restored on resume.
+        extra_state: objects whose ``state_dict()`` is checkpointed and restored on resume (every
+            rank's for objects with ``per_rank_state = True``; see the module docstring).
         comm_hook: ``(state, hook)`` for ``DistributedDataParallel.register_comm_hook`` when a
             process group is initialised (ignored otherwise).
         checkpoint_path: written after every epoch (by rank 0); when it exists and ``resume`` is
@@ -364,7 +405,7 @@ def train(
         for name, obj in extra_state.items():
             if name not in ckpt["state"]:
                 raise CheckpointError(f"checkpoint {str(checkpoint_path)!r} holds no state for {name!r}")
-            obj.load_state_dict(ckpt["state"][name])
+            _load_extra_state(obj, ckpt["state"][name], name=name, rank=rank, world=world, path=checkpoint_path)
         _set_rng_state(ckpt["rng"], device)
         history = [EpochMetrics(**m) for m in ckpt["history"]]
         start_epoch = int(ckpt["epoch"])
@@ -411,6 +452,7 @@ def train(
         history.append(metrics)
         bar.set_postfix(loss=f"{metrics.train_loss:.3f}", acc=f"{metrics.train_accuracy:.3f}",
                         test=f"{test_acc:.3f}" if test_acc is not None else "-")
+        saved_state = _saved_extra_state(extra_state, rank, world, device) if checkpoint_path is not None else {}
         if checkpoint_path is not None and rank == 0:
             save_checkpoint(
                 {
@@ -420,7 +462,7 @@ def train(
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "state": {name: obj.state_dict() for name, obj in extra_state.items()},
+                    "state": saved_state,
                     "rng": _rng_state(device),
                     "history": [asdict(m) for m in history],
                     "extra": dict(checkpoint_extra or {}),

@@ -119,3 +119,27 @@ def test_vgc_keeps_accuracy_at_high_compression_on_digits(tmp_path):
         accuracy[method], ratio[method] = res["test_accuracy"], res["compression"]["compression_ratio"]
     assert ratio["vgc"] > 25
     assert accuracy["vgc"] > accuracy["none"] - 0.03
+
+
+def _cli_job(argv):
+    from sturdy.cli import _job_from_args, build_parser
+
+    return _job_from_args(build_parser().parse_args(["train", "--out", "o", *argv]))
+
+
+def test_data_parallel_defaults_fill_only_what_the_command_line_left_out(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    job = exp.apply_data_parallel_defaults(_cli_job(["--nproc", "2", "--compress", "vgc"]))
+    c = job.config
+    assert (c.optimizer, c.lr, c.momentum, c.epochs, c.batch_size) == ("sgd", 0.05, 0.9, 40, 32)
+    assert exp.apply_data_parallel_defaults(_cli_job(["--nproc", "4", "--compress", "none"])).config.batch_size == 16
+    typed = exp.apply_data_parallel_defaults(_cli_job(["--nproc", "2", "--compress", "vgc", "--lr", "0.1",
+                                                       "--batch-size", "8"]))
+    assert (typed.config.optimizer, typed.config.lr, typed.config.batch_size) == ("sgd", 0.1, 8)
+    assert typed.options["explicit_options"] == ["batch_size", "lr"]
+    assert capsys.readouterr().err == ""
+    adam = exp.apply_data_parallel_defaults(_cli_job(["--nproc", "2", "--compress", "vgc", "--optimizer", "adam"]))
+    assert adam.config.optimizer == "adam" and "warning: Adam with gradient compression" in capsys.readouterr().err
+    in_code = TrainJob(model="linear", options={"compress": "vgc", "nproc": 2})
+    assert exp.apply_data_parallel_defaults(in_code, warn=False) == in_code

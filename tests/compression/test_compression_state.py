@@ -195,7 +195,7 @@ def test_powersgd_checkpoint_goes_through_its_own_state(single_process_group):
     state, hook = create_compression("powersgd", model=model, rank=1)
     _train(model, state, hook, steps=4)
     saved = _saved_and_loaded(state)
-    assert saved["powersgd"]["iter"] >= 2 and saved["powersgd"]["error_dict"]
+    assert saved["powersgd"]["iter"] >= 2 and saved["powersgd"]["error"] and saved["powersgd"]["q"]
     fresh, fresh_hook = create_compression("powersgd", model=model, rank=1)
     fresh.load_state_dict(saved)
     assert fresh.inner.process_group is fresh.process_group
@@ -240,3 +240,18 @@ def test_cost_model_formulas_and_crossover():
         predict_step_times(compute_s=0.01, dense_bytes=4e6, compression_ratio=0, workers=[4], bandwidths_gbps=[1])
     with pytest.raises(ConfigurationError, match="worker counts must be positive ints"):
         predict_step_times(compute_s=0.01, dense_bytes=4e6, compression_ratio=2, workers=[0], bandwidths_gbps=[1])
+
+
+def test_time_to_accuracy_prediction():
+    from sturdy.compression.costmodel import method_comm_seconds, predict_time_to_accuracy
+
+    ring = ring_allreduce_seconds(nbytes=2e6, workers=4, bandwidth_gbps=1.0, latency_s=0.0)
+    assert method_comm_seconds("fp16", dense_bytes=4e6, compression_ratio=2, workers=4, bandwidth_gbps=1.0,
+                               latency_s=0.0) == ring
+    gather = sparse_allgather_seconds(bytes_per_worker=4e4, workers=4, bandwidth_gbps=1.0, latency_s=0.0)
+    assert method_comm_seconds("vgc", dense_bytes=4e6, compression_ratio=100, workers=4, bandwidth_gbps=1.0,
+                               latency_s=0.0) == gather
+    assert predict_time_to_accuracy(epochs=3, steps_per_epoch=10, compute_codec_s=0.01, comm_s=0.02,
+                                    epoch_overhead_s=0.5) == pytest.approx(3 * (10 * 0.03 + 0.5))
+    assert predict_time_to_accuracy(epochs=float("inf"), steps_per_epoch=10, compute_codec_s=0.01,
+                                    comm_s=0.0) == float("inf")

@@ -14,6 +14,8 @@ SHAPES = {
     "cnn": [(1, 8, 8), (3, 9, 6)],
     "resnet": [(1, 8, 8), (3, 16, 16)],
     "wrn": [(3, 32, 32)],
+    "resnet18": [(3, 32, 32)],
+    "resnet50": [(3, 32, 32)],
 }
 SMALL = {"wrn": dict(depth=10, widen=1)}
 
@@ -68,3 +70,31 @@ def test_wrn16_4_size():
     model = create_model("wrn", in_shape=(3, 32, 32), num_classes=10, depth=16, widen=4)
     n_params = sum(p.numel() for p in model.parameters())
     assert 2.6e6 < n_params < 2.9e6  # WRN-16-4 has about 2.75M parameters
+
+
+@pytest.mark.parametrize("name, params", [("resnet18", 11_689_512), ("resnet50", 25_557_032)])
+def test_imagenet_resnets_match_the_paper_sizes(name, params):
+    # parameter counts of the reference ImageNet models (1000 classes, BatchNorm, option-B projections)
+    model = create_model(name, in_shape=(3, 224, 224), num_classes=1000)
+    assert sum(p.numel() for p in model.parameters()) == params
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[0].kernel_size == (7, 7) and convs[0].stride == (2, 2)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 1
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_imagenet_resnets_without_batchnorm(name):
+    torch.manual_seed(0)
+    model = create_model(name, in_shape=(3, 32, 32), num_classes=5, batchnorm=False).eval()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert all(m.bias is not None for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_resnet50_stride_placement():
+    paper = create_model("resnet50", in_shape=(3, 64, 64), num_classes=10)
+    v15 = create_model("resnet50", in_shape=(3, 64, 64), num_classes=10, stride_in_3x3=True)
+    assert paper.layer2[0].conv1.stride == (2, 2) and paper.layer2[0].conv2.stride == (1, 1)
+    assert v15.layer2[0].conv1.stride == (1, 1) and v15.layer2[0].conv2.stride == (2, 2)
+    x = torch.rand(1, 3, 64, 64)
+    assert paper.eval()(x).shape == v15.eval()(x).shape == (1, 10)

@@ -141,3 +141,30 @@ def test_wide_resnet_bound_per_layer_sound_on_small_input():
         assert a.upper >= b.upper / (1 + 1e-9) * (1 - SOUND_SLACK), a.path
         assert a.estimate <= b.upper * (1 + 1e-9), a.path
     assert fast.upper >= dense.upper * (1 - 1e-9)
+
+
+def test_tracker_batches_same_shape_convolutions_without_changing_the_estimate():
+    from sturdy.lipschitz import LipschitzTracker
+    from sturdy.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("wrn", in_shape=(3, 8, 8), num_classes=4, depth=16, widen=1).double().train()
+    batched = LipschitzTracker(model, input_shape=(1, 3, 8, 8), iterations=2)
+    single = LipschitzTracker(model, input_shape=(1, 3, 8, 8), iterations=2, batch_shapes=False)
+    assert len(batched._groups) < len(single._groups) == len(list(single.buffers()))
+    x = torch.rand(16, 3, 8, 8, dtype=torch.float64)
+    for _ in range(3):
+        with batched.batch_statistics(model):
+            model(x)
+        a = batched()
+        with single.batch_statistics(model):
+            model(x)
+        b = single()
+        torch.testing.assert_close(a.lipschitz, b.lipschitz, rtol=1e-10, atol=0.0)
+        ga = torch.autograd.grad(a.lipschitz, list(model.parameters()), allow_unused=True)
+        gb = torch.autograd.grad(b.lipschitz, list(model.parameters()), allow_unused=True)
+        for u, v in zip(ga, gb):
+            if u is not None or v is not None:
+                torch.testing.assert_close(u, v, rtol=1e-8, atol=1e-12)
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(batched.state_dict()[key], value, rtol=1e-9, atol=1e-12)

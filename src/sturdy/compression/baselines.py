@@ -13,7 +13,7 @@ The error-feedback baselines share the variance method's residual state and exch
 import logging
 import math
 from contextlib import contextmanager
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from sturdy.compression.compressor import Selection, strom_select, topk_select, 
 from sturdy.compression.exchange import sparse_exchange
 from sturdy.compression.residual import BucketView, ResidualState
 from sturdy.compression.traffic import TrafficMeter
-from sturdy.errors import CheckpointError, ConfigurationError
+from sturdy.errors import CheckpointError, ConfigurationError, DistributedError
 
 __all__ = ["StromState", "TopKState", "TorchHookState", "strom_hook", "topk_hook", "torch_hook", "TORCH_METHODS"]
 
@@ -117,11 +117,12 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
 
 
 _POWERSGD_MIN_COMPRESSION_RATE = 2
-# The part of PowerSGDState.__getstate__() a checkpoint holds: its error feedback, warm-start matrices,
-# random generator and counters. The hyper-parameters come from the constructor; the process group is
-# never saved (PyTorch's own rule).
-_POWERSGD_SAVED = ("iter", "error_dict", "p_memory_dict", "q_memory_dict", "rng", "total_numel_before_compression",
-                   "total_numel_after_compression", "next_stats_report")
+# The part of PowerSGDState.__getstate__() a checkpoint holds besides its per-bucket tensors: random
+# generator and counters. The hyper-parameters come from the constructor; the process group is never
+# saved (PyTorch's own rule). The per-bucket tensors (error feedback, warm-start Q) are saved per parameter.
+_POWERSGD_SAVED = ("iter", "rng", "total_numel_before_compression", "total_numel_after_compression",
+                   "next_stats_report")
+_POWERSGD_PER_PARAMETER = ("error", "q")
 
 
 @contextmanager
@@ -171,10 +172,13 @@ class TorchHookState(TrafficMeter):
         rank: PowerSGD's matrix approximation rank.
         start_iter: PowerSGD's ``start_powerSGD_iter`` (plain allreduce before it; ``>= 2`` for PowerSGD).
 
-    PowerSGD keys its state by bucket index and flat offset: after resuming from a checkpoint, the
-    fresh DDP's first iteration (its buckets not rebuilt yet) reads that state in another layout, so
-    a resumed PowerSGD run is close to, not bit-identical with, an uninterrupted one (the residual
-    methods re-split their state by parameter name and are).
+    PowerSGD keys its error feedback and warm-start matrices by bucket index and flat offset. This state
+    follows *parameters* instead: whenever a bucket's parameter list differs from the one its PowerSGD
+    tensors were made for (a fresh DDP after resuming from a checkpoint uses other buckets for one
+    iteration, then rebuilds them), they are re-split by parameter name and reassembled in the new
+    layout before PowerSGD's hook runs, and checkpoints hold them per parameter. PowerSGD's arithmetic is
+    per tensor, so with two workers (sums of two values do not depend on the order) a resumed run
+    continues bit for bit; with more, the allreduce's summation order may follow the bucket layout.
     """
 
     def __init__(
@@ -197,6 +201,10 @@ class TorchHookState(TrafficMeter):
         self.kind = method
         self.rank = rank
         self.inner: Any = None
+        self._names: Dict[int, str] = {}
+        self._layout: Dict[int, Tuple[int, ...]] = {}  # bucket index -> parameter ids its PowerSGD tensors follow
+        self._bucket_params: Dict[int, List[Tensor]] = {}
+        self._pending: Dict[str, Dict[str, Tensor]] = {k: {} for k in _POWERSGD_PER_PARAMETER}
         if method == "powersgd":
             from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
@@ -208,7 +216,97 @@ class TorchHookState(TrafficMeter):
             )
 
     def bind_model(self, model: nn.Module) -> None:
-        """Nothing to bind (PyTorch's hooks keep per-bucket state only)."""
+        """Take parameter names from the model DDP wraps (PowerSGD's state follows them)."""
+        self._names = {id(p): name for name, p in model.named_parameters()}
+
+    def _compressed(self, params: Sequence[Tensor]) -> List[Tuple[int, int, int]]:
+        """``(position in bucket, rows, cols)`` of the tensors PowerSGD compresses, in the order of its Q memory
+        (grouped by matrix shape in order of first appearance, as ``powerSGD_hook`` does)."""
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for j, p in enumerate(params):
+            n = p.shape[0]
+            m = p.numel() // n
+            r = min(n, m, self.rank)
+            if (n + m) * r * _POWERSGD_MIN_COMPRESSION_RATE < n * m:
+                groups.setdefault((n, m), []).append(j)
+        return [(j, n, m) for (n, m), js in groups.items() for j in js]
+
+    def _split(self, index: int) -> None:
+        """Move bucket ``index``'s PowerSGD tensors into the per-parameter store and drop them."""
+        params = self._bucket_params.pop(index)
+        self._layout.pop(index)
+        names = [self._names[id(p)] for p in params]
+        error = self.inner.error_dict.pop(index, None)
+        if error is not None:
+            offset = 0
+            for name, p in zip(names, params):
+                self._pending["error"][name] = error[offset : offset + p.numel()].detach().clone()
+                offset += p.numel()
+        q = self.inner.q_memory_dict.pop(index, None)
+        self.inner.p_memory_dict.pop(index, None)
+        if q is not None:
+            offset = 0
+            for j, _, m in self._compressed(params):
+                size = m * min(params[j].shape[0], m, self.rank)
+                self._pending["q"][names[j]] = q[offset : offset + size].detach().clone()
+                offset += size
+
+    def _assemble(self, index: int, params: Sequence[Tensor], like: Tensor) -> None:
+        """Build bucket ``index``'s PowerSGD tensors from the per-parameter store (what it holds of them)."""
+        names = [self._names[id(p)] for p in params]
+        errors = [self._pending["error"].pop(n, None) for n in names]
+        if any(e is not None for e in errors):
+            self.inner.error_dict[index] = torch.cat([
+                e.to(like) if e is not None else torch.zeros(p.numel(), dtype=like.dtype, device=like.device)
+                for e, p in zip(errors, params)
+            ])
+        compressed = self._compressed(params)
+        qs = [self._pending["q"].pop(names[j], None) for j, _, _ in compressed]
+        if compressed and all(q is not None for q in qs):  # else PowerSGD draws fresh ones, as in a new run
+            self.inner.q_memory_dict[index] = torch.cat([q.to(like) for q in qs])
+            self.inner.p_memory_dict[index] = torch.zeros(
+                sum(n * min(n, m, self.rank) for _, n, m in compressed), dtype=like.dtype, device=like.device
+            )
+
+    def follow_layout(self, bucket: dist.GradBucket) -> None:
+        """Re-split PowerSGD's tensors by parameter when this bucket's parameters changed (before its hook).
+
+        DDP runs a step's buckets in index order, so the buckets below ``bucket.index()`` are already
+        this step's; those from it on are re-split.
+        """
+        index, params = bucket.index(), bucket.parameters()
+        key = tuple(id(p) for p in params)
+        if self._layout.get(index) == key:
+            return
+        if not self._names:
+            raise DistributedError(
+                "PowerSGD's state cannot follow the parameters: build the state with model= (or call "
+                "state.bind_model(model) with the module DDP wraps)"
+            )
+        for stale in [i for i in self._layout if i >= index]:
+            self._split(stale)
+        self._assemble(index, params, bucket.buffer())
+        self._layout[index] = key
+        self._bucket_params[index] = list(params)
+
+    def _per_parameter(self) -> Dict[str, Dict[str, Tensor]]:
+        out = {k: {n: t.detach().cpu().clone() for n, t in v.items()} for k, v in self._pending.items()}
+        for index, params in self._bucket_params.items():
+            names = [self._names[id(p)] for p in params]
+            error = self.inner.error_dict.get(index)
+            if error is not None:
+                offset = 0
+                for name, p in zip(names, params):
+                    out["error"][name] = error[offset : offset + p.numel()].detach().cpu().clone()
+                    offset += p.numel()
+            q = self.inner.q_memory_dict.get(index)
+            if q is not None:
+                offset = 0
+                for j, _, m in self._compressed(params):
+                    size = m * min(params[j].shape[0], m, self.rank)
+                    out["q"][names[j]] = q[offset : offset + size].detach().cpu().clone()
+                    offset += size
+        return out
 
     def bucket_bytes(self, bucket: dist.GradBucket) -> int:
         """Bytes this rank sends for ``bucket`` in the current iteration."""
@@ -228,14 +326,15 @@ class TorchHookState(TrafficMeter):
         return total
 
     def state_dict(self) -> Dict[str, Any]:
-        """Traffic counters and, for PowerSGD, part of its own state (``PowerSGDState.__getstate__``):
-        error feedback and warm-start tensors per bucket, random generator, iteration and counters."""
+        """Traffic counters and, for PowerSGD, its state: error feedback and warm-start Q per parameter
+        name, and from ``PowerSGDState.__getstate__`` its random generator, iteration and counters."""
         out = self._meter_state()
         out["config"] = {"rank": self.rank, "start_iter": self.start_iter}
         if self.inner is not None:
             with _quiet_powersgd():
                 full = self.inner.__getstate__()
             out["powersgd"] = {k: _to_saved(full[k]) for k in _POWERSGD_SAVED}
+            out["powersgd"].update(self._per_parameter())
         return out
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -244,14 +343,19 @@ class TorchHookState(TrafficMeter):
         if self.inner is None:
             return
         saved = state.get("powersgd")
-        missing = [k for k in _POWERSGD_SAVED if not isinstance(saved, dict) or k not in saved]
+        missing = [k for k in (*_POWERSGD_SAVED, *_POWERSGD_PER_PARAMETER) if not isinstance(saved, dict)
+                   or k not in saved]
         if missing:
             raise CheckpointError(f"PowerSGD state lacks {missing}; it was saved by another version")
         with _quiet_powersgd():
             full = self.inner.__getstate__()
             full.update({k: _from_saved(k, saved[k]) for k in _POWERSGD_SAVED})
+            full.update(error_dict={}, p_memory_dict={}, q_memory_dict={})
             self.inner.__setstate__(full)  # sets the default group: put this state's group back
         self.inner.process_group = self.process_group
+        self._layout.clear()
+        self._bucket_params.clear()
+        self._pending = {k: {n: t.clone() for n, t in saved[k].items()} for k in _POWERSGD_PER_PARAMETER}
 
 
 def torch_hook(state: TorchHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -264,5 +368,7 @@ def torch_hook(state: TorchHookState, bucket: dist.GradBucket) -> torch.futures.
     if state.kind == "fp16":
         return default_hooks.fp16_compress_hook(state.process_group, bucket)
     if state.kind == "powersgd":
+        if state.inner.iter >= state.inner.start_powerSGD_iter:
+            state.follow_layout(bucket)
         return powerSGD_hook.powerSGD_hook(state.inner, bucket)
     return default_hooks.allreduce_hook(state.process_group, bucket)

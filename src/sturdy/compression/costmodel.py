@@ -10,7 +10,12 @@ for both methods alike):
   then a ring all-gather of ``c = n / ratio`` bytes per worker: ``(P - 1)(latency + 8 / bandwidth)
   + (P - 1)(latency + c / bandwidth)``; every worker receives ``(P - 1) c`` bytes, so the sparse
   method loses its advantage when ``P`` approaches the compression ratio;
-* ``codec_s``: measured encode + decode time per step, added to the compressed step.
+* ``codec_s``: measured encode + decode time per step, added to the compressed step;
+* time to accuracy (:func:`predict_time_to_accuracy`): the epochs a method needs to reach a target
+  accuracy (measured: compression changes *how many* steps, the model only how long each takes) times
+  the steps per epoch times its predicted step, plus the per-epoch time outside the steps (evaluation,
+  checkpoint). Allreduce-based methods (``none``, ``fp16``, ``powersgd``) reduce ``n / ratio`` bytes with a
+  ring; the sparse ones (``vgc``, ``strom``, ``topk``) all-gather ``n / ratio`` bytes per worker.
 
 Bandwidth is in Gbit/s (``1 Gbit/s = 1.25e8 bytes/s``).
 """
@@ -29,7 +34,11 @@ __all__ = [
     "sparse_allgather_seconds",
     "predict_step_times",
     "crossover_bandwidth_gbps",
+    "method_comm_seconds",
+    "predict_time_to_accuracy",
 ]
+
+ALLREDUCE_METHODS = ("none", "fp16", "powersgd")
 
 BYTES_PER_GBIT = 1.25e8
 SIZE_BYTES = 8
@@ -170,3 +179,34 @@ def crossover_bandwidth_gbps(
     if a_comp <= a_dense:
         return math.inf
     return (b_dense - b_comp) / (a_comp - a_dense)
+
+
+def method_comm_seconds(
+    method: str, *, dense_bytes: float, compression_ratio: float, workers: int, bandwidth_gbps: float,
+    latency_s: float = 50e-6,
+) -> float:
+    """Communication time of one step of ``method`` (see the module docstring for which collective)."""
+    _check_positive("compression_ratio", compression_ratio)
+    nbytes = dense_bytes / compression_ratio
+    if method in ALLREDUCE_METHODS:
+        return ring_allreduce_seconds(nbytes=nbytes, workers=workers, bandwidth_gbps=bandwidth_gbps,
+                                      latency_s=latency_s)
+    return sparse_allgather_seconds(bytes_per_worker=nbytes, workers=workers, bandwidth_gbps=bandwidth_gbps,
+                                    latency_s=latency_s)
+
+
+def predict_time_to_accuracy(
+    *, epochs: float, steps_per_epoch: int, compute_codec_s: float, comm_s: float, epoch_overhead_s: float = 0.0
+) -> float:
+    """Seconds to reach an accuracy that takes ``epochs`` epochs (``inf`` when it is never reached).
+
+    Args:
+        epochs: epochs the method needed (measured); ``inf`` if it never got there.
+        steps_per_epoch: optimizer steps per epoch.
+        compute_codec_s: one step's compute plus the method's own encode/decode work (unthrottled, measured).
+        comm_s: one step's communication (:func:`method_comm_seconds`).
+        epoch_overhead_s: time per epoch outside the steps (evaluation, checkpoint).
+    """
+    if not math.isfinite(epochs):
+        return math.inf
+    return epochs * (steps_per_epoch * (compute_codec_s + comm_s) + epoch_overhead_s)

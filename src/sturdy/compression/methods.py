@@ -64,4 +64,7 @@ def create_compression(
         state = TopKState(process_group=process_group, ratio=ratio, start_iter=start_iter, named_parameters=named,
                           gather=gather, slack=slack)
         return state, topk_hook
-    return TorchHookState(method, process_group=process_group, rank=rank, start_iter=start_iter), torch_hook
+    wrapped = TorchHookState(method, process_group=process_group, rank=rank, start_iter=start_iter)
+    if model is not None:
+        wrapped.bind_model(model)
+    return wrapped, torch_hook

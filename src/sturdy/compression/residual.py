@@ -63,7 +63,7 @@ class ResidualState(TrafficMeter):
 
     Attributes:
         buffer_kinds: the flat buffers kept per bucket (``"ever_sent"`` is boolean, the others take
-            the gradient's dtype).
+            the gradient's dtype, at least float32: bf16/fp16 buckets keep float32 residuals).
         value_format: the wire format of the selected values (:data:`sturdy.compression.wire.VALUE_FORMATS`).
         gather: how payloads travel (:mod:`sturdy.compression.collective`).
         slack: slot growth factor of the ``"capacity"`` and ``"bounded"`` gathers.
@@ -141,7 +141,7 @@ class ResidualState(TrafficMeter):
                 "mixed-dtype or sparse buckets are not supported"
             )
         for kind in self.buffer_kinds:
-            dtype = torch.bool if kind == "ever_sent" else buffer.dtype
+            dtype = torch.bool if kind == "ever_sent" else torch.promote_types(buffer.dtype, torch.float32)
             flat = torch.zeros(buffer.numel(), dtype=dtype, device=buffer.device)
             for seg in segments:
                 saved = self._pending[kind].pop(seg.name, None)

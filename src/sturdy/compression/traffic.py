@@ -96,9 +96,12 @@ class TrafficMeter:
         start_iter: plain allreduce before this iteration.
         iter: iterations (optimizer steps) seen so far.
         kind: the method's name, checked when a checkpoint is loaded.
+        per_rank_state: ``True``: every rank's state differs (residuals, counters), so the training loop
+            checkpoints every rank's (:mod:`sturdy.training`).
     """
 
     kind = "meter"
+    per_rank_state = True
 
     def __init__(self, *, process_group: Optional[dist.ProcessGroup], start_iter: int) -> None:
         if not isinstance(start_iter, int) or isinstance(start_iter, bool) or start_iter < 0:

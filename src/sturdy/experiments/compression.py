@@ -7,13 +7,25 @@ a DDP communication hook and as checkpointed state (``results.json`` gains a ``"
 (:func:`sturdy.distributed.run_local_workers`: gloo on CPU, FileStore rendezvous, loopback only), and
 under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) the same entry point joins the launched process group.
 Each worker calls :func:`sturdy.experiments.train_job.fit` with the plugins it received.
+
+Data-parallel defaults (:data:`DATA_PARALLEL_DEFAULTS`): a job this part launches (``--nproc N > 1``,
+``--compress``, or ``torchrun``) trains with momentum SGD 0.9, lr 0.05, 40 epochs and the single-process
+default batch of 64 split over the workers, for every one of ``--optimizer``, ``--lr``, ``--momentum``,
+``--epochs`` and ``--batch-size`` that the command line did not set (:func:`apply_data_parallel_defaults`;
+the options typed are recorded in ``job.options["explicit_options"]``; jobs built in code are left as
+they are).
+Error feedback sums delayed gradients, which momentum SGD applies as they arrive; Adam's per-element
+normalisation does not, so asking for Adam with compression prints a warning. Every option is
+validated (:func:`compression_options`) before any worker starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +38,9 @@ from torch import nn
 from sturdy.compression import METHODS, accel, create_compression, warm_up
 from sturdy.compression.costmodel import crossover_bandwidth_gbps, predict_step_times
 from sturdy.compression.timing import StepClock, measure_codec_seconds, measure_step_seconds
-from sturdy.distributed import init_from_env, launched_by_torchrun, run_local_workers
+from sturdy.distributed import init_from_env, launched_by_torchrun, max_local_workers, run_local_workers
 from sturdy.errors import ConfigurationError, DataError
+from sturdy.experiments.argtypes import bounded_int, positive_float
 from sturdy.experiments.jsonio import write_json
 from sturdy.experiments.train_job import (
     TrainContext,
@@ -49,31 +62,52 @@ __all__ = [
     "register_cli",
     "demo_section",
     "compression_options",
+    "apply_data_parallel_defaults",
+    "DATA_PARALLEL_DEFAULTS",
     "plot_speedup",
 ]
 
 DEFAULTS: Dict[str, Any] = {
     "nproc": 1,
     "compress": "none",
-    "alpha": 4.0,
+    "alpha": 5.0,
     "zeta": 0.999,
     "quantize": "4bit",
     "topk_ratio": 0.01,
     "strom_tau": 1e-3,
     "powersgd_rank": 1,
     "start_iter": 2,
-    "gather": "capacity",
+    "gather": "exact",
     "gather_slack": 1.25,
     "dist_timeout": 300.0,
 }
 TRAIN_DEADLINE_S = 7 * 24 * 3600.0  # a whole training run; hangs are bounded by dist_timeout per collective
+# Training settings of a data-parallel job where the command line did not set them (module docstring).
+DATA_PARALLEL_DEFAULTS: Dict[str, Any] = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "epochs": 40,
+                                          "global_batch": 64}
+_TUNED = ("optimizer", "lr", "momentum", "epochs", "batch_size")
+MAX_THREADS = 1024
+
+
+def _recording(action: argparse.Action) -> None:
+    """Make ``action`` add its dest to ``namespace.explicit_options`` when the option is given."""
+    base = type(action)
+
+    class Recorded(base):  # type: ignore[valid-type, misc]
+        def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+            super().__call__(parser, namespace, values, option_string)
+            namespace.explicit_options = sorted(set(getattr(namespace, "explicit_options", None) or ()) | {self.dest})
+
+    action.__class__ = Recorded
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``sturdy train`` for data-parallel training and gradient compression."""
     g = parser.add_argument_group("data-parallel training and gradient compression")
     g.add_argument("--nproc", type=int, default=DEFAULTS["nproc"],
-                   help="local worker processes (gloo on CPU); under torchrun the launcher decides")
+                   help=f"local worker processes (gloo on CPU), 1 to 4 per CPU core ({max_local_workers()} here); "
+                        "under torchrun the launcher decides. With N > 1 (or --compress), options not given "
+                        "default to momentum SGD 0.9, lr 0.05, 40 epochs and a batch of 64 split over the workers")
     g.add_argument("--compress", choices=METHODS, default=DEFAULTS["compress"],
                    help="DDP communication hook: vgc (variance-based), strom, topk, fp16, powersgd, none")
     g.add_argument("--alpha", type=float, default=DEFAULTS["alpha"],
@@ -94,24 +128,89 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="slot size as a multiple of the last step's largest payload")
     g.add_argument("--dist-timeout", type=float, default=DEFAULTS["dist_timeout"],
                    help="seconds a collective may wait before the run fails (a dead worker)")
+    for action in parser._actions:  # data-parallel defaults apply to the training options not typed
+        if action.dest in _TUNED:
+            _recording(action)
+    parser.set_defaults(explicit_options=[])
+
+
+def _option_error(key: str, message: str) -> ConfigurationError:
+    return ConfigurationError(f"--{key.replace('_', '-')} {message}")
+
+
+def _check_number(opts: Dict[str, Any], key: str, *, low: float, high: float = math.inf, low_open: bool = False,
+                  hint: str = "") -> None:
+    value = opts[key]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise _option_error(key, f"must be a finite number, got {value!r}{hint}")
+    if value < low or (low_open and value == low) or value > high:
+        span = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise _option_error(key, f"must lie in {span}, got {value}{hint}")
 
 
 def compression_options(job: TrainJob) -> Dict[str, Any]:
-    """The compression options of ``job`` with defaults filled in, validated."""
+    """The compression options of ``job`` with defaults filled in, every one validated (before any worker starts).
+
+    Raises:
+        ConfigurationError: one line naming the option, its value and the accepted range.
+    """
     opts = {k: job.options.get(k, v) for k, v in DEFAULTS.items()}
     if opts["compress"] not in METHODS:
         raise ConfigurationError(f"unknown --compress {opts['compress']!r}; expected one of {METHODS}")
-    if not isinstance(opts["nproc"], int) or opts["nproc"] < 1:
-        raise ConfigurationError(f"--nproc must be a positive integer, got {opts['nproc']!r}")
-    if not opts["dist_timeout"] > 0:
-        raise ConfigurationError(f"--dist-timeout must be > 0 seconds, got {opts['dist_timeout']}")
+    limit = max_local_workers()
+    nproc = opts["nproc"]
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or not 1 <= nproc <= limit:
+        raise ConfigurationError(f"--nproc must be a positive integer of at most {limit} (4 local workers per CPU "
+                                 f"core), got {nproc!r}; to use more machines, launch with torchrun")
+    _check_number(opts, "dist_timeout", low=0.0, low_open=True, hint=" seconds")
+    _check_number(opts, "alpha", low=0.0, hint="; larger sends less, typical values 1 to 8")
+    _check_number(opts, "zeta", low=0.0, high=1.0, hint="; typical value 0.999")
+    _check_number(opts, "topk_ratio", low=0.0, high=1.0, low_open=True, hint="; e.g. 0.01 sends 1% per step")
+    _check_number(opts, "strom_tau", low=0.0, low_open=True, hint="; a gradient magnitude such as 1e-3")
+    _check_number(opts, "gather_slack", low=1.0, hint="; e.g. 1.25")
+    for key, low in (("powersgd_rank", 1), ("start_iter", 2 if opts["compress"] == "powersgd" else 0)):
+        value = opts[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            why = " (PowerSGD starts after DDP has rebuilt its buckets)" if key == "start_iter" and low == 2 else ""
+            raise _option_error(key, f"must be an integer >= {low}{why}, got {value!r}")
+    for key, choices in (("quantize", ("4bit", "float32")), ("gather", ("exact", "capacity", "bounded"))):
+        if opts[key] not in choices:
+            raise _option_error(key, f"must be one of {choices}, got {opts[key]!r}")
+    if opts["gather"] == "bounded" and opts["compress"] != "vgc":
+        raise _option_error("gather", "bounded truncates selections and is implemented for --compress vgc only")
     return opts
+
+
+def _world_size(opts: Dict[str, Any]) -> int:
+    return int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else opts["nproc"]
+
+
+def apply_data_parallel_defaults(job: TrainJob, *, warn: bool = True) -> TrainJob:
+    """``job`` with :data:`DATA_PARALLEL_DEFAULTS` for the training options its command line did not set.
+
+    Applies only to jobs from the command line (``job.options["explicit_options"]`` lists what was
+    typed); a job built in code is returned unchanged. The batch per worker becomes
+    ``max(1, global_batch // world size)``. Warns on stderr when Adam is asked for with compression.
+    """
+    explicit = job.options.get("explicit_options")
+    opts = compression_options(job)
+    adam = job.config.optimizer == "adam" and (explicit is None or "optimizer" in explicit)
+    if warn and adam and opts["compress"] != "none":
+        print("sturdy: warning: Adam with gradient compression: Adam normalises each update by its running "
+              "variance, so the delayed, bursty updates of error feedback are not summed as momentum SGD sums "
+              "them; expect lost accuracy (omit --optimizer for momentum SGD)", file=sys.stderr)
+    if explicit is None:
+        return job
+    changes: Dict[str, Any] = {k: DATA_PARALLEL_DEFAULTS[k] for k in ("optimizer", "lr", "momentum", "epochs")
+                               if k not in explicit}
+    if "batch_size" not in explicit:
+        changes["batch_size"] = max(1, DATA_PARALLEL_DEFAULTS["global_batch"] // _world_size(opts))
+    return job.replace(**changes) if changes else job
 
 
 def _claims(opts: Dict[str, Any]) -> bool:
     """Whether the run compresses or runs in several processes (``--nproc`` or ``torchrun``)."""
-    torchrun_world = int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 0
-    return opts["compress"] != "none" or opts["nproc"] > 1 or torchrun_world > 1
+    return opts["compress"] != "none" or _world_size(opts) > 1
 
 
 @dataclass(frozen=True)
@@ -219,14 +318,15 @@ def run_distributed_training(
     """Train ``job`` data-parallel with ``plugins`` (default: this part's :func:`training_plugin`).
 
     Under ``torchrun`` this process joins the launched group; otherwise ``job.options["nproc"]``
-    local workers are started, each receiving the plugins pickled. Returns rank 0's results (those
-    written to ``results.json``).
+    local workers are started, each receiving the plugins pickled. The data-parallel defaults apply first
+    (:func:`apply_data_parallel_defaults`). Returns rank 0's results (those written to ``results.json``).
 
     Raises:
         ConfigurationError: compression requested with a single worker, or bad options.
         DistributedError: a worker failed or died (the others fail within ``--dist-timeout``).
     """
     opts = compression_options(job)
+    job = apply_data_parallel_defaults(job, warn=os.environ.get("RANK", "0") == "0")
     if plugins is None:
         plugins = [p for p in (training_plugin(job),) if p is not None]
     if launched_by_torchrun():
@@ -259,6 +359,17 @@ def run_distributed_training(
 # ----------------------------------------------------------------------------- cost model
 
 
+def _non_negative_float(text: str) -> float:
+    """A finite number >= 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text[:40]!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text[:40]!r}")
+    return value
+
+
 def _csv(kind: Callable[[str], Any], name: str) -> Callable[[str], List[Any]]:
     def parse(text: str) -> List[Any]:
         try:
@@ -275,9 +386,7 @@ def _cmd_costmodel(args: argparse.Namespace) -> int:
     ratio = args.ratio
     source = "--ratio"
     results_path = checkpoint.parent / "results.json"
-    info: Dict[str, Any] = {}
-    if results_path.is_file():
-        info = json.loads(results_path.read_text(encoding="utf-8")).get("compression") or {}
+    info = _measured_compression(results_path)
     if ratio is None:
         if info:
             ratio = info.get("compression_ratio")
@@ -287,7 +396,7 @@ def _cmd_costmodel(args: argparse.Namespace) -> int:
                 f"no measured compression ratio: {results_path} has no 'compression' entry (train with "
                 "`sturdy train --nproc 2 --compress vgc`) ; or pass --ratio R"
             )
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads)
     train_set, _ = load_job_data(job)
     compute_s = measure_step_seconds(model, train_set.images, train_set.labels, batch_size=job.config.batch_size)
     num_elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -329,6 +438,35 @@ def _cmd_costmodel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _measured_compression(path: Path) -> Dict[str, Any]:
+    """The ``"compression"`` entry of the ``results.json`` at ``path`` (``{}`` when there is none), checked.
+
+    Raises:
+        DataError: the file is not JSON, not an object, or its measured figures are not positive numbers.
+    """
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path} is not valid JSON ({' '.join(str(exc).split())[:80]}); rerun the training or "
+                        "pass --ratio R") from exc
+    if not isinstance(data, dict):
+        raise DataError(f"{path} holds a {type(data).__name__}, not the object `sturdy train` writes; pass --ratio R")
+    info = data.get("compression") or {}
+    if not isinstance(info, dict):
+        raise DataError(f"{path}: its 'compression' entry is a {type(info).__name__}, not an object; pass --ratio R")
+    for key in ("compression_ratio", "elements_sent_per_step_mean"):
+        value = info.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value <= 0:
+            raise DataError(f"{path}: {key} must be a positive number, got {value!r}; rerun the training or pass "
+                            "--ratio R")
+    return info
+
+
 def plot_speedup(preds: Sequence[Any]) -> Any:
     """Predicted speedup against bandwidth, one line per worker count (a ``matplotlib.figure.Figure``)."""
     from matplotlib.figure import Figure
@@ -356,13 +494,14 @@ def register_cli(subparsers: Any) -> None:
     c.add_argument("--workers", type=_csv(int, "--workers"), default=[4, 16, 64], help="e.g. 4,16,64")
     c.add_argument("--bandwidth-gbps", type=_csv(float, "--bandwidth-gbps"), default=[0.1, 1.0, 10.0, 100.0],
                    help="e.g. 0.1,1,10,100")
-    c.add_argument("--latency-us", type=float, default=50.0, help="per-message latency in microseconds")
-    c.add_argument("--ratio", type=float, default=None,
+    c.add_argument("--latency-us", type=_non_negative_float, default=50.0, help="per-message latency in microseconds")
+    c.add_argument("--ratio", type=positive_float, default=None,
                    help="compression ratio (default: the one measured in results.json next to the checkpoint)")
-    c.add_argument("--codec-ms", type=float, default=None,
+    c.add_argument("--codec-ms", type=_non_negative_float, default=None,
                    help="encode + decode time per step (default: measured on the checkpoint's gradient size with "
                         "the fraction of elements its run sent)")
-    c.add_argument("--threads", type=int, default=1, help="torch threads for the compute measurement")
+    c.add_argument("--threads", type=bounded_int(1, MAX_THREADS), default=1,
+                   help=f"torch threads for the compute measurement (1 to {MAX_THREADS})")
     c.add_argument("--device", default="auto", help="device of the compute measurement: auto, cpu, cuda, cuda:N")
     c.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
     c.set_defaults(func=_cmd_costmodel)

@@ -1,8 +1,8 @@
 """Flatness part of the ``sturdy`` command and of the demo report.
 
 Commands:
-    ``sturdy flatness grid --out DIR [--quick]``: the generalisation-correlation harness
-    (:mod:`sturdy.experiments.flatness_grid`).
+    ``sturdy flatness grid --out DIR [--preset quick|default|wide] [--workers N] [--time-limit MIN]``: the
+    generalisation-correlation harness (:mod:`sturdy.experiments.flatness_grid`).
     ``sturdy flatness measure --checkpoint M --out DIR``: every measure of one trained model, on the
     training data it was trained on (label noise of its job included), written to ``DIR/measures.json``.
 """
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sturdy.errors import ConfigurationError, UnsupportedModuleError
-from sturdy.experiments.argtypes import non_negative_int, positive_int
+from sturdy.experiments.argtypes import non_negative_int, positive_float, positive_int
 from sturdy.flatness import available_measures, check_rescaling_invariance, compute_measures, rescale_nodes
 
 __all__ = ["register_cli", "demo_section", "measure_checkpoint"]
@@ -53,7 +53,14 @@ def register_cli(subparsers: Any) -> None:
 
     p = sub.add_parser("grid", help="train a grid of digits models, compute every measure, rank-correlate with the gap")
     p.add_argument("--out", required=True, help="output folder (correlations.json, grid.json, PNGs)")
-    p.add_argument("--quick", action="store_true", help="16 MLPs (1-2 minutes) instead of the 64-model grid")
+    p.add_argument("--preset", choices=("quick", "default", "wide"), default=None,
+                   help="quick: 16 MLPs (1-2 minutes); default: 64 MLPs and CNNs (about 30 minutes on 2 cores); "
+                        "wide: 288 MLPs varying depth too, 3 seeds (resumable, run it in chunks with --time-limit)")
+    p.add_argument("--quick", action="store_true", help="same as --preset quick")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="local processes training grid points in parallel, one torch thread each (default 1)")
+    p.add_argument("--time-limit", type=positive_float, default=None, metavar="MINUTES",
+                   help="start no new model after this many minutes; summarise the models done (resume later)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stochastic measures and of the bootstrap")
     p.add_argument("--bootstrap", type=non_negative_int, default=None, help="bootstrap resamples (default: grid's)")
@@ -81,21 +88,30 @@ def _cmd_missing(args: argparse.Namespace) -> int:
 def _cmd_grid(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from sturdy.experiments.flatness_grid import DEFAULT_GRID, QUICK_GRID, run_grid
+    from sturdy.experiments.flatness_grid import PRESETS, run_grid
 
-    spec = QUICK_GRID if args.quick else DEFAULT_GRID
+    if args.quick and args.preset not in (None, "quick"):
+        raise ConfigurationError(f"--quick contradicts --preset {args.preset}; give one of them")
+    spec = PRESETS["quick" if args.quick else args.preset or "default"]
     if args.bootstrap is not None:
         spec = replace(spec, bootstrap=args.bootstrap)
     summary = run_grid(out=args.out, spec=spec, device=args.device, resume=not args.no_resume,
-                       progress=not args.no_progress, seed=args.seed)
-    print(f"{summary['models']} models ({summary['converged']} reached the target loss) in "
+                       progress=not args.no_progress, seed=args.seed, workers=args.workers,
+                       time_limit_s=None if args.time_limit is None else 60 * args.time_limit)
+    done = "" if summary["complete"] else f" of {summary['points']} (time limit: run again to resume)"
+    print(f"{summary['models']} models{done} ({summary['converged']} reached the target loss) in "
           f"{summary['seconds']:.0f} s; Kendall tau against the generalisation gap "
-          f"({summary['selection']} models):")
+          f"({summary['selection']} models), sign-error mean/worst, normalized sharpness vs the measure:")
+    rob = summary["robustness"]
     for name, c in summary["correlations"].items():
-        tau, psi = c["tau"], c["granulated_tau"]
-        print(f"  {name:28s} tau {_fmt(tau)} [{_fmt(c['tau_ci'][0])}, {_fmt(c['tau_ci'][1])}]  "
-              f"granulated {_fmt(psi)}")
-    print(f"written to {Path(args.out) / 'correlations.json'}")
+        se = rob["sign_errors"].get(name) or {}
+        diff = rob["normalized_sharpness_vs"].get(name)
+        versus = "" if diff is None else (f"  NS-minus {_fmt(diff['difference'])} [{_fmt(diff['interval'][0])}, "
+                                          f"{_fmt(diff['interval'][1])}] {diff['verdict']}")
+        print(f"  {name:28s} tau {_fmt(c['tau'])} [{_fmt(c['tau_ci'][0])}, {_fmt(c['tau_ci'][1])}]  "
+              f"granulated {_fmt(c['granulated_tau'])}  sign-error {_fmt(se.get('mean'))}/{_fmt(se.get('worst'))}"
+              f"{versus}")
+    print(f"written to {Path(args.out) / 'correlations.json'} and {Path(args.out) / 'report.html'}")
     return 0
 
 

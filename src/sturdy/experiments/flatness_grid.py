@@ -4,43 +4,55 @@ Protocol (after Jiang et al., ICLR 2020): every grid point is trained with the s
 until its running training cross-entropy reaches ``target_loss`` or ``max_epochs`` pass (the
 ``converged`` flag records which). The generalisation gap is ``train accuracy - test accuracy``, the
 training accuracy being measured on the labels the model was trained on (random labels included).
-Every registered measure is computed on that training set; Kendall's tau and the granulated tau of
-each measure against the gap are reported with bootstrap confidence intervals.
+Every registered measure is computed on that training set; Kendall's tau, the granulated tau and the
+robustness view of each measure against the gap are reported
+(:mod:`sturdy.experiments.flatness_grid_report`).
 
-Output folder: ``points/<id>.json`` (one record per model, reused when the run is resumed),
-``grid.json`` (all records), ``correlations.json``, ``scatter.png`` and ``scatter_<measure>.png``,
-``correlations.png``.
+Presets (:data:`PRESETS`): ``quick`` (16 MLPs), ``default`` (64 MLPs and CNNs) and ``wide`` (MLPs varying
+depth and width too, three seeds; grown for narrower intervals).
+
+Output folder: ``points/<id>.json`` (one record per model, written atomically and reused when the run is
+resumed; an unreadable record is retrained with a warning), ``grid.json`` (all records),
+``correlations.json``, ``report.html`` with ``robustness.png``, ``correlations.png`` and ``scatter.png``,
+and ``scatter_<measure>.png``.
+
+Parallel runs: ``workers=N`` trains the missing points in a pool of ``N`` spawned local processes (one torch
+thread each), each taking the next point when it is free. The points are independent, so there is no
+process group (the training loop would otherwise average gradients across the workers); every point is
+seeded on its own, so the records are those of a serial single-threaded run whatever the number of workers.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-import matplotlib
-import matplotlib.ticker
 import torch
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from tqdm.auto import tqdm
 
 from sturdy.data import ImageDataset, apply_label_noise, load_dataset
 from sturdy.errors import ConfigurationError
+from sturdy.experiments.flatness_grid_report import (
+    HYPERPARAMETERS,
+    MIN_CONVERGED,
+    correlation_figure,
+    grid_report,
+    scatter_figure,
+    summarize,
+)
 from sturdy.experiments.jsonio import json_safe, write_json
-from sturdy.flatness import available_measures, compute_measures, correlate_measures, sign_errors, tau_difference
+from sturdy.flatness import available_measures, compute_measures
 from sturdy.models import create_model
-from sturdy.report import new_figure
 from sturdy.training import EpochMetrics, TrainConfig, evaluate, resolve_device, train
 
-__all__ = ["GridSpec", "GridPoint", "DEFAULT_GRID", "QUICK_GRID", "run_grid", "grid_model_kwargs", "scatter_figure",
-           "correlation_figure", "HYPERPARAMETERS"]
-
-HYPERPARAMETERS = ("arch", "batch_size", "lr", "width", "weight_decay", "label_noise", "seed")
+__all__ = ["GridSpec", "GridPoint", "DEFAULT_GRID", "QUICK_GRID", "WIDE_GRID", "PRESETS", "run_grid",
+           "grid_model_kwargs", "scatter_figure", "correlation_figure", "summarize", "HYPERPARAMETERS",
+           "MIN_CONVERGED"]
 
 # Cheaper settings of the perturbation measures for the grid (documented in the results).
 GRID_MEASURE_SETTINGS: Dict[str, Dict[str, Any]] = {
@@ -50,10 +62,13 @@ GRID_MEASURE_SETTINGS: Dict[str, Dict[str, Any]] = {
     "hessian_top_eigenvalue": {"iterations": 50, "tol": 1e-3},
 }
 
+# What a stored record depends on besides its grid point: a record is reused only when these match.
+_RECORD_FIELDS = ("optimizer", "target_loss", "max_epochs", "measures", "measure_settings")
+
 
 @dataclass(frozen=True)
 class GridPoint:
-    """One model of the grid (its hyper-parameters)."""
+    """One model of the grid (its hyper-parameters); ``depth`` None is the architecture's default."""
 
     arch: str
     batch_size: int
@@ -62,11 +77,13 @@ class GridPoint:
     weight_decay: float
     label_noise: float
     seed: int
+    depth: Optional[int] = None
 
     @property
     def key(self) -> str:
         """File-name-safe identifier."""
-        return (f"{self.arch}-w{self.width}-bs{self.batch_size}-lr{self.lr:g}-wd{self.weight_decay:g}"
+        depth = "" if self.depth is None else f"-d{self.depth}"
+        return (f"{self.arch}-w{self.width}{depth}-bs{self.batch_size}-lr{self.lr:g}-wd{self.weight_decay:g}"
                 f"-noise{self.label_noise:g}-s{self.seed}")
 
     def hyperparams(self) -> Dict[str, Any]:
@@ -79,9 +96,10 @@ class GridSpec:
 
     Attributes:
         name: label written to the results.
-        architectures: ``"mlp"`` (2 hidden layers of ``width``) and/or ``"cnn"`` (channels
-            ``(width/8, width/4)``, hidden fully connected layer of ``width``).
-        batch_sizes, lrs, widths, weight_decays, label_noise, seeds: the varied values.
+        architectures: ``"mlp"`` (``depth`` hidden layers of ``width``, default 2) and/or ``"cnn"``
+            (channels ``(width/8, width/4)`` with ``depth`` convolutions per block, default 1, and a
+            hidden fully connected layer of ``width``).
+        batch_sizes, lrs, widths, weight_decays, label_noise, seeds, depths: the varied values.
         optimizer: ``"adam"`` or ``"sgd"`` (momentum 0.9), constant learning rate.
         target_loss: stop once the running training cross-entropy of an epoch is at most this.
         max_epochs: epoch cap.
@@ -104,23 +122,26 @@ class GridSpec:
     measures: Optional[Tuple[str, ...]] = None
     measure_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: dict(GRID_MEASURE_SETTINGS))
     bootstrap: int = 1000
+    depths: Tuple[Optional[int], ...] = (None,)
 
     def __post_init__(self) -> None:
         for arch in self.architectures:
             if arch not in ("mlp", "cnn"):
                 raise ConfigurationError(f"grid architectures must be 'mlp' or 'cnn', got {arch!r}")
         axes = (self.architectures, self.batch_sizes, self.lrs, self.widths, self.weight_decays, self.label_noise,
-                self.seeds)
+                self.seeds, self.depths)
         if any(len(a) == 0 for a in axes):
             raise ConfigurationError("every grid axis needs at least one value")
+        if any(d is not None and d < 1 for d in self.depths):
+            raise ConfigurationError(f"grid depths must be >= 1 (or None for the default), got {self.depths}")
         if not (self.target_loss > 0 and self.max_epochs >= 1):
             raise ConfigurationError("target_loss must be > 0 and max_epochs >= 1")
 
     def points(self) -> List[GridPoint]:
-        """Every combination, in a fixed order."""
-        return [GridPoint(*combo) for combo in itertools.product(
-            self.architectures, self.batch_sizes, self.lrs, self.widths, self.weight_decays, self.label_noise,
-            self.seeds)]
+        """Every combination, seeds outermost (a run cut short holds whole seeds' factorial grids first)."""
+        return [GridPoint(arch, bs, lr, width, wd, noise, seed, depth) for seed, arch, bs, lr, width, depth, wd, noise
+                in itertools.product(self.seeds, self.architectures, self.batch_sizes, self.lrs, self.widths,
+                                     self.depths, self.weight_decays, self.label_noise)]
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -158,12 +179,42 @@ QUICK_GRID = GridSpec(
 """16 MLPs (2 batch sizes x 2 learning rates x 2 widths x 2 label-noise levels); about 1-2 minutes on 2 CPU
 cores."""
 
+WIDE_GRID = GridSpec(
+    name="wide",
+    architectures=("mlp",),
+    batch_sizes=(32, 128),
+    lrs=(1e-3, 3e-3),
+    widths=(64, 256),
+    depths=(1, 2, 3),
+    weight_decays=(0.0, 1e-4),
+    label_noise=(0.0,),
+    seeds=(0, 1, 2, 3),
+    max_epochs=80,
+    measure_settings={**GRID_MEASURE_SETTINGS, "hessian_trace": {"probes": 30}},
+    bootstrap=1000,
+)
+"""192 MLPs without dropout (2 batch sizes x 2 learning rates x 2 widths x 3 depths x 2 weight decays x 4
+seeds), chosen to reach the target loss cheaply (2-6 CPU-seconds each, measures included). No random labels:
+with 10% of them these MLPs stayed far above the target loss after 80 epochs (running loss 0.17-0.63), so
+they would drop out of the converged-only correlation. Seeds are outermost, so a run stopped by its time
+limit holds complete factorial grids of the first seeds."""
 
-def grid_model_kwargs(arch: str, width: int) -> Dict[str, Any]:
-    """Model options of a grid architecture at a given width."""
+PRESETS: Dict[str, GridSpec] = {"quick": QUICK_GRID, "default": DEFAULT_GRID, "wide": WIDE_GRID}
+
+
+def grid_model_kwargs(arch: str, width: int, depth: Optional[int] = None) -> Dict[str, Any]:
+    """Model options of a grid architecture at a given width (and depth; None: 2 hidden layers, 1 conv per block)."""
     if arch == "mlp":
-        return {"width": width, "depth": 2}
-    return {"channels": (max(2, width // 8), max(2, width // 4)), "width": width}
+        return {"width": width, "depth": 2 if depth is None else depth}
+    kwargs: Dict[str, Any] = {"channels": (max(2, width // 8), max(2, width // 4)), "width": width}
+    if depth is not None:
+        kwargs["convs_per_block"] = depth
+    return kwargs
+
+
+def _trained_labels(point: GridPoint, train_set: ImageDataset) -> ImageDataset:
+    return train_set.with_labels(apply_label_noise(train_set.labels, fraction=point.label_noise,
+                                                   num_classes=train_set.num_classes, seed=point.seed))
 
 
 def train_point(
@@ -172,7 +223,7 @@ def train_point(
     """Train one grid model (stopping at ``spec.target_loss``); returns it (eval mode) and its record."""
     torch.manual_seed(point.seed)
     model = create_model(point.arch, in_shape=train_set.image_shape, num_classes=train_set.num_classes,
-                         **grid_model_kwargs(point.arch, point.width)).to(device)
+                         **grid_model_kwargs(point.arch, point.width, point.depth)).to(device)
     config = TrainConfig(epochs=spec.max_epochs, batch_size=point.batch_size, lr=point.lr, optimizer=spec.optimizer,
                          weight_decay=point.weight_decay, schedule="constant", seed=point.seed,
                          label_noise=point.label_noise, device=str(device))
@@ -186,9 +237,7 @@ def train_point(
     history = [m.train_loss for m in result.history]
     model.eval()
     seconds = time.perf_counter() - t0
-    noisy = train_set.with_labels(apply_label_noise(train_set.labels, fraction=point.label_noise,
-                                                    num_classes=train_set.num_classes, seed=point.seed))
-    train_loss, train_acc = evaluate(model, noisy, device=device)
+    train_loss, train_acc = evaluate(model, _trained_labels(point, train_set), device=device)
     test_loss, test_acc = evaluate(model, test_set, device=device)
     record = {
         "key": point.key, "hyperparams": point.hyperparams(), "epochs": len(history), "converged": converged,
@@ -215,6 +264,64 @@ def measure_point(model: torch.nn.Module, data: ImageDataset, spec: GridSpec, *,
     return out
 
 
+def _record_fingerprint(grid: Mapping[str, Any]) -> Dict[str, Any]:
+    plain = json.loads(json.dumps(json_safe(dict(grid)), default=str))
+    return {k: plain.get(k) for k in _RECORD_FIELDS}
+
+
+def _load_record(path: Path, spec: GridSpec, seed: int) -> Optional[Dict[str, Any]]:
+    """The stored record of a point when it is usable for this grid and measure seed, else None (a
+    truncated or corrupt file is reported with a warning and retrained)."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        ok = (isinstance(record, dict) and isinstance(record.get("measures"), dict)
+              and isinstance(record.get("hyperparams"), dict) and "gap" in record and "converged" in record)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        record, ok = None, False
+        reason = f"{type(exc).__name__}: {exc}"
+    else:
+        reason = "fields missing"
+    if not ok:
+        warnings.warn(f"grid record {path} is unreadable ({reason}); the model is trained again", stacklevel=3)
+        return None
+    if not isinstance(record.get("grid"), dict) or _record_fingerprint(record["grid"]) != _record_fingerprint(
+            spec.to_dict()) or record.get("measure_seed", seed) != seed:
+        return None
+    return record
+
+
+def _run_point(point: GridPoint, spec: GridSpec, train_set: ImageDataset, test_set: ImageDataset,
+               device: torch.device, seed: int, path: Path) -> Dict[str, Any]:
+    """Train and measure one point and write its record atomically."""
+    model, record = train_point(point, spec, train_set, test_set, device=device)
+    record["measures"] = measure_point(model, _trained_labels(point, train_set), spec, seed=seed)
+    record["measure_seed"] = seed
+    record["grid"] = spec.to_dict()
+    write_json(record, path)
+    return record
+
+
+_WORKER: Dict[str, Any] = {}  # the data sets and settings of a worker process, loaded once by its initializer
+
+
+def _init_worker(out: str, spec: GridSpec, device: str, seed: int, deadline: Optional[float]) -> None:
+    torch.set_num_threads(1)
+    _WORKER.update(out=Path(out), spec=spec, device=resolve_device(device), seed=seed, deadline=deadline,
+                   train_set=load_dataset("digits", split="train"), test_set=load_dataset("digits", split="test"))
+
+
+def _work(point: GridPoint) -> Optional[str]:
+    """Train one point in a worker process (its record goes to disk); None when the deadline has passed."""
+    w = _WORKER
+    if w["deadline"] is not None and time.time() > w["deadline"]:
+        return None
+    _run_point(point, w["spec"], w["train_set"], w["test_set"], w["device"], w["seed"],
+               w["out"] / "points" / f"{point.key}.json")
+    return point.key
+
+
 def run_grid(
     *,
     out: str | Path,
@@ -223,179 +330,60 @@ def run_grid(
     resume: bool = True,
     progress: bool = True,
     seed: int = 0,
+    workers: int = 1,
+    time_limit_s: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Train and measure every grid point, then correlate measures with the generalisation gap.
 
     Args:
         out: output folder (see the module docstring for its files).
-        spec: the grid (:data:`DEFAULT_GRID`, :data:`QUICK_GRID` or your own :class:`GridSpec`).
+        spec: the grid (one of :data:`PRESETS` or your own :class:`GridSpec`).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-        resume: reuse ``points/<id>.json`` records written by an earlier run with the same grid.
+        resume: reuse ``points/<id>.json`` records written by an earlier run (same training and measure
+            settings, same ``seed``); the grid may have grown in between.
         progress: show a tqdm bar over models.
         seed: seed of the stochastic measures and of the bootstrap.
+        workers: local processes training points in parallel (one torch thread each); 1 trains here.
+        time_limit_s: start no new model after this many seconds; the summary covers the models done
+            (``complete`` is False) and a later run resumes the rest.
 
     Returns:
         The content of ``correlations.json`` (plus ``records``).
     """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigurationError(f"workers must be an integer >= 1, got {workers!r}")
     out = Path(out)
     dev = resolve_device(device)
-    train_set = load_dataset("digits", split="train")
-    test_set = load_dataset("digits", split="test")
-    records: List[Dict[str, Any]] = []
-    grid_json = json.loads(json.dumps(json_safe(spec.to_dict())))
+    points = spec.points()
+    paths = {p.key: out / "points" / f"{p.key}.json" for p in points}
+    todo = [p for p in points if not (resume and _load_record(paths[p.key], spec, seed) is not None)]
     t0 = time.perf_counter()
-    for point in tqdm(spec.points(), desc=f"flatness grid ({spec.name})", unit="model", disable=not progress):
-        path = out / "points" / f"{point.key}.json"
-        if resume and path.is_file():
-            record = json.loads(path.read_text(encoding="utf-8"))
-            if record.get("grid") == grid_json:
-                records.append(record)
-                continue
-        model, record = train_point(point, spec, train_set, test_set, device=dev)
-        noisy = train_set.with_labels(apply_label_noise(train_set.labels, fraction=point.label_noise,
-                                                        num_classes=train_set.num_classes, seed=point.seed))
-        record["measures"] = measure_point(model, noisy, spec, seed=seed)
-        record["grid"] = spec.to_dict()
-        write_json(record, path)
-        records.append(record)
+    deadline = None if time_limit_s is None else time.time() + time_limit_s
+    if todo and workers > 1:
+        ctx = torch.multiprocessing.get_context("spawn")
+        with ctx.Pool(min(workers, len(todo)), initializer=_init_worker,
+                      initargs=(str(out), spec, str(dev), seed, deadline)) as pool:
+            for _ in tqdm(pool.imap_unordered(_work, todo), total=len(todo), unit="model", disable=not progress,
+                          desc=f"flatness grid ({spec.name}, {workers} workers)"):
+                pass
+    elif todo:
+        train_set = load_dataset("digits", split="train")
+        test_set = load_dataset("digits", split="test")
+        for point in tqdm(todo, desc=f"flatness grid ({spec.name})", unit="model", disable=not progress):
+            if deadline is not None and time.time() > deadline:
+                break
+            _run_point(point, spec, train_set, test_set, dev, seed, paths[point.key])
+    records = [r for r in (_load_record(paths[p.key], spec, seed) for p in points) if r is not None]
+    if len(records) < 3:
+        raise ConfigurationError(f"only {len(records)} of the grid's {len(points)} models are done (a correlation "
+                                 "needs 3); run the grid again (it resumes) with a longer time limit")
     summary = summarize(records, spec=spec, seed=seed)
-    summary["seconds"] = time.perf_counter() - t0
-    summary["device"] = str(dev)
+    summary.update(points=len(points), complete=len(records) == len(points), seconds=time.perf_counter() - t0,
+                   device=str(dev), workers=workers)
     write_json({"grid": spec.to_dict(), "records": records}, out / "grid.json")
     write_json(summary, out / "correlations.json")
-    names = list(summary["correlations"])
-    figures = {"scatter.png": scatter_figure(records, names, summary["correlations"]),
-               "correlations.png": correlation_figure(summary["correlations"])}
-    figures.update({f"scatter_{n}.png": scatter_figure(records, [n], summary["correlations"]) for n in names})
-    for file_name, fig in figures.items():
-        fig.savefig(out / file_name, dpi=100)
+    grid_report(summary, records).write(out / "report.html")
+    for name in summary["correlations"]:
+        scatter_figure(records, [name], summary["correlations"]).savefig(out / f"scatter_{name}.png", dpi=100)
     summary["records"] = records
     return summary
-
-
-MIN_CONVERGED = 6  # fewest models that reached the target loss for the converged-only correlation
-
-
-def _correlate(records: Sequence[Mapping[str, Any]], names: Sequence[str], spec: GridSpec,
-               seed: int) -> Dict[str, Any]:
-    gap = [r["gap"] for r in records]
-    hps = [{k: r["hyperparams"][k] for k in HYPERPARAMETERS} for r in records]
-    values = {n: [float(r["measures"][n]["value"]) for r in records] for n in names}
-    corr = correlate_measures(values, gap, hps, bootstrap=spec.bootstrap, seed=seed)
-    return {n: c.to_dict() for n, c in corr.items()}
-
-
-def _robustness(records: Sequence[Mapping[str, Any]], names: Sequence[str], spec: GridSpec,
-                seed: int) -> Dict[str, Any]:
-    """Dziugaite et al.'s sign-errors of every measure, and normalized sharpness against each baseline."""
-    gap = [r["gap"] for r in records]
-    hps = [{k: r["hyperparams"][k] for k in HYPERPARAMETERS} for r in records]
-    values = {n: [float(r["measures"][n]["value"]) for r in records] for n in names}
-    out: Dict[str, Any] = {"sign_errors": {}, "normalized_sharpness_vs": {}}
-    for n in names:
-        try:
-            out["sign_errors"][n] = sign_errors(values[n], gap, hps).to_dict()
-        except ConfigurationError:
-            out["sign_errors"][n] = None  # no pair of models differs in exactly one hyper-parameter
-    if "normalized_sharpness" in values:
-        for n in names:
-            if n != "normalized_sharpness":
-                out["normalized_sharpness_vs"][n] = tau_difference(
-                    values["normalized_sharpness"], values[n], gap, resamples=max(spec.bootstrap, 1), seed=seed
-                ).to_dict()
-    return out
-
-
-def summarize(records: Sequence[Mapping[str, Any]], *, spec: GridSpec, seed: int = 0) -> Dict[str, Any]:
-    """Kendall and granulated tau of every measure against the gap (JSON-able).
-
-    As in Jiang et al. (2020), the headline ``correlations`` use only the models that reached the target
-    training loss when there are at least ``MIN_CONVERGED`` of them (``selection`` says which set was used);
-    ``correlations_all_models`` always uses every model.
-    """
-    if len(records) < 3:
-        raise ConfigurationError(f"a correlation needs at least 3 models, the grid has {len(records)}")
-    names = list(records[0]["measures"])
-    converged = [r for r in records if r["converged"]]
-    use_converged = len(converged) >= MIN_CONVERGED
-    gap = [r["gap"] for r in records]
-    every = _correlate(records, names, spec, seed)
-    seconds = {n: float(sum(r["measures"][n]["seconds"] for r in records) / len(records)) for n in names}
-    return {
-        "grid": spec.name,
-        "models": len(records),
-        "converged": len(converged),
-        "selection": "converged" if use_converged else "all",
-        "target_loss": spec.target_loss,
-        "gap": {"min": min(gap), "max": max(gap), "mean": sum(gap) / len(gap)},
-        "gap_definition": "train accuracy (on the trained labels) - test accuracy",
-        "correlations": _correlate(converged, names, spec, seed) if use_converged else every,
-        "correlations_all_models": every,
-        "robustness": _robustness(converged if use_converged else records, names, spec, seed),
-        "mean_seconds_per_model": seconds,
-        "mean_train_seconds": sum(r["train_seconds"] for r in records) / len(records),
-        "bootstrap": spec.bootstrap,
-    }
-
-
-def scatter_figure(records: Sequence[Mapping[str, Any]], names: Sequence[str],
-                   correlations: Mapping[str, Mapping[str, Any]]) -> Figure:
-    """Measure (x, log scale when positive) against generalisation gap (y); colour = label noise, marker = arch."""
-    cols = min(len(names), 4)
-    rows = math.ceil(len(names) / cols)
-    fig, axes = new_figure(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
-    noise_levels = sorted({r["hyperparams"]["label_noise"] for r in records})
-    colours = matplotlib.colormaps["viridis"](torch.linspace(0, 0.9, max(len(noise_levels), 1)).tolist())
-    markers = {"mlp": "o", "cnn": "s"}
-    for ax, name in zip(axes.flat, names):
-        xs = [float(r["measures"][name]["value"]) for r in records]
-        for r, x in zip(records, xs):
-            hp = r["hyperparams"]
-            colour = colours[noise_levels.index(hp["label_noise"])]
-            ax.scatter(x, r["gap"], s=18, marker=markers.get(hp["arch"], "^"), alpha=0.8,
-                       facecolors=colour if r["converged"] else "none", edgecolors=colour)
-        if all(x > 0 for x in xs):
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        c = correlations.get(name, {})
-        tau, psi = c.get("tau"), c.get("granulated_tau")
-        ax.set_title(f"{name}\ntau={_fmt(tau)}  Psi={_fmt(psi)}", fontsize=8)
-        ax.set_ylabel("gap (train - test acc)", fontsize=7)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    handles = [Line2D([], [], linestyle="", marker="o", color=colours[i], label=f"noise {lvl:g}")
-               for i, lvl in enumerate(noise_levels)]
-    handles += [Line2D([], [], linestyle="", marker=m, color="grey", label=a) for a, m in markers.items()]
-    handles.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="none", color="grey",
-                              label="target loss not reached"))
-    if len(names) == 1:
-        axes.flat[0].legend(handles=handles, loc="best", fontsize=6)
-    else:
-        fig.legend(handles=handles, loc="lower right", fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def correlation_figure(correlations: Mapping[str, Mapping[str, Any]]) -> Figure:
-    """Horizontal bars of Kendall tau and granulated tau per measure with their bootstrap intervals."""
-    names = list(correlations)
-    fig, ax = new_figure(figsize=(7, 0.45 * len(names) + 1.2))
-    for offset, key, ci_key, label in ((-0.18, "tau", "tau_ci", "Kendall tau"),
-                                       (0.18, "granulated_tau", "granulated_ci", "granulated tau")):
-        vals = [correlations[n][key] if correlations[n][key] is not None else float("nan") for n in names]
-        lo = [v - (correlations[n][ci_key][0] if correlations[n][ci_key][0] is not None else v)
-              for v, n in zip(vals, names)]
-        hi = [(correlations[n][ci_key][1] if correlations[n][ci_key][1] is not None else v) - v
-              for v, n in zip(vals, names)]
-        ax.barh([i + offset for i in range(len(names))], vals, height=0.34, xerr=[lo, hi], label=label, capsize=2)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("rank correlation with the generalisation gap (95% bootstrap interval)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def _fmt(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:.2f}"

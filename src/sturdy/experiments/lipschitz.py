@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -45,6 +45,7 @@ from sturdy.lipschitz import (
     tightness,
 )
 from sturdy.lipschitz.losses import FORMS
+from sturdy.lipschitz.tracker import DRIFT_TOLERANCE
 from sturdy.report import new_figure
 from sturdy.training import TrainConfig, resolve_device
 from sturdy.utils import eval_mode
@@ -89,6 +90,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="scale the added margin by clip(M / added, 0, 1) (no gradient), as the original code")
     g.add_argument("--lmt-iterations", type=int, default=1, metavar="N",
                    help="power iterations per training step")
+    g.add_argument("--lmt-drift-tolerance", type=float, default=DRIFT_TOLERANCE, metavar="FRACTION",
+                   help="warn (once per epoch check) when the training estimate and the guaranteed bound differ "
+                        "by more than this fraction; 0 disables the check")
 
 
 @dataclass
@@ -102,6 +106,10 @@ class LMTObjective:
         form: ``"pairwise"`` or ``"global"``.
         clip: scale the added margin by ``clip(M / added, 0, 1)`` (no gradient).
         steps_per_epoch: optimizer steps per epoch (for the fractional epoch of the warm-up).
+        model: the unwrapped model, for the drift check (``None``: no check).
+        drift_tolerance: at the first step of every epoch after the first, the last estimate is compared with
+            the guaranteed bound (:meth:`LipschitzTracker.check_drift`, a warning beyond this fraction); 0: off.
+        drift: the checks so far (``{"epoch", "estimate", "upper", "relative_gap", "warned"}``).
     """
 
     tracker: LipschitzTracker
@@ -109,12 +117,24 @@ class LMTObjective:
     form: str
     clip: bool
     steps_per_epoch: int
+    model: Optional[nn.Module] = None
+    drift_tolerance: float = DRIFT_TOLERANCE
+    drift: List[Dict[str, Any]] = field(default_factory=list)
+    _epoch_seen: int = -1
 
     def __call__(
         self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, epoch: int, step: int
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(loss, clean logits)``; ``step`` counts optimizer steps from the start of the run."""
-        logits = model(inputs)
+        """``(loss, clean logits)``; ``step`` counts optimizer steps from the start of the run.
+
+        The forward runs inside :meth:`LipschitzTracker.batch_statistics`, so BatchNorm enters the estimate
+        with the larger of its running and batch factors (see :mod:`sturdy.lipschitz.tracker`)."""
+        if epoch != self._epoch_seen:
+            if self._epoch_seen >= 0 and self.model is not None and self.drift_tolerance > 0:
+                self.drift.append(self.tracker.check_drift(self.model, tolerance=self.drift_tolerance, epoch=epoch))
+            self._epoch_seen = epoch
+        with self.tracker.batch_statistics(model):
+            logits = model(inputs)
         spe = self.steps_per_epoch
         c = self.schedule(epoch=epoch, step=step - epoch * spe, steps_per_epoch=spe)
         loss = lmt_loss(logits, targets, c=c, bound=self.tracker(), form=self.form, clip_factor=self.clip)
@@ -132,6 +152,7 @@ def build_lmt_objective(
     clip: bool = False,
     iterations: int = 1,
     seed: int = 0,
+    drift_tolerance: float = DRIFT_TOLERANCE,
 ) -> LMTObjective:
     """The LMT objective of ``model`` for :func:`sturdy.training.train`; its ``tracker`` is the state to
     checkpoint (the power-iteration vectors: a resumed run continues bit-exactly).
@@ -144,14 +165,18 @@ def build_lmt_objective(
         form, clip: as :func:`sturdy.lipschitz.lmt_loss` (``clip`` is its ``clip_factor``).
         iterations: power iterations per step.
         seed: seed of the tracker's start vectors (identical on every rank).
+        drift_tolerance: once per epoch, warn when the estimate and the guaranteed bound differ by more than
+            this fraction (0: no check).
     """
     schedule = _check_lmt_settings(c, warmup_epochs, form, iterations)
+    if not (drift_tolerance >= 0 and math.isfinite(drift_tolerance)):
+        raise ConfigurationError(f"drift_tolerance (--lmt-drift-tolerance) must be >= 0, got {drift_tolerance!r}")
     if steps_per_epoch < 1:
         raise ConfigurationError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     tracker = LipschitzTracker(model, input_shape=input_shape, iterations=iterations, seed=int(seed))
     tracker.broadcast_()
     return LMTObjective(tracker=tracker, schedule=schedule, form=form, clip=bool(clip),
-                        steps_per_epoch=int(steps_per_epoch))
+                        steps_per_epoch=int(steps_per_epoch), model=model, drift_tolerance=float(drift_tolerance))
 
 
 def _check_lmt_settings(c: float, warmup_epochs: float, form: str, iterations: int) -> CWarmup:
@@ -173,6 +198,7 @@ class LMTPlugin:
         form: ``"pairwise"`` or ``"global"`` (``--lmt-form``).
         clip: clipped added margin (``--lmt-clip``).
         iterations: power iterations per step (``--lmt-iterations``).
+        drift_tolerance: per-epoch drift warning threshold (``--lmt-drift-tolerance``; 0: off).
     """
 
     c: float = 0.3
@@ -180,6 +206,7 @@ class LMTPlugin:
     form: str = "pairwise"
     clip: bool = False
     iterations: int = 1
+    drift_tolerance: float = DRIFT_TOLERANCE
 
     def __post_init__(self) -> None:
         _check_lmt_settings(self.c, self.warmup_epochs, self.form, self.iterations)
@@ -189,16 +216,21 @@ class LMTPlugin:
         """The plug-in of a job's options (keys of :func:`add_train_arguments`)."""
         return cls(c=float(options.get("c", 0.3)), warmup_epochs=float(options.get("c_warmup_epochs", 0.0)),
                    form=str(options.get("lmt_form", "pairwise")), clip=bool(options.get("lmt_clip", False)),
-                   iterations=int(options.get("lmt_iterations", 1)))
+                   iterations=int(options.get("lmt_iterations", 1)),
+                   drift_tolerance=float(options.get("lmt_drift_tolerance", DRIFT_TOLERANCE)))
 
     def setup(self, model: nn.Module, ctx: TrainContext) -> TrainHooks:
         """The LMT objective and its tracker (checkpointed as ``"lipschitz"``) for the run of ``ctx``."""
         objective = build_lmt_objective(
             model, input_shape=ctx.input_shape, steps_per_epoch=ctx.steps_per_epoch, c=self.c,
             warmup_epochs=self.warmup_epochs, form=self.form, clip=self.clip, iterations=self.iterations,
-            seed=int(ctx.job.config.seed),
+            seed=int(ctx.job.config.seed), drift_tolerance=self.drift_tolerance,
         )
-        return TrainHooks(objective=objective, extra_state={"lipschitz": objective.tracker})
+
+        def results() -> Dict[str, Any]:
+            return {"lipschitz_drift": list(objective.drift)}
+
+        return TrainHooks(objective=objective, extra_state={"lipschitz": objective.tracker}, extra_results=results)
 
 
 def training_plugin(job: TrainJob) -> Optional[LMTPlugin]:

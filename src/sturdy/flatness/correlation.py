@@ -65,30 +65,52 @@ def _hp_table(hyperparams: Sequence[Mapping[str, Any]], n: int) -> Tuple[List[st
     return keys, [tuple(repr(h[k]) for k in keys) for h in hyperparams]
 
 
-def _granulated(x: np.ndarray, y: np.ndarray, keys: List[str], rows: List[Tuple[Any, ...]],
-                index: np.ndarray) -> Tuple[float, Dict[str, float]]:
-    per: Dict[str, float] = {}
+def _groups(keys: List[str], rows: List[Tuple[Any, ...]], index: np.ndarray,
+            axes: Optional[Sequence[str]]) -> Dict[str, List[np.ndarray]]:
+    """Per varying hyper-parameter in ``axes``: positions (into ``index``) of models sharing all the others."""
+    out: Dict[str, List[np.ndarray]] = {}
     for i, key in enumerate(keys):
-        if len({rows[j][i] for j in index}) < 2:
+        if (axes is not None and key not in axes) or len({rows[j][i] for j in index}) < 2:
             continue
         groups: Dict[Tuple[Any, ...], List[int]] = {}
         for pos, j in enumerate(index):
             groups.setdefault(rows[j][:i] + rows[j][i + 1 :], []).append(pos)
-        taus = [_tau_b(x[g], y[g]) for g in groups.values() if len(g) >= 2]
-        taus = [t for t in taus if not math.isnan(t)]
+        out[key] = [np.asarray(g) for g in groups.values() if len(g) >= 2]
+    return out
+
+
+def _granulated_from_groups(x: np.ndarray, y: np.ndarray,
+                            groups: Mapping[str, List[np.ndarray]]) -> Tuple[float, Dict[str, float]]:
+    per: Dict[str, float] = {}
+    for key, members in groups.items():
+        taus = [t for t in (_tau_b(x[g], y[g]) for g in members) if not math.isnan(t)]
         per[key] = float(np.mean(taus)) if taus else math.nan
     valid = [v for v in per.values() if not math.isnan(v)]
     return (float(np.mean(valid)) if valid else math.nan), per
 
 
+def _granulated(x: np.ndarray, y: np.ndarray, keys: List[str], rows: List[Tuple[Any, ...]],
+                index: np.ndarray, axes: Optional[Sequence[str]] = None) -> Tuple[float, Dict[str, float]]:
+    return _granulated_from_groups(x, y, _groups(keys, rows, index, axes))
+
+
+def _check_axes(axes: Optional[Sequence[str]], keys: List[str]) -> None:
+    unknown = sorted(set(axes or ()) - set(keys))
+    if unknown:
+        raise ConfigurationError(f"axes {', '.join(unknown)} are not hyper-parameters of the models")
+
+
 def granulated_tau(
-    measure: Sequence[float], gap: Sequence[float], hyperparams: Sequence[Mapping[str, Any]]
+    measure: Sequence[float], gap: Sequence[float], hyperparams: Sequence[Mapping[str, Any]], *,
+    axes: Optional[Sequence[str]] = None,
 ) -> Tuple[float, Dict[str, float]]:
     """Granulated Kendall tau ``Psi`` and its per-hyper-parameter terms ``psi_i`` (Jiang et al. 2020, Eq. 4).
 
     Args:
         measure: one value per model; gap: the generalisation gap per model.
         hyperparams: one mapping ``name -> value`` per model (the same names for every model).
+        axes: the hyper-parameters averaged over (default: all); one left out (e.g. the seed) still
+            separates groups but gets no ``psi`` of its own.
 
     Returns:
         ``(Psi, {name: psi_name})``; hyper-parameters that never vary are left out.
@@ -97,7 +119,8 @@ def granulated_tau(
     if x.shape != y.shape:
         raise DataError(f"measure and gap must have the same length, got {x.shape[0]} and {y.shape[0]}")
     keys, rows = _hp_table(hyperparams, x.shape[0])
-    return _granulated(x, y, keys, rows, np.arange(x.shape[0]))
+    _check_axes(axes, keys)
+    return _granulated(x, y, keys, rows, np.arange(x.shape[0]), axes)
 
 
 @dataclass(frozen=True)
@@ -140,6 +163,7 @@ def correlate_measures(
     bootstrap: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    axes: Optional[Sequence[str]] = None,
 ) -> Dict[str, MeasureCorrelation]:
     """Kendall tau and granulated tau of every measure against the gap, with bootstrap intervals.
 
@@ -150,6 +174,7 @@ def correlate_measures(
         bootstrap: resamples (0 disables the intervals, which are then NaN).
         confidence: coverage of the percentile interval.
         seed: seed of the resampling (the same resamples serve every measure).
+        axes: hyper-parameters of the granulated tau (see :func:`granulated_tau`; default: all).
     """
     if not 0 < confidence < 1:
         raise ConfigurationError(f"confidence must lie in (0, 1), got {confidence!r}")
@@ -158,8 +183,11 @@ def correlate_measures(
     y = _as_array("gap", gap)
     n = y.shape[0]
     keys, rows = _hp_table(hyperparams, n)
+    _check_axes(axes, keys)
     rng = np.random.default_rng(seed)
     resamples = [np.sort(rng.integers(0, n, size=n)) for _ in range(bootstrap)]
+    full_groups = _groups(keys, rows, np.arange(n), axes)
+    boot_groups = [_groups(keys, rows, idx, axes) for idx in resamples]  # shared by every measure
     q = ((1 - confidence) / 2, 1 - (1 - confidence) / 2)
 
     def interval(values: List[float]) -> Tuple[float, float]:
@@ -175,8 +203,8 @@ def correlate_measures(
         if x.shape[0] != n:
             raise DataError(f"measure {name!r} has {x.shape[0]} values for {n} models")
         tau = _tau_b(x, y)
-        psi, per = _granulated(x, y, keys, rows, np.arange(n))
+        psi, per = _granulated_from_groups(x, y, full_groups)
         boot_tau = [_tau_b(x[idx], y[idx]) for idx in resamples]
-        boot_psi = [_granulated(x[idx], y[idx], keys, rows, idx)[0] for idx in resamples]
+        boot_psi = [_granulated_from_groups(x[idx], y[idx], g)[0] for idx, g in zip(resamples, boot_groups)]
         out[name] = MeasureCorrelation(tau, interval(boot_tau), psi, interval(boot_psi), per, n)
     return out

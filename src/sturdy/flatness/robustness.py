@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from sturdy.errors import ConfigurationError
-from sturdy.flatness.correlation import _as_array, _hp_table, _tau_b
+from sturdy.flatness.correlation import _as_array, _check_axes, _hp_table, _tau_b
 
 __all__ = ["SignErrors", "sign_errors", "TauDifference", "tau_difference"]
 
@@ -40,27 +40,37 @@ class SignErrors:
                 "environments": self.environments}
 
 
-def sign_errors(measure: Sequence[float], gap: Sequence[float], hyperparams: Sequence[Mapping[str, Any]]) -> SignErrors:
-    """Sign-errors of ``measure`` against ``gap`` over pairs differing in one hyper-parameter (module docstring)."""
+def sign_errors(measure: Sequence[float], gap: Sequence[float], hyperparams: Sequence[Mapping[str, Any]], *,
+                axes: Optional[Sequence[str]] = None) -> SignErrors:
+    """Sign-errors of ``measure`` against ``gap`` over pairs differing in one hyper-parameter (module docstring).
+
+    ``axes``: the hyper-parameters whose changes are environments (default: all). A hyper-parameter left
+    out (e.g. the seed) still tells environments apart but is never the one that changes within a pair.
+    """
     x, y = _as_array("measure", measure), _as_array("gap", gap)
     if x.shape != y.shape:
         raise ConfigurationError(f"measure and gap must have one value per model, got {x.shape[0]} and {y.shape[0]}")
     keys, rows = _hp_table(hyperparams, x.shape[0])
+    _check_axes(axes, keys)
     per: Dict[str, Dict[str, float]] = {}
     all_envs: List[float] = []
     for i, key in enumerate(keys):
-        envs: Dict[Tuple[Any, ...], List[float]] = {}
-        for a, b in itertools.combinations(range(x.shape[0]), 2):
-            ra, rb = rows[a], rows[b]
-            if ra[i] == rb[i] or any(ra[j] != rb[j] for j in range(len(keys)) if j != i):
-                continue
-            env = tuple(v for j, v in enumerate(ra) if j != i)
-            product = np.sign(x[a] - x[b]) * np.sign(y[a] - y[b])
-            envs.setdefault(env, []).append(0.5 if product == 0 else float(product < 0))
-        if envs:
-            values = [float(np.mean(v)) for v in envs.values()]
+        if axes is not None and key not in axes:
+            continue
+        envs: Dict[Tuple[Any, ...], List[int]] = {}  # models sharing every other hyper-parameter
+        for m, row in enumerate(rows):
+            envs.setdefault(row[:i] + row[i + 1 :], []).append(m)
+        values: List[float] = []
+        pairs = 0
+        for members in envs.values():
+            errors = [0.5 if (product := np.sign(x[a] - x[b]) * np.sign(y[a] - y[b])) == 0 else float(product < 0)
+                      for a, b in itertools.combinations(members, 2) if rows[a][i] != rows[b][i]]
+            if errors:
+                values.append(float(np.mean(errors)))
+                pairs += len(errors)
+        if values:
             per[key] = {"mean": float(np.mean(values)), "worst": float(np.max(values)),
-                        "environments": len(values), "pairs": sum(len(v) for v in envs.values())}
+                        "environments": len(values), "pairs": pairs}
             all_envs += values
     if not all_envs:
         raise ConfigurationError("no two models differ in exactly one hyper-parameter: no sign-error to report")
@@ -76,10 +86,17 @@ class TauDifference:
     beats: bool
     resamples: int
 
+    @property
+    def verdict(self) -> str:
+        """``"beats"`` (interval above 0), ``"loses"`` (below 0) or ``"undecided"`` (it holds 0)."""
+        if self.beats:
+            return "beats"
+        return "loses" if self.interval[1] < 0 else "undecided"
+
     def to_dict(self) -> Dict[str, Any]:
         """Plain JSON types."""
         return {"difference": self.difference, "interval": list(self.interval), "beats": self.beats,
-                "resamples": self.resamples}
+                "verdict": self.verdict, "resamples": self.resamples}
 
 
 def tau_difference(first: Sequence[float], second: Sequence[float], gap: Sequence[float], *,
