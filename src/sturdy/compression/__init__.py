@@ -15,6 +15,7 @@ Layout: ``traffic`` (accounting), ``residual`` (per-bucket state that follows pa
 all-gather).
 """
 
+from sturdy.compression import device_codec  # noqa: F401 - registers the device decoder with the codec
 from sturdy.compression.baselines import StromState, TopKState, TorchHookState, strom_hook, topk_hook, torch_hook
 from sturdy.compression.compressor import warm_up
 from sturdy.compression.methods import METHODS, create_compression

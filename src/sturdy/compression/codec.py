@@ -33,7 +33,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -370,16 +370,19 @@ def _decode_sections(sec: _Sections, length: int, boundaries: Optional[Tensor]) 
     return DecodedPayload(torch.from_numpy(indices.astype(np.int64, copy=False)), torch.from_numpy(values))
 
 
-_device_codec: List[ModuleType] = []  # imported on first use: it imports this module
+_device_module: Optional[ModuleType] = None
+
+
+def use_device_codec(module: ModuleType) -> None:
+    """Register :mod:`~sturdy.compression.device_codec` (it calls this when imported, so this module
+    never imports it): tensors it is enabled for (CUDA, or forced) then decode on their device."""
+    global _device_module
+    _device_module = module
 
 
 def _device_path(device: torch.device) -> Optional[ModuleType]:
-    """:mod:`~sturdy.compression.device_codec` when it takes tensors on ``device`` (CUDA; or forced), else None."""
-    if not _device_codec:
-        from sturdy.compression import device_codec
-
-        _device_codec.append(device_codec)
-    return _device_codec[0] if _device_codec[0].enabled_for(device) else None
+    module = _device_module
+    return module if module is not None and module.enabled_for(device) else None
 
 
 def decode_add_(out: Tensor, payload: Tensor, *, boundaries: Optional[Tensor] = None) -> Tensor:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -363,3 +364,6 @@ def decode_add_unchecked(out: Tensor, payload: Tensor, *, boundaries: Optional[T
     if out.numel():
         out.index_add_(0, indices.clamp(0, out.numel() - 1), values.to(out.dtype))
     return ok
+
+
+codec.use_device_codec(sys.modules[__name__])
