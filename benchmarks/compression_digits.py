@@ -91,6 +91,9 @@ if "rowtokens" not in available_models():
 METHODS: Dict[str, Any] = {
     "none": ({"compress": "none"}, "many"),
     "vgc": ({"compress": "vgc"}, "many"),
+    "vgc a=1": ({"compress": "vgc", "alpha": 1.0}, "many"),
+    "vgc a=2": ({"compress": "vgc", "alpha": 2.0}, "many"),
+    "vgc a=3": ({"compress": "vgc", "alpha": 3.0}, "many"),
     "vgc a=4": ({"compress": "vgc", "alpha": 4.0}, "many"),
     "vgc a=5": ({"compress": "vgc", "alpha": 5.0}, "many"),
     "vgc a=6": ({"compress": "vgc", "alpha": 6.0}, "many"),

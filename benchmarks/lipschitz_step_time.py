@@ -1,9 +1,11 @@
 """LMT training step time / standard step time on the same model and batch.
 
-Both steps: forward, loss, backward, Adam step. The LMT step adds one power iteration per weight
-operator (LipschitzTracker) and the pairwise LMT loss. Steps are interleaved (standard, LMT,
-standard, ...) after a warm-up, so both see the same machine load; the ratio of medians and the median
-of the per-pair ratios are reported.
+Both steps: forward, loss, backward, Adam step. The LMT step is the objective of ``sturdy train --method
+lmt``: the forward inside ``LipschitzTracker.batch_statistics`` (BatchNorm batch variances recorded), one
+power iteration per weight operator (same-shape convolutions batched into one grouped convolution) and the
+pairwise LMT loss; ``lmt_unbatched`` is the same with one power iteration per layer (``batch_shapes=False``).
+Steps are interleaved (standard, LMT, LMT unbatched, standard, ...) after a warm-up, so all see the same
+machine load; the ratio of medians and the median of the per-pair ratios are reported.
 
 Usage:
     python benchmarks/lipschitz_step_time.py --out runs/bench/lipschitz_step_time.json
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -56,7 +59,8 @@ def main() -> None:
     x = torch.rand(args.batch, *shape, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    tracker = LipschitzTracker(model, input_shape=(1, *shape))
+    trackers = {"lmt": LipschitzTracker(model, input_shape=(1, *shape)),
+                "lmt_unbatched": LipschitzTracker(model, input_shape=(1, *shape), batch_shapes=False)}
 
     def standard() -> None:
         loss = F.cross_entropy(model(x), y)
@@ -64,15 +68,22 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    def lmt() -> None:
-        loss = lmt_loss(model(x), y, c=0.3, bound=tracker(), form="pairwise")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def lmt_step(tracker: LipschitzTracker):
+        def step() -> None:
+            with tracker.batch_statistics(model):
+                logits = model(x)
+            loss = lmt_loss(logits, y, c=0.3, bound=tracker(), form="pairwise")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
-    times = {"standard": [], "lmt": []}
+        return step
+
+    fns = (("standard", standard), ("lmt", lmt_step(trackers["lmt"])),
+           ("lmt_unbatched", lmt_step(trackers["lmt_unbatched"])))
+    times = {name: [] for name, _ in fns}
     for i in range(args.warmup + args.steps):
-        for name, fn in (("standard", standard), ("lmt", lmt)):
+        for name, fn in fns:
             _sync(device)
             t0 = time.perf_counter()
             fn()
@@ -92,9 +103,12 @@ def main() -> None:
         "steps": args.steps,
         "median_seconds": med,
         "ratio_lmt_over_standard": med["lmt"] / med["standard"],
+        "ratio_lmt_unbatched_over_standard": med["lmt_unbatched"] / med["standard"],
         # each LMT step over the standard step just before it: robust to load drifting during the run
         "median_paired_ratio": statistics.median(b / a for a, b in zip(times["standard"], times["lmt"])),
-        "power_iteration_operators": len(list(tracker.buffers())),
+        "power_iteration_operators": len(list(trackers["lmt"].buffers())),
+        "power_iteration_groups": len(trackers["lmt"]._groups),
+        "load_average": list(os.getloadavg()),
     }
     out = Path(args.out)
     write_json(result, out)

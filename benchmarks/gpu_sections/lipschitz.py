@@ -46,7 +46,7 @@ def _interleaved(fns: Dict[str, Callable[[], None]], *, warmup: int, steps: int,
 def run(*, device: torch.device, smoke: bool) -> Dict[str, Any]:
     """LMT step / standard step and the bound time (see the module doc)."""
     torch.manual_seed(0)
-    size, batch = (8, 8) if smoke else (32, 128)
+    size, batch = (4, 8) if smoke else (32, 128)
     kwargs = {"depth": 10, "widen": 1} if smoke else {"depth": 16, "widen": 4}
     warmup, steps = (2, 3) if smoke else (20, 60)
     shape = (3, size, size)

@@ -21,7 +21,14 @@ from torch import nn
 from sturdy.errors import CheckpointError
 from sturdy.utils import atomic_writer
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "check_state_dict_shapes"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "save_checkpoint",
+    "load_checkpoint",
+    "check_state_dict_shapes",
+    "check_resumable",
+    "damaged_message",
+]
 
 CHECKPOINT_FORMAT = "sturdy-checkpoint-v1"
 
@@ -74,8 +81,15 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     return state
 
 
-def check_state_dict_shapes(model: nn.Module, state: Mapping[str, Any], *, source: str) -> None:
+RESUME_ADVICE = "use a new output folder or --no-resume to start over"
+
+
+def check_state_dict_shapes(
+    model: nn.Module, state: Mapping[str, Any], *, source: str, advice: str = RESUME_ADVICE
+) -> None:
     """Refuse ``state`` unless it holds exactly ``model``'s tensors with the same shapes, naming the difference.
+
+    ``advice`` ends the message (what the user can do about it).
 
     Raises:
         CheckpointError: missing or unexpected entries, or different shapes (another architecture).
@@ -86,8 +100,35 @@ def check_state_dict_shapes(model: nn.Module, state: Mapping[str, Any], *, sourc
     problems += [f"{k} missing there" for k in own if k not in stored]
     problems += [f"{k} unexpected" for k in stored if k not in own]
     if problems:
-        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        more = f" and {len(problems) - 2} more" if len(problems) > 2 else ""
         raise CheckpointError(
-            f"{source!r} holds weights of another architecture ({'; '.join(problems[:3])}{more}); use a new "
-            "output folder or --no-resume to start over, or the model settings the checkpoint was made with"
+            f"{source!r} holds weights of another architecture ({'; '.join(problems[:2])}{more}); {advice}"
         )
+
+
+_CHECKPOINT_KEYS = {"epoch": int, "config": dict, "model": dict, "optimizer": dict, "scheduler": dict,
+                    "state": dict, "rng": dict, "history": list}
+
+
+def damaged_message(path: Any, detail: str) -> str:
+    """The one-line message for a checkpoint whose content is not what resuming needs."""
+    return (f"checkpoint {str(path)!r} is damaged or incomplete ({' '.join(detail.split())[:160]}); use a new "
+            "output folder or --no-resume to start over")
+
+
+def check_resumable(ckpt: Mapping[str, Any], path: Any) -> None:
+    """Refuse a training checkpoint that lacks what resuming reads, before anything is loaded from it.
+
+    Raises:
+        CheckpointError: a missing or mistyped entry, or a history that does not match its epoch.
+    """
+    for key, kind in _CHECKPOINT_KEYS.items():
+        value = ckpt.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            got = "missing" if key not in ckpt else f"a {type(value).__name__}"
+            raise CheckpointError(damaged_message(path, f"{key!r} is {got}, expected a {kind.__name__}"))
+    if ckpt["epoch"] < 0 or len(ckpt["history"]) != ckpt["epoch"]:
+        detail = f"epoch {ckpt['epoch']} with {len(ckpt['history'])} epochs of history"
+        raise CheckpointError(damaged_message(path, detail))
+    if not isinstance(ckpt["rng"].get("torch"), torch.Tensor):
+        raise CheckpointError(damaged_message(path, "no random number generator state"))

@@ -26,6 +26,7 @@ __all__ = ["main", "build_parser"]
 PART_MODULES = ("lipschitz", "fourier", "flatness", "compression")
 EXIT_USAGE = 2
 MAX_IMAGE_SIDE = 4096
+MAX_EPOCHS = 1_000_000
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -69,7 +70,7 @@ def _add_train(subparsers: Any, parts: Sequence[Any]) -> None:
     p.add_argument("--model", default="cnn", help="linear, mlp, cnn, resnet, wrn")
     p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="architecture option, repeatable (e.g. --model-arg width=256)")
-    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--epochs", type=bounded_int(1, MAX_EPOCHS), default=20)
     p.add_argument("--batch-size", type=positive_int, default=64, help="per worker")
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
@@ -224,6 +225,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _remove_if_empty(created)
         print("sturdy: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if debug or not _out_of_memory(exc):
+            raise
+        _remove_if_empty(created)
+        message = (f"out of memory ({_one_line(exc)[:120]}); use smaller sizes (--batch-size, --limit, --model-arg) "
+                   "or another device")
+        print(f"sturdy: error: {_one_line(message)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: Python's MemoryError or torch's (CUDA) out-of-memory error, by type only."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return isinstance(exc, MemoryError) or (oom is not None and isinstance(exc, oom))
 
 
 def _remove_if_empty(folder: Optional[Path]) -> None:

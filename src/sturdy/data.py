@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,8 +32,11 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from sturdy.errors import ConfigurationError, DataError, MissingDependencyError
+from sturdy.validation import check_input_shape, check_int
 
-__all__ = ["ImageDataset", "load_dataset", "available_datasets", "apply_label_noise"]
+__all__ = ["ImageDataset", "load_dataset", "available_datasets", "apply_label_noise", "MAX_IMAGE_SIDE"]
+
+MAX_IMAGE_SIDE = 4096  # largest side length ``resize`` accepts
 
 DIGITS_TEST_SIZE = 497  # fixed held-out size of the digits split (1797 images in total)
 DIGITS_SPLIT_SEED = 0  # the split never changes with the user's seed: results stay comparable
@@ -54,6 +59,22 @@ class ImageDataset(Dataset):
     num_classes: int
     name: str = ""
     split: str = ""
+
+    def __post_init__(self) -> None:
+        """Structural checks only (cheap): values are checked where they are used (e.g. :func:`train`)."""
+        x, y = self.images, self.labels
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+            got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DataError(f"ImageDataset images must be a floating-point tensor (N, C, H, W) in [0, 1], got {got}")
+        if (not isinstance(y, torch.Tensor) or y.ndim != 1 or y.is_floating_point() or y.is_complex()
+                or y.dtype == torch.bool):
+            got = f"shape {tuple(y.shape)}, dtype {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise DataError(f"ImageDataset labels must be an integer tensor (N,) of class indices, got {got}")
+        if x.shape[0] != y.shape[0]:
+            raise DataError(f"ImageDataset holds {x.shape[0]} images and {y.shape[0]} labels; expected one label "
+                            "per image")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise DataError(f"ImageDataset num_classes must be an integer >= 1, got {self.num_classes!r}")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -84,13 +105,42 @@ def _check_split(split: str) -> None:
         raise ConfigurationError(f"split must be 'train' or 'test', got {split!r}")
 
 
+def _check_resize(resize: Optional[int]) -> None:
+    if resize is None:
+        return
+    if isinstance(resize, bool) or not isinstance(resize, int) or not 1 <= resize <= MAX_IMAGE_SIDE:
+        raise ConfigurationError(f"resize must be a positive integer side length, at most {MAX_IMAGE_SIDE} (e.g. 16 "
+                                 f"or 32), got {resize!r}")
+
+
+def _memory_bytes() -> Optional[int]:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):  # not available on this platform
+        return None
+
+
+def check_fits_in_memory(shape: Sequence[int], *, what: str, fix: str, element_bytes: int = 4) -> None:
+    """Refuse to allocate a tensor of ``shape`` larger than half this machine's memory (one readable line).
+
+    Raises:
+        DataError: naming ``what`` would be allocated and how to ``fix`` it.
+    """
+    need = math.prod(int(s) for s in shape) * element_bytes
+    have = _memory_bytes()
+    if have is not None and need > have // 2:
+        raise DataError(f"{what} needs {need / 2**30:.1f} GiB, more than half of this machine's memory "
+                        f"({have / 2**30:.1f} GiB); {fix}")
+
+
 def _resize(images: torch.Tensor, resize: Optional[int]) -> torch.Tensor:
     if resize is None:
         return images
-    if not isinstance(resize, int) or resize < 1:
-        raise ConfigurationError(f"resize must be a positive integer side length (e.g. 16 or 32), got {resize!r}")
+    _check_resize(resize)
     if images.shape[-1] == resize and images.shape[-2] == resize:
         return images
+    check_fits_in_memory((images.shape[0], images.shape[1], resize, resize),
+                         what=f"resizing {images.shape[0]} images to {resize}x{resize}", fix="choose a smaller resize")
     out = F.interpolate(images, size=(resize, resize), mode="bilinear", align_corners=False)
     return out.clamp_(0.0, 1.0)
 
@@ -104,7 +154,7 @@ def digits_arrays() -> Tuple[Any, Any]:
         return arrays["images"], arrays["labels"]
 
 
-def _load_digits(split: str, root: Optional[str], download: bool, seed: int, **_: object) -> ImageDataset:
+def _load_digits(split: str, root: Optional[str], download: bool, seed: int) -> ImageDataset:
     raw_images, raw_labels = digits_arrays()
     images = torch.tensor(raw_images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(raw_labels, dtype=torch.long)
@@ -123,12 +173,13 @@ def _load_synthetic(
     num_samples: int = 512,
     image_shape: Sequence[int] = (3, 32, 32),
     num_classes: int = 10,
-    **_: object,
 ) -> ImageDataset:
-    if len(image_shape) != 3 or min(image_shape) < 1:
-        raise ConfigurationError(f"image_shape must be (C, H, W) with positive sizes, got {tuple(image_shape)}")
-    if num_samples < 1 or num_classes < 2:
-        raise ConfigurationError("synthetic data needs num_samples >= 1 and num_classes >= 2")
+    shape = check_input_shape(image_shape)[1:]
+    num_samples = check_int(num_samples, "num_samples (synthetic data)", low=1)
+    num_classes = check_int(num_classes, "num_classes (synthetic data)", low=2)
+    check_fits_in_memory((num_samples, *shape), what=f"{num_samples} synthetic images of shape {shape}",
+                         fix="ask for fewer samples or smaller images")
+    image_shape = shape
     gen = torch.Generator().manual_seed(seed * 2 + (0 if split == "train" else 1))
     images = torch.rand((num_samples, *image_shape), generator=gen)
     labels = torch.randint(0, num_classes, (num_samples,), generator=gen)
@@ -145,7 +196,7 @@ _VISION = {
 
 
 def _load_vision(name: str) -> Callable[..., ImageDataset]:
-    def load(split: str, root: Optional[str], download: bool, seed: int, **_: object) -> ImageDataset:
+    def load(split: str, root: Optional[str], download: bool, seed: int) -> ImageDataset:
         if importlib.util.find_spec("torchvision") is None:
             raise MissingDependencyError(
                 f"data set {name!r} needs torchvision: install it with `pip install 'sturdy[vision]'` "
@@ -213,9 +264,13 @@ def load_dataset(
         DataError: unknown name or files missing. MissingDependencyError: torchvision needed.
     """
     key = name.lower() if isinstance(name, str) else name
-    if key not in _LOADERS:
+    if not isinstance(key, str) or key not in _LOADERS:
         raise DataError(f"unknown data set {name!r}; known data sets: {', '.join(available_datasets())}")
     _check_split(split)
+    _check_resize(resize)
+    if kwargs and key != "synthetic":
+        raise ConfigurationError(f"data set {key!r} takes no option(s) {', '.join(sorted(kwargs))}; only 'synthetic' "
+                                 "takes num_samples, image_shape and num_classes")
     ds = _LOADERS[key](split, root, download, seed, **kwargs)
     if resize is not None:
         ds = ImageDataset(_resize(ds.images, resize), ds.labels, ds.num_classes, ds.name, ds.split)

@@ -34,10 +34,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from sturdy.checkpoints import CHECKPOINT_FORMAT, check_state_dict_shapes, load_checkpoint, save_checkpoint
+from sturdy.checkpoints import (
+    CHECKPOINT_FORMAT,
+    check_resumable,
+    check_state_dict_shapes,
+    damaged_message,
+    load_checkpoint,
+    save_checkpoint,
+)
 from sturdy.data import ImageDataset, apply_label_noise
 from sturdy.distributed import gather_to_rank0
-from sturdy.errors import CheckpointError, ConfigurationError
+from sturdy.errors import CheckpointError, ConfigurationError, DataError
+from sturdy.validation import check_images, check_labels
 
 __all__ = [
     "TrainConfig",
@@ -240,6 +248,10 @@ def evaluate(
 
     The model's training flag is restored afterwards.
     """
+    if len(dataset) == 0:
+        raise DataError(f"cannot evaluate on an empty data set ({dataset.name or 'unnamed'} {dataset.split}); "
+                        "pass at least one sample")
+    check_labels(dataset.labels, num_classes=dataset.num_classes, name=f"{dataset.name or 'evaluation'} labels")
     if device is None:
         device = next(model.parameters()).device
     was_training = model.training
@@ -249,11 +261,20 @@ def evaluate(
         x = dataset.images[start : start + batch_size].to(device)
         y = dataset.labels[start : start + batch_size].to(device)
         logits = model(x)
+        if start == 0:
+            _check_logits(logits, dataset.num_classes, len(x))
         total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
     model.train(was_training)
-    n = max(len(dataset), 1)
+    n = len(dataset)
     return total_loss / n, correct / n
+
+
+def _check_logits(logits: torch.Tensor, num_classes: int, batch: int) -> None:
+    if logits.ndim != 2 or logits.shape[0] != batch or logits.shape[1] != num_classes:
+        raise ConfigurationError(f"the model returns outputs of shape {tuple(logits.shape)} for {batch} inputs; "
+                                 f"expected logits ({batch}, {num_classes}), one per class of the data set: build "
+                                 "the model for this data set's classes")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -362,6 +383,14 @@ def train(
     objective = objective or cross_entropy_loss
     extra_state = dict(extra_state or {})
     model.to(device)
+    check_images(train_set.images, name="training images", bounds=None)
+    check_labels(train_set.labels, num_classes=train_set.num_classes, name="training labels")
+    if test_set is not None:
+        check_images(test_set.images, name="test images", bounds=None, allow_empty=True)
+        check_labels(test_set.labels, num_classes=test_set.num_classes, name="test labels")
+        if test_set.image_shape != train_set.image_shape:
+            raise DataError(f"test images have shape {test_set.image_shape}, training images {train_set.image_shape}; "
+                            "pass the test split of the same data set")
     labels = train_set.labels
     if config.label_noise > 0:
         labels = apply_label_noise(
@@ -384,7 +413,8 @@ def train(
     start_epoch = 0
     if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
         ckpt = load_checkpoint(checkpoint_path, map_location=device)
-        stored, wanted = _resume_key(ckpt.get("config", {})), _resume_key(asdict(config))
+        check_resumable(ckpt, checkpoint_path)
+        stored, wanted = _resume_key(ckpt["config"]), _resume_key(asdict(config))
         if stored != wanted:
             differ = ", ".join(f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} here"
                                for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k))
@@ -400,17 +430,22 @@ def train(
             )
         check_state_dict_shapes(model, ckpt["model"], source=str(checkpoint_path))
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        for name, obj in extra_state.items():
+        for name in extra_state:
             if name not in ckpt["state"]:
                 raise CheckpointError(f"checkpoint {str(checkpoint_path)!r} holds no state for {name!r}")
-            _load_extra_state(obj, ckpt["state"][name], name=name, rank=rank, world=world, path=checkpoint_path)
-        _set_rng_state(ckpt["rng"], device)
-        history = [EpochMetrics(**m) for m in ckpt["history"]]
+        try:  # the file is checked as far as the loop relies on it; what remains is the objects' own format
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            for name, obj in extra_state.items():
+                _load_extra_state(obj, ckpt["state"][name], name=name, rank=rank, world=world, path=checkpoint_path)
+            _set_rng_state(ckpt["rng"], device)
+            history = [EpochMetrics(**m) for m in ckpt["history"]]
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise CheckpointError(damaged_message(checkpoint_path, f"{type(exc).__name__}: {exc}")) from exc
         start_epoch = int(ckpt["epoch"])
 
     stopped_early = False
+    diverged: Optional[str] = None
     last_epoch = config.epochs if until_epoch is None else min(until_epoch, config.epochs)
     t_start = time.perf_counter()
     bar = tqdm(
@@ -433,10 +468,12 @@ def train(
             y = labels[idx].to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             loss, logits = objective(net, x, y, epoch=epoch, step=epoch * steps + step)
-            if not torch.isfinite(loss):
-                raise ConfigurationError(
-                    f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {float(loss)}); lower the lr"
-                )
+            if epoch == start_epoch and step == 0:
+                _check_logits(logits, train_set.num_classes, len(idx))
+            if diverged is None and not bool(torch.isfinite(loss.detach())):
+                diverged = f"epoch {epoch + 1}, step {step + 1} (loss {float(loss)})"
+                if world == 1:  # under DDP every rank runs the epoch to its end and all decide together
+                    raise _diverged_error(diverged, config, checkpoint_path, epoch)
             loss.backward()
             optimizer.step()
             lr = optimizer.param_groups[0]["lr"]
@@ -444,6 +481,16 @@ def train(
             loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += len(idx)
+        diverged = diverged or _non_finite_weights(model, epoch)
+        if diverged is None and objective is cross_entropy_loss and loss_sum / seen > DIVERGED_CROSS_ENTROPY:
+            diverged = f"epoch {epoch + 1} (mean cross-entropy {loss_sum / seen:.3g}; chance level is " \
+                       f"{math.log(train_set.num_classes):.3g})"
+        if world > 1:
+            flag = torch.tensor([0.0 if diverged is None else 1.0], device=device)
+            dist.all_reduce(flag)
+            diverged = diverged or (f"epoch {epoch + 1} (on another worker)" if float(flag) > 0 else None)
+        if diverged is not None:
+            raise _diverged_error(diverged, config, checkpoint_path, epoch)
         test_loss = test_acc = None
         if test_set is not None:
             test_loss, test_acc = evaluate(model, test_set, batch_size=config.eval_batch_size, device=device)
@@ -482,6 +529,27 @@ def train(
         world_size=world,
         stopped_early=stopped_early,
     )
+
+
+DIVERGED_CROSS_ENTROPY = 1e4  # an epoch's mean cross-entropy above this is a blown-up run, not a slow one
+
+def _non_finite_weights(model: nn.Module, epoch: int) -> Optional[str]:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
+            return f"epoch {epoch + 1} (parameter {name} holds NaN or infinite values)"
+    return None
+
+
+def _diverged_error(
+    where: str, config: TrainConfig, path: Optional[str | os.PathLike], epoch: int
+) -> ConfigurationError:
+    """The one-line message of a run whose loss or weights blew up (its last good checkpoint is kept)."""
+    if path is not None and epoch > 0 and Path(path).is_file():
+        kept = f"the checkpoint of epoch {epoch} is kept in {str(path)!r}"
+    else:
+        kept = "no checkpoint was written"
+    return ConfigurationError(f"training diverged at {where} with lr {config.lr:g}; {kept}; lower the learning rate "
+                              "(--lr) and start over (--no-resume or a new output folder)")
 
 
 def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import re
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Tuple
@@ -11,7 +14,14 @@ from typing import Any, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["eval_mode", "model_device_dtype", "atomic_write_bytes", "atomic_writer", "prepare_output_dir"]
+__all__ = [
+    "eval_mode",
+    "model_device_dtype",
+    "atomic_write_bytes",
+    "atomic_writer",
+    "atomic_save_figure",
+    "prepare_output_dir",
+]
 
 
 @contextlib.contextmanager
@@ -41,29 +51,90 @@ def model_device_dtype(model: Any, fallback: Optional[torch.Tensor] = None) -> T
     return torch.device("cpu"), torch.get_default_dtype()
 
 
+_TMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # ".<name>.<8 random characters>.tmp"
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+_UNNAMED = {"works": getattr(os, "O_TMPFILE", None) is not None and os.path.isdir("/proc/self/fd")}
+
+
+def _open_unnamed(folder: Path) -> Optional[int]:
+    """A file in ``folder`` with no name yet (Linux ``O_TMPFILE``), or ``None`` where unsupported."""
+    if not _UNNAMED["works"]:
+        return None
+    try:
+        return os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o666)
+    except OSError:  # a file system without O_TMPFILE support
+        return None
+
+
+def _name_unnamed(fd: int, path: Path) -> Path:
+    """Give the unnamed file ``fd`` a temporary name beside ``path`` (copying it where linking is refused)."""
+    tmp = _tmp_name(path)
+    try:
+        os.link(f"/proc/self/fd/{fd}", tmp, follow_symlinks=True)
+        return tmp
+    except OSError:  # e.g. a sandbox that refuses to link /proc entries: copy, and stop trying
+        _UNNAMED["works"] = False
+    out, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(name, 0o666 & ~umask)
+        os.lseek(fd, 0, os.SEEK_SET)
+        while chunk := os.read(fd, 1 << 20):
+            os.write(out, chunk)
+        os.fsync(out)
+    except BaseException:
+        os.close(out)
+        Path(name).unlink(missing_ok=True)
+        raise
+    os.close(out)
+    return Path(name)
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike) -> Iterator[Any]:
     """A binary file handle whose content replaces ``path`` atomically when the block succeeds.
 
-    The data goes to a temporary file in the same folder (fsynced, with the permissions a plain
-    ``open`` would give), then is renamed over ``path``. An interrupted or failed write leaves the
-    previous file (or none) in place, never a partial one, and removes its temporary file.
+    The data goes to a file in the same folder that has no name while it is written (Linux
+    ``O_TMPFILE``; elsewhere a temporary ``.<name>.<random>.tmp``), is fsynced, gets a temporary
+    name and is renamed over ``path``. An interrupted or failed write (SIGKILL and a full disk
+    included) leaves the previous file (or none) in place, never a partial one; a temporary name
+    left by a kill in the instant between link and rename is removed by :func:`prepare_output_dir`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    fd = _open_unnamed(path.parent)
+    tmp: Optional[Path] = None
+    if fd is None:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(name)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+    try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+            if tmp is None:
+                tmp = _name_unnamed(fh.fileno(), path)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> Path:
+    """Save a matplotlib figure atomically (never a 0-byte or partial image); format from the suffix."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **savefig_kwargs)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -75,6 +146,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def prepare_output_dir(path: str | os.PathLike) -> Path:
     """Create the output folder ``path`` and check that files can be written there, before any work.
+
+    Temporary files left in it by a killed atomic write are removed.
 
     Raises:
         ConfigurationError: an empty path, a path that is an existing file, or a folder that cannot be
@@ -94,4 +167,7 @@ def prepare_output_dir(path: str | os.PathLike) -> Path:
         os.unlink(probe)
     except OSError as exc:
         raise ConfigurationError(f"cannot write to output folder {str(folder)!r}: {exc.strerror or exc}") from exc
+    for stale in folder.iterdir():  # temporary files of a write that was killed (see atomic_writer)
+        if _TMP_NAME.fullmatch(stale.name) and stale.is_file():
+            stale.unlink(missing_ok=True)
     return folder

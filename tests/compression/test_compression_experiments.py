@@ -11,6 +11,7 @@ import torch
 from sturdy.compression import TopKState, accel
 from sturdy.errors import ConfigurationError, DataError
 from sturdy.experiments import compression as exp
+from sturdy.experiments import compression_costmodel as costmodel_cmd
 from sturdy.experiments.train_job import TrainContext, TrainJob, load_trained_model
 
 
@@ -101,7 +102,7 @@ def test_compressed_training_writes_results_and_feeds_the_cost_model(tmp_path, c
     shutil.copy(out / "model.pt", plain / "model.pt")
     (plain / "results.json").write_text(json.dumps({"test_accuracy": 0.5}))
     with pytest.raises(DataError, match="no measured compression ratio"):
-        exp._cmd_costmodel(argparse.Namespace(checkpoint=str(plain / "model.pt"), ratio=None, workers=[2],
+        costmodel_cmd._cmd_costmodel(argparse.Namespace(checkpoint=str(plain / "model.pt"), ratio=None, workers=[2],
                                               bandwidth_gbps=[1.0], latency_us=50.0, threads=1, out=None,
                                               codec_ms=None, device="cpu"))
 

@@ -4,6 +4,7 @@ themselves and write nothing. One launcher process runs every launch (each costs
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-
-from sturdy.cli import main
 
 pytestmark = pytest.mark.distributed
 
@@ -95,7 +94,11 @@ def test_failures_and_signals_end_every_worker(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
-        first = json.loads(proc.stdout.readline())  # the failing launch
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait(timeout=30)
+            raise AssertionError(f"the launcher ended early: {proc.stderr.read()[-3000:]}")
+        first = json.loads(line)  # the failing launch
         assert first["message"].startswith("distributed run failed; rank 1 failed: ValueError: boom on purpose")
         assert "\n" not in first["message"] and len(first["message"]) < 200
         assert "Traceback" in first["cause"] and "_failing" in first["cause"]  # behind --debug
@@ -135,6 +138,7 @@ def test_failures_and_signals_end_every_worker(tmp_path):
 ])
 def test_bad_options_are_one_line_before_any_worker_starts(argv, message, tmp_path, capsys, monkeypatch):
     import sturdy.distributed as distributed
+    from sturdy.cli import main  # here, not at the top: the launcher process imports this module
 
     def no_launch(*args, **kwargs):
         raise AssertionError("a worker was started")
@@ -144,6 +148,4 @@ def test_bad_options_are_one_line_before_any_worker_starts(argv, message, tmp_pa
                    *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1, err
-    import re
-
     assert re.search(message, err[0]), err[0]

@@ -13,7 +13,7 @@ from sturdy.errors import ConfigurationError
 from sturdy.experiments.flatness_grid_report import COMPARISON_HEADER, comparison_rows, grid_report, summarize
 from sturdy.flatness import correlate_measures, granulated_tau, sign_errors
 
-SPEC = SimpleNamespace(name="synthetic", target_loss=0.01, bootstrap=300)
+SPEC = SimpleNamespace(name="synthetic", target_loss=0.01, bootstrap=200)
 
 
 def _records(measures_of_gap, n_seeds=4, seed=0):

@@ -103,6 +103,10 @@ def test_training_plugin_validates_options_and_pickles(tmp_path):
         training_plugin(_job(tmp_path, 1, lmt_iterations=0))
     with pytest.raises(ConfigurationError, match="--lmt-form"):
         training_plugin(_job(tmp_path, 1, lmt_form="diagonal"))
+    with pytest.raises(ConfigurationError, match="--lmt-drift-tolerance"):
+        training_plugin(_job(tmp_path, 1, lmt_drift_tolerance=-0.5))
+    args = build_parser().parse_args(["train", "--method", "lmt", "--lmt-drift-tolerance", "0.1"])
+    assert args.lmt_drift_tolerance == 0.1
     plugin = training_plugin(_job(tmp_path, 1, lmt_clip=True))
     assert plugin == LMTPlugin(c=0.3, warmup_epochs=1.0, form="pairwise", clip=True, iterations=1)
     assert pickle.loads(pickle.dumps(plugin)) == plugin

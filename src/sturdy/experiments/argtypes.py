@@ -50,10 +50,12 @@ def positive_float(text: str) -> float:
 def bounded_int(low: int, high: int):
     """An argparse type accepting integers in ``[low, high]``."""
 
+    expected = f"a positive integer (at most {high})" if low == 1 else f"an integer in [{low}, {high}]"
+
     def parse(text: str) -> int:
-        value = _parse(text, int, f"an integer in [{low}, {high}]")
+        value = _parse(text, int, expected)
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {text[:40]!r}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text[:40]!r}")
         return value
 
     parse.__name__ = f"integer in [{low}, {high}]"

@@ -22,7 +22,6 @@ validated (:func:`compression_options`) before any worker starts.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -36,20 +35,16 @@ import torch.distributed as dist
 from torch import nn
 
 from sturdy.compression import METHODS, accel, create_compression, warm_up
-from sturdy.compression.costmodel import crossover_bandwidth_gbps, predict_step_times
-from sturdy.compression.timing import StepClock, measure_codec_seconds, measure_step_seconds
+from sturdy.compression.timing import StepClock
 from sturdy.distributed import init_from_env, launched_by_torchrun, max_local_workers, run_local_workers
-from sturdy.errors import ConfigurationError, DataError
-from sturdy.experiments.argtypes import bounded_int, positive_float
-from sturdy.experiments.jsonio import write_json
+from sturdy.errors import ConfigurationError
+from sturdy.experiments.compression_costmodel import add_costmodel_command, plot_speedup
 from sturdy.experiments.train_job import (
     TrainContext,
     TrainHooks,
     TrainJob,
     TrainPlugin,
     fit,
-    load_job_data,
-    load_trained_model,
 )
 from sturdy.training import resolve_device
 
@@ -86,7 +81,6 @@ TRAIN_DEADLINE_S = 7 * 24 * 3600.0  # a whole training run; hangs are bounded by
 DATA_PARALLEL_DEFAULTS: Dict[str, Any] = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "epochs": 40,
                                           "global_batch": 64}
 _TUNED = ("optimizer", "lr", "momentum", "epochs", "batch_size")
-MAX_THREADS = 1024
 
 
 def _recording(action: argparse.Action) -> None:
@@ -356,155 +350,13 @@ def run_distributed_training(
     return results[0]
 
 
-# ----------------------------------------------------------------------------- cost model
-
-
-def _non_negative_float(text: str) -> float:
-    """A finite number >= 0 (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text[:40]!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text[:40]!r}")
-    return value
-
-
-def _csv(kind: Callable[[str], Any], name: str) -> Callable[[str], List[Any]]:
-    def parse(text: str) -> List[Any]:
-        try:
-            return [kind(x) for x in text.split(",") if x.strip()]
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"{name}: expected comma-separated numbers, got {text!r}") from exc
-
-    return parse
-
-
-def _cmd_costmodel(args: argparse.Namespace) -> int:
-    checkpoint = Path(args.checkpoint)
-    model, job = load_trained_model(checkpoint, device=resolve_device(args.device))
-    ratio = args.ratio
-    source = "--ratio"
-    results_path = checkpoint.parent / "results.json"
-    info = _measured_compression(results_path)
-    if ratio is None:
-        if info:
-            ratio = info.get("compression_ratio")
-            source = f"{results_path} (method {info.get('method')})"
-        if ratio is None:
-            raise DataError(
-                f"no measured compression ratio: {results_path} has no 'compression' entry (train with "
-                "`sturdy train --nproc 2 --compress vgc`) ; or pass --ratio R"
-            )
-    torch.set_num_threads(args.threads)
-    train_set, _ = load_job_data(job)
-    compute_s = measure_step_seconds(model, train_set.images, train_set.labels, batch_size=job.config.batch_size)
-    num_elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    dense_bytes = 4 * num_elements
-    if args.codec_ms is not None:
-        codec_s = args.codec_ms * 1e-3
-    else:
-        sent = info.get("elements_sent_per_step_mean")
-        fraction = sent / num_elements if sent else 4.0 / float(ratio)
-        codec_s = measure_codec_seconds(num_elements, fraction)
-    preds = predict_step_times(
-        compute_s=compute_s, dense_bytes=dense_bytes, compression_ratio=float(ratio), workers=args.workers,
-        bandwidths_gbps=args.bandwidth_gbps, latency_s=args.latency_us * 1e-6, codec_s=codec_s,
-    )
-    out = Path(args.out) if args.out else checkpoint.parent / "costmodel"
-    out.mkdir(parents=True, exist_ok=True)
-    header = ["workers", "Gbit/s", "allreduce ms", "compressed ms", "step ms (dense)", "step ms (compressed)",
-              "speedup"]
-    rows = [[p.workers, p.bandwidth_gbps, round(1e3 * p.allreduce_s, 3), round(1e3 * p.compressed_comm_s, 3),
-             round(1e3 * p.dense_step_s, 3), round(1e3 * p.compressed_step_s, 3), round(p.speedup, 2)] for p in preds]
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
-    print(f"compute {1e3 * compute_s:.3f} ms/step and codec {1e3 * codec_s:.3f} ms/step (measured, batch "
-          f"{job.config.batch_size}), gradient {dense_bytes} bytes, compression ratio {float(ratio):.1f} from {source}")
-    print("  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
-    for r in rows:
-        print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
-    crossovers = {
-        p: crossover_bandwidth_gbps(compute_s=compute_s, dense_bytes=dense_bytes, compression_ratio=float(ratio),
-                                    workers=p, latency_s=args.latency_us * 1e-6, codec_s=codec_s)
-        for p in args.workers
-    }
-    fig = plot_speedup(preds)
-    fig.savefig(out / "costmodel.png", dpi=120)
-    write_json({"checkpoint": str(checkpoint), "compute_s": compute_s, "codec_s": codec_s, "dense_bytes": dense_bytes,
-                "compression_ratio": float(ratio), "ratio_source": source, "latency_s": args.latency_us * 1e-6,
-                "crossover_bandwidth_gbps": {str(k): v for k, v in crossovers.items()},
-                "predictions": [p.to_dict() for p in preds]}, out / "costmodel.json")
-    print(f"wrote {out / 'costmodel.png'} and {out / 'costmodel.json'}")
-    return 0
-
-
-def _measured_compression(path: Path) -> Dict[str, Any]:
-    """The ``"compression"`` entry of the ``results.json`` at ``path`` (``{}`` when there is none), checked.
-
-    Raises:
-        DataError: the file is not JSON, not an object, or its measured figures are not positive numbers.
-    """
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path} is not valid JSON ({' '.join(str(exc).split())[:80]}); rerun the training or "
-                        "pass --ratio R") from exc
-    if not isinstance(data, dict):
-        raise DataError(f"{path} holds a {type(data).__name__}, not the object `sturdy train` writes; pass --ratio R")
-    info = data.get("compression") or {}
-    if not isinstance(info, dict):
-        raise DataError(f"{path}: its 'compression' entry is a {type(info).__name__}, not an object; pass --ratio R")
-    for key in ("compression_ratio", "elements_sent_per_step_mean"):
-        value = info.get(key)
-        if value is None:
-            continue
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or value <= 0:
-            raise DataError(f"{path}: {key} must be a positive number, got {value!r}; rerun the training or pass "
-                            "--ratio R")
-    return info
-
-
-def plot_speedup(preds: Sequence[Any]) -> Any:
-    """Predicted speedup against bandwidth, one line per worker count (a ``matplotlib.figure.Figure``)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 3.6))
-    ax = fig.add_subplot()
-    for p in sorted({q.workers for q in preds}):
-        pts = sorted((q.bandwidth_gbps, q.speedup) for q in preds if q.workers == p)
-        ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=f"{p} workers")
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_xscale("log")
-    ax.set_xlabel("link bandwidth (Gbit/s)")
-    ax.set_ylabel("predicted speedup vs. allreduce")
-    ax.legend()
-    fig.tight_layout()
-    return fig
+# ----------------------------------------------------------------------------- command line
 
 
 def register_cli(subparsers: Any) -> None:
-    """Add ``sturdy compression costmodel``."""
+    """Add ``sturdy compression costmodel`` (:mod:`sturdy.experiments.compression_costmodel`)."""
     p = subparsers.add_parser("compression", help="gradient compression tools")
-    sub = p.add_subparsers(dest="compression_command", required=True)
-    c = sub.add_parser("costmodel", help="predicted step time and speedup of compressed vs. dense data parallelism")
-    c.add_argument("--checkpoint", required=True, help="DIR/model.pt written by `sturdy train`")
-    c.add_argument("--workers", type=_csv(int, "--workers"), default=[4, 16, 64], help="e.g. 4,16,64")
-    c.add_argument("--bandwidth-gbps", type=_csv(float, "--bandwidth-gbps"), default=[0.1, 1.0, 10.0, 100.0],
-                   help="e.g. 0.1,1,10,100")
-    c.add_argument("--latency-us", type=_non_negative_float, default=50.0, help="per-message latency in microseconds")
-    c.add_argument("--ratio", type=positive_float, default=None,
-                   help="compression ratio (default: the one measured in results.json next to the checkpoint)")
-    c.add_argument("--codec-ms", type=_non_negative_float, default=None,
-                   help="encode + decode time per step (default: measured on the checkpoint's gradient size with "
-                        "the fraction of elements its run sent)")
-    c.add_argument("--threads", type=bounded_int(1, MAX_THREADS), default=1,
-                   help=f"torch threads for the compute measurement (1 to {MAX_THREADS})")
-    c.add_argument("--device", default="auto", help="device of the compute measurement: auto, cpu, cuda, cuda:N")
-    c.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
-    c.set_defaults(func=_cmd_costmodel)
+    add_costmodel_command(p.add_subparsers(dest="compression_command", required=True))
 
 
 # ----------------------------------------------------------------------------- demo

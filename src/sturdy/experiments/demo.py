@@ -2,7 +2,8 @@
 
 It trains a standard CNN, then lets every part add its section (Lipschitz certification, Fourier
 sensitivity, flatness, gradient compression). Output: ``OUT/report.html``, ``OUT/results.json``
-and the PNG figures beside them.
+and the PNG figures beside them, each written atomically; ``results.json`` is written last, so its
+presence means the report is complete.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def _part_name(part: Any) -> str:
 
 def _run_demo(*, out: Path, quick: bool, device: str, seed: int, progress: bool, parts: Sequence[Any]) -> Path:
     t0 = time.perf_counter()
+    for stale in ("results.json", "report.html"):  # an interrupted rerun must not look like a finished one
+        (out / stale).unlink(missing_ok=True)
     job = standard_job(out, quick=quick, seed=seed, device=device)
     train_set, test_set = load_job_data(job)
     report = Report("sturdy demo: handwritten digits (scikit-learn, 8x8)")
@@ -122,5 +125,6 @@ def _run_demo(*, out: Path, quick: bool, device: str, seed: int, progress: bool,
     results["seconds"]["total"] = time.perf_counter() - t0
     report.section("Run").table(header=["stage", "seconds"],
                                 rows=[[k, round(v, 1)] for k, v in results["seconds"].items()])
+    path = report.write(out / "report.html")  # figures, then the page; the results last
     write_json(results, out / "results.json")
-    return report.write(out / "report.html")
+    return path

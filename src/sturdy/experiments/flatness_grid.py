@@ -315,7 +315,7 @@ def _init_worker(out: str, spec: GridSpec, device: str, seed: int, deadline: Opt
 def _work(point: GridPoint) -> Optional[str]:
     """Train one point in a worker process (its record goes to disk); None when the deadline has passed."""
     w = _WORKER
-    if w["deadline"] is not None and time.time() > w["deadline"]:
+    if w["deadline"] is not None and time.time() >= w["deadline"]:
         return None
     _run_point(point, w["spec"], w["train_set"], w["test_set"], w["device"], w["seed"],
                w["out"] / "points" / f"{point.key}.json")
@@ -370,7 +370,7 @@ def run_grid(
         train_set = load_dataset("digits", split="train")
         test_set = load_dataset("digits", split="test")
         for point in tqdm(todo, desc=f"flatness grid ({spec.name})", unit="model", disable=not progress):
-            if deadline is not None and time.time() > deadline:
+            if deadline is not None and time.time() >= deadline:
                 break
             _run_point(point, spec, train_set, test_set, dev, seed, paths[point.key])
     records = [r for r in (_load_record(paths[p.key], spec, seed) for p in points) if r is not None]

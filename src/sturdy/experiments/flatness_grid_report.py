@@ -94,7 +94,7 @@ def summarize(records: Sequence[Mapping[str, Any]], *, spec: Any, seed: int = 0)
         "target_loss": spec.target_loss,
         "gap": {"min": min(gap), "max": max(gap), "mean": sum(gap) / len(gap)},
         "gap_definition": "train accuracy (on the trained labels) - test accuracy",
-        "correlations": _correlate(chosen, names, spec.bootstrap, seed) if use_converged else every,
+        "correlations": _correlate(chosen, names, spec.bootstrap, seed) if len(chosen) < len(records) else every,
         "correlations_all_models": every,
         "robustness": _robustness(chosen, names, spec.bootstrap, seed),
         "mean_seconds_per_model": seconds,
@@ -212,6 +212,8 @@ def robustness_figure(summary: Mapping[str, Any]) -> Figure:
     right.axvline(0, color="black", linewidth=0.8)
     right.set_yticks(ys, names, fontsize=8)
     right.set_xlabel("tau(normalized sharpness) - tau(measure), 95% paired bootstrap")
+    for ax in (left, right):
+        ax.set_ylim(len(names) - 0.5, -0.5)  # the table's order, top to bottom
     fig.tight_layout()
     return fig
 

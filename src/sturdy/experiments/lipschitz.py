@@ -210,6 +210,9 @@ class LMTPlugin:
 
     def __post_init__(self) -> None:
         _check_lmt_settings(self.c, self.warmup_epochs, self.form, self.iterations)
+        if not (self.drift_tolerance >= 0 and math.isfinite(self.drift_tolerance)):
+            raise ConfigurationError(
+                f"drift_tolerance (--lmt-drift-tolerance) must be >= 0, got {self.drift_tolerance!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> LMTPlugin:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, T
 import torch
 from torch import nn
 
-from sturdy.data import ImageDataset, load_dataset
+from sturdy.data import ImageDataset, check_fits_in_memory, load_dataset
 from sturdy.errors import CheckpointError, ConfigurationError
 from sturdy.experiments.jsonio import write_json
 from sturdy.models import create_model
@@ -33,6 +33,7 @@ from sturdy.training import (
     train,
 )
 from sturdy.utils import prepare_output_dir
+from sturdy.validation import check_input_shape
 
 __all__ = [
     "TrainJob",
@@ -44,6 +45,7 @@ __all__ = [
     "run_train_job",
     "load_trained_model",
     "load_job_data",
+    "build_model",
 ]
 
 _CONFIG_FIELDS = frozenset(f.name for f in fields(TrainConfig))
@@ -147,6 +149,35 @@ def load_job_data(job: TrainJob) -> Tuple[ImageDataset, ImageDataset]:
     return load_dataset(job.dataset, split="train", **kw), load_dataset(job.dataset, split="test", **kw)
 
 
+def build_model(job: TrainJob, in_shape: Sequence[int], num_classes: int, *, seed: Optional[int] = None) -> nn.Module:
+    """The job's model for inputs ``(C, H, W)``, checked on the meta device before any memory is used.
+
+    ``seed`` seeds torch's generator right before the weights are drawn.
+
+    Raises:
+        ConfigurationError: settings the model refuses (a wrong type included), or a model too large
+            for this machine's memory.
+    """
+    count = sum(p.numel() for p in _meta_model(job, in_shape, num_classes).parameters())
+    check_fits_in_memory((count,), what=f"model {job.model!r} with {job.model_kwargs} ({count:,} parameters)",
+                         fix="choose smaller --model-arg values")
+    if seed is not None:
+        torch.manual_seed(seed)
+    return create_model(job.model, in_shape=tuple(in_shape), num_classes=num_classes, **job.model_kwargs)
+
+
+def _meta_model(job: TrainJob, in_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """The job's model on the meta device: settings that ask for huge layers allocate nothing."""
+    try:
+        with torch.device("meta"):
+            return create_model(job.model, in_shape=tuple(in_shape), num_classes=num_classes, **job.model_kwargs)
+    except ConfigurationError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"model {job.model!r} cannot be built with {job.model_kwargs}: {_one_line(exc)}; "
+                                 "check the --model-arg values (sizes are whole numbers)") from exc
+
+
 def _world() -> Tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -197,9 +228,7 @@ def fit(
     out = prepare_output_dir(job.out)
     train_set, test_set = load_job_data(job)
     config = job.config
-    torch.manual_seed(config.seed)
-    model = create_model(job.model, in_shape=train_set.image_shape, num_classes=train_set.num_classes,
-                         **job.model_kwargs)
+    model = build_model(job, train_set.image_shape, train_set.num_classes, seed=config.seed)
     device = resolve_device(config.device)
     model.to(device)
     ctx = TrainContext(job=job, input_shape=(1, *train_set.image_shape), num_classes=train_set.num_classes,
@@ -220,6 +249,7 @@ def fit(
         checkpoint_extra={"job": job.to_dict(), "input_shape": list(ctx.input_shape),
                           "num_classes": ctx.num_classes},
         resume=resume,
+        on_epoch_end=lambda metrics: _drop_stale_results(out),
         progress=progress,
     )
     results: Dict[str, Any] = {
@@ -235,6 +265,13 @@ def fit(
     if _world()[0] == 0:
         write_json(results, out / "results.json")
     return FitResult(model=model, results=results)
+
+
+def _drop_stale_results(out: Path) -> None:
+    """Once a new epoch's checkpoint is written, an older ``results.json`` describes another model: remove it,
+    so an interrupted rerun never leaves results that look complete (they are written again at the end)."""
+    if _world()[0] == 0:
+        (out / "results.json").unlink(missing_ok=True)
 
 
 _JOB_IDENTITY = ("dataset", "model", "model_kwargs", "resize")
@@ -292,18 +329,27 @@ def load_trained_model(
         raise CheckpointError(f"{str(path)!r} holds an invalid job description: {_one_line(exc)}") from exc
     if "input_shape" in extra and "num_classes" in extra:
         try:
-            in_shape, num_classes = tuple(int(s) for s in extra["input_shape"][1:]), int(extra["num_classes"])
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{str(path)!r} holds an invalid input shape or class count") from exc
+            in_shape = check_input_shape(extra["input_shape"])[1:]
+            num_classes = int(extra["num_classes"])
+            if num_classes < 1 or num_classes != extra["num_classes"]:
+                raise ValueError(f"class count {extra['num_classes']!r}")
+        except (ConfigurationError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{str(path)!r} holds an invalid input shape or class count ({_one_line(exc)}); "
+                                  "was it written by `sturdy train`?") from exc
+        if job.resize is not None and in_shape[1:] != (job.resize, job.resize):
+            raise CheckpointError(f"{str(path)!r} is inconsistent: its images are {in_shape[1]}x{in_shape[2]} but "
+                                  f"its job resizes them to {job.resize}x{job.resize}; the file is damaged or was "
+                                  "edited: retrain the model")
     else:
         test_set = load_job_data(job)[1]
         in_shape, num_classes = test_set.image_shape, test_set.num_classes
-    try:  # on the meta device first: settings that ask for huge layers allocate nothing
-        with torch.device("meta"):
-            shell = create_model(job.model, in_shape=in_shape, num_classes=num_classes, **job.model_kwargs)
-    except (ConfigurationError, TypeError, ValueError) as exc:
+    try:
+        shell = _meta_model(job, in_shape, num_classes)
+    except ConfigurationError as exc:
         raise CheckpointError(f"{str(path)!r} describes a model that cannot be built: {_one_line(exc)}") from exc
-    check_state_dict_shapes(shell, ckpt["model"], source=str(path))
+    check_state_dict_shapes(shell, ckpt["model"], source=str(path),
+                            advice="its stored settings do not match its weights: the file is damaged or was "
+                                   "edited; retrain the model")
     bad = [k for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor) and v.is_floating_point()
            and not bool(torch.isfinite(v).all())]
     if bad:
