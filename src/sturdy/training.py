@@ -1,5 +1,9 @@
 """One training loop shared by every method.
 
+A single idea, kept in one file although it is longer than most: the loop together with its
+configuration, its results and the rules it enforces on its data, its checkpoints (resume) and its
+divergence (a run whose loss or weights blow up stops, keeping the last good checkpoint).
+
 The loop knows no method: a caller plugs in an objective (e.g. Lipschitz-margin training),
 extra stateful objects to checkpoint (e.g. power-iteration vectors, compression residuals) and,
 when ``torch.distributed`` is initialised, a DDP communication hook (e.g. gradient compression).
@@ -367,7 +371,8 @@ def train(
         comm_hook: ``(state, hook)`` for ``DistributedDataParallel.register_comm_hook`` when a
             process group is initialised (ignored otherwise).
         checkpoint_path: written after every epoch (by rank 0); when it exists and ``resume`` is
-            true, training continues from it.
+            true, training continues from it. Give it on every rank (or none): gathering per-rank
+            extra state into it is a collective.
         checkpoint_extra: plain data stored in the checkpoint as ``checkpoint["extra"]``.
         until_epoch: stop after this epoch (the schedule still spans ``config.epochs``), e.g. to
             split a run in two.
@@ -471,7 +476,7 @@ def train(
             if epoch == start_epoch and step == 0:
                 _check_logits(logits, train_set.num_classes, len(idx))
             if diverged is None and not bool(torch.isfinite(loss.detach())):
-                diverged = f"epoch {epoch + 1}, step {step + 1} (loss {float(loss)})"
+                diverged = f"epoch {epoch + 1}, step {step + 1} (loss {float(loss.detach())})"
                 if world == 1:  # under DDP every rank runs the epoch to its end and all decide together
                     raise _diverged_error(diverged, config, checkpoint_path, epoch)
             loss.backward()

@@ -41,8 +41,8 @@ def check_finite_tensor(t: torch.Tensor, *, name: str = "x") -> torch.Tensor:
     if t.is_floating_point() or t.is_complex():
         bad = int((~torch.isfinite(t)).sum())
         if bad:
-            raise DataError(f"{name} holds {bad} NaN or infinite value(s) of {t.numel()}; expected finite "
-                            f"numbers: remove or repair those entries (e.g. torch.nan_to_num) first")
+            raise DataError(f"{name}: {bad} of {t.numel()} values are NaN or infinite; expected finite numbers: "
+                            "remove or repair those entries (e.g. torch.nan_to_num) first")
     return t
 
 
@@ -68,7 +68,7 @@ def check_images(
         raise DataError(f"{name} must hold floating-point pixels, got dtype {x.dtype}"
                         f"{' (pixels in 0..255: pass x.float() / 255)' if x.dtype == torch.uint8 else ''}")
     if x.shape[0] == 0 and not allow_empty:
-        raise DataError(f"{name} holds no images (shape {tuple(x.shape)}); pass at least one")
+        raise DataError(f"{name}: no images (shape {tuple(x.shape)}); pass at least one")
     if min(x.shape[1:]) < 1:
         raise DataError(f"{name} must have positive channel, height and width sizes, got shape {tuple(x.shape)}")
     check_finite_tensor(x, name=name)

@@ -255,3 +255,22 @@ def test_time_to_accuracy_prediction():
                                     epoch_overhead_s=0.5) == pytest.approx(3 * (10 * 0.03 + 0.5))
     assert predict_time_to_accuracy(epochs=float("inf"), steps_per_epoch=10, compute_codec_s=0.01,
                                     comm_s=0.0) == float("inf")
+
+
+def test_a_parameter_used_outside_its_module_is_refused(single_process_group):
+    """No statistics would mean v = 0 and the parameter sent at every step: refused, naming it."""
+
+    class Direct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shift = nn.Embedding(2, 5)
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc(x + self.shift.weight[0])  # the Embedding's forward never runs
+
+    torch.manual_seed(0)
+    model = Direct()
+    state, hook = create_compression("vgc", model=model, alpha=2.0, start_iter=0)
+    with pytest.raises(Exception, match="parameter 'shift.weight' has a gradient but no per-sample statistics"):
+        _train(model, state, hook, steps=1)

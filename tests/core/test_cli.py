@@ -40,7 +40,7 @@ def _error_line(capsys):
     [
         (["train", "--dataset", "imagenet"], "unknown data set 'imagenet'"),
         (["train", "--epochs", "0"], "--epochs: expected a positive integer"),
-        (["train", "--lr", "-0.1", "--epochs", "1"], "lr must be a finite number > 0"),
+        (["train", "--lr", "-0.1", "--epochs", "1"], "--lr: expected a positive number"),
         (["train", "--label-noise", "2", "--epochs", "1"], r"label_noise must be a fraction in \[0, 1\]"),
         (["train", "--model", "vgg", "--epochs", "1"], "unknown model 'vgg'"),
         (["train", "--model-arg", "oops", "--epochs", "1"], "expected KEY=VALUE"),

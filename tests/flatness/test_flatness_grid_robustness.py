@@ -46,12 +46,13 @@ def test_verdicts_and_sign_errors_on_known_answers():
     exact, wrong = rob["sign_errors"]["normalized_sharpness"], rob["sign_errors"]["reversed"]
     assert exact["mean"] == exact["worst"] == 0.0 and wrong["mean"] == wrong["worst"] == 1.0
     assert 0.2 < rob["sign_errors"]["random"]["mean"] < 0.8
-    # the seed separates environments but is no axis of its own: 3 axes, environments per axis =
-    # combinations of the others' values (seeds included)
+    # seeds are replicates: an environment (the other hyper-parameters' values) holds every pair of models
+    # differing in its hyper-parameter, across seeds (4 x 4 seed pairs per pair of values)
     per = exact["per_hyperparameter"]
     assert set(per) == {"lr", "width", "depth"}
-    assert per["lr"]["environments"] == 3 * 2 * 4 and per["lr"]["pairs"] == 24
-    assert per["width"]["pairs"] == 2 * 2 * 4 * 3  # 3 pairs of widths per environment
+    assert per["lr"]["environments"] == 3 * 2 and per["lr"]["pairs"] == 6 * 16
+    assert per["width"]["environments"] == 2 * 2 and per["width"]["pairs"] == 4 * 3 * 16  # 3 pairs of widths
+    assert 0 < rob["sign_errors"]["random"]["worst"] < 1  # a fraction of 16 or more pairs
     assert set(summary["correlations"]["normalized_sharpness"]["per_hyperparameter"]) == {"lr", "width", "depth"}
     json.dumps(summary)
 

@@ -27,7 +27,7 @@ from sturdy.compression.compressor import Selection, validate_rate, variance_sel
 from sturdy.compression.exchange import sparse_exchange
 from sturdy.compression.residual import BucketView, ResidualState
 from sturdy.compression.statistics import SquaredGradientStatistics, attach_squared_gradient_statistics
-from sturdy.errors import ConfigurationError, DistributedError
+from sturdy.errors import ConfigurationError, DistributedError, UnsupportedModuleError
 
 __all__ = ["VarianceCompressionState", "variance_hook"]
 
@@ -103,6 +103,7 @@ class VarianceCompressionState(ResidualState):
             gather=gather,
             slack=slack,
         )
+        self._verified: set = set()  # buckets whose statistics were checked against their gradient
 
     def config(self) -> Dict[str, Any]:
         return {"start_iter": self.start_iter, "alpha": self.alpha, "zeta": self.zeta, "quantize": self.quantize}
@@ -126,8 +127,27 @@ class VarianceCompressionState(ResidualState):
                 self.statistics_source.route(p, variance[seg.offset : seg.offset + seg.numel])
 
     def _buffers_dropped(self) -> None:
+        self._verified.clear()
         if self.statistics_source is not None:
             self.statistics_source.clear_routes()
+
+    def _check_statistics(self, view: BucketView, variance: Tensor) -> None:
+        """Refuse a parameter with a gradient but no statistics (checked on a bucket's first compressed step).
+
+        A nonzero mean gradient implies a positive second moment, so ``v == 0`` on every element of a
+        parameter with a nonzero gradient means no rule saw it: it was used outside its own module's
+        forward, where the statistics' hooks cannot see it. Its elements would pass the test at every step.
+        """
+        for seg in self._segments[view.index]:
+            grad = view.gradient[seg.offset : seg.offset + seg.numel]
+            if bool((grad != 0).any()) and not bool((variance[seg.offset : seg.offset + seg.numel] != 0).any()):
+                raise UnsupportedModuleError(
+                    f"parameter '{seg.name}' has a gradient but no per-sample statistics: it is used outside its "
+                    "own module's forward (e.g. nn.MultiheadAttention reads out_proj.weight without calling "
+                    "out_proj; an embedding's .weight read directly), so variance-based compression would send it "
+                    "at every step; call the module that owns it, or use Linear projections",
+                    path=seg.name,
+                )
 
     def select(self, view: BucketView, *, max_bytes: Optional[int] = None) -> Selection:
         """Send ``i`` iff ``r_i^2 > alpha * v_i`` after adding this step's statistics to ``v``."""
@@ -140,6 +160,10 @@ class VarianceCompressionState(ResidualState):
                 )
         else:
             self.statistics_source.pop_add_(view.params, variance)
+            if view.index not in self._verified:
+                if self.alpha != 0:
+                    self._check_statistics(view, variance)
+                self._verified.add(view.index)
         return variance_select(
             view.buffers["residual"],
             variance,

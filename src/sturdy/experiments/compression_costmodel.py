@@ -6,6 +6,7 @@ run measured (``results.json``, checked before any work), or given.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 from pathlib import Path
@@ -20,6 +21,7 @@ from sturdy.experiments.argtypes import bounded_int, positive_float
 from sturdy.experiments.jsonio import write_json
 from sturdy.experiments.train_job import load_job_data, load_trained_model
 from sturdy.training import resolve_device
+from sturdy.utils import atomic_writer
 
 __all__ = ["add_costmodel_command", "plot_speedup", "MAX_THREADS"]
 
@@ -96,7 +98,10 @@ def _cmd_costmodel(args: argparse.Namespace) -> int:
         for p in args.workers
     }
     fig = plot_speedup(preds)
-    fig.savefig(out / "costmodel.png", dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
+    with atomic_writer(out / "costmodel.png") as fh:  # a killed run leaves no partial figure
+        fh.write(image.getvalue())
     write_json({"checkpoint": str(checkpoint), "compute_s": compute_s, "codec_s": codec_s, "dense_bytes": dense_bytes,
                 "compression_ratio": float(ratio), "ratio_source": source, "latency_s": args.latency_us * 1e-6,
                 "crossover_bandwidth_gbps": {str(k): v for k, v in crossovers.items()},

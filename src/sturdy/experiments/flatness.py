@@ -57,6 +57,8 @@ def register_cli(subparsers: Any) -> None:
                    help="quick: 16 MLPs (1-2 minutes); default: 64 MLPs and CNNs (about 30 minutes on 2 cores); "
                         "wide: 288 MLPs varying depth too, 3 seeds (resumable, run it in chunks with --time-limit)")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
+    p.add_argument("--seeds", type=positive_int, default=None, metavar="N",
+                   help="train every setting with seeds 0..N-1 (default: the preset's seeds); grows a grid in place")
     p.add_argument("--workers", type=positive_int, default=1,
                    help="local processes training grid points in parallel, one torch thread each (default 1)")
     p.add_argument("--time-limit", type=positive_float, default=None, metavar="MINUTES",
@@ -95,6 +97,8 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     spec = PRESETS["quick" if args.quick else args.preset or "default"]
     if args.bootstrap is not None:
         spec = replace(spec, bootstrap=args.bootstrap)
+    if args.seeds is not None:
+        spec = replace(spec, seeds=tuple(range(args.seeds)))
     summary = run_grid(out=args.out, spec=spec, device=args.device, resume=not args.no_resume,
                        progress=not args.no_progress, seed=args.seed, workers=args.workers,
                        time_limit_s=None if args.time_limit is None else 60 * args.time_limit)

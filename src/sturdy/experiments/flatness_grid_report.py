@@ -28,8 +28,10 @@ __all__ = ["HYPERPARAMETERS", "ENVIRONMENT_AXES", "MIN_CONVERGED", "REFERENCE_ME
 
 HYPERPARAMETERS = ("arch", "batch_size", "lr", "width", "depth", "weight_decay", "label_noise", "seed")
 ENVIRONMENT_AXES = tuple(h for h in HYPERPARAMETERS if h != "seed")
-"""Hyper-parameters of the granulated tau and of the sign-error environments: the seed tells groups and
-environments apart but is not an axis of its own (its pairs differ by chance only)."""
+"""Hyper-parameters of the granulated tau and of the sign-error environments. The seed is no axis of its own
+(its pairs differ by chance only): in the granulated tau it tells groups apart; for the sign-errors seeds are
+replicates, so an environment (one hyper-parameter changing, the others fixed) averages over every pair of
+models, whatever their seeds, that differ in that hyper-parameter."""
 MIN_CONVERGED = 6  # fewest models that reached the target loss for the converged-only correlation
 REFERENCE_MEASURE = "normalized_sharpness"
 
@@ -52,11 +54,12 @@ def _robustness(records: Sequence[Mapping[str, Any]], names: Sequence[str], boot
                 seed: int) -> Dict[str, Any]:
     """Sign-errors of every measure, and the reference measure against each baseline."""
     gap, hps, values = _table(records, names)
+    replicates = [{k: v for k, v in h.items() if k != "seed"} for h in hps]  # seeds: replicates of a setting
     out: Dict[str, Any] = {"sign_errors": {}, "normalized_sharpness_vs": {}, "verdicts": {},
                            "environment_axes": list(ENVIRONMENT_AXES)}
     for n in names:
         try:
-            out["sign_errors"][n] = sign_errors(values[n], gap, hps, axes=ENVIRONMENT_AXES).to_dict()
+            out["sign_errors"][n] = sign_errors(values[n], gap, replicates, axes=ENVIRONMENT_AXES).to_dict()
         except ConfigurationError:
             out["sign_errors"][n] = None  # no pair of models differs in exactly one hyper-parameter
     if REFERENCE_MEASURE in values:
@@ -227,7 +230,7 @@ def grid_report(summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
     sec.text(
         f"{summary['models']} models, {summary['converged']} reached training cross-entropy "
         f"{summary['target_loss']:g}; the table uses the {summary['selection']} models. Sign-errors are over pairs "
-        "of models that differ in one hyper-parameter (seeds excluded as an axis), per environment. "
+        "of models that differ in one hyper-parameter (seeds are replicates), per environment. "
         f"Normalized sharpness beats: {', '.join(said['beats']) or 'none'}; is beaten by: "
         f"{', '.join(said['loses']) or 'none'}; undecided (the interval holds 0): "
         f"{', '.join(said['undecided']) or 'none'}."
