@@ -19,7 +19,8 @@ from sturdy.lipschitz import (
     operator_norm,
     register_bound,
 )
-from sturdy.lipschitz.rules import GELU_MAX_SLOPE, unregister_bound
+from sturdy.lipschitz.registry import unregister_bound
+from sturdy.lipschitz.rules import GELU_MAX_SLOPE
 
 from .lipschitz_reference import exact_norm, randomize_batchnorm
 

@@ -376,7 +376,7 @@ def test_hidden_randomness_is_caught_by_behaviour():
             return x + torch.randn(x.shape)
 
     from sturdy.lipschitz import Factor, register_bound
-    from sturdy.lipschitz.rules import unregister_bound
+    from sturdy.lipschitz.registry import unregister_bound
 
     register_bound(Noise)(lambda call: Factor(1.0))
     try:

@@ -28,8 +28,8 @@ from sturdy.lipschitz.certify import Certificate, certified_radius, certify
 from sturdy.lipschitz.losses import CWarmup, lmt_logits, lmt_loss
 from sturdy.lipschitz.norms import conv2d_fft_norm, guaranteed_norm, power_iteration
 from sturdy.lipschitz.operators import LinearOp
+from sturdy.lipschitz.registry import Factor, OpCall, find_rule, register_bound
 from sturdy.lipschitz.results import LayerBound, LipschitzBound, LipschitzEstimate, OperatorNorm
-from sturdy.lipschitz.rules import Factor, OpCall, find_rule, register_bound
 from sturdy.lipschitz.tightness import (
     AttackResult,
     Tightness,

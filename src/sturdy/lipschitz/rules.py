@@ -37,28 +37,13 @@ from sturdy.errors import ConfigurationError, UnsupportedModuleError
 from sturdy.lipschitz.operators import BatchNormOp, Conv2dOp, FunctionOp, LinearLayerOp, ScaleOp, pair
 from sturdy.lipschitz.registry import (
     CONCAT,
-    SUM,
     Combine,
     Factor,
     OpCall,
-    Rule,
-    find_rule,
     register_bound,
-    rule_refusal,
-    unregister_bound,
 )
 
 __all__ = [
-    "OpCall",
-    "Factor",
-    "Combine",
-    "SUM",
-    "CONCAT",
-    "Rule",
-    "register_bound",
-    "unregister_bound",
-    "find_rule",
-    "rule_refusal",
     "GELU_MAX_SLOPE",
     "SILU_MAX_SLOPE",
 ]
