@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sturdy.errors import ConfigurationError, DataError
-from sturdy.utils import eval_mode, model_device_dtype  # noqa: F401  (imported from here by curvature.py)
+from sturdy.utils import eval_mode
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """The criterion ``loss_fn(logits, targets) -> mean loss over the batch`` (a 0-d tensor).

@@ -48,9 +48,7 @@ from sturdy.flatness._data import (
     check_positive_int,
     classification_batches,
     default_loss,
-    eval_mode,
     loss_batches,
-    model_device_dtype,
     trainable_parameters,
 )
 from sturdy.flatness.ggn import exact_columns, ggn_columns, monte_carlo_columns
@@ -64,6 +62,7 @@ from sturdy.flatness.hvp import (
     rademacher,
     top_hessian_eigenvalue,
 )
+from sturdy.utils import eval_mode, model_device_dtype
 
 __all__ = [
     "HessianDiagonal",

@@ -19,11 +19,10 @@ from sturdy.flatness._data import (
     LossFn,
     check_positive_int,
     default_loss,
-    eval_mode,
     loss_batches,
-    model_device_dtype,
     trainable_parameters,
 )
+from sturdy.utils import eval_mode, model_device_dtype
 
 __all__ = ["TraceEstimate", "EigenEstimate", "hutchinson_trace", "top_hessian_eigenvalue", "rademacher", "probe_seed",
            "batch_gradient", "hvp"]

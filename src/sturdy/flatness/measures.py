@@ -38,7 +38,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sturdy.errors import ConfigurationError
-from sturdy.flatness._data import loss_batches, model_device_dtype
+from sturdy.flatness._data import (
+    loss_batches,
+)
 from sturdy.flatness.curvature import HessianDiagonal, hessian_diagonal, hutchinson_trace, top_hessian_eigenvalue
 from sturdy.flatness.normalized import normalized_sharpness
 from sturdy.flatness.norms import log_frobenius_product, log_spectral_product
@@ -51,6 +53,7 @@ from sturdy.flatness.registry import (
     measure_spec,
     register_measure,
 )
+from sturdy.utils import model_device_dtype
 
 __all__ = ["compute_measures"]
 
