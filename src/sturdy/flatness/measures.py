@@ -38,9 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sturdy.errors import ConfigurationError
-from sturdy.flatness._data import (
-    loss_batches,
-)
+from sturdy.flatness._data import loss_batches
 from sturdy.flatness.curvature import HessianDiagonal, hessian_diagonal, hutchinson_trace, top_hessian_eigenvalue
 from sturdy.flatness.normalized import normalized_sharpness
 from sturdy.flatness.norms import log_frobenius_product, log_spectral_product
