@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sturdy.compression import per_sample_squared_gradients
 from sturdy.compression.statistics import attach_squared_gradient_statistics
 from sturdy.errors import ConfigurationError, DistributedError, UnsupportedModuleError
+from sturdy.persample import per_sample_squared_gradients
 
 REL_TOL = 1e-9
 ABS_TOL = 1e-12

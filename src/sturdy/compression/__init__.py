@@ -22,8 +22,6 @@ from sturdy.compression.methods import METHODS, create_compression
 from sturdy.compression.statistics import (
     SquaredGradientStatistics,
     attach_squared_gradient_statistics,
-    per_sample_squared_gradients,
-    register_squared_grad,
 )
 from sturdy.compression.traffic import CompressionStatistics
 from sturdy.compression.variance import VarianceCompressionState, variance_hook
@@ -38,8 +36,6 @@ __all__ = [
     "VarianceCompressionState",
     "attach_squared_gradient_statistics",
     "create_compression",
-    "per_sample_squared_gradients",
-    "register_squared_grad",
     "strom_hook",
     "topk_hook",
     "torch_hook",

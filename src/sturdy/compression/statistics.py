@@ -10,7 +10,8 @@ How: :class:`sturdy.persample.SquaredGradientHooks` computes each module's stati
 its output gradient during the backward pass, *before* autograd reaches the module's parameters, so the
 statistics are complete before the parameter's gradient is accumulated and before DDP's bucket for it
 fires. The per-layer rules (Linear, Conv2d, BatchNorm, ``torch.func`` for anything else) live in
-:mod:`sturdy.persample` (:func:`register_squared_grad` adds one); this module stores or routes the results.
+:mod:`sturdy.persample` (:func:`sturdy.persample.register_squared_grad` adds one); this module
+stores or routes the results.
 
 Memory: stored statistics take one gradient's size; *routed* ones (:meth:`SquaredGradientStatistics.route`,
 what the compression state does) are added into their target as soon as a module's are computed, so
@@ -37,16 +38,12 @@ from sturdy.errors import ConfigurationError, DistributedError
 from sturdy.persample import (
     SquaredGradientHooks,
     TrackedModule,
-    per_sample_squared_gradients,
-    register_squared_grad,
 )
 from sturdy.persample.recorder import parameter_bytes
 
 __all__ = [
     "SquaredGradientStatistics",
     "attach_squared_gradient_statistics",
-    "register_squared_grad",
-    "per_sample_squared_gradients",
 ]
 
 
