@@ -6,7 +6,6 @@ import contextlib
 import io
 import os
 import re
-import secrets
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Tuple
@@ -51,82 +50,34 @@ def model_device_dtype(model: Any, fallback: Optional[torch.Tensor] = None) -> T
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-_TMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # ".<name>.<8 random characters>.tmp"
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-
-
-_UNNAMED = {"works": getattr(os, "O_TMPFILE", None) is not None and os.path.isdir("/proc/self/fd")}
-
-
-def _open_unnamed(folder: Path) -> Optional[int]:
-    """A file in ``folder`` with no name yet (Linux ``O_TMPFILE``), or ``None`` where unsupported."""
-    if not _UNNAMED["works"]:
-        return None
-    try:
-        return os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o666)
-    except OSError:  # a file system without O_TMPFILE support
-        return None
-
-
-def _name_unnamed(fd: int, path: Path) -> Path:
-    """Give the unnamed file ``fd`` a temporary name beside ``path`` (copying it where linking is refused)."""
-    tmp = _tmp_name(path)
-    try:
-        os.link(f"/proc/self/fd/{fd}", tmp, follow_symlinks=True)
-        return tmp
-    except OSError:  # e.g. a sandbox that refuses to link /proc entries: copy, and stop trying
-        _UNNAMED["works"] = False
-    out, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(name, 0o666 & ~umask)
-        os.lseek(fd, 0, os.SEEK_SET)
-        while chunk := os.read(fd, 1 << 20):
-            os.write(out, chunk)
-        os.fsync(out)
-    except BaseException:
-        os.close(out)
-        Path(name).unlink(missing_ok=True)
-        raise
-    os.close(out)
-    return Path(name)
+_TMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # tempfile.mkstemp's ".<name>.<8 characters>.tmp"
 
 
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike) -> Iterator[Any]:
     """A binary file handle whose content replaces ``path`` atomically when the block succeeds.
 
-    The data goes to a file in the same folder that has no name while it is written (Linux
-    ``O_TMPFILE``; elsewhere a temporary ``.<name>.<random>.tmp``), is fsynced, gets a temporary
-    name and is renamed over ``path``. An interrupted or failed write (SIGKILL and a full disk
-    included) leaves the previous file (or none) in place, never a partial one; a temporary name
-    left by a kill in the instant between link and rename is removed by :func:`prepare_output_dir`.
+    The data goes to a temporary ``.<name>.<random>.tmp`` in the same folder (with the permissions a
+    plain ``open`` would give), is fsynced and renamed over ``path``. An interrupted or failed write
+    (a full disk included) leaves the previous file (or none) in place, never a partial one, and
+    removes its temporary file; only a SIGKILL can leave the temporary file, which the next
+    :func:`prepare_output_dir` of that folder removes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _open_unnamed(path.parent)
-    tmp: Optional[Path] = None
-    if fd is None:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        tmp = Path(name)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-    try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-            if tmp is None:
-                tmp = _name_unnamed(fh.fileno(), path)
         os.replace(tmp, path)
     except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

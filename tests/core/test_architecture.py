@@ -18,6 +18,11 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def _imports() -> Dict[str, Set[str]]:
     """module -> sturdy modules it imports (at any place in the file, lazy imports included)."""
     graph: Dict[str, Set[str]] = {}
@@ -25,7 +30,12 @@ def _imports() -> Dict[str, Set[str]]:
         name = _module_name(path)
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         targets: Set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                       for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:  # ``if TYPE_CHECKING:`` imports never run
+                continue
             if isinstance(node, ast.Import):
                 targets.update(a.name for a in node.names if a.name.startswith("sturdy"))
             elif isinstance(node, ast.ImportFrom):

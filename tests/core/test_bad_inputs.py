@@ -104,12 +104,10 @@ CASES = [
     ("train-huge-resize", ["train", "--resize", "100000", "--out", "{out}"], "--resize"),
     ("train-negative-seed", ["train", "--seed", "-1", "--out", "{out}"], "--seed"),
     ("train-nan-lr", ["train", "--lr", "nan", "--out", "{out}"], "--lr"),
-    pytest.param("heatmap-eps-overflow", ["fourier", "heatmap", "--checkpoint", "{ckpt}", "--eps", "1e308", "--out",
-                                          "{out}"], "eps", marks=_part_bug("fourier: applied norms overflow to inf, "
-                                                                           "partial JSON raises ValueError")),
-    pytest.param("heatmap-phase-nan", ["fourier", "heatmap", "--checkpoint", "{ckpt}", "--eps", "1", "--phase", "nan",
-                                       "--out", "{out}"], "phase",
-                 marks=_part_bug("fourier: _phase accepts nan; the partial JSON then raises ValueError")),
+    ("heatmap-eps-overflow", ["fourier", "heatmap", "--checkpoint", "{ckpt}", "--eps", "1e308", "--out", "{out}"],
+     "eps"),
+    ("heatmap-phase-nan", ["fourier", "heatmap", "--checkpoint", "{ckpt}", "--eps", "1", "--phase", "nan", "--out",
+                           "{out}"], "phase"),
     ("attack-eps-inf", ["fourier", "attack", "--checkpoint", "{ckpt}", "--eps", "inf", "--out", "{out}"], "eps"),
     ("certify-eps-nan", ["lipschitz", "certify", "--checkpoint", "{ckpt}", "--eps", "nan", "--out", "{out}"], "eps"),
     pytest.param("certify-eps-huge", ["lipschitz", "certify", "--checkpoint", "{ckpt}", "--eps", "1e300", "--out",
@@ -267,8 +265,6 @@ def test_numeric_options_accept_or_refuse_in_one_line(option, text):
             assert v == v and abs(v) != float("inf"), (argv, v)
 
 
-@_part_bug("fourier: one measured frequency fails in the gradient correlation (need two vectors of equal length "
-           ">= 2) after gradient.png, heatmap.png and heatmap.partial.json were written")
 def test_heatmap_of_one_frequency_succeeds_or_is_refused_before_work(files, tmp_path, capsys):
     out = tmp_path / "out"
     status = main(["fourier", "heatmap", "--checkpoint", str(files["ckpt"]), "--eps", "1", "--frequencies", "0,1",
@@ -364,10 +360,8 @@ KILLS = [
                  marks=_part_bug("lipschitz: _cmd_certify saves PNGs with fig.savefig(path), not atomically")),
     ("costmodel-first-figure", ["compression", "costmodel", "--checkpoint", "{ckpt}", "--ratio", "0.1", "--device",
                                 "cpu"], r"\.png$", "costmodel.json"),
-    pytest.param("heatmap-first-figure", ["fourier", "heatmap", "--checkpoint", "{ckpt}", "--eps", "1", "--limit",
-                                          "4", "--stride", "2", "--device", "cpu", "--no-progress"], r"\.png$",
-                 "heatmap.json",
-                 marks=_part_bug("fourier: _save_figure/FourierHeatmap.save write PNGs with fig.savefig(path)")),
+    ("heatmap-first-figure", ["fourier", "heatmap", "--checkpoint", "{ckpt}", "--eps", "1", "--limit", "4",
+                              "--stride", "2", "--device", "cpu", "--no-progress"], r"\.png$", "heatmap.json"),
 ]
 
 

@@ -66,7 +66,7 @@ def test_rank_correlation_reference_values():
 
 def test_gradient_spectrum_rejects_bad_input():
     model = tiny_cnn((1, 4, 4))
-    with pytest.raises(DataError, match="one label per image"):
+    with pytest.raises(DataError, match="one label per sample"):
         gradient_spectrum(model, torch.rand(3, 1, 4, 4, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
     with pytest.raises(DataError, match=r"shape \(N, C, H, W\)"):
         gradient_spectrum(model, torch.rand(3, 16, dtype=torch.float64), torch.zeros(3, dtype=torch.long))

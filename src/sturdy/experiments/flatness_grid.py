@@ -366,6 +366,8 @@ def run_grid(
             for _ in tqdm(pool.imap_unordered(_work, todo), total=len(todo), unit="model", disable=not progress,
                           desc=f"flatness grid ({spec.name}, {workers} workers)"):
                 pass
+            pool.close()
+            pool.join()
     elif todo:
         train_set = load_dataset("digits", split="train")
         test_set = load_dataset("digits", split="test")

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -35,7 +37,7 @@ from torch import Tensor
 
 from sturdy.data import ImageDataset, load_dataset
 from sturdy.errors import ConfigurationError
-from sturdy.experiments.argtypes import positive_float, positive_int
+from sturdy.experiments.argtypes import non_negative_int, positive_float, positive_int
 from sturdy.experiments.jsonio import write_json
 from sturdy.fourier import (
     DEFAULT_PHASE,
@@ -56,7 +58,7 @@ from sturdy.fourier import (
     single_fourier_attack,
     strided_frequencies,
 )
-from sturdy.utils import prepare_output_dir
+from sturdy.utils import atomic_save_figure, atomic_write_bytes, prepare_output_dir
 
 __all__ = ["register_cli", "demo_section", "local_sharded_heatmap"]
 
@@ -70,9 +72,12 @@ def _phase(text: str) -> Optional[float]:
     if text == "random":
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a phase in radians or 'random', got {text!r}") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite phase in radians or 'random', got {text[:40]!r}")
+    return value
 
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -138,7 +143,8 @@ def register_cli(subparsers: Any) -> None:
                    help="training images the attack searches on (held-out: the whole test split)")
     p.add_argument("--phases", type=positive_int, default=8, help="phases 2 pi j / PHASES searched")
     p.add_argument("--max-queries", type=positive_int, default=None, help="hard budget of model queries")
-    p.add_argument("--shifts", type=int, default=4, help="random circular shifts of delta per held-out image")
+    p.add_argument("--shifts", type=non_negative_int, default=4,
+                   help="random circular shifts of delta per held-out image")
     p.add_argument("--combine", action="store_true",
                    help="also grow the SFA into a mixture of a few Fourier directions (delta_combination.pt)")
     p.add_argument("--out", default="runs/fourier/attack")
@@ -191,7 +197,24 @@ def _frequency_subset(args: argparse.Namespace, height: int, width: int) -> Opti
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    atomic_save_figure(fig, path, dpi=120, bbox_inches="tight")
+
+
+def _save_tensor(t: Tensor, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(t, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _gradient_correlations(grad: Any, hm: FourierHeatmap) -> Dict[str, Any]:
+    """Spearman correlations of the gradient power with the measured fooling and error rates (a note when
+    fewer than two frequencies were measured: a rank correlation needs two points)."""
+    m = hm.measured
+    if int(m.sum()) < 2:
+        return {"gradient_rank_correlation_fooling": None, "gradient_rank_correlation_error": None,
+                "gradient_rank_correlation_note": "needs at least 2 measured frequencies"}
+    return {"gradient_rank_correlation_fooling": rank_correlation(grad.power[m], hm.fooling[m]),
+            "gradient_rank_correlation_error": rank_correlation(grad.power[m], hm.error[m])}
 
 
 def _cmd_heatmap(args: argparse.Namespace) -> int:
@@ -220,16 +243,12 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     grad = gradient_spectrum(model, x, y, batch_size=min(args.batch_size or 256, 256))
+    summary = hm.to_dict()
+    summary.update(checkpoint=str(args.checkpoint), dataset=job.dataset, **_gradient_correlations(grad, hm),
+                   gradient_seconds=grad.seconds, gradient_power_map=grad.full().tolist())
     hm.plot(out / "heatmap.png", title=job.model)
     _save_figure(plot_fourier_maps([("input-gradient power (mean)", grad.full())]), out / "gradient.png")
-    summary = hm.to_dict()
-    summary.update(
-        checkpoint=str(args.checkpoint), dataset=job.dataset,
-        gradient_rank_correlation_fooling=rank_correlation(grad.power[hm.measured], hm.fooling[hm.measured]),
-        gradient_rank_correlation_error=rank_correlation(grad.power[hm.measured], hm.error[hm.measured]),
-        gradient_seconds=grad.seconds, gradient_power_map=grad.full().tolist(),
-    )
-    write_json(summary, out / "heatmap.json")
+    write_json(summary, out / "heatmap.json")  # last: its presence means the run finished
     keys = ("clean_error", "max_error", "mean_error", "max_fooling", "gradient_rank_correlation_fooling", "seconds",
             "batch_size", "measured_frequencies", "resumed", "world_size")
     print(json.dumps({k: summary[k] for k in keys}))
@@ -269,8 +288,7 @@ def _split_attack_set(train: ImageDataset, n: int, seed: int) -> Tensor:
 
 
 def _cmd_attack(args: argparse.Namespace) -> int:
-    if args.shifts < 0:
-        raise ConfigurationError(f"--shifts must be >= 0, got {args.shifts}")
+    out = prepare_output_dir(args.out)
     model, job, kw = _load(args)
     analysed, inference = _runtime(args, model)
     train = load_dataset(job.dataset, split="train", **kw)
@@ -285,25 +303,25 @@ def _cmd_attack(args: argparse.Namespace) -> int:
                                  batch_size=eval_batch, seed=args.seed)
     noise = random_noise_baseline(model, test.images, test.labels, eps=args.eps, norm=args.norm,
                                   batch_size=eval_batch, seed=args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(sfa.delta, out / "delta.pt")
-    _save_figure(plot_perturbation(sfa.delta, title=f"SFA (k,l)={sfa.frequency}"), out / "delta.png")
-    _save_figure(plot_examples(model, sfa.delta, test.images), out / "examples.png")
     summary = _attack_summary(sfa, held)
     summary.update(checkpoint=str(args.checkpoint), dataset=job.dataset, attack_images=len(x_attack),
                    random_noise_fooling_rate=noise.fooling_rate)
+    combo = None
     if args.combine:
         combo = fourier_combination_attack(model, x_attack, eps=args.eps, norm=args.norm, wave=args.wave,
                                            initial=sfa, batch_size=eval_batch, seed=args.seed,
                                            progress=not args.no_progress)
         combo_held = evaluate_perturbation(model, combo.delta, test.images, test.labels, shifts=args.shifts,
                                            batch_size=eval_batch, seed=args.seed)
-        torch.save(combo.delta, out / "delta_combination.pt")
-        _save_figure(plot_perturbation(combo.delta, title="Fourier combination"), out / "delta_combination.png")
         summary["combination"] = {**combo.to_dict(), "heldout_fooling_rate": combo_held.fooling_rate,
                                   "shifted_fooling_rate": combo_held.shifted_fooling_rate}
-    write_json(summary, out / "attack.json")
+    _save_tensor(sfa.delta, out / "delta.pt")
+    _save_figure(plot_perturbation(sfa.delta, title=f"SFA (k,l)={sfa.frequency}"), out / "delta.png")
+    _save_figure(plot_examples(model, sfa.delta, test.images), out / "examples.png")
+    if combo is not None:
+        _save_tensor(combo.delta, out / "delta_combination.pt")
+        _save_figure(plot_perturbation(combo.delta, title="Fourier combination"), out / "delta_combination.png")
+    write_json(summary, out / "attack.json")  # last: its presence means the run finished
     keys = ("heldout_fooling_rate", "shifted_fooling_rate", "attack_fooling_rate", "queries", "seconds")
     print(json.dumps({k: summary[k] for k in keys}))
     print(f"wrote {out / 'delta.pt'}, {out / 'delta.png'}, {out / 'examples.png'} and {out / 'attack.json'}")

@@ -8,6 +8,7 @@ from typing import Any, Callable, List, Optional, TypeVar, Union
 import torch
 from torch import Tensor, nn
 
+from sturdy import validation
 from sturdy.errors import ConfigurationError, DataError
 from sturdy.utils import eval_mode
 
@@ -38,26 +39,42 @@ def check_batch_size(batch_size: int) -> int:
     return batch_size
 
 
-def check_labels(y: object, n: int) -> Tensor:
-    """``y`` as a tensor of one label per image (shape ``(n,)``), or a :class:`DataError`."""
-    y = torch.as_tensor(y)
-    if y.shape != (n,):
-        raise DataError(f"y must hold one label per image, shape ({n},), got {tuple(y.shape)}")
-    return y
+def check_labels(y: object, n: int, *, num_classes: Optional[int] = None) -> Tensor:
+    """``y`` as integer class labels, one per image (shape ``(n,)``), in ``[0, num_classes)`` when given.
+
+    A list or array is converted with ``torch.as_tensor``; the checks are the shared
+    :func:`sturdy.validation.check_labels` (a :class:`DataError` otherwise).
+    """
+    if not isinstance(y, Tensor):
+        try:
+            y = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError):
+            raise DataError(f"y must be a tensor of class indices, one per image, got {type(y).__name__}") from None
+    return validation.check_labels(y, num_classes=num_classes, count=n, name="y")
+
+
+def check_label_range(y: Tensor, logits: Tensor) -> None:
+    """Labels ``y`` must name classes of the model, whose ``(N, num_classes)`` logits are given."""
+    validation.check_labels(y, num_classes=int(logits.shape[1]), name="y")
 
 
 @torch.no_grad()
-def predict_labels(model: Model, x: Tensor, *, batch_size: int) -> Tensor:
+def predict_labels(model: Model, x: Tensor, *, batch_size: int, y: Optional[Tensor] = None) -> Tensor:
     """Predicted labels ``argmax model(x)`` computed in batches; validates the model's output shape.
+
+    With labels ``y``, checks on the first batch that they name classes of the model.
 
     Raises:
         ConfigurationError: when the model does not take ``(N, C, H, W)`` images (see :func:`call_model`)
             or does not return ``(N, num_classes)`` logits.
+        DataError: a label outside the model's classes.
     """
     out = []
     for start in range(0, x.shape[0], batch_size):
         chunk = x[start : start + batch_size]
         logits = call_model(model, chunk)
+        if start == 0 and y is not None:
+            check_label_range(y, logits)
         out.append(logits.argmax(dim=1))
     return torch.cat(out)
 

@@ -149,7 +149,8 @@ def single_fourier_attack(
         model: classifier on ``(N, C, H, W)`` images; an ``nn.Module`` is put in eval mode for the
             search and its training flags restored after.
         x: attack images in ``bounds``.
-        eps: budget (> 0) in ``norm``.
+        eps: budget (> 0) in ``norm``, at most the farthest two images in ``bounds`` can be
+            (:func:`~sturdy.fourier.perturbation.largest_eps`).
         norm: ``"l2"`` or ``"linf"``.
         wave: ``"sine"`` or ``"square"`` (see :mod:`sturdy.fourier.perturbation`).
         search: ``"staged"`` (default), ``"halving"``, ``"exhaustive"`` (reference) or ``"random"``.
@@ -192,6 +193,7 @@ def single_fourier_attack(
                                     or max_queries < 1):
         raise ConfigurationError(f"max_queries must be a positive int or None, got {max_queries!r}")
     check_images(x, bounds)
+    eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=x.shape[1:])
     device, model_dtype = model_device_dtype(model, x)
     dtype = work_dtype(model_dtype if model_dtype.is_floating_point else x.dtype)
     x = x.to(device=device, dtype=dtype)

@@ -27,6 +27,7 @@ from sturdy.errors import ConfigurationError
 
 __all__ = [
     "DEFAULT_PHASE",
+    "check_phase",
     "fourier_basis",
     "fourier_basis_batch",
     "half_plane",
@@ -37,6 +38,20 @@ __all__ = [
 
 DEFAULT_PHASE: float = -math.pi / 4
 """Phase of the default direction ``(cos theta + sin theta) / ||.||``."""
+
+
+def check_phase(phase: Optional[float], *, allow_random: bool = False) -> Optional[float]:
+    """A finite phase in radians as a float (``None``, a random phase, only when ``allow_random``)."""
+    if phase is None and allow_random:
+        return None
+    what = "a finite number (radians) or None (a random phase)" if allow_random else "a finite number (radians)"
+    try:
+        value = float(phase) if not isinstance(phase, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ConfigurationError(f"phase must be {what}, got {phase!r}")
+    return value
 
 SELF_CONJUGATE_COS_TOL = 1e-9
 """``cos(phi) >= -tol`` counts as positive when a self-conjugate direction picks its sign."""
@@ -199,4 +214,5 @@ def fourier_basis(
     for name, value in (("k", k), ("l", l)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigurationError(f"{name} must be an int, got {value!r}")
+    phase = check_phase(phase)
     return fourier_basis_batch(height, width, [[k, l]], phase, dtype=dtype, device=device)[0]

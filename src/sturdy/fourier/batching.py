@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from sturdy.errors import ConfigurationError
-from sturdy.fourier._common import Model, call_model
+from sturdy.fourier._common import Model, call_model, check_label_range
 
 __all__ = ["AUTOCAST_DTYPES", "BatchSizer", "ModelRunner", "work_dtype"]
 
@@ -96,9 +96,15 @@ class ModelRunner:
         """Predicted labels ``argmax logits`` (long, on the images' device)."""
         return self.logits(images).argmax(dim=1)
 
-    def predict(self, x: Tensor, *, batch_size: int) -> Tensor:
-        """Labels of ``x`` in batches of ``batch_size``."""
-        return torch.cat([self.labels(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    def predict(self, x: Tensor, *, batch_size: int, y: Optional[Tensor] = None) -> Tensor:
+        """Labels of ``x`` in batches of ``batch_size``; with ``y``, checks (first batch) that they name classes."""
+        out = []
+        for i in range(0, x.shape[0], batch_size):
+            logits = self.logits(x[i : i + batch_size])
+            if i == 0 and y is not None:
+                check_label_range(y, logits)
+            out.append(logits.argmax(dim=1))
+        return torch.cat(out)
 
 
 def _sync(device: torch.device) -> None:

@@ -125,7 +125,8 @@ def fourier_combination_attack(
         model: classifier on ``(N, C, H, W)`` images; an ``nn.Module`` is put in eval mode for the
             search and its training flags restored after.
         x: attack images in ``bounds``.
-        eps: budget (> 0) in ``norm``.
+        eps: budget (> 0) in ``norm``, at most the farthest two images in ``bounds`` can be
+            (:func:`~sturdy.fourier.perturbation.largest_eps`).
         norm: ``"l2"`` or ``"linf"``.
         wave: ``"sine"`` or ``"square"`` (of the atoms).
         initial: a :func:`single_fourier_attack` result on the same images and budget (computed with
@@ -156,6 +157,7 @@ def fourier_combination_attack(
     if weights_t.dim() != 1 or len(weights_t) == 0 or not bool((weights_t > 0).all()):
         raise ConfigurationError(f"weights must be a non-empty sequence of numbers > 0, got {weights!r}")
     check_images(x, bounds)
+    eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=x.shape[1:])
     device, dtype = model_device_dtype(model, x)
     x = x.to(device=device, dtype=dtype)
     n, channels, height, width = x.shape

@@ -15,9 +15,17 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from sturdy.errors import ConfigurationError, DataError
+from sturdy.errors import ConfigurationError
 from sturdy.fourier._common import Model, call_model, check_batch_size, check_labels, in_eval_mode, predict_labels
-from sturdy.fourier.perturbation import Bounds, apply_perturbation, check_bounds, check_eps, check_images, check_norm
+from sturdy.fourier.perturbation import (
+    Bounds,
+    apply_perturbation,
+    check_bounds,
+    check_delta,
+    check_eps,
+    check_images,
+    check_norm,
+)
 from sturdy.fourier.shift import circular_shift, random_shifts
 from sturdy.utils import model_device_dtype
 
@@ -73,9 +81,10 @@ def evaluate_perturbation(
     Args:
         model: classifier on ``(N, C, H, W)`` images; an ``nn.Module`` is evaluated in eval mode and its
             training flags restored after.
-        delta: universal perturbation ``(C, H, W)`` (any attack's).
+        delta: universal perturbation ``(C, H, W)`` (any attack's), finite, with an L2 norm at most the
+            farthest two images in ``bounds`` can be (:func:`~sturdy.fourier.perturbation.largest_eps`).
         x: images ``(N, C, H, W)`` in ``bounds``.
-        y: labels ``(N,)``.
+        y: integer labels ``(N,)`` in the model's class range.
         shifts: number of random circular shifts of ``delta`` per image (uniform over all ``H x W``
             shifts, seeded); their mean fooling rate is ``shifted_fooling_rate``.
         bounds: valid pixel range (``None``: no clipping).
@@ -88,16 +97,13 @@ def evaluate_perturbation(
         raise ConfigurationError(f"shifts must be an int >= 0, got {shifts!r}")
     check_images(x, bounds)
     device, dtype = model_device_dtype(model, x)
+    check_delta(delta, x.shape[1:], bounds, dtype)
+    y = check_labels(y, x.shape[0])
     x = x.to(device=device, dtype=dtype)
     n, channels, height, width = x.shape
-    if not isinstance(delta, Tensor) or delta.shape != (channels, height, width):
-        shape = tuple(delta.shape) if isinstance(delta, Tensor) else type(delta).__name__
-        raise DataError(f"delta must have the image shape ({channels}, {height}, {width}), got {shape}")
-    if not bool(torch.isfinite(delta).all()):
-        raise DataError("delta contains NaN or infinite values")
-    y = check_labels(y, n).to(device)
+    y = y.to(device)
     delta = delta.to(device=device, dtype=dtype)
-    clean = predict_labels(model, x, batch_size=batch_size)
+    clean = predict_labels(model, x, batch_size=batch_size, y=y)
     fooled = errors = 0
     l2 = linf = 0.0
     for i0 in range(0, n, batch_size):
@@ -190,8 +196,9 @@ def random_noise_baseline(
         model: classifier on ``(N, C, H, W)`` images; an ``nn.Module`` is evaluated in eval mode and its
             training flags restored after.
         x: images ``(N, C, H, W)`` in ``bounds``.
-        y: labels ``(N,)``.
-        eps: budget (> 0) in ``norm``.
+        y: integer labels ``(N,)`` in the model's class range.
+        eps: budget (> 0) in ``norm``, at most the farthest two images in ``bounds`` can be
+            (:func:`~sturdy.fourier.perturbation.largest_eps`).
         norm: ``"l2"`` or ``"linf"``.
         draws: number of perturbations (>= 1).
         shifts: random circular shifts per image and draw (see :func:`evaluate_perturbation`).
@@ -203,7 +210,10 @@ def random_noise_baseline(
     check_norm(norm)
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ConfigurationError(f"draws must be a positive int, got {draws!r}")
-    check_images(x, check_bounds(bounds))
+    bounds = check_bounds(bounds)
+    check_images(x, bounds)
+    eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=x.shape[1:])
+    check_labels(y, x.shape[0])
     gen = torch.Generator().manual_seed(seed)
     reports = []
     for _ in range(draws):

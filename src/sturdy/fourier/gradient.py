@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sturdy.errors import ConfigurationError
-from sturdy.fourier._common import Model, call_model, check_batch_size, check_labels, in_eval_mode
+from sturdy.fourier._common import Model, call_model, check_batch_size, check_label_range, check_labels, in_eval_mode
 from sturdy.fourier.basis import half_plane, to_full_map
 from sturdy.fourier.perturbation import Bounds, check_images
 from sturdy.utils import model_device_dtype
@@ -66,7 +66,7 @@ def gradient_spectrum(
         model: differentiable classifier on ``(N, C, H, W)`` images; an ``nn.Module`` is evaluated in eval
             mode and its training flags restored after (its parameters get no gradients).
         x: images ``(N, C, H, W)`` in ``bounds``.
-        y: labels ``(N,)``.
+        y: integer labels ``(N,)`` in the model's class range (checked on the first batch's logits).
         batch_size: images per backward pass (per-image gradients: the loss is summed over images).
         bounds: valid range checked on ``x``.
     """
@@ -81,7 +81,10 @@ def gradient_spectrum(
     for i0 in range(0, n, batch_size):
         xs = x[i0 : i0 + batch_size].to(device=device, dtype=dtype).requires_grad_(True)
         with torch.enable_grad():
-            loss = F.cross_entropy(call_model(model, xs), y[i0 : i0 + batch_size].to(device), reduction="sum")
+            logits = call_model(model, xs)
+            if i0 == 0:
+                check_label_range(y, logits)
+            loss = F.cross_entropy(logits, y[i0 : i0 + batch_size].to(device), reduction="sum")
             (grad,) = torch.autograd.grad(loss, xs)
         spec = torch.fft.rfft2(grad.double())
         power += (spec.real**2 + spec.imag**2).sum(dim=(0, 1))

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from sturdy.errors import ConfigurationError, DataError
 from sturdy.fourier._common import Model, check_labels, in_eval_mode
-from sturdy.fourier.basis import DEFAULT_PHASE, fourier_basis_batch, half_plane, to_full_map
+from sturdy.fourier.basis import DEFAULT_PHASE, check_phase, fourier_basis_batch, half_plane, to_full_map
 from sturdy.fourier.batching import BatchSizer, ModelRunner, work_dtype
 from sturdy.fourier.frequencies import FrequencyList, canonical_rows
 from sturdy.fourier.partial import HeatmapCounts, fingerprint, load_partial, save_partial
@@ -46,7 +46,7 @@ from sturdy.fourier.perturbation import (
     shape_directions,
 )
 from sturdy.fourier.plots import plot_fourier_maps
-from sturdy.utils import model_device_dtype
+from sturdy.utils import atomic_save_figure, model_device_dtype
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -190,8 +190,8 @@ class FourierHeatmap:
         return plot_fourier_maps(panels)
 
     def plot(self, path, which: Sequence[str] = ("error", "fooling"), *, title: str = "") -> None:
-        """Save :meth:`figure` as a PNG at ``path``."""
-        self.figure(which, title=title).savefig(path, dpi=120, bbox_inches="tight")
+        """Save :meth:`figure` as a PNG at ``path``, atomically (never a partial image)."""
+        atomic_save_figure(self.figure(which, title=title), path, dpi=120, bbox_inches="tight")
 
 
 class _Draws:
@@ -311,11 +311,13 @@ def fourier_heatmap(
             ``nn.Module`` is evaluated in eval mode and its training flags restored after. A
             ``torch.compile``d module or function is called as given.
         x: images ``(N, C, H, W)`` in ``bounds`` (pixel space); any H, W; grayscale or RGB.
-        y: labels ``(N,)``.
-        eps: budget (> 0) in ``norm``.
+        y: integer labels ``(N,)`` in the model's class range.
+        eps: budget (> 0) in ``norm``, at most the farthest two images in ``bounds`` can be
+            (:func:`~sturdy.fourier.perturbation.largest_eps`).
         norm: ``"l2"`` or ``"linf"`` (see :mod:`sturdy.fourier.perturbation`).
         wave: ``"sine"`` or ``"square"``.
-        phase: phase of every direction, or ``None`` for a uniform random phase per image and frequency.
+        phase: phase of every direction (finite, radians), or ``None`` for a uniform random phase per image
+            and frequency.
         bounds: valid pixel range; perturbed images are clipped to it (``None``: no clipping).
         frequencies: ``None`` (every distinct frequency) or ``(F, 2)`` integer ``(k, l)`` to measure (any
             representative; see :func:`~sturdy.fourier.strided_frequencies` and
@@ -339,12 +341,20 @@ def fourier_heatmap(
 
     Returns:
         A :class:`FourierHeatmap`; rates are means over the N images.
+
+    Raises:
+        DataError: images not ``(N, C, H, W)`` finite floats in ``bounds``; labels not integers, not one per
+            image or outside the model's classes (checked on the clean predictions, before the map).
+        ConfigurationError: a setting out of range (eps beyond the largest meaningful budget, a non-finite
+            phase, ...).
     """
     start = time.perf_counter()
-    eps = check_eps(eps)
+    check_eps(eps)
     check_norm(norm, wave)
     bounds = check_bounds(bounds)
+    phase = check_phase(phase, allow_random=True)
     check_images(x, bounds)
+    eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=x.shape[1:])
     y = check_labels(y, x.shape[0])
     rank, world = _world(distributed)
     if save_every is not None and (isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1):
@@ -365,7 +375,7 @@ def fourier_heatmap(
     settings: Dict[str, Any] = {}
     resumed = 0
     if partial is not None:
-        settings = {"eps": eps, "norm": norm, "wave": wave, "phase": None if phase is None else float(phase),
+        settings = {"eps": eps, "norm": norm, "wave": wave, "phase": phase,
                     "bounds": None if bounds is None else list(bounds), "seed": seed,
                     "shape": [n, channels, height, width], "autocast": str(autocast),
                     **fingerprint(model, x, y)}
@@ -382,7 +392,7 @@ def fourier_heatmap(
         chunk = save_every if save_every is not None else max(1, -(-per_rank // SAVES_PER_RUN))
     sizer = BatchSizer(batch_size, device=device, total=max(1, per_rank * n),
                        item_bytes=channels * height * width * x.element_size())
-    clean = runner.predict(x, batch_size=sizer.next(n))
+    clean = runner.predict(x, batch_size=sizer.next(n), y=y)
     clean_error = float((clean != y).double().mean())
     draws = _Draws(seed, n, channels, phase is None, device, dtype)
     spent = n
@@ -416,7 +426,7 @@ def fourier_heatmap(
         eps=eps,
         norm=norm,
         wave=wave,
-        phase=None if phase is None else float(phase),
+        phase=phase,
         height=height,
         width=width,
         n_images=n,

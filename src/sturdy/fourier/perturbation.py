@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from sturdy import validation
 from sturdy.errors import ConfigurationError, DataError
 from sturdy.fourier.basis import DEFAULT_PHASE, fourier_basis
 
@@ -41,11 +42,44 @@ Bounds = Optional[Tuple[float, float]]
 _SQUARE_ZERO_TOL = 1e-6
 
 
-def check_eps(eps: float) -> float:
-    """Validate a perturbation budget: a finite number > 0."""
+EPS_OVERFLOW = math.sqrt(torch.finfo(torch.float32).max)
+"""Largest budget taken without pixel bounds: squared perturbation entries stay finite in float32."""
+
+
+def largest_eps(norm: str, bounds: Bounds, image_shape: Sequence[int]) -> float:
+    """The largest meaningful budget for images ``(C, H, W)`` in ``bounds``: the farthest two images can be.
+
+    L2: ``sqrt(C * H * W) * (hi - lo)``; L-inf: ``hi - lo``. Without bounds: :data:`EPS_OVERFLOW`.
+    """
+    if bounds is None:
+        return EPS_OVERFLOW
+    span = float(bounds[1]) - float(bounds[0])
+    return math.sqrt(math.prod(int(s) for s in image_shape)) * span if norm == "l2" else span
+
+
+def check_eps(
+    eps: float, *, norm: str = "l2", bounds: Bounds = None, image_shape: Optional[Sequence[int]] = None
+) -> float:
+    """Validate a perturbation budget: a finite number > 0, and (with ``image_shape``) at most :func:`largest_eps`.
+
+    A larger budget only moves every pixel to a bound after clipping (or overflows without bounds), so it is
+    refused with the largest meaningful value.
+    """
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ConfigurationError(f"eps must be a finite number > 0 (the perturbation budget), got {eps!r}")
-    return float(eps)
+    eps = float(eps)
+    limit = largest_eps(norm, bounds, image_shape) if image_shape is not None else EPS_OVERFLOW
+    if eps > limit * (1 + 1e-9):
+        if bounds is None or image_shape is None:
+            why = "without pixel bounds larger budgets overflow float32"
+        else:
+            c, h, w = (int(s) for s in image_shape)
+            lo, hi = bounds
+            why = (f"no {norm} change of {c}x{h}x{w} images in [{lo:g}, {hi:g}] is larger"
+                   f"{' (sqrt(C*H*W) * (hi - lo))' if norm == 'l2' else ' (hi - lo)'}")
+        raise ConfigurationError(f"eps={eps:g} is beyond the largest meaningful {norm} budget {limit:.6g}: {why}; "
+                                 f"pass eps <= {limit:.6g}")
+    return eps
 
 
 def check_norm(norm: str, wave: str = "sine") -> None:
@@ -69,31 +103,35 @@ def check_bounds(bounds: Bounds) -> Bounds:
     return (lo, hi)
 
 
-def check_images(x: Tensor, bounds: Bounds, *, name: str = "x") -> None:
-    """Validate a batch of images: a ``(N, C, H, W)`` floating tensor, finite, inside ``bounds``."""
-    if not isinstance(x, Tensor):
-        raise DataError(f"{name} must be a torch.Tensor of images (N, C, H, W), got {type(x).__name__}")
-    if x.dim() != 4:
-        raise DataError(
-            f"{name} must be a batch of images with shape (N, C, H, W), got shape {tuple(x.shape)}; "
-            "Fourier directions need a spatial H x W grid (add a channel axis with x.unsqueeze(1) for "
-            "grayscale (N, H, W) data)"
-        )
-    if x.shape[0] == 0:
-        raise DataError(f"{name} holds no images (shape {tuple(x.shape)})")
-    if not x.dtype.is_floating_point:
-        raise DataError(f"{name} must be a floating tensor with values in the valid range, got {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
-        raise DataError(f"{name} contains NaN or infinite values; clean or drop those images first")
-    if bounds is not None:
-        lo, hi = bounds
-        tol = 1e-6 * max(1.0, hi - lo)
-        low, high = float(x.min()), float(x.max())
-        if low < lo - tol or high > hi + tol:
-            raise DataError(
-                f"{name} has values in [{low:.4g}, {high:.4g}], outside the valid range [{lo:g}, {hi:g}]; "
-                "rescale the images or pass bounds=(lo, hi) (None disables clipping)"
-            )
+def check_images(x: Tensor, bounds: Bounds, *, name: str = "x") -> Tensor:
+    """Validate a batch of images: a ``(N, C, H, W)`` floating tensor, finite, inside ``bounds``.
+
+    The shared :func:`sturdy.validation.check_images` (a :class:`~sturdy.errors.DataError` otherwise).
+    """
+    return validation.check_images(x, name=name, bounds=bounds)
+
+
+def check_delta(delta: Any, image_shape: Sequence[int], bounds: Bounds, dtype: torch.dtype) -> Tensor:
+    """Validate a universal perturbation ``(C, H, W)``: finite, and no larger than :func:`largest_eps` in L2.
+
+    Raises:
+        DataError: another shape, NaN/inf values (also after casting to ``dtype``), or an L2 norm beyond
+            the farthest two images in ``bounds`` can be.
+    """
+    shape = tuple(int(s) for s in image_shape)
+    if not isinstance(delta, Tensor) or tuple(delta.shape) != shape:
+        got = tuple(delta.shape) if isinstance(delta, Tensor) else type(delta).__name__
+        raise DataError(f"delta must have the image shape {shape}, got {got}")
+    if not bool(torch.isfinite(delta).all()):
+        raise DataError("delta contains NaN or infinite values")
+    size = float(torch.linalg.vector_norm(delta.detach().double()))
+    limit = largest_eps("l2", bounds, shape)
+    if size > limit * (1 + 1e-4):
+        raise DataError(f"delta has L2 norm {size:.6g}, beyond the largest meaningful {limit:.6g} for images "
+                        f"{shape}{'' if bounds is None else f' in [{bounds[0]:g}, {bounds[1]:g}]'}; scale it down")
+    if not bool(torch.isfinite(delta.to(dtype)).all()):
+        raise DataError(f"delta holds values beyond the range of {dtype}; scale it down")
+    return delta
 
 
 def shape_directions(

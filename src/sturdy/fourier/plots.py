@@ -1,7 +1,7 @@
 """Figures of the Fourier part: frequency maps, perturbations, clean vs perturbed examples.
 
 Every function returns a :class:`matplotlib.figure.Figure` built without pyplot, so no global backend or
-figure registry is touched (save it with ``fig.savefig(path)``). matplotlib is imported on first use.
+figure registry is touched (save it with :func:`sturdy.utils.atomic_save_figure`). matplotlib is imported on first use.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from sturdy.fourier._common import call_model, in_eval_mode
-from sturdy.fourier.perturbation import Bounds, apply_perturbation
+from sturdy.fourier.perturbation import Bounds, apply_perturbation, check_bounds, check_delta, check_images
 from sturdy.utils import model_device_dtype
+from sturdy.validation import check_int
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -87,7 +88,11 @@ def plot_examples(
     """
     from matplotlib.figure import Figure
 
+    n = check_int(n, "n", low=1)
+    bounds = check_bounds(bounds)
+    check_images(x, bounds)
     device, dtype = model_device_dtype(model, x)
+    check_delta(delta, x.shape[1:], bounds, dtype)
     x = x[:n].to(device=device, dtype=dtype)
     perturbed = apply_perturbation(x, delta.to(device=device, dtype=dtype), bounds=bounds).images
     clean_pred = call_model(model, x).argmax(1).tolist()

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from sturdy.errors import ConfigurationError
+from sturdy.errors import ConfigurationError, DataError
 from sturdy.lipschitz.bounds import lipschitz_bound
 from sturdy.lipschitz.graph import model_dtype_device
 from sturdy.lipschitz.results import LipschitzBound
@@ -117,6 +117,8 @@ def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
     if not x.is_floating_point():
         hint = " (images in 0..255: pass x.float() / 255)" if x.dtype == torch.uint8 else ""
         raise ConfigurationError(f"x must hold floating-point inputs (images in [0, 1]), got dtype {x.dtype}{hint}")
+    if x.shape[0] == 0:
+        raise DataError(f"x holds no inputs (shape {tuple(x.shape)}); certify at least one")
     bad = int((~torch.isfinite(x)).sum())
     if bad:
         raise ConfigurationError(f"x holds {bad} NaN or inf values; certificates need finite inputs")
@@ -165,6 +167,7 @@ def certify(
     Raises:
         ConfigurationError: ``x`` not floating point (e.g. uint8 images in 0..255) or not finite, labels
             not integers or out of range, ``x`` of another shape than the model (or the bound) takes.
+        DataError: ``x`` holds no inputs.
         UnsupportedModuleError: the model has an operator without a sound rule (named with the reason).
 
     Example:

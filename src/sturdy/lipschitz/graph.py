@@ -52,6 +52,9 @@ __all__ = [
     "compose",
 ]
 
+MAX_INPUT_ELEMENTS = 2**28
+"""Most values per input a bound is built for (the cap of :func:`sturdy.validation.check_input_shape`)."""
+
 
 @dataclass
 class Step:
@@ -78,15 +81,26 @@ class Program:
 
 
 def check_input_shape(input_shape: Sequence[int]) -> Tuple[int, ...]:
-    """``input_shape`` (including the batch dimension) with the batch dimension set to 1."""
+    """``input_shape`` (including the batch dimension) with the batch dimension set to 1.
+
+    Raises:
+        ConfigurationError: not at least two positive ints, or more than :data:`MAX_INPUT_ELEMENTS` values per
+            input (refused before anything is allocated).
+    """
     try:
         shape = tuple(int(s) for s in input_shape)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ConfigurationError(f"input_shape must be a sequence of ints, got {input_shape!r}") from exc
     if len(shape) < 2 or min(shape) < 1:
         raise ConfigurationError(
             f"input_shape must be the shape of one input batch including the batch dimension, e.g. (1, 1, 8, 8) "
             f"for 8x8 grey images; got {shape}"
+        )
+    size = math.prod(shape[1:])
+    if size > MAX_INPUT_ELEMENTS:
+        raise ConfigurationError(
+            f"input_shape {(1,) + shape[1:]} has {size} values per input, more than {MAX_INPUT_ELEMENTS}; the bound "
+            "traces the model on an input of this size, so check the shape (it includes the batch dimension)"
         )
     return (1,) + shape[1:]
 

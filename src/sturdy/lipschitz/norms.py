@@ -17,7 +17,7 @@ the safety factor and several times cheaper than a batched SVD. Only half the fr
 
 Both take a :class:`~sturdy.lipschitz.operators.LinearOp`; :func:`conv2d_fft_norm`,
 :func:`conv2d_circular_norm`, :func:`dense_spectral_norm` and :func:`padding_multiplicity` work on plain
-tensors and sizes. This module holds one idea, operator-norm algorithms, hence its length.
+tensors and sizes. This module holds a single idea, operator-norm algorithms, hence its length.
 
 Conventions: L2 operator norm of the map on flattened per-sample tensors.
 """
