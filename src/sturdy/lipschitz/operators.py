@@ -1,4 +1,5 @@
-"""Linear operators on per-sample tensors, as the Lipschitz rules describe them.
+"""Linear operators on per-sample tensors, as the Lipschitz rules describe them (a single idea: one
+class per kind of operator the rules produce).
 
 A :class:`LinearOp` is the linear part of a layer (bias dropped: it does not change the Lipschitz
 constant) on per-sample tensors of a fixed shape. It applies itself and its adjoint (batched,
