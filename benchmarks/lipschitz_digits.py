@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from sturdy.experiments.jsonio import write_json
-from sturdy.experiments.lipschitz import certify_model, training_plugin
+from sturdy.experiments.lipschitz import training_plugin
+from sturdy.experiments.lipschitz_certify import certify_model
 from sturdy.experiments.train_job import TrainJob, fit
 from sturdy.lipschitz import LipschitzTracker, pgd_l2, tightness
 from sturdy.training import TrainConfig, load_checkpoint

@@ -135,7 +135,8 @@ def test_lmt_resnet_with_batchnorm_does_not_collapse(tmp_path):
     # the reported failure: LMT on the BatchNorm resnet drove BatchNorm's running variance to ~1e-7 and the
     # clean accuracy to chance; with the running-or-batch factor it trains (recipe of benchmarks/lipschitz_digits.py)
     from sturdy.data import load_dataset
-    from sturdy.experiments.lipschitz import LMTPlugin, certify_model
+    from sturdy.experiments.lipschitz import LMTPlugin
+    from sturdy.experiments.lipschitz_certify import certify_model
     from sturdy.experiments.train_job import TrainJob, fit
     from sturdy.training import TrainConfig
 
