@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +94,63 @@ def test_quick_demo_section(trained_cnn, digits, tmp_path):
     json.dumps(res)  # JSON-able
     page = report.write(tmp_path / "report.html").read_text()
     assert "Single Fourier Attack" in page and (tmp_path / "fourier_heatmaps.png").is_file()
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "pi"])
+def test_phase_option_refuses_non_finite_values(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="finite phase"):
+        fourier_experiments._phase(text)
+    assert fourier_experiments._phase("random") is None and fourier_experiments._phase("0.5") == 0.5
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--eps", "1e308"], "largest meaningful l2 budget 8: "),
+    (["--eps", "1.5", "--norm", "linf"], "largest meaningful linf budget 1: "),
+    (["--eps", "1", "--phase", "nan"], "finite phase"),
+])
+def test_heatmap_refuses_meaningless_settings_in_one_line_before_writing(checkpoint, tmp_path, capsys, extra, match):
+    out = tmp_path / "hm"
+    argv = ["fourier", "heatmap", "--checkpoint", str(checkpoint), *extra, "--limit", "4", "--out", str(out),
+            "--no-progress", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and "\n" not in err and "Traceback" not in err, err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_heatmap_of_fewer_than_two_frequencies_notes_the_missing_correlation(checkpoint, tmp_path):
+    out = tmp_path / "hm"
+    argv = ["fourier", "heatmap", "--checkpoint", str(checkpoint), "--eps", "1", "--frequencies", "0,1",
+            "--limit", "4", "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0
+    data = json.loads((out / "heatmap.json").read_text())
+    assert data["measured_frequencies"] == 1 and data["gradient_rank_correlation_fooling"] is None
+    assert "2 measured frequencies" in data["gradient_rank_correlation_note"]
+    assert (out / "heatmap.png").is_file() and (out / "gradient.png").is_file()
+
+
+def test_outputs_are_written_atomically_and_the_results_last(checkpoint, tmp_path, monkeypatch):
+    """Every figure and tensor goes through the atomic writer, and the results JSON comes after them."""
+    from sturdy import utils
+
+    written = []
+    real = utils.atomic_write_bytes
+
+    def record(path, data):
+        written.append(Path(path).name)
+        return real(path, data)
+
+    monkeypatch.setattr(utils, "atomic_write_bytes", record)
+    monkeypatch.setattr(fourier_experiments, "atomic_write_bytes", record)
+    monkeypatch.setattr("sturdy.experiments.jsonio.atomic_write_bytes", record)
+    base = ["--checkpoint", str(checkpoint), "--eps", "1", "--no-progress", "--device", "cpu"]
+    assert main(["fourier", "heatmap", *base, "--limit", "4", "--stride", "4", "--out", str(tmp_path / "hm")]) == 0
+    assert main(["fourier", "attack", *base, "--attack-images", "20", "--max-queries", "400", "--shifts", "0",
+                 "--out", str(tmp_path / "sfa")]) == 0
+    assert written[-1] == "attack.json" and "heatmap.json" in written
+    hm = written[: written.index("heatmap.json") + 1]
+    assert {"heatmap.png", "gradient.png"} <= set(hm) and hm[-1] == "heatmap.json"
+    assert {"delta.pt", "delta.png", "examples.png"} <= set(written[len(hm):])
+    for folder in ("hm", "sfa"):
+        files = [p for p in (tmp_path / folder).iterdir() if p.is_file()]
+        assert files and all(p.stat().st_size > 0 for p in files)

@@ -3,7 +3,8 @@
 Commands (checkpoints are ``model.pt`` files written by ``sturdy train``):
 
 * ``sturdy fourier heatmap --checkpoint M --eps E [--norm l2|linf] [--limit N] --out DIR`` writes
-  ``heatmap.png``, ``gradient.png`` and ``heatmap.json`` (maps, rates, gradient rank correlation).
+  ``heatmap.png``, ``gradient.png`` and ``heatmap.json`` (maps, rates, gradient rank correlation: ``null``
+  with a note when fewer than two frequencies are measured).
   ``--stride S`` / ``--band LOW HIGH`` / ``--frequencies K,L ...`` measure a subset of the frequencies.
   Progress is saved atomically to ``DIR/heatmap.partial.json`` and an interrupted map resumes from it
   (``--no-resume`` starts over). Under ``torchrun`` the frequencies are split over the ranks (gloo on CPU,
@@ -12,7 +13,9 @@ Commands (checkpoints are ``model.pt`` files written by ``sturdy train``):
   [--max-queries Q] --out DIR`` writes ``delta.pt`` (the ``(C, H, W)`` perturbation tensor), ``delta.png``,
   ``examples.png`` and ``attack.json`` (held-out and shifted fooling rates, queries, seconds).
 
-Both take ``--autocast bf16|fp16``, ``--channels-last`` and ``--compile`` (run the model the way it runs
+Every file is written atomically, the results JSON last (its presence means the run finished). ``--eps``
+beyond the largest meaningful budget of the images (L2: ``sqrt(C*H*W)``, L-inf: 1 for pixels in [0, 1])
+is refused. Both take ``--autocast bf16|fp16``, ``--channels-last`` and ``--compile`` (run the model the way it runs
 for inference; perturbations and counts stay exact) and choose their batch size online unless
 ``--batch-size`` is given.
 

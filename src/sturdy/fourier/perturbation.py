@@ -63,14 +63,16 @@ def check_eps(
     """Validate a perturbation budget: a finite number > 0, and (with ``image_shape``) at most :func:`largest_eps`.
 
     A larger budget only moves every pixel to a bound after clipping (or overflows without bounds), so it is
-    refused with the largest meaningful value.
+    refused with the largest meaningful value. Without ``image_shape`` only the sign and finiteness are checked.
     """
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ConfigurationError(f"eps must be a finite number > 0 (the perturbation budget), got {eps!r}")
     eps = float(eps)
-    limit = largest_eps(norm, bounds, image_shape) if image_shape is not None else EPS_OVERFLOW
+    if image_shape is None:
+        return eps
+    limit = largest_eps(norm, bounds, image_shape)
     if eps > limit * (1 + 1e-9):
-        if bounds is None or image_shape is None:
+        if bounds is None:
             why = "without pixel bounds larger budgets overflow float32"
         else:
             c, h, w = (int(s) for s in image_shape)
@@ -126,9 +128,9 @@ def check_delta(delta: Any, image_shape: Sequence[int], bounds: Bounds, dtype: t
         raise DataError("delta contains NaN or infinite values")
     size = float(torch.linalg.vector_norm(delta.detach().double()))
     limit = largest_eps("l2", bounds, shape)
-    if size > limit * (1 + 1e-4):
-        raise DataError(f"delta has L2 norm {size:.6g}, beyond the largest meaningful {limit:.6g} for images "
-                        f"{shape}{'' if bounds is None else f' in [{bounds[0]:g}, {bounds[1]:g}]'}; scale it down")
+    if bounds is not None and size > limit * (1 + 1e-4):
+        raise DataError(f"delta has L2 norm {size:.6g}, beyond the largest meaningful {limit:.6g} for images {shape} "
+                        f"in [{bounds[0]:g}, {bounds[1]:g}] (sqrt(C*H*W) * (hi - lo)); scale it down")
     if not bool(torch.isfinite(delta.to(dtype)).all()):
         raise DataError(f"delta holds values beyond the range of {dtype}; scale it down")
     return delta
@@ -194,11 +196,12 @@ def fourier_perturbation(
         >>> float(fourier_perturbation((1, 8, 8), 1, 2, eps=0.1, norm="linf", wave="square").abs().max())
         0.10000000149011612
     """
-    eps = check_eps(eps)
+    check_eps(eps)
     check_norm(norm, wave)
     if len(shape) != 3:
         raise ConfigurationError(f"shape must be (C, H, W), got {tuple(shape)}")
     channels, height, width = (int(s) for s in shape)
+    eps = check_eps(eps, norm=norm, image_shape=(channels, height, width))
     if channels < 1:
         raise ConfigurationError(f"shape must have at least one channel, got {tuple(shape)}")
     sign_tensor = torch.ones(channels, dtype=dtype, device=device)
