@@ -8,7 +8,7 @@ check: normalized sharpness correlates better than the Hessian trace and the nor
 
 Usage:
     python benchmarks/flatness_correlation.py --out runs/bench/flatness_correlation.json
-        [--preset quick|default|wide] [--workers N] [--time-limit MINUTES]
+        [--preset quick|default|wide] [--seeds N] [--workers N] [--time-limit MINUTES]
         [--grid-dir runs/flatness-grid-default]   # reuses finished points of an earlier run
 """
 
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--grid-dir", default=None, help="grid output folder (default: next to --out)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--quick", action="store_true", help="same as --preset quick")
+    parser.add_argument("--seeds", type=int, default=None, metavar="N", help="seeds 0..N-1 (default: the preset's)")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (one thread each)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                         help="start no new model after this many minutes (run again to resume)")
@@ -40,6 +41,8 @@ def main() -> None:
     spec = PRESETS["quick" if args.quick else args.preset]
     if args.bootstrap is not None:
         spec = replace(spec, bootstrap=args.bootstrap)
+    if args.seeds is not None:
+        spec = replace(spec, seeds=tuple(range(args.seeds)))
     out = Path(args.out)
     grid_dir = Path(args.grid_dir) if args.grid_dir else out.with_suffix("") / spec.name
     summary = run_grid(out=grid_dir, spec=spec, device="cpu", progress=True, workers=args.workers,
