@@ -475,15 +475,16 @@ def train(
             loss, logits = objective(net, x, y, epoch=epoch, step=epoch * steps + step)
             if epoch == start_epoch and step == 0:
                 _check_logits(logits, train_set.num_classes, len(idx))
-            if diverged is None and not bool(torch.isfinite(loss.detach())):
-                diverged = f"epoch {epoch + 1}, step {step + 1} (loss {float(loss.detach())})"
+            loss_value = float(loss.detach())  # the one host read of the step
+            if diverged is None and not math.isfinite(loss_value):
+                diverged = f"epoch {epoch + 1}, step {step + 1} (loss {loss_value})"
                 if world == 1:  # under DDP every rank runs the epoch to its end and all decide together
                     raise _diverged_error(diverged, config, checkpoint_path, epoch)
             loss.backward()
             optimizer.step()
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
-            loss_sum += float(loss.detach()) * len(idx)
+            loss_sum += loss_value * len(idx)
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += len(idx)
         diverged = diverged or _non_finite_weights(model, epoch)
