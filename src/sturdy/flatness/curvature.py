@@ -28,8 +28,9 @@ and the output gradients of one block of columns together take at most ``memory_
 chunk has as many samples as that allows, ``chunk_size`` overrides it, see
 :func:`sturdy.flatness.ggn.plan_memory`); the rules' per-sample tensors take one chunk of at most
 16 MiB (:data:`sturdy.flatness.ggn.RULE_CHUNK_BYTES`); the accumulators take the parameters' size
-(``groups`` times for ``"ggn-mc"``). Peak extra memory is about ``memory_budget + 16 MiB`` plus the
-accumulators (measured in BENCHMARKS.md).
+(``groups`` times for ``"ggn-mc"``). The peak of the extra tensor memory is about ``memory_budget +
+16 MiB`` plus the accumulators; the process's resident set can exceed it by what the C allocator keeps
+after ``free`` and by the libraries' one-time start-up (measured in BENCHMARKS.md).
 """
 
 from __future__ import annotations
