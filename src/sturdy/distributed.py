@@ -23,6 +23,7 @@ import ctypes
 import datetime
 import io
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -205,7 +206,9 @@ def _worker(
             backend, store=store, rank=rank, world_size=world,
             timeout=datetime.timedelta(seconds=collective_timeout_s),
         )
-        value = fn(rank, world, *args)
+        # pickled by value: a tensor sent through the queue as is would be a shared-memory handle that
+        # dies with this process before the launcher reads it
+        value = pickle.dumps(fn(rank, world, *args), protocol=pickle.HIGHEST_PROTOCOL)
         dist.destroy_process_group()
         results.put((rank, "ok", value, time.time()))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, then exit non-zero
@@ -231,7 +234,8 @@ def run_local_workers(
     here ends them all and raises :class:`LaunchInterrupted`.
 
     Args:
-        fn: a picklable (module-level) function; its return value must be picklable.
+        fn: a picklable (module-level) function; its return value must be picklable (tensors come back
+            by value, on the device they were on).
         nproc: number of workers, from 1 to :func:`max_local_workers`.
         args: extra positional arguments for ``fn``.
         device: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL when available).
@@ -301,7 +305,7 @@ def run_local_workers(
               if status == "error"}  # in the order the ranks failed
     missing = [r for r in range(nproc) if r not in outcome]
     if not errors and not missing:
-        return [outcome[r][1] for r in range(nproc)]
+        return [pickle.loads(outcome[r][1]) for r in range(nproc)]
     # The cause: a rank that died without a word (killed, crashed), else the first rank to fail; the
     # other ranks' errors are usually its echo (a closed peer, a timed-out collective).
     died = [r for r in deaths if r not in outcome]
