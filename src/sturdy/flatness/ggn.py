@@ -276,7 +276,9 @@ def _accumulate_chunk(
                         if delta is None:
                             continue
                         if stacked[i] is None:  # sample-major: (n, K, ...) makes the rules' per-sample views free
-                            stacked[i] = delta.new_zeros((delta.shape[0], len(cols), *delta.shape[1:]))
+                            # every column fills its slice: the graph, hence which outputs get a gradient,
+                            # is the same for all columns
+                            stacked[i] = delta.new_empty((delta.shape[0], len(cols), *delta.shape[1:]))
                         stacked[i][:, j].copy_(delta)  # type: ignore[index]
                     del deltas
                 for call, block_deltas in zip(calls, stacked):
