@@ -232,6 +232,52 @@ def test_ggn_exact_on_dataset_and_parameter_subset():
     torch.testing.assert_close(sub.diagonal["0.weight"], full.diagonal["0.weight"], atol=1e-6, rtol=1e-5)
 
 
+def test_ggn_reads_an_iterable_once_one_batch_at_a_time():
+    """The GGN methods stream the data: batch k+1 is read only after the model has seen batch k."""
+    model = tiny_cnn(3)
+    x, y = tiny_data((2, 4, 4), n=12)
+    log = []
+    model.register_forward_pre_hook(lambda m, args: log.append(("forward", args[0].shape[0])))
+
+    class Batches:
+        passes = 0
+
+        def __iter__(self):
+            Batches.passes += 1
+            for start in range(0, 12, 4):
+                log.append(("read", start))
+                yield x[start : start + 4], y[start : start + 4]
+
+    streamed = hessian_diagonal(model, Batches(), chunk_size=4)
+    assert Batches.passes == 1
+    reads = [i for i, event in enumerate(log) if event[0] == "read"]
+    for earlier, later in zip(reads, reads[1:]):
+        assert any(event[0] == "forward" for event in log[earlier + 1 : later])  # no read-ahead
+    whole = hessian_diagonal(model, (x, y))
+    assert streamed.num_samples == 12
+    for name in whole.diagonal:
+        torch.testing.assert_close(streamed.diagonal[name], whole.diagonal[name], atol=EXACT_ATOL, rtol=EXACT_RTOL)
+
+
+def test_ggn_checks_tensor_data_before_any_work_and_a_stream_as_it_is_read():
+    model = tiny_mlp(0)
+    x, y = tiny_data((1, 3, 4), n=10)
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    bad_x = x.clone()
+    bad_x[-1, 0, 0, 0] = float("nan")
+    with pytest.raises(DataError, match="NaN or inf.*sample 9"):
+        hessian_diagonal(model, (bad_x, y), batch_size=2)
+    bad_y = y.clone()
+    bad_y[-1] = 7
+    with pytest.raises(DataError, match=r"class indices in \[0, 2\].*\[0, 7\]"):
+        hessian_diagonal(model, (x, bad_y), batch_size=2)
+    assert calls == [2]  # only the probe of the output width ran
+    loader = [(x[:5], y[:5]), (x[5:], bad_y[5:])]
+    with pytest.raises(DataError, match=r"class indices in \[0, 2\]"):
+        hessian_diagonal(model, loader)
+
+
 def test_hutchinson_within_reported_error():
     model = tiny_mlp(3)
     x, y = tiny_data((1, 3, 4), n=8)

@@ -10,6 +10,7 @@ Conventions used by every function of the subpackage:
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 import torch
@@ -146,6 +147,53 @@ def classification_batches(
     num_classes = output_width(model, batches[0][0])
     check_class_range(batches, num_classes)
     return batches, num_classes
+
+
+def stream_classification_batches(
+    model: nn.Module, data: Any, *, batch_size: int, device: torch.device, dtype: torch.dtype
+) -> Tuple[Iterator[Tuple[Tensor, Tensor]], int, Optional[int]]:
+    """One pass over ``data`` as checked class-index batches, read and moved to ``device`` one at a time.
+
+    For methods that need a single pass: memory holds one batch, whatever the data size (a
+    ``DataLoader`` is iterated once, as given). Targets held as one tensor (a pair of tensors, an
+    ``ImageDataset``) are range-checked before the first batch; batches of other data as they are read.
+    The model should already be in eval mode.
+
+    Returns:
+        The batches (non-empty ones only), the number of classes (the model's output width on the first
+        batch), and the number of samples when known before the pass (``None`` for an iterable).
+
+    Raises:
+        DataError: no samples, or targets that are not class indices of the model's outputs.
+    """
+    pair = data if isinstance(data, (tuple, list)) and len(data) == 2 else None
+    if pair is None and isinstance(getattr(data, "images", None), Tensor):
+        pair = (data.images, getattr(data, "labels", None))
+    in_memory = pair is not None and all(isinstance(t, Tensor) for t in pair)
+    labels = pair[1] if in_memory else None  # type: ignore[index]
+    total = int(labels.shape[0]) if labels is not None and labels.dim() else None
+    if in_memory and total is not None and pair[0].dim() and pair[0].shape[0] == total:  # type: ignore[index]
+        for start in range(0, total, batch_size):  # every input checked before any work, where it lies
+            check_batch(pair[0][start : start + batch_size], labels[start : start + batch_size], start,  # type: ignore
+                        classes=True)
+    if total is None and isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        total = len(data)  # type: ignore[arg-type]
+    batches = (b for b in iter_batches(data, batch_size=batch_size, device=device, dtype=dtype, classes=True)
+               if b[0].shape[0])
+    first = next(batches, None)
+    if first is None:
+        raise DataError("the data holds no samples; pass at least one (input, target) pair")
+    num_classes = output_width(model, first[0])
+    if labels is not None and labels.numel():
+        check_class_range([(first[0], labels)], num_classes)
+        return itertools.chain([first], batches), num_classes, total
+
+    def checked() -> Iterator[Tuple[Tensor, Tensor]]:
+        for x, y in itertools.chain([first], batches):
+            check_class_range([(x, y)], num_classes)
+            yield x, y
+
+    return checked(), num_classes, total
 
 
 def _cast(x: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:

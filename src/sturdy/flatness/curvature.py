@@ -28,9 +28,11 @@ and the output gradients of one block of columns together take at most ``memory_
 chunk has as many samples as that allows, ``chunk_size`` overrides it, see
 :func:`sturdy.flatness.ggn.plan_memory`); the rules' per-sample tensors take one chunk of at most
 16 MiB (:data:`sturdy.flatness.ggn.RULE_CHUNK_BYTES`); the accumulators take the parameters' size
-(``groups`` times for ``"ggn-mc"``). The peak of the extra tensor memory is about ``memory_budget +
-16 MiB`` plus the accumulators; the process's resident set can exceed it by what the C allocator keeps
-after ``free`` and by the libraries' one-time start-up (measured in BENCHMARKS.md).
+(``groups`` times for ``"ggn-mc"``); the data is read in one pass, one batch of ``batch_size`` samples
+on the device at a time (a ``DataLoader`` is iterated once, as given). The peak of the extra tensor
+memory is about ``memory_budget + 16 MiB`` plus the accumulators and one batch; the process's resident
+set can exceed it by what the C allocator keeps after ``free`` and by the libraries' one-time start-up
+(measured in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ from sturdy.errors import ConfigurationError
 from sturdy.flatness._data import (
     LossFn,
     check_positive_int,
-    classification_batches,
     default_loss,
     loss_batches,
+    stream_classification_batches,
     trainable_parameters,
 )
 from sturdy.flatness.ggn import exact_columns, ggn_columns, monte_carlo_columns
@@ -292,10 +294,10 @@ def hessian_diagonal(
             )
             return HessianDiagonal(diag, err, method, num_samples, probes, quantity="hessian_diagonal",
                                    is_hessian=True, sum_stderr={n: _sum_stderr(e) for n, e in err.items()})
-        batches, num_classes = classification_batches(model, data, batch_size=batch_size, device=device, dtype=dtype)
+        batches, num_classes, total = stream_classification_batches(model, data, batch_size=batch_size,
+                                                                    device=device, dtype=dtype)
         if method == "auto":
             method = "ggn-exact" if num_classes <= MC_CLASS_THRESHOLD else "ggn-mc"
-        num_samples = sum(int(x.shape[0]) for x, _ in batches)
         if method == "ggn-exact":
             columns, groups, used = exact_columns, 1, 0
         else:
@@ -304,7 +306,8 @@ def hessian_diagonal(
                 groups = mc_samples  # a prime number of samples: one group per sample
             columns, used = monte_carlo_columns(mc_samples, seed), mc_samples
         result = ggn_columns(model, batches, params, columns, groups=groups, memory_budget=memory_budget,
-                             chunk_size=chunk_size, progress=progress, backend=backend, desc=method)
+                             chunk_size=chunk_size, progress=progress, backend=backend, desc=method, total=total)
+        num_samples = result.num_samples
     diag: Dict[str, Tensor] = {}
     err: Dict[str, Tensor] = {}
     sum_err: Dict[str, float] = {}

@@ -26,7 +26,7 @@ per-sample gradients through the whole network (their per-sample gradients add u
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -65,12 +65,14 @@ class GGNAccumulation:
         groups: parameter name -> ``(G, *shape)`` sums, one per group of columns.
         exactness: the operators of the traced graphs (:func:`~sturdy.flatness.exactness.analyse_graph`).
         num_classes: width of the logits.
+        num_samples: samples summed over.
         chunk_size: samples per forward pass used; column_block: columns per block of the last chunk.
     """
 
     groups: Dict[str, Tensor]
     exactness: GraphExactness
     num_classes: int
+    num_samples: int
     chunk_size: int
     column_block: int
 
@@ -169,7 +171,7 @@ def _constants(model: nn.Module, free: Dict[str, Tensor]) -> Dict[str, Tensor]:
 
 def ggn_columns(
     model: nn.Module,
-    batches: List[Tuple[Tensor, Tensor]],
+    batches: Iterable[Tuple[Tensor, Tensor]],
     params: List[Tuple[str, nn.Parameter]],
     columns: ColumnFn,
     *,
@@ -179,10 +181,12 @@ def ggn_columns(
     progress: bool,
     backend: str = "hooks",
     desc: str = "ggn",
+    total: Optional[int] = None,
 ) -> GGNAccumulation:
     """``sum_n sum_k (J_n^T v_{n,k})^2`` for the columns of ``columns``, split into ``groups`` (module docstring).
 
     The model must be in eval mode already. Column ``k`` of a chunk belongs to group ``k * groups // K``.
+    ``batches`` is read once, one batch at a time; ``total`` (samples, when known) sizes the progress bar.
     """
     refuse_interacting_samples(model)
     name_of = {id(p): n for n, p in params}
@@ -190,8 +194,8 @@ def ggn_columns(
     acc = {n: torch.zeros((groups, *p.shape), dtype=p.dtype, device=p.device) for n, p in params}
     exactness = GraphExactness(True, ())
     num_classes, block, chunk = 0, 1, chunk_size or 1
-    chunk_index = 0
-    bar = tqdm(total=sum(int(x.shape[0]) for x, _ in batches), desc=desc, unit="sample", disable=not progress)
+    chunk_index = num_samples = 0
+    bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress)
     try:
         for x_batch, _ in batches:
             start = 0
@@ -219,11 +223,12 @@ def ggn_columns(
                     v = columns(torch.softmax(logits.detach(), dim=1), chunk_index)
                 block = _accumulate_chunk(model, x, logits, calls, fallback, v, acc, name_of, groups, memory_budget)
                 chunk_index += 1
+                num_samples += int(x.shape[0])
                 bar.update(int(x.shape[0]))
     finally:
         recorder.remove()
         bar.close()
-    return GGNAccumulation(acc, exactness, num_classes, chunk, block)
+    return GGNAccumulation(acc, exactness, num_classes, num_samples, chunk, block)
 
 
 def _auto_chunk(model: nn.Module, recorder: CallRecorder, x1: Tensor, budget: int) -> int:
