@@ -356,6 +356,7 @@ def train(
     resume: bool = True,
     until_epoch: Optional[int] = None,
     on_epoch_end: Optional[Callable[[EpochMetrics], Optional[bool]]] = None,
+    check_resume: Optional[Callable[[Mapping[str, Any]], None]] = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place.
@@ -378,6 +379,8 @@ def train(
             split a run in two.
         on_epoch_end: called with each epoch's metrics after its checkpoint is written; returning
             ``True`` stops training there (``TrainResult.stopped_early``), e.g. for early stopping.
+        check_resume: called with the loaded checkpoint before anything is restored from it; raise
+            (e.g. :class:`~sturdy.errors.CheckpointError`) to refuse resuming from it.
         progress: show a tqdm progress bar (rank 0 only).
 
     Returns:
@@ -419,6 +422,8 @@ def train(
     if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
         ckpt = load_checkpoint(checkpoint_path, map_location=device)
         check_resumable(ckpt, checkpoint_path)
+        if check_resume is not None:
+            check_resume(ckpt)
         stored, wanted = _resume_key(ckpt["config"]), _resume_key(asdict(config))
         if stored != wanted:
             differ = ", ".join(f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} here"

@@ -113,6 +113,15 @@ def test_rerun_into_another_architecture_names_the_difference(tmp_path):
         fit(other, progress=False)
 
 
+def test_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
+    fit(_job(tmp_path, epochs=1), progress=False)
+    reads = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a) or real(*a, **k))
+    fit(_job(tmp_path, epochs=2), progress=False)
+    assert len(reads) == 1
+
+
 def test_rerun_with_fewer_epochs_than_done_is_refused(tmp_path):
     fit(_job(tmp_path, epochs=2), progress=False)
     with pytest.raises(CheckpointError, match="already past epoch 1"):

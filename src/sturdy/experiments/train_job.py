@@ -235,8 +235,6 @@ def fit(
                        steps_per_epoch=steps_per_epoch(len(train_set), config.batch_size, _world()[1]),
                        device=device)
     hooks = _combine([plugin.setup(model, ctx) for plugin in plugins])
-    if resume and (out / "model.pt").is_file():
-        _check_same_job(out / "model.pt", job)
     result = train(
         model,
         train_set,
@@ -250,6 +248,7 @@ def fit(
                           "num_classes": ctx.num_classes},
         resume=resume,
         on_epoch_end=lambda metrics: _drop_stale_results(out),
+        check_resume=lambda ckpt: _check_same_job(ckpt, out / "model.pt", job),
         progress=progress,
     )
     results: Dict[str, Any] = {
@@ -277,9 +276,10 @@ def _drop_stale_results(out: Path) -> None:
 _JOB_IDENTITY = ("dataset", "model", "model_kwargs", "resize")
 
 
-def _check_same_job(path: Path, job: TrainJob) -> None:
-    """Refuse to resume a checkpoint made for another data set or architecture, naming the difference."""
-    stored = load_checkpoint(path, map_location="cpu").get("extra", {}).get("job")
+def _check_same_job(ckpt: Mapping[str, Any], path: Path, job: TrainJob) -> None:
+    """Refuse to resume checkpoint ``ckpt`` (read from ``path``) made for another data set or architecture,
+    naming the difference."""
+    stored = ckpt.get("extra", {}).get("job")
     if not isinstance(stored, dict):
         return
     here = job.to_dict()
