@@ -232,6 +232,30 @@ def test_ggn_exact_on_dataset_and_parameter_subset():
     torch.testing.assert_close(sub.diagonal["0.weight"], full.diagonal["0.weight"], atol=1e-6, rtol=1e-5)
 
 
+class _GRUClassifier(nn.Module):
+    """A recurrent classifier whose GRU ``torch.func.vmap`` cannot batch (in-place updates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
+
+
+def test_module_vmap_cannot_batch_is_computed_one_sample_at_a_time_and_equals_dense_ggn():
+    torch.manual_seed(0)
+    model = _GRUClassifier().double()
+    x, y = tiny_data((5, 3), n=6)
+    with pytest.warns(RuntimeWarning, match="vmap cannot batch .*one sample at a time"):
+        result = hessian_diagonal(model, (x, y))
+    assert not result.is_hessian  # sigmoid and tanh gates
+    reference = ggn_diagonal_reference(model, x, y)
+    for name, ref in reference.items():
+        torch.testing.assert_close(result.diagonal[name], ref, atol=EXACT_ATOL, rtol=EXACT_RTOL, msg=name)
+
+
 def test_ggn_reads_an_iterable_once_one_batch_at_a_time():
     """The GGN methods stream the data: batch k+1 is read only after the model has seen batch k."""
     model = tiny_cnn(3)
