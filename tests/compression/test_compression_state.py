@@ -29,8 +29,9 @@ TIME_TOL = dict(rtol=1e-9, atol=1e-12)
 
 
 @pytest.fixture
-def single_process_group(tmp_path):
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+def single_process_group():
+    # an in-memory store: no file for a background thread to find deleted with tmp_path
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield
     finally:
