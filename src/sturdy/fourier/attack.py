@@ -131,7 +131,7 @@ def single_fourier_attack(
     eta: int = 2,
     screen_images: int = 32,
     keep_frequencies: int = 16,
-    screen_configs: int = 4,
+    screen_configs: Optional[int] = None,
     bounds: Bounds = (0.0, 1.0),
     batch_size: Optional[int] = None,
     seed: int = 0,
@@ -163,7 +163,8 @@ def single_fourier_attack(
         eta: halving rate (keep ``1 / eta`` of the candidates, grow the subset ``eta`` times).
         screen_images: staged: images of the frequency screen (without ``max_queries``).
         keep_frequencies: staged: frequencies refined (without ``max_queries``).
-        screen_configs: staged: random (phase, signs) configurations per frequency in the screen.
+        screen_configs: staged: random (phase, signs) configurations per frequency in the screen
+            (``None``: one per screen image, the most robust; see :mod:`sturdy.fourier.staged`).
         bounds: valid pixel range; perturbed images are clipped to it.
         batch_size: perturbed images per model call, or ``None``: chosen online on the search's own
             calls (no query is spent on probing).
@@ -185,7 +186,9 @@ def single_fourier_attack(
     if search not in SEARCHES:
         raise ConfigurationError(f"search must be one of {SEARCHES}, got {search!r}")
     limits = (("initial_images", initial_images, 1), ("eta", eta, 2), ("screen_images", screen_images, 1),
-              ("keep_frequencies", keep_frequencies, 1), ("screen_configs", screen_configs, 1))
+              ("keep_frequencies", keep_frequencies, 1))
+    if screen_configs is not None:
+        limits += (("screen_configs", screen_configs, 1),)
     for name, value, low in limits:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigurationError(f"{name} must be an int >= {low}, got {value!r}")
