@@ -2,8 +2,7 @@
 says what was wrong and what was expected, before any work or allocation.
 
 The shared checks of :mod:`sturdy.validation` come first, then the core (data, training, checkpoints),
-then the parts' entry points. A part that does not check an input yet is ``xfail(strict=True)``: the
-test flips to a failure the day the part is fixed, so the mark is removed then.
+then the parts' entry points.
 """
 
 import copy
@@ -33,10 +32,6 @@ from sturdy.validation import (
     check_labels,
     check_number,
 )
-
-
-def _part_bug(reason: str):
-    return pytest.mark.xfail(strict=True, reason=reason)
 
 
 @pytest.fixture(autouse=True)
