@@ -155,8 +155,9 @@ def stream_classification_batches(
     """One pass over ``data`` as checked class-index batches, read and moved to ``device`` one at a time.
 
     For methods that need a single pass: memory holds one batch, whatever the data size (a
-    ``DataLoader`` is iterated once, as given). Targets held as one tensor (a pair of tensors, an
-    ``ImageDataset``) are range-checked before the first batch; batches of other data as they are read.
+    ``DataLoader`` is iterated once, as given). Data held as tensors (a pair of tensors, an
+    ``ImageDataset``) is checked whole before the first batch is moved; other data batch by batch as it is
+    read.
     The model should already be in eval mode.
 
     Returns:
@@ -169,29 +170,28 @@ def stream_classification_batches(
     pair = data if isinstance(data, (tuple, list)) and len(data) == 2 else None
     if pair is None and isinstance(getattr(data, "images", None), Tensor):
         pair = (data.images, getattr(data, "labels", None))
-    in_memory = pair is not None and all(isinstance(t, Tensor) for t in pair)
-    labels = pair[1] if in_memory else None  # type: ignore[index]
-    total = int(labels.shape[0]) if labels is not None and labels.dim() else None
-    if in_memory and total is not None and pair[0].dim() and pair[0].shape[0] == total:  # type: ignore[index]
-        for start in range(0, total, batch_size):  # every input checked before any work, where it lies
-            check_batch(pair[0][start : start + batch_size], labels[start : start + batch_size], start,  # type: ignore
-                        classes=True)
-    if total is None and isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
-        total = len(data)  # type: ignore[arg-type]
+    if pair is not None and all(isinstance(t, Tensor) for t in pair):
+        x, y = pair
+        # every batch checked before any work, where the data lies: views of it, nothing is copied
+        views = [b for b in iter_batches(pair, batch_size=batch_size, device=x.device, dtype=x.dtype, classes=True)
+                 if b[0].shape[0]]
+        if not views:
+            raise DataError("the data holds no samples; pass at least one (input, target) pair")
+        num_classes = output_width(model, _cast(views[0][0], device, dtype))
+        check_class_range(views, num_classes)
+        return ((_cast(xb, device, dtype), yb.to(device)) for xb, yb in views), num_classes, int(y.shape[0])
+    total = len(data) if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__") else None
     batches = (b for b in iter_batches(data, batch_size=batch_size, device=device, dtype=dtype, classes=True)
                if b[0].shape[0])
     first = next(batches, None)
     if first is None:
         raise DataError("the data holds no samples; pass at least one (input, target) pair")
     num_classes = output_width(model, first[0])
-    if labels is not None and labels.numel():
-        check_class_range([(first[0], labels)], num_classes)
-        return itertools.chain([first], batches), num_classes, total
 
     def checked() -> Iterator[Tuple[Tensor, Tensor]]:
-        for x, y in itertools.chain([first], batches):
-            check_class_range([(x, y)], num_classes)
-            yield x, y
+        for xb, yb in itertools.chain([first], batches):
+            check_class_range([(xb, yb)], num_classes)
+            yield xb, yb
 
     return checked(), num_classes, total
 
