@@ -224,6 +224,16 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     device = _distributed_device(args)
+    try:
+        return _heatmap(args, device)
+    finally:  # a rank that exits with its group alive can abort in the group's teardown
+        if device is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _heatmap(args: argparse.Namespace, device: Optional[torch.device]) -> int:
+    import torch.distributed as dist
+
     distributed = device is not None and dist.get_world_size() > 1
     rank = dist.get_rank() if device is not None else 0
     out = Path(args.out)
