@@ -10,7 +10,7 @@ per worker, the measured unthrottled step time of plain DDP as compute, the extr
 the compressed step as codec time, and the compression ratio measured in the same window.
 
 The compressed model first trains ``--warmup-steps`` unthrottled steps, so that its traffic is past the
-start-up phase (DESIGN section 4); then, for each rate, both methods run ``--steps`` steps in interleaved
+start-up phase (docs/design.md section 4); then, for each rate, both methods run ``--steps`` steps in interleaved
 rounds.
 
     python benchmarks/compression_throttled_link.py --workers 2 --rates-mbit 10,30,100,300,1000

@@ -159,7 +159,7 @@ def test_encode_validation_and_corrupt_payloads():
 
 
 def _variance_reference(r, v, alpha, zeta):
-    """Element-by-element loop of DESIGN section 4 with float32 values."""
+    """Element-by-element loop of docs/design.md section 4 with float32 values."""
     r, v = r.clone(), v.clone()
     sent = torch.zeros_like(r)
     for i in range(r.numel()):

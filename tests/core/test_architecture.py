@@ -1,4 +1,4 @@
-"""The layering of DESIGN.md, checked on the source: the four parts are libraries that import only the
+"""The layering of docs/design.md (Layout), checked on the source: the four parts are libraries that import only the
 shared core, and no module imports itself back through others (no import cycle at any level)."""
 
 import ast

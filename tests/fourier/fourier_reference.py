@@ -8,7 +8,7 @@ import torch
 
 
 def direct_direction(height: int, width: int, k: int, l: int, phase: float) -> torch.Tensor:  # noqa: E741
-    """cos(2 pi (k p / H + l q / W) + phase), normalised, in float64 (self-conjugate rule of DESIGN)."""
+    """cos(2 pi (k p / H + l q / W) + phase), normalised, in float64 (self-conjugate rule of docs/design.md section 2)."""
     p, q = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     theta = 2 * math.pi * (k * p.double() / height + l * q.double() / width)
     if (2 * k) % height == 0 and (2 * l) % width == 0:
@@ -19,7 +19,7 @@ def direct_direction(height: int, width: int, k: int, l: int, phase: float) -> t
 
 
 def direct_perturbation(u: torch.Tensor, signs, *, eps: float, norm: str, wave: str) -> torch.Tensor:
-    """The perturbation (C, H, W) of DESIGN section 2 written out per channel."""
+    """The perturbation (C, H, W) of docs/design.md section 2 written out per channel."""
     if wave == "square":
         u = torch.where(u.abs() < 1e-6 * u.abs().max(), 0.0, torch.sign(u))
     channels = []

@@ -26,7 +26,7 @@ SIZES = [(8, 8), (7, 5), (6, 9), (5, 6), (1, 4), (5, 1), (2, 2), (3, 3), (4, 7)]
 
 
 def direct(height: int, width: int, k: int, l: int, phase: float) -> torch.Tensor:  # noqa: E741
-    """cos(theta + phase) normalised, straight from DESIGN section 2, in float64."""
+    """cos(theta + phase) normalised, straight from docs/design.md section 2, in float64."""
     p, q = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     theta = 2 * math.pi * (k * p.double() / height + l * q.double() / width)
     u = torch.cos(theta + phase)

@@ -3,7 +3,7 @@
 Convention: for a loss ``L`` that is backpropagated (usually the *mean* over a local mini-batch of
 size ``b``), the statistic of a parameter element ``i`` is ``sum_x (dL/dtheta_i restricted to sample
 x)^2``. With the mean reduction this is ``(1/b^2) sum_x g_{x,i}^2`` (``g_x`` the gradient of sample
-``x``'s own loss), i.e. exactly ``s_i`` of DESIGN section 4: the second moment of the mean gradient,
+``x``'s own loss), i.e. exactly ``s_i`` of docs/design.md section 4: the second moment of the mean gradient,
 an over-estimate of its variance *(choice)*. With a sum reduction it is ``sum_x g_{x,i}^2``.
 
 How: :class:`sturdy.persample.SquaredGradientHooks` computes each module's statistics from its input and

@@ -1,4 +1,4 @@
-"""Variance-based gradient compression (Tsuzuku et al. 2018, DESIGN section 4) as a DDP communication hook.
+"""Variance-based gradient compression (Tsuzuku et al. 2018, docs/design.md section 4) as a DDP communication hook.
 
 Usage (every rank)::
 
@@ -33,7 +33,7 @@ __all__ = ["VarianceCompressionState", "variance_hook"]
 
 
 class VarianceCompressionState(ResidualState):
-    """State of :func:`variance_hook` (DESIGN section 4).
+    """State of :func:`variance_hook` (docs/design.md section 4).
 
     Args:
         process_group: the group to communicate in (default: the world).

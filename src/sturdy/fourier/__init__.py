@@ -1,4 +1,4 @@
-"""Fourier-basis sensitivity heat maps and the Single Fourier Attack (DESIGN section 2).
+"""Fourier-basis sensitivity heat maps and the Single Fourier Attack (docs/design.md section 2).
 
 Images are ``(N, C, H, W)`` tensors in ``[0, 1]`` (any H, W); directions are the unit-L2 real Fourier
 basis functions ``cos(2 pi (k p / H + l q / W) + phi)`` generated on the fly with ``torch.fft.irfft2``.

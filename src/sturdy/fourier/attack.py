@@ -154,7 +154,7 @@ def single_fourier_attack(
         norm: ``"l2"`` or ``"linf"``.
         wave: ``"sine"`` or ``"square"`` (see :mod:`sturdy.fourier.perturbation`).
         search: ``"staged"`` (default), ``"halving"``, ``"exhaustive"`` (reference) or ``"random"``.
-        phases: number of phases ``2 pi j / phases`` searched (DESIGN: 8).
+        phases: number of phases ``2 pi j / phases`` searched (docs/design.md section 2: 8).
         search_signs: search the channel sign patterns (else all channels ``+1``).
         max_queries: hard query budget, clean predictions included; never exceeded. Staged and random
             searches fit their sizes to it, halving shrinks ``initial_images``, exhaustive refuses to

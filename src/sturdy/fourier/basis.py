@@ -1,6 +1,6 @@
 """Real Fourier basis directions of an H x W image plane, generated on the fly.
 
-Conventions (DESIGN section 2): for a frequency ``(k, l)`` with ``0 <= k < H`` and ``0 <= l < W`` let
+Conventions (docs/design.md section 2): for a frequency ``(k, l)`` with ``0 <= k < H`` and ``0 <= l < W`` let
 ``theta[p, q] = 2 pi (k p / H + l q / W)``. The direction of phase ``phi`` is ``cos(theta + phi)``
 normalised to unit L2 norm. The default phase ``-pi/4`` gives ``(cos theta + sin theta) / ||.||``, i.e.
 ``Re((1 - i) F_{k,l})``. The frequencies ``(k, l)`` and ``(-k mod H, -l mod W)`` span the same real

@@ -1,6 +1,6 @@
 """Fourier perturbations under an L2 or L-inf budget, channel sign patterns and clipping.
 
-Conventions (DESIGN section 2): images live in ``[lo, hi]^{C x H x W}`` (default ``[0, 1]``).
+Conventions (docs/design.md section 2): images live in ``[lo, hi]^{C x H x W}`` (default ``[0, 1]``).
 For a unit direction ``u`` (H x W) and a channel sign pattern ``s in {-1, +1}^C``:
 
 * ``norm="l2"``, ``wave="sine"``: ``d = eps * (s x u) / ||s x u||_2`` (so ``||d||_2 = eps``);
