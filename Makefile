@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # compile the optional numba kernels of the compression hook once (numba caches them on disk)
 export WARM_UP := from sturdy.compression import warm_up; print('compression kernels:', 'numba' if warm_up() else 'numpy')
 
-.PHONY: venv install install-dev demo test test-slow lint clean
+.PHONY: venv install install-dev demo test test-multiprocess test-slow lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,12 @@ install-dev: $(BIN)/python
 demo: install
 	$(BIN)/sturdy demo --out runs/demo
 
+# the fast tier; the multi-process lifecycle tests run in `test-multiprocess` (CI runs both)
 test: install-dev
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not multiprocess" $(PYTEST_ARGS)
+
+test-multiprocess: install-dev
+	$(BIN)/python -m pytest -q -m "multiprocess and not slow" $(PYTEST_ARGS)
 
 test-slow: install-dev
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)

@@ -251,6 +251,7 @@ def test_checkpoint_resume_is_bit_identical(reports, case):
         assert report["iters"] == (12, 12)
 
 
+@pytest.mark.multiprocess
 def test_a_dying_worker_fails_the_run_quickly():
     start = time.monotonic()
     with pytest.raises(DistributedError, match=r"rank 1 died \(exit code 3\)") as info:

@@ -85,6 +85,7 @@ def _wait_gone(pids, seconds):
     return None
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_failures_and_signals_end_every_worker(tmp_path):
     folders = [tmp_path / name for name in (*STOP_SIGNALS, "SIGKILL")]

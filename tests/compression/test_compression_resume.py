@@ -25,7 +25,7 @@ from sturdy.experiments.train_job import TrainHooks, TrainJob, fit, load_job_dat
 from sturdy.models import create_model
 from sturdy.training import load_checkpoint, train
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.multiprocess]  # the crash test's fixture serves the module
 
 METHODS = {"vgc": {"alpha": 2.0}, "strom": {"strom_tau": 1e-3}, "topk": {"topk_ratio": 0.05},
            "powersgd": {"powersgd_rank": 1}}

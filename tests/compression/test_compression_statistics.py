@@ -36,12 +36,6 @@ def _check(model, x, y, **kw):
         torch.testing.assert_close(fast[name], reference[name], rtol=REL_TOL, atol=ABS_TOL, msg=name)
 
 
-def test_linear_mlp_matches_per_sample_loop():
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
-    _check(model, torch.randn(6, 5), torch.randint(0, 3, (6,)))
-
-
 @pytest.mark.parametrize("chunk_bytes", [None, 1])
 def test_conv_batchnorm_net_matches_per_sample_loop(chunk_bytes):
     torch.manual_seed(5)

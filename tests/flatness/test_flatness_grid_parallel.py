@@ -27,6 +27,7 @@ def _records(folder):
     return {p.name: _without_timings(json.loads(p.read_text())) for p in (folder / "points").glob("*.json")}
 
 
+@pytest.mark.multiprocess
 def test_parallel_records_equal_serial_records(tmp_path):
     serial = run_grid(out=tmp_path / "serial", spec=TINY, progress=False)
     parallel = run_grid(out=tmp_path / "parallel", spec=TINY, progress=False, workers=2)

@@ -8,7 +8,7 @@ import torch
 
 
 def direct_direction(height: int, width: int, k: int, l: int, phase: float) -> torch.Tensor:  # noqa: E741
-    """cos(2 pi (k p / H + l q / W) + phase), normalised, in float64 (self-conjugate rule of docs/design.md section 2)."""
+    """Unit-norm cos(2 pi (k p / H + l q / W) + phase) in float64 (self-conjugate rule: docs/design.md section 2)."""
     p, q = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     theta = 2 * math.pi * (k * p.double() / height + l * q.double() / width)
     if (2 * k) % height == 0 and (2 * l) % width == 0:
