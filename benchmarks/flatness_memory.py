@@ -115,10 +115,11 @@ def main() -> None:
                   f"peak extra live heap {row['live_heap_peak_extra_mib']:.0f} MiB, "
                   f"resident {row['rss_peak_extra_mib']:.0f} MiB "
                   f"(bound {row['bound_mib']:.0f} MiB), {row['seconds']:.0f} s", flush=True)
+    from sturdy.experiments.jsonio import write_json  # here: the measured children import nothing of it
+
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "flatness_memory", "threads": args.threads, "rows": rows}
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json({"benchmark": "flatness_memory", "threads": args.threads, "rows": rows}, path)
 
 
 if __name__ == "__main__":

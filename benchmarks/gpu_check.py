@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 import time
 import traceback
@@ -70,7 +69,9 @@ def main(argv=None) -> int:
             print(f"[{name}] FAILED: {section['error']}")
         print(f"[{name}] {section['seconds']:.1f} s", flush=True)
     results["seconds"] = time.perf_counter() - t_all
-    Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    from sturdy.experiments.jsonio import write_json
+
+    write_json(results, Path(args.out))
     print(f"gpu_check: {results['seconds']:.0f} s in all; wrote {args.out}")
     return 1 if failed else 0
 

@@ -1,4 +1,8 @@
-"""Results as JSON files: one writer for every command, demo section and benchmark."""
+"""Results as JSON files: the one writer of every command, demo section and benchmark.
+
+The parts, which never import :mod:`sturdy.experiments`, write their one JSON file (the heat map's
+resumable partial counts, :mod:`sturdy.fourier.partial`) through the same atomic writer
+(:func:`sturdy.utils.atomic_write_bytes`)."""
 
 from __future__ import annotations
 

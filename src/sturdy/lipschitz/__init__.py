@@ -1,11 +1,13 @@
 """Lipschitz-margin training and sound L2 certification.
 
 Modules, one idea each: :mod:`.norms` (operator-norm algorithms: dense SVD, the FFT bound of
-convolutions, power iteration), :mod:`.operators` (linear operators of layers), :mod:`.rules`
-(per-operator rules and their registry), :mod:`.graph` (``torch.fx`` tracing, BatchNorm folding,
-composition), :mod:`.bounds` (the public bound functions), :mod:`.tracker` (the training-time
-estimate), :mod:`.results` (result types and the protocol the loss reads), :mod:`.losses`,
-:mod:`.certify`, :mod:`.tightness`.
+convolutions, power iteration), :mod:`.operators` (linear operators of layers), :mod:`.registry` (the
+registry of per-operator rules: :func:`register_bound`, :func:`find_rule`), :mod:`.rules`,
+:mod:`.rules_layers` and :mod:`.rules_copy` (the registered rules), :mod:`.graph` (``torch.fx`` tracing,
+BatchNorm folding, composition), :mod:`.checks` (behaviour checks of the traced model), :mod:`.bounds`
+(the public bound functions), :mod:`.tracker` (the training-time estimate), :mod:`.results` (result types
+and the protocol the loss reads), :mod:`.losses`, :mod:`.certify`, :mod:`.tightness`. Formulas:
+docs/design.md section 1.
 
 * :func:`lipschitz_bound` / :func:`operator_norm`: guaranteed float64 upper bounds of a traced
   model's global L2 Lipschitz constant (per-operator rules from a registry, :func:`register_bound`).
