@@ -132,7 +132,10 @@ class TrainConfig:
         momentum: SGD momentum.
         weight_decay: L2 penalty coefficient passed to the optimizer.
         schedule: ``"constant"``, ``"cosine"`` (per step, to 0) or ``"step"`` (x0.1 at 50% and 75%).
-        seed: seed of data order and label noise.
+        seed: seed of data order and label noise. :func:`train` leaves the initial weights to the caller;
+            a training job (``sturdy train``, :func:`sturdy.experiments.train_job.fit`) also seeds torch's
+            global generator with it right before building the model, so the same seed gives the same
+            initial weights.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         label_noise: fraction of training labels replaced by a wrong random class (fixed by ``seed``).
         eval_batch_size: batch size of evaluation passes.

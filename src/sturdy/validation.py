@@ -1,4 +1,5 @@
-"""Checks at the public boundary, shared by the core and every part.
+"""Checks at the public boundary, called by the core (training, data, training jobs) and by the lipschitz,
+fourier and flatness parts; compression still checks its settings itself (``compression.compressor.validate_rate``).
 
 Each check raises a :class:`~sturdy.errors.SturdyError` subclass whose one-line message says what
 was wrong, what was expected and how to fix it: :class:`~sturdy.errors.DataError` for tensors
