@@ -45,7 +45,7 @@ class VarianceCompressionState(ResidualState):
         quantize: ``"4bit"`` (sign + 3-bit exponent relative to the largest sent ``|r|`` of each
             parameter in the bucket; never rounded up) or ``None`` (float32 values). With ``"4bit"``
             the constructor loads :mod:`~sturdy.compression.accel`'s compiled kernels when numba is
-            installed (compiling them once, about 10 s, if numba's cache does not hold them yet).
+            installed (compiling them once if numba's cache does not hold them yet; see BENCHMARKS.md).
         start_iter: plain allreduce before this iteration.
         named_parameters: ``model.named_parameters()`` when ``statistics`` is not given.
         defer_statistics: build the state before the model exists; :meth:`bind_model` then attaches

@@ -79,7 +79,7 @@ def run_demo(
     its ``results[part]`` entry.
 
     On the CPU the demo runs with one torch thread (restored afterwards): its digits models are so
-    small that intra-op threads only add synchronisation, which costs 3-10x on a busy machine.
+    small that intra-op threads only add synchronisation (BENCHMARKS.md, figures moved from docstrings).
     """
     threads = torch.get_num_threads()
     if resolve_device(device).type == "cpu":

@@ -201,8 +201,8 @@ def _tiny_mlp(ctx: Any, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
 def demo_section(ctx: Any) -> None:
     """Measures of the standard (and LMT) model and the rescaling-invariance table.
 
-    Budget: about 30 s on 2 CPU cores (about 8 s with ``ctx.quick``): measures use the first 500 (150)
-    training digits and reduced Monte-Carlo settings.
+    Budget: a small share of the demo (time in BENCHMARKS.md): measures use the first 500 (150 with
+    ``ctx.quick``) training digits and reduced Monte-Carlo settings.
     """
     from sturdy.training import evaluate
 

@@ -194,9 +194,9 @@ WIDE_GRID = GridSpec(
     bootstrap=1000,
 )
 """192 MLPs without dropout (2 batch sizes x 2 learning rates x 2 widths x 3 depths x 2 weight decays x 4
-seeds), chosen to reach the target loss cheaply (2-6 CPU-seconds each, measures included). No random labels:
-with 10% of them these MLPs stayed far above the target loss after 80 epochs (running loss 0.17-0.63), so
-they would drop out of the converged-only correlation. Seeds are outermost, so a run stopped by its time
+seeds), chosen to reach the target loss cheaply (a few CPU-seconds each, measures included). No random labels:
+with 10% of them these MLPs stayed far above the target loss after 80 epochs (BENCHMARKS.md), so they would
+drop out of the converged-only correlation. Seeds are outermost, so a run stopped by its time
 limit holds complete factorial grids of the first seeds."""
 
 PRESETS: Dict[str, GridSpec] = {"quick": QUICK_GRID, "default": DEFAULT_GRID, "wide": WIDE_GRID}

@@ -358,7 +358,7 @@ def _attack_summary(sfa: UniversalPerturbation, held: PerturbationReport) -> Dic
 def demo_section(ctx: Any) -> None:
     """Heat maps of the standard (and LMT) model, the SFA perturbation, held-out and shifted fooling rates.
 
-    Budget: about 20 s on 2 CPU cores (about 5 s with ``ctx.quick``).
+    Budget: a small share of the demo (time in BENCHMARKS.md).
     """
     quick = bool(ctx.quick)
     n_map = 120 if quick else len(ctx.test_set)

@@ -264,7 +264,7 @@ def register_cli(subparsers: Any) -> None:
 
 def lmt_demo_job(out: Path, *, quick: bool, seed: int, device: str) -> TrainJob:
     """The demo's LMT digits CNN: conv-ReLU blocks without pooling (max pooling caps the certifiable
-    radius on 8x8 digits: measured 0-5% certified at eps 0.5 with it, 53% without), pairwise LMT loss."""
+    radius on 8x8 digits by its ``sqrt(n)`` window factor: BENCHMARKS.md), pairwise LMT loss."""
     config = TrainConfig(epochs=4 if quick else 30, batch_size=64, lr=3e-3, seed=seed, device=device)
     return TrainJob(
         dataset="digits", model="cnn", model_kwargs={"channels": (16, 32), "width": 64, "pool": "none"},

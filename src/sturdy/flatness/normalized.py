@@ -26,7 +26,7 @@ A Monte-Carlo diagonal (``"ggn-mc"``) carries its uncertainty into ``stderr`` an
 (jackknife over its groups of sampled labels). Negative curvature entries (possible with stochastic
 diagonals) are clamped to 0 and counted. Rows and columns whose curvature (or weight) is all zero,
 e.g. dead ReLU units, contribute exactly their infimum 0 and are removed analytically, never by a ridge:
-a ridge of 1e-16 was measured to break the rescaling invariance at the 1e-5 level.
+even a tiny ridge breaks the rescaling invariance (BENCHMARKS.md, figures moved from docstrings).
 
 Both variants are invariant under node-wise rescaling of ReLU networks
 (``W_l <- D W_l, b_l <- D b_l, W_{l+1} <- W_{l+1} D^{-1}``): ``H`` and ``S`` of the affected rows and

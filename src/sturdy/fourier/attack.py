@@ -9,8 +9,8 @@ attack set. It only reads predicted labels.
 Searches (:mod:`sturdy.fourier.search`, :mod:`sturdy.fourier.staged`):
 
 * ``"staged"`` (default): screen every frequency with random phases and signs on a few images, then
-  successive halving over every phase and sign pattern of the best frequencies (a few percent of
-  exhaustive's queries on 32 x 32 and 64 x 64 images);
+  successive halving over every phase and sign pattern of the best frequencies (far fewer queries than
+  exhaustive: BENCHMARKS.md);
 * ``"exhaustive"`` (the reference): every candidate on every image, ``K * N`` queries;
 * ``"halving"``: successive halving over every candidate and a growing, nested random subset of the
   images: every candidate is scored on ``initial_images`` images, the best ``1 / eta`` survive, the subset

@@ -1,8 +1,8 @@
 """How the Fourier analyses call the model: batch size (fixed or chosen online), autocast, memory format.
 
 **Automatic batch size** (``batch_size=None``, the default of every analysis): the best batch size of plain
-inference depends on the model, the image size and the device (on a 2-core CPU a small digits CNN is
-2.5 x slower at batch 2048 than at 128, where the caches hold its activations; a GPU wants thousands).
+inference depends on the model, the image size and the device (on a CPU a small model is fastest at a batch
+whose activations fit the caches, a GPU wants thousands; figures in BENCHMARKS.md).
 :class:`BatchSizer` finds it *online*, on the analysis' own work, so no model call is wasted and no query
 of a black-box attack is spent on probing: the first steps run at growing powers of two (CPU from 16,
 CUDA from 128), each size twice, keeping the faster of the two (the first pays the new shape's set-up;

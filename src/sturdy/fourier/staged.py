@@ -9,9 +9,8 @@ search exploits it in two stages, both on nested prefixes of one random image or
    drawn at random from that frequency's candidates, so a frequency's score averages over configurations
    (like a heat map) instead of betting on one. Configurations matter more than images: a frequency's
    best configuration can fool most images while most of its others fool almost none, so a screen of few
-   configurations sometimes misses the best frequency (4 configurations of 8 images each missed it in 3, 1
-   and 8 of 40 seeds at 16, 32 and 64 pixels a side; one configuration per image in none). Cost ``F * m1``
-   queries.
+   configurations sometimes misses the best frequency (BENCHMARKS.md counts the misses of 4 configurations
+   and of one configuration per image over 40 seeds per image size). Cost ``F * m1`` queries.
 2. **Refine** the ``T`` best frequencies: every candidate of theirs (all phases and sign patterns) enters
    successive halving (:func:`~sturdy.fourier.search.successive_halving`) from ``m2`` images up to the
    whole attack set; the best survivor wins, with its count on every image.

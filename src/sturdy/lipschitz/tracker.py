@@ -13,8 +13,8 @@ uses the per-channel factor ``max(r_c, b_c)`` (never below the constant certific
 gradient of ``b_c`` (``b_c * stopgrad(max(1, r_c / b_c))``): it flows through ``gamma`` *and* through the
 batch variance, i.e. through the weights before the BatchNorm. With the running factor alone the gradient
 says "shrink the convolution before the BatchNorm", which changes nothing in training mode (BatchNorm
-undoes the scale) but drives the running variance towards zero and the certified constant up (measured:
-smallest running variance 0.16 -> 6e-4, clean accuracy 0.20). Without recorded statistics (a call outside
+undoes the scale) but drives the running variance towards zero and the certified constant up (BENCHMARKS.md,
+figures moved from docstrings). Without recorded statistics (a call outside
 ``batch_statistics``, or BatchNorms in eval mode) the factor is ``r_c``.
 """
 
