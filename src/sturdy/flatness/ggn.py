@@ -19,14 +19,16 @@ column dimension and handed to each layer's column rule at once (a convolution u
 block, not once per column). The samples per forward pass and the block size follow one memory budget
 (see :func:`plan_memory`); the rules' per-sample chunks take at most :data:`RULE_CHUNK_BYTES`.
 
-A module called more than once per forward pass and a weight tied across modules take ``torch.func``
-per-sample gradients through the whole network (their per-sample gradients add up before squaring).
+A module called more than once per forward pass, a weight tied across modules and a module whose call
+does not follow the batch (a positional embedding of shared indices, a layer applied to a learned query,
+a reshaped or time-major input: see :mod:`sturdy.persample.batching`) take ``torch.func`` per-sample
+gradients through the whole network (their per-sample gradients add up before squaring).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +44,7 @@ from sturdy.persample import (
     trainable_modules,
     uses_batch_statistics,
 )
+from sturdy.persample.batching import batch_followers, follows_batch
 from sturdy.persample.recorder import Call
 
 __all__ = [
@@ -126,9 +129,10 @@ def _hooked_modules(model: nn.Module, name_of: Dict[int, str], backend: str) -> 
 
 
 def _split_calls(
-    calls: List[Call], params: List[Tuple[str, nn.Parameter]]
+    calls: List[Call], params: List[Tuple[str, nn.Parameter]], batch: int, followers: Optional[Set[int]]
 ) -> Tuple[List[Call], Dict[str, Tensor]]:
-    """Calls a rule can take (a module called once, as ``module(x)``), and the parameters left to torch.func."""
+    """Calls a rule can take (a module called once, as ``module(x)``, following the batch of ``batch``
+    samples: :mod:`sturdy.persample.batching`), and the parameters left to torch.func."""
     count: Dict[int, int] = {}
     for call in calls:
         count[id(call.tracked)] = count.get(id(call.tracked), 0) + 1
@@ -140,6 +144,8 @@ def _split_calls(
         and isinstance(call.args[0], Tensor)
         and isinstance(call.output, Tensor)
         and call.output.requires_grad
+        and (batch <= 1 or (follows_batch(call.args[0], call.output, batch)
+                            and followers is not None and id(call.tracked.module) in followers))
     ]
     covered = {id(p) for call in hooked for p in call.tracked.params.values()}
     fallback = {n: p.detach() for n, p in params if id(p) not in covered}
@@ -195,6 +201,7 @@ def ggn_columns(
     exactness = GraphExactness(True, ())
     num_classes, block, chunk = 0, 1, chunk_size or 1
     chunk_index = num_samples = 0
+    probes: Dict[Tuple[int, ...], Set[int]] = {}  # input shape -> modules that follow the batch
     bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress)
     try:
         for x_batch, _ in batches:
@@ -218,7 +225,14 @@ def ggn_columns(
                     )
                 exactness = exactness.merge(analyse_graph(logits))
                 num_classes = int(logits.shape[1])
-                calls, fallback = _split_calls(recorder.calls, params)
+                followers = None
+                if x.shape[0] > 1 and recorder.calls:
+                    key = tuple(x.shape[1:])
+                    if key not in probes:
+                        probes[key] = batch_followers(model, [c.tracked.module for c in recorder.calls], (x,), None,
+                                                      int(x.shape[0]))
+                    followers = probes[key]
+                calls, fallback = _split_calls(recorder.calls, params, int(x.shape[0]), followers)
                 with torch.no_grad():
                     v = columns(torch.softmax(logits.detach(), dim=1), chunk_index)
                 block = _accumulate_chunk(model, x, logits, calls, fallback, v, acc, name_of, groups, memory_budget)

@@ -12,13 +12,15 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from sturdy.errors import UnsupportedModuleError
+from sturdy.persample.batching import batch_followers, first_tensor, follows_batch, output_per_sample_squares
 from sturdy.persample.registry import SquaredGradRule, column_rule_for, rule_for
 
 __all__ = [
@@ -98,11 +100,22 @@ class SquaredGradientHooks:
     called as soon as the module's output gradient is known, with ``budget(tracked)`` bytes for one
     chunk of per-sample tensors.
 
+    A call whose input or output does not follow the model's batch (a positional embedding of shared
+    indices, a layer applied to a learned query, a reshaped or time-major input; see
+    :mod:`~sturdy.persample.batching`) cannot be read per sample from its output gradient, which the
+    broadcast has already summed over the samples: its statistics are computed exactly from the model's
+    output gradient instead (per-sample vector-Jacobian products through the graph, before any module's
+    own), at a cost of about one backward pass per sample for those parameters. This needs the model's
+    output to be a tensor with the samples in dimension 0 (the loss a sum or mean of per-sample terms).
+
     Limitations (checked, never silent): a tracked module must run at most once per forward pass
     (shared weights miss cross terms and raise :class:`~sturdy.errors.UnsupportedModuleError`), be
     called as ``module(x)`` with one tensor, and a grad-enabled forward must be followed by its
     backward (evaluate under ``torch.no_grad()``).
     """
+
+    PROBE_CACHE = 64
+    """Input signatures whose probe (:func:`~sturdy.persample.batching.batch_followers`) is remembered."""
 
     def __init__(
         self,
@@ -115,7 +128,80 @@ class SquaredGradientHooks:
         self._on_result = on_result
         self._budget = budget
         self._computing = False
+        self._model = model
+        self._batch: Optional[int] = None  # samples of the current forward pass (None: unknown)
+        self._followers: Optional[Set[int]] = None  # modules that follow the batch (probe of this signature)
+        self._probes: Dict[Tuple[Any, ...], Set[int]] = {}
+        self._shared: List[TrackedModule] = []  # calls of this forward pass that do not follow the batch
+        self._output: Optional[Tensor] = None  # the model output whose gradient feeds them
         self._handles = [t.module.register_forward_hook(self._make_forward_hook(t)) for t in self.tracked]
+        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._root_hook))
+
+    def _root_pre_hook(self, model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        """Note the batch size of a grad-enabled forward pass and which modules follow it (probed once per shape)."""
+        if self._computing or not torch.is_grad_enabled():
+            return
+        x = first_tensor(args, kwargs)
+        self._batch = int(x.shape[0]) if x is not None and x.dim() > 0 else None
+        self._shared = []
+        self._output = None
+        if x is None or self._batch is None or self._batch <= 1:
+            self._followers = None
+            return
+        key = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else type(t)
+                    for t in list(args) + list(kwargs.values())) + tuple(kwargs)
+        if key not in self._probes:
+            if len(self._probes) >= self.PROBE_CACHE:
+                self._probes.clear()
+            self._computing = True
+            try:
+                self._probes[key] = batch_followers(model, [t.module for t in self.tracked], args, kwargs,
+                                                    self._batch)
+            finally:
+                self._computing = False
+        self._followers = self._probes[key]
+
+    def _follows(self, module: nn.Module, a: Tensor, output: Tensor) -> bool:
+        batch = self._batch
+        if batch is None or batch <= 1:
+            return True
+        return follows_batch(a, output, batch) and self._followers is not None and id(module) in self._followers
+
+    def _root_hook(self, model: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+        """Route the modules that do not follow the batch to the exact path (the model output's gradient)."""
+        if not self._shared:
+            return
+        shared, self._shared = self._shared, []
+        if not (isinstance(output, Tensor) and output.requires_grad and output.dim() > 0
+                and output.shape[0] == self._batch):
+            names = ", ".join(f"'{t.name}' ({type(t.module).__name__})" for t in shared)
+            raise UnsupportedModuleError(
+                f"module(s) {names} were called with inputs shared across the batch (leading dimension not the "
+                f"batch of {self._batch} samples, or broadcast), so their per-sample gradients must be taken "
+                "from the model's output; that needs the model to return one tensor with the samples in "
+                "dimension 0 that requires grad. Wrap the model so that it does",
+                module=shared[0].module,
+                path=shared[0].name,
+            )
+        self._output = output
+        output.register_hook(functools.partial(self._exact, shared))
+
+    def _exact(self, shared: List[TrackedModule], delta: Tensor) -> None:
+        """Per-sample squared gradients of the parameters of ``shared`` from the model output's gradient."""
+        output, self._output = self._output, None
+        if output is None or self._computing:
+            return
+        params = [p for t in shared for p in t.params.values()]
+        self._computing = True
+        try:
+            squares = output_per_sample_squares(output, delta.detach(), params,
+                                                max(self._budget(t) for t in shared))
+        finally:
+            self._computing = False
+        it = iter(squares)
+        for tracked in shared:
+            self._on_result(tracked, {attr: next(it) for attr in tracked.params})
 
     def _make_forward_hook(self, tracked: TrackedModule) -> Callable:
         def forward_hook(module: nn.Module, args: Tuple, output: object) -> None:
@@ -128,8 +214,13 @@ class SquaredGradientHooks:
             saved = [args[0].detach()]  # released after use: autograd frees its own copy progressively
             tracked.pending += 1
             shared = tracked.pending > 1
+            per_sample = self._follows(module, args[0], output)
+            if not per_sample:
+                self._shared.append(tracked)  # computed from the model output's gradient (_exact)
 
             def grad_hook(delta: Tensor) -> None:
+                if self._computing:
+                    return  # a backward pass of the exact path (_exact) runs through this module
                 tracked.pending -= 1
                 if shared:
                     raise UnsupportedModuleError(
@@ -140,6 +231,9 @@ class SquaredGradientHooks:
                         module=module,
                         path=tracked.name,
                     )
+                if not per_sample:
+                    saved.clear()
+                    return
                 self._computing = True
                 try:
                     with torch.no_grad():  # (squared_gradients, inlined: this runs for every module and step)
@@ -157,6 +251,8 @@ class SquaredGradientHooks:
         """Forget pending forward passes."""
         for tracked in self.tracked:
             tracked.pending = 0
+        self._shared = []
+        self._output = None
 
     def remove(self) -> None:
         """Remove every hook from the model."""
