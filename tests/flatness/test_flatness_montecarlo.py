@@ -102,3 +102,62 @@ def test_monte_carlo_is_reproducible_and_groups_divide_the_samples(problem):
     torch.testing.assert_close(a.diagonal["1.weight"], b.diagonal["1.weight"], rtol=0, atol=0)
     assert a.replicates["1.weight"].shape[0] == 6  # largest divisor of 6 up to 8 groups
     assert hessian_diagonal(model, data, method="ggn-mc", mc_samples=5).replicates["3.bias"].shape[0] == 5
+
+
+# ------------------------------------------------- the interval of the Monte-Carlo normalized sharpness
+COVERAGE_CLASSES = 60  # 16 samples x 24 inputs: each class drawn ~6 times; the plug-in is 1.8 se low here
+LIGHT_SEEDS = 12
+LIGHT_MIN_COVERED = 10  # nominal 95%: P(fewer than 10 of 12) = 2%; plug-in: 9 of 12, corrected: 11
+LIGHT_BIAS_SE = 1.0  # mean error within 1 mean reported standard error (plug-in: -1.84, corrected: -0.03)
+SLOW_SEEDS = 40
+SLOW_MIN_COVERAGE = 0.85  # nominal 95% over 40 seeds: binomial sd 0.034
+SLOW_BIAS_SE = 0.5
+
+
+def _coverage_problem(classes: int):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, classes)).double()
+    return model, tiny_data((1, 3, 4), n=24, classes=classes)
+
+
+def _coverage(classes: int, seeds: int, samples: int = 16):
+    model, data = _coverage_problem(classes)
+    exact = normalized_sharpness(model, hessian=hessian_diagonal(model, data, method="ggn-exact")).value
+    covered, errors, stderrs = 0, [], []
+    for seed in range(seeds):
+        ns = normalized_sharpness(model, hessian=hessian_diagonal(model, data, method="ggn-mc", mc_samples=samples,
+                                                                  seed=seed))
+        covered += ns.interval[0] <= exact <= ns.interval[1]
+        errors.append(ns.value - exact)
+        stderrs.append(ns.stderr)
+        assert ns.plug_in_value is not None and ns.plug_in_value <= ns.value + 4 * ns.stderr
+    return covered, sum(errors) / seeds, sum(stderrs) / seeds
+
+
+def test_monte_carlo_sharpness_interval_covers_the_exact_value_over_seeds():
+    """The minimum is concave in the curvature: the plug-in value is biased low; the jackknife removes it."""
+    covered, bias, stderr = _coverage(COVERAGE_CLASSES, LIGHT_SEEDS)
+    assert covered >= LIGHT_MIN_COVERED, (covered, bias, stderr)
+    assert abs(bias) <= LIGHT_BIAS_SE * stderr, (bias, stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("classes", [COVERAGE_CLASSES, 200])
+def test_monte_carlo_sharpness_interval_coverage_over_many_seeds(classes):
+    covered, bias, stderr = _coverage(classes, SLOW_SEEDS)
+    assert covered / SLOW_SEEDS >= SLOW_MIN_COVERAGE, (covered, bias, stderr)
+    assert abs(bias) <= SLOW_BIAS_SE * stderr, (bias, stderr)
+
+
+def test_t_quantile_and_the_reported_interval():
+    from sturdy.flatness.normalized import t_quantile_975
+
+    assert t_quantile_975(7) == pytest.approx(2.365, abs=1e-3)
+    assert t_quantile_975(200) == pytest.approx(1.972, abs=1e-3)
+    assert t_quantile_975(31) > t_quantile_975(40) > 1.96
+    model, data = _coverage_problem(COVERAGE_CLASSES)
+    ns = normalized_sharpness(model, hessian=hessian_diagonal(model, data, method="ggn-mc", mc_samples=16))
+    low, high = ns.interval
+    assert (high - low) / 2 == pytest.approx(t_quantile_975(7) * ns.stderr)
+    assert ns.value == pytest.approx(sum(r.value for r in ns.per_layer.values()))
+    assert ns.to_dict()["plug_in_value"] == ns.plug_in_value

@@ -23,7 +23,14 @@ The network value is the sum over layers. Trainable matrices outside these layer
 the measure by definition. The curvature is the GGN diagonal unless stated otherwise: the result says
 whether it is the Hessian's (``is_hessian``), and ``require_hessian=True`` refuses when it is not.
 A Monte-Carlo diagonal (``"ggn-mc"``) carries its uncertainty into ``stderr`` and ``interval``
-(jackknife over its groups of sampled labels). Negative curvature entries (possible with stochastic
+(jackknife over its groups of sampled labels), and its bias is removed: the minimum is concave in the
+curvature, so the minimum at a noisy diagonal is biased low (Jensen), by a term that falls like 1/samples;
+``value`` is the jackknife's bias-corrected estimate (``plug_in_value`` the uncorrected one). Measured
+over seeds on a 60-class MLP at 16 samples, the plug-in interval covered the exact value in 14 of 20 seeds
+(bias 1.8 standard errors), the corrected one in 19 of 20 (BENCHMARKS.md). The correction holds while
+each class is drawn a few times over the data (``mc_samples * N * p_c >~ 2`` for the classes that carry
+the curvature); with far fewer draws (1000 classes, 24 inputs, 16 samples) no interval from the draws
+holds: take more samples or the exact diagonal. Negative curvature entries (possible with stochastic
 diagonals) are clamped to 0 and counted. Rows and columns whose curvature (or weight) is all zero,
 e.g. dead ReLU units, contribute exactly their infimum 0 and are removed analytically, never by a ridge:
 even a tiny ridge breaks the rescaling invariance (BENCHMARKS.md, figures moved from docstrings).
@@ -38,7 +45,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -109,7 +116,10 @@ class NormalizedSharpness:
         skipped: trainable matrices not covered (see the module docstring).
         stderr: standard error of ``value`` from the Monte-Carlo curvature (jackknife over groups of sampled
             labels; 0 for an exact diagonal, ``None`` when unknown, e.g. Hutchinson or given diagonals).
-        interval: ``value -+ 1.96 stderr`` (``None`` when ``stderr`` is).
+        interval: 95% interval ``value -+ t stderr``, ``t`` the quantile of Student's t with groups - 1 degrees
+            of freedom for a Monte-Carlo curvature (``None`` when ``stderr`` is).
+        plug_in_value: the minimum at the mean curvature diagonal before the jackknife's bias correction (equal
+            to ``value`` unless the curvature is Monte Carlo; see the module docstring).
     """
 
     value: float
@@ -124,6 +134,7 @@ class NormalizedSharpness:
     skipped: Tuple[str, ...] = ()
     stderr: Optional[float] = None
     interval: Optional[Tuple[float, float]] = field(default=None)
+    plug_in_value: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain JSON types; ``per_layer`` maps module name -> :meth:`LayerSharpness.to_dict`."""
@@ -133,6 +144,7 @@ class NormalizedSharpness:
             "variant": self.variant, "hessian_method": self.hessian_method, "quantity": self.quantity,
             "is_hessian": self.is_hessian, "skipped": list(self.skipped), "stderr": self.stderr,
             "interval": list(self.interval) if self.interval is not None else None,
+            "plug_in_value": self.plug_in_value,
         }
 
 
@@ -416,12 +428,15 @@ def normalized_sharpness(
         }
 
     per_layer = solve_all(diag)
-    value = float(sum(r.value for r in per_layer.values()))
+    plug_in = float(sum(r.value for r in per_layer.values()))
     stderr: Optional[float] = None
+    half_width = 0.0
     if hd is not None and hd.method == "ggn-exact":
         stderr = 0.0
     elif hd is not None and hd.replicates:
-        stderr = _jackknife_stderr(hd.replicates, names, solve_all)
+        per_layer, stderr, dof = _jackknife(hd.replicates, names, per_layer, solve_all)
+        half_width = t_quantile_975(dof) * stderr
+    value = float(sum(r.value for r in per_layer.values()))
     return NormalizedSharpness(
         value=value,
         per_layer=per_layer,
@@ -434,17 +449,46 @@ def normalized_sharpness(
         is_hessian=hd.is_hessian if hd is not None else None,
         skipped=skipped,
         stderr=stderr,
-        interval=None if stderr is None else (value - 1.96 * stderr, value + 1.96 * stderr),
+        interval=None if stderr is None else (value - half_width, value + half_width),
+        plug_in_value=plug_in,
     )
 
 
-def _jackknife_stderr(replicates: Mapping[str, Tensor], names: List[str], solve_all: Any) -> float:
-    """Jackknife standard error of the network value over the groups of a Monte-Carlo diagonal."""
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t_quantile_975(dof: int) -> float:
+    """The 97.5% quantile of Student's t with ``dof`` degrees of freedom (two-sided 95% intervals)."""
+    if dof < 1:
+        raise ConfigurationError(f"degrees of freedom must be >= 1, got {dof}")
+    if dof <= len(_T975):
+        return _T975[dof - 1]
+    return 1.959964 + 2.4 / dof  # within 1e-3 above 30 degrees of freedom
+
+
+def _jackknife(
+    replicates: Mapping[str, Tensor], names: List[str], plug_in: Dict[str, LayerSharpness], solve_all: Any
+) -> Tuple[Dict[str, LayerSharpness], float, int]:
+    """Jackknife over the groups of a Monte-Carlo diagonal: bias-corrected layers, standard error, dof.
+
+    The minimum is concave in the curvature, so the value at a noisy diagonal is biased low (Jensen;
+    the bias falls like 1/samples). With ``G`` groups and ``v_(g)`` the value without group ``g``, each
+    layer's value becomes ``G v - (G - 1) mean_g v_(g)``, which removes that term; the standard error
+    is the jackknife's, with ``G - 1`` degrees of freedom.
+    """
     groups = next(iter(replicates.values())).shape[0]
     totals = {n: replicates[n].sum(0) for n in names}
-    values = []
+    loo = {layer: torch.zeros(groups, dtype=torch.float64) for layer in plug_in}
     for g in range(groups):
         leave_out = {n: (totals[n] - replicates[n][g]) / (groups - 1) for n in names}
-        values.append(sum(r.value for r in solve_all(leave_out).values()))
-    v = torch.tensor(values, dtype=torch.float64)
-    return float(((groups - 1) / groups * ((v - v.mean()) ** 2).sum()).sqrt())
+        for layer, result in solve_all(leave_out).items():
+            loo[layer][g] = result.value
+    corrected = {
+        layer: replace(result, value=groups * result.value - (groups - 1) * float(loo[layer].mean()))
+        for layer, result in plug_in.items()
+    }
+    v = sum(loo.values())
+    stderr = float(((groups - 1) / groups * ((v - v.mean()) ** 2).sum()).sqrt())
+    return corrected, stderr, groups - 1
