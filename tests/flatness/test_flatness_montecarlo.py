@@ -150,7 +150,7 @@ def test_monte_carlo_sharpness_interval_coverage_over_many_seeds(classes):
 
 
 def test_t_quantile_and_the_reported_interval():
-    from sturdy.flatness.normalized import t_quantile_975
+    from sturdy.flatness.jackknife import t_quantile_975
 
     assert t_quantile_975(7) == pytest.approx(2.365, abs=1e-3)
     assert t_quantile_975(200) == pytest.approx(1.972, abs=1e-3)

@@ -22,18 +22,12 @@ The network value is the sum over layers. Trainable matrices outside these layer
 ``skipped`` with a warning, or refused with ``strict=True``; biases and normalisation scales are outside
 the measure by definition. The curvature is the GGN diagonal unless stated otherwise: the result says
 whether it is the Hessian's (``is_hessian``), and ``require_hessian=True`` refuses when it is not.
-A Monte-Carlo diagonal (``"ggn-mc"``) carries its uncertainty into ``stderr`` and ``interval``
-(jackknife over its groups of sampled labels), and its bias is removed: the minimum is concave in the
-curvature, so the minimum at a noisy diagonal is biased low (Jensen), by a term that falls like 1/samples;
-``value`` is the jackknife's bias-corrected estimate (``plug_in_value`` the uncorrected one) and
-``interval`` uses Student's t with groups - 1 degrees of freedom. Measured over 40 seeds at the default 16
-samples (BENCHMARKS.md): 60 classes, coverage of the exact value 0.68 -> 0.95 (bias -1.7 -> +0.04 standard
-errors); 200 classes on 24 inputs, 0.00 -> 0.90. The correction holds while each class is drawn a few times
-over the data (``mc_samples * N * p_c >~ 2`` for the classes that carry the curvature); with fewer draws
-(200 classes, 24 inputs, 8 samples: 0.55) no interval from the draws holds: take more samples or the exact
-diagonal. Negative curvature entries (possible with stochastic
-diagonals) are clamped to 0 and counted. Rows and columns whose curvature (or weight) is all zero,
-e.g. dead ReLU units, contribute exactly their infimum 0 and are removed analytically, never by a ridge:
+A Monte-Carlo diagonal (``"ggn-mc"``) carries its uncertainty into ``stderr`` and ``interval``, and the low
+bias of a minimum at a noisy diagonal (concave in it) is removed, both by the jackknife over its groups of
+sampled labels (:mod:`~sturdy.flatness.jackknife`; ``plug_in_value`` is the uncorrected value; coverage over
+seeds in BENCHMARKS.md). Negative curvature entries (stochastic diagonals) are clamped to 0 and counted. Rows
+and columns whose curvature (or weight) is all zero, e.g. dead ReLU units, contribute exactly their infimum 0
+and are removed analytically, never by a ridge:
 even a tiny ridge breaks the rescaling invariance (BENCHMARKS.md, figures moved from docstrings).
 
 Both variants are invariant under node-wise rescaling of ReLU networks
@@ -46,8 +40,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +49,7 @@ from torch import Tensor, nn
 from sturdy.errors import ConfigurationError
 from sturdy.flatness._data import check_positive_int, skipped_weights, weight_layers
 from sturdy.flatness.curvature import HessianDiagonal, hessian_diagonal
+from sturdy.flatness.jackknife import jackknife_layers
 
 __all__ = [
     "LayerSharpness",
@@ -117,10 +112,9 @@ class NormalizedSharpness:
         skipped: trainable matrices not covered (see the module docstring).
         stderr: standard error of ``value`` from the Monte-Carlo curvature (jackknife over groups of sampled
             labels; 0 for an exact diagonal, ``None`` when unknown, e.g. Hutchinson or given diagonals).
-        interval: 95% interval ``value -+ t stderr``, ``t`` the quantile of Student's t with groups - 1 degrees
-            of freedom for a Monte-Carlo curvature (``None`` when ``stderr`` is).
-        plug_in_value: the minimum at the mean curvature diagonal before the jackknife's bias correction (equal
-            to ``value`` unless the curvature is Monte Carlo; see the module docstring).
+        interval: 95% interval ``value -+ t stderr`` (Student's t, groups - 1 dof, for a Monte-Carlo curvature;
+            ``None`` when ``stderr`` is).
+        plug_in_value: the minimum at the mean curvature diagonal, before the jackknife's bias correction.
     """
 
     value: float
@@ -435,8 +429,7 @@ def normalized_sharpness(
     if hd is not None and hd.method == "ggn-exact":
         stderr = 0.0
     elif hd is not None and hd.replicates:
-        per_layer, stderr, dof = _jackknife(hd.replicates, names, per_layer, solve_all)
-        half_width = t_quantile_975(dof) * stderr
+        per_layer, stderr, half_width = jackknife_layers(hd.replicates, names, per_layer, solve_all)
     value = float(sum(r.value for r in per_layer.values()))
     return NormalizedSharpness(
         value=value,
@@ -453,43 +446,3 @@ def normalized_sharpness(
         interval=None if stderr is None else (value - half_width, value + half_width),
         plug_in_value=plug_in,
     )
-
-
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
-
-
-def t_quantile_975(dof: int) -> float:
-    """The 97.5% quantile of Student's t with ``dof`` degrees of freedom (two-sided 95% intervals)."""
-    if dof < 1:
-        raise ConfigurationError(f"degrees of freedom must be >= 1, got {dof}")
-    if dof <= len(_T975):
-        return _T975[dof - 1]
-    return 1.959964 + 2.4 / dof  # within 1e-3 above 30 degrees of freedom
-
-
-def _jackknife(
-    replicates: Mapping[str, Tensor], names: List[str], plug_in: Dict[str, LayerSharpness], solve_all: Any
-) -> Tuple[Dict[str, LayerSharpness], float, int]:
-    """Jackknife over the groups of a Monte-Carlo diagonal: bias-corrected layers, standard error, dof.
-
-    The minimum is concave in the curvature, so the value at a noisy diagonal is biased low (Jensen;
-    the bias falls like 1/samples). With ``G`` groups and ``v_(g)`` the value without group ``g``, each
-    layer's value becomes ``G v - (G - 1) mean_g v_(g)``, which removes that term; the standard error
-    is the jackknife's, with ``G - 1`` degrees of freedom.
-    """
-    groups = next(iter(replicates.values())).shape[0]
-    totals = {n: replicates[n].sum(0) for n in names}
-    loo = {layer: torch.zeros(groups, dtype=torch.float64) for layer in plug_in}
-    for g in range(groups):
-        leave_out = {n: (totals[n] - replicates[n][g]) / (groups - 1) for n in names}
-        for layer, result in solve_all(leave_out).items():
-            loo[layer][g] = result.value
-    corrected = {
-        layer: replace(result, value=groups * result.value - (groups - 1) * float(loo[layer].mean()))
-        for layer, result in plug_in.items()
-    }
-    v = sum(loo.values())
-    stderr = float(((groups - 1) / groups * ((v - v.mean()) ** 2).sum()).sqrt())
-    return corrected, stderr, groups - 1
