@@ -192,9 +192,11 @@ def test_tightness_raises_on_soundness_violation():
     honest = lipschitz_bound(net, input_shape=(1, 3, 2, 2))
     # a bound 100x too small certifies radii 100x too large: the attack must beat them
     wrong = dataclasses.replace(honest, upper=honest.upper / 100, upper_body=honest.upper_body / 100)
-    with pytest.raises(SoundnessError, match="soundness violation: 6 of 6 points") as info:
+    with pytest.raises(SoundnessError, match="disproved by a pair of inputs") as info:  # certify's self-check
         tightness(net, x, y, bound=wrong, steps=10, restarts=1, bisection_steps=2)
     assert isinstance(info.value, SturdyError)
+    with pytest.raises(SoundnessError, match="disproved by a pair of inputs"):
+        certify(net, x, y, bound=wrong)
     t = tightness(net, x, y, bound=wrong, steps=10, restarts=1, bisection_steps=2, check=False)
     assert t.violations == 6 and t.to_dict()["violations"] == 6
 

@@ -23,8 +23,10 @@ from sturdy.errors import ConfigurationError
 from sturdy.lipschitz.graph import build_program, compose
 from sturdy.lipschitz.norms import DENSE_MAX_ENTRIES, guaranteed_norm, power_iteration
 from sturdy.lipschitz.operators import BatchNormOp, LinearLayerOp, LinearOp
+from sturdy.lipschitz.proof import model_fingerprint
 from sturdy.lipschitz.results import LayerBound, LipschitzBound, OperatorNorm
 from sturdy.utils import eval_mode
+from sturdy.validation import check_model
 
 __all__ = ["lipschitz_bound", "operator_norm"]
 
@@ -61,6 +63,7 @@ def lipschitz_bound(
         >>> b.estimate <= b.upper and b.upper_body <= b.upper / 1e-3
         True
     """
+    check_model(model)
     with eval_mode(model):
         return _lipschitz_bound(model, input_shape, dense_max_entries, power_iterations, seed)
 
@@ -107,6 +110,7 @@ def _lipschitz_bound(
         per_layer=tuple(layers),
         last_weight=last_weight,
         input_shape=program.input_shape,
+        fingerprint=model_fingerprint(model, program.input_shape),
     )
 
 
@@ -146,6 +150,7 @@ def operator_norm(
         >>> round(n.upper, 6), n.method
         (0.5, 'dense-svd')
     """
+    check_model(module)
     with eval_mode(module):
         program = build_program(module, input_shape)
     ops = [s for s in program.steps if s.kind == "op"]

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from sturdy.errors import ConfigurationError, DataError
 from sturdy.lipschitz.bounds import lipschitz_bound
-from sturdy.lipschitz.graph import model_dtype_device
+from sturdy.lipschitz.graph import check_input_shape, model_dtype_device
+from sturdy.lipschitz.proof import SELF_CHECK_POINTS, check_batch_rows, check_lipschitz_pairs, model_fingerprint
 from sturdy.lipschitz.results import LipschitzBound
 from sturdy.utils import eval_mode
+from sturdy.validation import check_finite_output, check_model_inputs
 
 __all__ = ["Certificate", "certify", "certified_radius"]
 
@@ -79,6 +81,7 @@ class Certificate:
 
 def certified_radius(logits: torch.Tensor, *, bound: LipschitzBound, form: str = "pairwise") -> torch.Tensor:
     """Certified radius of the predicted class for each row of ``logits`` (float64, see module doc)."""
+    check_finite_output(logits)
     if form not in ("pairwise", "global"):
         raise ConfigurationError(f"form must be 'pairwise' or 'global', got {form!r}")
     z = logits.detach().to(torch.float64)
@@ -149,26 +152,40 @@ def certify(
     form: str = "pairwise",
     bound: Optional[LipschitzBound] = None,
     batch_size: int = 1024,
+    self_check: bool = True,
+    seed: int = 0,
 ) -> Certificate:
     """Certify the predictions of ``model`` (in eval mode) on ``x`` against L2 perturbations.
+
+    Before a certificate is issued, behaviour is checked where structure cannot show it (docs/design.md,
+    section 1): a given ``bound`` must carry this model's fingerprint (same weights, buffers, structure and
+    input shape); a few rows of every batch are recomputed alone (a sample's logits must not depend on the other
+    samples of its batch); and, with ``self_check``, a sampled search for inputs that disprove the bound
+    (:func:`sturdy.lipschitz.proof.check_lipschitz_pairs`) runs on a few of the points.
 
     Args:
         model: a traceable classifier.
         x: inputs ``(N, ...)`` (images in ``[0, 1]`` by the project's convention).
         y: int64 labels ``(N,)``.
-        input_shape: shape of one input batch for the bound (default ``(1, *x.shape[1:])``).
+        input_shape: shape of one input batch for the bound; must match ``x`` (default ``(1, *x.shape[1:])``).
         form: ``"pairwise"`` (default) or ``"global"``.
-        bound: a precomputed :func:`lipschitz_bound` (computed when ``None``).
+        bound: a precomputed :func:`lipschitz_bound` of this model with its current weights (computed when
+            ``None``).
         batch_size: inference batch size.
+        self_check: run the sampled self-check of the bound (a few forward and backward passes).
+        seed: seed of the sampled checks.
 
     Returns:
         A :class:`Certificate`; radius 0 for wrong predictions.
 
     Raises:
-        ConfigurationError: ``x`` not floating point (e.g. uint8 images in 0..255) or not finite, labels
-            not integers or out of range, ``x`` of another shape than the model (or the bound) takes.
-        DataError: ``x`` holds no inputs.
-        UnsupportedModuleError: the model has an operator without a sound rule (named with the reason).
+        ConfigurationError: a model on the meta device, labels not integers or out of range, ``input_shape``
+            or the bound's shape differing from ``x``, a bound computed for other weights or another model.
+        DataError: ``x`` holds no inputs, is not floating point (e.g. uint8 images in 0..255) or not
+            finite, or the model's logits are not finite (:mod:`sturdy.validation`).
+        UnsupportedModuleError: the model has an operator without a sound rule (named with the reason), or its
+            logits for a sample depend on the other samples of the batch.
+        SoundnessError: the self-check found inputs that disprove the bound.
 
     Example:
         >>> import torch
@@ -180,26 +197,31 @@ def certify(
         >>> round(float(cert.radius[0]), 6)  # (1 - 0) / ||(1, -1)||
         0.707107
     """
+    check_model_inputs(model, x, name="x")
     _check_data(x, y)
     if batch_size < 1:
         raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
-    shape = tuple(input_shape) if input_shape is not None else (1, *x.shape[1:])
+    shape = _input_shape(x, input_shape)
     if bound is None:
         bound = lipschitz_bound(model, input_shape=shape)
-    elif tuple(bound.input_shape[1:]) != tuple(x.shape[1:]):
-        raise ConfigurationError(
-            f"the bound was computed for inputs {tuple(bound.input_shape[1:])} but x has samples {tuple(x.shape[1:])}; "
-            "recompute it with lipschitz_bound(model, input_shape=(1, *x.shape[1:]))"
-        )
+    else:
+        _check_bound(bound, model, shape)
     dtype, device = model_dtype_device(model)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
     preds, radii = [], []
-    with eval_mode(model), torch.no_grad():
-        for start in range(0, x.shape[0], batch_size):
-            logits = model(x[start : start + batch_size].to(device=device, dtype=dtype))
-            if start == 0:
-                _check_labels(y, logits, x[start : start + batch_size].shape[0])
-            radii.append(certified_radius(logits, bound=bound, form=form))
-            preds.append(logits.argmax(dim=1))
+    with eval_mode(model):
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                batch = x[start : start + batch_size].to(device=device, dtype=dtype)
+                logits = check_finite_output(model(batch))
+                if start == 0:
+                    _check_labels(y, logits, batch.shape[0])
+                check_batch_rows(model, batch, logits, generator=gen)
+                radii.append(certified_radius(logits, bound=bound, form=form))
+                preds.append(logits.argmax(dim=1))
+        if self_check:
+            picks = torch.randperm(x.shape[0], generator=gen)[:SELF_CHECK_POINTS]
+            check_lipschitz_pairs(model, x[picks].to(device=device, dtype=dtype), bound, seed=seed)
     if radii:
         radius, predicted = torch.cat(radii).cpu(), torch.cat(preds).cpu()
     else:
@@ -207,3 +229,36 @@ def certify(
     correct = predicted == y.cpu()
     radius = torch.where(correct, radius, torch.zeros_like(radius))
     return Certificate(radius=radius, predicted=predicted, correct=correct, bound=bound, form=form)
+
+
+def _input_shape(x: torch.Tensor, input_shape: Optional[Sequence[int]]) -> Tuple[int, ...]:
+    """The bound's input shape: ``(1, *x.shape[1:])``; a given ``input_shape`` must describe the same samples."""
+    shape = (1, *x.shape[1:])
+    if input_shape is None:
+        return shape
+    given = check_input_shape(input_shape)
+    if given[1:] != shape[1:]:
+        raise ConfigurationError(
+            f"input_shape {tuple(input_shape)} describes samples {given[1:]} but x holds samples {shape[1:]}; a bound "
+            "holds only for the shape it was computed for: omit input_shape (it is taken from x) or resize x"
+        )
+    return shape
+
+
+def _check_bound(bound: LipschitzBound, model: nn.Module, shape: Tuple[int, ...]) -> None:
+    if not isinstance(bound, LipschitzBound):
+        raise ConfigurationError(
+            f"bound must be a LipschitzBound from lipschitz_bound(), got {type(bound).__name__} (a training-time "
+            "estimate is never a certificate)"
+        )
+    if tuple(bound.input_shape[1:]) != shape[1:]:
+        raise ConfigurationError(
+            f"the bound was computed for inputs {tuple(bound.input_shape[1:])} but x has samples {shape[1:]}; "
+            "recompute it with lipschitz_bound(model, input_shape=(1, *x.shape[1:]))"
+        )
+    if bound.fingerprint != model_fingerprint(model, shape):
+        raise ConfigurationError(
+            f"the bound was computed for another model or for other weights than {type(model).__name__} has now "
+            "(its fingerprint differs: weights, buffers, modules or hooks changed since); recompute it with "
+            "lipschitz_bound(model, input_shape=(1, *x.shape[1:])) or pass bound=None"
+        )

@@ -4,8 +4,10 @@
 * :func:`functionalize_inplace`: an in-place operation overwrites a tensor that later graph nodes still
   name by its old node: those uses are rewired to the operation's result; views of the overwritten tensor
   used afterwards are refused (unless the operation is a contraction, e.g. ``relu_``);
-* :func:`check_reproduces`: the traced graph must compute the model's output on random inputs, and two
-  runs of the model must agree (randomness hidden in custom code, in-place writes through aliases);
+* :func:`check_reproduces`: the traced graph must compute the model's output on random inputs, and two runs of
+  the model must agree (randomness hidden in custom code, in-place writes through aliases); the bound is traced
+  at batch size 1, and :func:`~sturdy.lipschitz.certify` checks every batch it certifies against samples
+  computed alone (:mod:`.proof`);
 * :class:`Live`: recomputes weights computed in ``forward`` from the current parameters.
 """
 
@@ -20,6 +22,7 @@ from torch import nn
 from sturdy.errors import ConfigurationError, UnsupportedModuleError
 from sturdy.lipschitz.registry import global_hooks
 from sturdy.utils import eval_mode
+from sturdy.validation import check_finite_output
 
 __all__ = ["Live", "check_model", "functionalize_inplace", "check_reproduces", "target_name"]
 
@@ -144,6 +147,7 @@ def check_reproduces(gm: torch.fx.GraphModule, model: nn.Module, shape: Tuple[in
             traced = gm(x.clone())
             if not isinstance(first, torch.Tensor):
                 return
+            check_finite_output(first, name=f"the logits of {type(model).__name__} on random inputs in [0, 1)")
             scale = float(first.detach().abs().max()) if first.numel() else 0.0
             tol = dict(rtol=1e-4, atol=1e-5 * max(scale, 1.0))
             if not _close(first, second, tol):

@@ -14,6 +14,8 @@ own ``forward`` computes. It applies to a module only when
   computation runs through (``forward``, ``__call__``, and what the registration lists in ``computes``,
   e.g. ``_conv_forward``): a reparametrised weight read through the module's ``weight`` attribute
   (``torch.nn.utils.parametrize``) is fine, the rule reads the same attribute;
+* the instance itself replaces none of those methods (``module.forward = functools.partial(f, module)``,
+  ``types.MethodType``, the pattern of wrapper libraries' hooks): an instance attribute wins over the class;
 * the module has no forward hooks or pre-hooks (they change its inputs or outputs).
 
 Otherwise :func:`find_rule` returns ``None`` and the graph tracer traces into the module, so the operations
@@ -42,6 +44,8 @@ __all__ = [
     "find_rule",
     "rule_refusal",
     "global_hooks",
+    "instance_overrides",
+    "includes_batch_dim",
     "is_inplace",
     "tensor_arg",
 ]
@@ -186,9 +190,20 @@ def rule_refusal(module: nn.Module) -> Optional[str]:
         if overridden:
             return (f"{cls.__name__} overrides {', '.join(overridden)} of {base.__name__}, so it may compute something "
                     f"else than the {base.__name__} rule models")
+    patched = instance_overrides(module, base)
+    if patched:
+        return (f"the instance replaces {', '.join(patched)} (e.g. functools.partial, types.MethodType or a wrapper "
+                "library's hook), so it may compute something else than the class models")
     if module._forward_hooks or module._forward_pre_hooks:
         return "it has forward hooks or pre-hooks, which change what it computes"
     return None
+
+
+def instance_overrides(module: nn.Module, base: Optional[type] = None) -> Tuple[str, ...]:
+    """Names of the methods a module's computation runs through that are replaced on the instance itself
+    (``module.forward = functools.partial(...)``): Python finds them before the class's own methods."""
+    watched = set(_CALL_METHODS) | set(_COMPUTES.get(base, ()) if base is not None else ())
+    return tuple(sorted(watched & set(vars(module))))
 
 
 def find_rule(target: Any) -> Optional[Rule]:
@@ -215,6 +230,22 @@ def unregister_bound(*targets: Any) -> None:
         _REGISTRY.pop(t, None)
         if isinstance(t, type):
             _COMPUTES.pop(t, None)
+
+
+def includes_batch_dim(dims: Any, ndim: int) -> bool:
+    """Whether a ``dim`` argument includes dimension 0 (the batch) of an ``ndim``-dimensional tensor, however it is
+    spelled: ``0``, ``-ndim``, ``(1, -4)``, ``None`` or ``()`` (every dimension), a name (refused: unknown)."""
+    if dims is None:
+        return True
+    seq = list(dims) if isinstance(dims, (tuple, list, torch.Size)) else [dims]
+    if not seq or ndim < 1:
+        return True
+    for d in seq:
+        if isinstance(d, torch.Tensor) and d.numel() == 1 and not d.is_floating_point():
+            d = int(d)
+        if not isinstance(d, int) or isinstance(d, bool) or d % ndim == 0:
+            return True
+    return False
 
 
 def is_inplace(target: Any, kwargs: Dict[str, Any]) -> bool:

@@ -79,6 +79,8 @@ class LipschitzBound:
         per_layer: one :class:`LayerBound` per operator with a non-trivial factor.
         last_weight: float64 weight matrix of the last linear layer (``None`` as for ``upper_body``).
         input_shape: the traced input shape (batch dimension 1).
+        fingerprint: sha256 of the weights, buffers, module structure and input shape the bound was computed
+            for; :func:`~sturdy.lipschitz.certify` refuses a bound whose fingerprint is not the model's.
 
     As a :class:`SupportsLipschitz`, ``lipschitz`` is ``upper`` and ``body`` is ``upper_body``.
     """
@@ -90,6 +92,7 @@ class LipschitzBound:
     per_layer: Tuple[LayerBound, ...]
     last_weight: Optional[torch.Tensor]
     input_shape: Tuple[int, ...]
+    fingerprint: str = ""
 
     @property
     def lipschitz(self) -> float:
@@ -108,6 +111,7 @@ class LipschitzBound:
             "estimate": self.estimate,
             "estimate_body": self.estimate_body,
             "input_shape": list(self.input_shape),
+            "fingerprint": self.fingerprint,
             "per_layer": [layer.to_dict() for layer in self.per_layer],
         }
 

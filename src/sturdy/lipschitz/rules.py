@@ -40,6 +40,7 @@ from sturdy.lipschitz.registry import (
     Combine,
     Factor,
     OpCall,
+    includes_batch_dim,
     register_bound,
 )
 
@@ -110,8 +111,9 @@ def _leaky_relu(call: OpCall) -> Factor:
 
 @register_bound(nn.ELU, F.elu)
 def _elu(call: OpCall) -> Factor:
+    # slope 1 for x > 0 and alpha * exp(x) for x <= 0, so |alpha| bounds it whatever alpha's sign
     alpha = call.module.alpha if call.module is not None else call.arg(1, "alpha", 1.0)
-    return Factor(max(1.0, float(alpha)), "activation")
+    return Factor(max(1.0, abs(float(alpha))), "activation")
 
 
 @register_bound(
@@ -151,6 +153,25 @@ def _add(call: OpCall) -> Combine:
 @register_bound(torch.cat, torch.concat)
 def _cat(call: OpCall) -> Combine:
     return CONCAT
+
+
+@register_bound(torch.stack)
+def _stack(call: OpCall) -> Combine:
+    out = call.output
+    if not isinstance(out, torch.Tensor) or includes_batch_dim(call.arg(1, "dim", 0), out.dim()):
+        raise _unsupported(call, "it stacks along the batch dimension, which mixes samples; stack along dim >= 1")
+    return CONCAT  # a concatenation of the inputs, reshaped
+
+
+@register_bound("float", "double", "half", "bfloat16", "to", "type", "type_as", "cpu", "cuda")
+def _cast(call: OpCall) -> Factor:
+    # a change of floating-point dtype or device leaves the values (up to rounding, which no bound here counts)
+    out = call.output
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        raise _unsupported(call, "it converts the input to a non-floating-point type, which is not Lipschitz")
+    if call.dependent_args != (0,):
+        raise _unsupported(call, "its target dtype depends on the input")
+    return Factor(1.0, "reshape")
 
 
 @register_bound(
@@ -260,8 +281,8 @@ def _avg_pool_function(call: OpCall) -> FunctionOp:
 def _mean(call: OpCall) -> FunctionOp:
     fn = call.target
     rest, kw = call.args[1:], dict(call.kwargs)
-    dims = call.arg(1, "dim", None)
-    if dims is None or (isinstance(dims, (tuple, list)) and 0 in dims) or dims == 0:
+    x = call.args[call.dependent_args[0]] if call.dependent_args else call.args[0]
+    if includes_batch_dim(call.arg(1, "dim", None), x.dim() if isinstance(x, torch.Tensor) else 0):
         raise _unsupported(call, "a reduction over the batch dimension mixes samples; reduce per sample (dim >= 1)")
     if isinstance(fn, str):
         return _function_op(call, lambda x: getattr(x, fn)(*rest, **kw), nonnegative=True, kind="mean")

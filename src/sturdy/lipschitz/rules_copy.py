@@ -23,7 +23,7 @@ from torch import nn
 
 from sturdy.errors import UnsupportedModuleError
 from sturdy.lipschitz.operators import FunctionOp
-from sturdy.lipschitz.registry import Factor, OpCall, register_bound
+from sturdy.lipschitz.registry import Factor, OpCall, includes_batch_dim, register_bound
 
 __all__ = ["copy_factor", "COPY_METHODS"]
 
@@ -143,12 +143,10 @@ def _copy(call: OpCall) -> Factor:
     if name in _DIM_ARG and target is not F.unfold:
         pos, default = _DIM_ARG[name]
         dim = call.kwargs.get("dims", call.kwargs.get("dim", call.args[pos] if len(call.args) > pos else default))
-        dims = list(dim) if isinstance(dim, (tuple, list)) else [dim]
         x = call.args[call.dependent_args[0]] if call.dependent_args else None
-        for d in dims:
-            if d is None or (isinstance(d, int) and isinstance(x, torch.Tensor) and x.dim() and d % x.dim() == 0):
-                raise _unsupported(call, "it acts along the batch dimension (dim 0, or all dimensions flattened); "
-                                         "operate on each sample (dims >= 1)")
+        if isinstance(x, torch.Tensor) and includes_batch_dim(dim, x.dim()):
+            raise _unsupported(call, "it acts along the batch dimension (dim 0, or all dimensions flattened); "
+                                     "operate on each sample (dims >= 1)")
     return copy_factor(call, "pad" if "pad" in name.lower() or isinstance(target, _PAD_MODULES) else "copy")
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from sturdy.errors import UnsupportedModuleError
 from sturdy.lipschitz.operators import BatchNormOp, Conv1dOp, ConvTranspose2dOp, LinearLayerOp
-from sturdy.lipschitz.registry import CONCAT, Factor, OpCall, register_bound
+from sturdy.lipschitz.registry import CONCAT, Factor, OpCall, includes_batch_dim, register_bound
 from sturdy.lipschitz.rules import check_batched, weight_arg
 
 __all__ = ["random_call", "HARDSWISH_MAX_SLOPE", "MISH_MAX_SLOPE", "SELU_MAX_SLOPE", "HARDSIGMOID_MAX_SLOPE"]
@@ -168,10 +168,8 @@ register_bound(nn.SELU, F.selu, torch.selu)(_slope(SELU_MAX_SLOPE))
 
 
 def _reduce_dims(call: OpCall, name: str = "dim") -> None:
-    dim = call.arg(1, name, None)
     x = call.args[0]
-    dims = list(dim) if isinstance(dim, (tuple, list)) else [dim]
-    if dim is None or not isinstance(x, torch.Tensor) or any(isinstance(d, int) and d % x.dim() == 0 for d in dims):
+    if not isinstance(x, torch.Tensor) or includes_batch_dim(call.arg(1, name, None), x.dim()):
         raise _unsupported(call, "a reduction over the batch dimension (or over everything) mixes samples; "
                                  "reduce per sample (dim >= 1)")
 

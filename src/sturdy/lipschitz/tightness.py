@@ -27,6 +27,7 @@ from sturdy.lipschitz.certify import certify
 from sturdy.lipschitz.graph import model_dtype_device
 from sturdy.lipschitz.results import LipschitzBound
 from sturdy.utils import eval_mode
+from sturdy.validation import check_finite_output, check_model_inputs
 
 __all__ = ["AttackResult", "Tightness", "pgd_l2", "minimal_adversarial_radius", "local_lipschitz", "tightness"]
 
@@ -105,6 +106,7 @@ def pgd_l2(
     if steps < 1 or restarts < 1:
         raise ConfigurationError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
     bounds = _check_bounds(bounds)
+    check_model_inputs(model, x, name="x")
     dtype, device = model_dtype_device(model)
     x = x.to(device=device, dtype=dtype)
     y = y.to(device)
@@ -119,7 +121,7 @@ def pgd_l2(
     e, a = _per_sample(eps_t, x), _per_sample(alpha, x)
     with eval_mode(model):
         with torch.no_grad():
-            ranked = model(x).argsort(dim=1, descending=True)  # runner-up classes, targets of later restarts
+            ranked = check_finite_output(model(x)).argsort(dim=1, descending=True)  # targets of later restarts
         ranked = ranked[ranked != y[:, None]].reshape(x.shape[0], -1)
         for r in range(restarts):
             if r == 0:
@@ -177,6 +179,7 @@ def minimal_adversarial_radius(
     times; the result is the norm of an actual adversarial perturbation. ``bounds`` is the valid pixel
     range, as in :func:`pgd_l2`.
     """
+    check_model_inputs(model, x, name="x")
     n = x.shape[0]
     hi = torch.as_tensor(start, dtype=torch.float64).expand(n).clone()
     found = torch.full((n,), math.inf, dtype=torch.float64)
@@ -204,15 +207,38 @@ def minimal_adversarial_radius(
 
 
 def local_lipschitz(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Spectral norm ``||J(x_n)||_2`` of the exact input-output Jacobian at each sample (float64)."""
-    _, device = model_dtype_device(model)
+    """Spectral norm ``||J(x_n)||_2`` of the exact input-output Jacobian at each sample (float64).
+
+    The Jacobian is taken on a float64 copy of the model when the copy computes what the model computes, else
+    (code that the copy does not follow, e.g. a forward replaced on the instance by a closure over the original
+    module) on the model itself in its own dtype.
+    """
+    check_model_inputs(model, x, name="x")
+    dtype, device = model_dtype_device(model)
+    x = x.to(device=device)
     with eval_mode(model):  # the float64 copy inherits eval mode; the model's own mode is restored
-        net = copy.deepcopy(model).to(torch.float64)
-    out = []
-    for xi in x.to(device=device, dtype=torch.float64):
-        jac = torch.autograd.functional.jacobian(lambda t: net(t.unsqueeze(0))[0], xi)
-        out.append(torch.linalg.matrix_norm(jac.reshape(jac.shape[0], -1), ord=2))
+        net, work = _float64_twin(model, x[:1].to(dtype)), torch.float64
+        if net is None:
+            net, work = model, dtype
+        out = []
+        for xi in x.to(work):
+            jac = torch.autograd.functional.jacobian(lambda t: net(t.unsqueeze(0))[0], xi)
+            jac = check_finite_output(jac.reshape(jac.shape[0], -1), name="the model's Jacobian")
+            out.append(torch.linalg.matrix_norm(jac.double(), ord=2))
     return torch.stack(out).cpu() if out else torch.zeros(0, dtype=torch.float64)
+
+
+def _float64_twin(model: nn.Module, probe: torch.Tensor) -> Optional[nn.Module]:
+    """A float64 deep copy of ``model`` (in eval mode), or ``None`` when the copy does not reproduce the model."""
+    try:
+        twin = copy.deepcopy(model).to(torch.float64)
+        with torch.no_grad():
+            a, b = model(probe).double(), twin(probe.double())
+    except (RuntimeError, TypeError, ValueError, copy.Error):
+        return None
+    scale = max(float(a.abs().max()) if a.numel() else 0.0, 1.0)
+    same = a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * scale))
+    return twin if same else None
 
 
 @dataclass(frozen=True)
@@ -272,14 +298,16 @@ def tightness(
     in eval mode (its mode is restored).
 
     Args:
-        check: raise when a point has ``A > D`` (set ``False`` to inspect the violating result).
+        check: raise when a point has ``A > D`` or certify's sampled self-check disproves the bound (set ``False``
+            to inspect the violating result).
 
     Raises:
-        SoundnessError: ``check`` and an attack found an adversarial example inside a certified radius.
+        SoundnessError: ``check`` and an attack found an adversarial example inside a certified radius, or the
+            self-check of :func:`~sturdy.lipschitz.certify` found inputs that disprove the bound.
     """
     with eval_mode(model):
         result = _tightness(model, x, y, bound=bound, form=form, steps=steps, restarts=restarts,
-                            bisection_steps=bisection_steps, progress=progress, seed=seed)
+                            bisection_steps=bisection_steps, progress=progress, seed=seed, check=check)
     if check and result.violations:
         raise SoundnessError(
             f"soundness violation: {result.violations} of {int(result.certified.numel())} points have a certified "
@@ -300,8 +328,9 @@ def _tightness(
     bisection_steps: int,
     progress: bool,
     seed: int,
+    check: bool,
 ) -> Tightness:
-    cert = certify(model, x, y, form=form, bound=bound)
+    cert = certify(model, x, y, form=form, bound=bound, self_check=check)
     steps_bar = tqdm(total=3, disable=not progress, desc="tightness")
     dtype, device = model_dtype_device(model)
     with torch.no_grad():
