@@ -20,6 +20,7 @@ from torch import nn
 
 from sturdy.errors import CheckpointError
 from sturdy.utils import atomic_writer
+from sturdy.validation import check_state_tensors
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -50,8 +51,9 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     """Read a checkpoint written by :func:`save_checkpoint` without unpickling code.
 
     Raises:
-        CheckpointError: the file is missing, corrupt, not a sturdy checkpoint, or contains
-            pickled objects other than tensors and plain containers (refused as unsafe).
+        CheckpointError: the file is missing, corrupt, not a sturdy checkpoint, contains pickled
+            objects other than tensors and plain containers (refused as unsafe), or holds tensors on the
+            meta device (shapes without values).
     """
     path = Path(path)
     if not path.is_file():
@@ -78,7 +80,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         ) from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a sturdy checkpoint (missing format tag {CHECKPOINT_FORMAT!r})")
-    return state
+    return check_state_tensors(state, source=f"checkpoint {str(path)!r}")
 
 
 RESUME_ADVICE = "use a new output folder or --no-resume to start over"

@@ -133,18 +133,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from sturdy.experiments.train_job import load_job_data, load_trained_model
-    from sturdy.training import evaluate, load_checkpoint, resolve_device
+    from sturdy.experiments.train_job import check_data_matches, load_job_data, load_trained_model
+    from sturdy.training import evaluate, resolve_device
 
     model, job = load_trained_model(args.checkpoint, device=resolve_device(args.device))
     job = job.replace(data_root=args.data_root, download=args.download)
     if args.dataset is not None:
         job = job.replace(dataset=args.dataset)
     _, test_set = load_job_data(job)
-    expected = tuple(load_checkpoint(args.checkpoint)["extra"].get("input_shape", (1, *test_set.image_shape))[1:])
-    if test_set.image_shape != expected:
-        raise ConfigurationError(f"data set {job.dataset!r} has images of shape {test_set.image_shape}, the model "
-                                 f"was trained on {expected}; choose a data set of the same shape")
+    check_data_matches(args.checkpoint, test_set, job.dataset)
     logits = _num_logits(model, test_set)
     if test_set.num_classes != logits:
         raise ConfigurationError(f"data set {job.dataset!r} has {test_set.num_classes} classes, the model "

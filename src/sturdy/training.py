@@ -49,7 +49,8 @@ from sturdy.checkpoints import (
 from sturdy.data import ImageDataset, apply_label_noise
 from sturdy.distributed import gather_to_rank0
 from sturdy.errors import CheckpointError, ConfigurationError, DataError
-from sturdy.validation import check_images, check_labels
+from sturdy.utils import model_device_dtype
+from sturdy.validation import check_finite_output, check_images, check_labels, check_model
 
 __all__ = [
     "TrainConfig",
@@ -253,23 +254,32 @@ def evaluate(
 ) -> Tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``dataset``.
 
-    The model's training flag is restored afterwards.
+    The images are computed in the model's dtype (any floating-point precision is accepted). The model's
+    training flag is restored afterwards.
+
+    Raises:
+        ConfigurationError: a model on the meta device, or logits that do not match the data set's classes.
+        DataError: an empty data set, labels out of range, NaN/inf pixels, or NaN/inf logits.
     """
+    check_model(model)
     if len(dataset) == 0:
         raise DataError(f"cannot evaluate on an empty data set ({dataset.name or 'unnamed'} {dataset.split}); "
                         "pass at least one sample")
-    check_labels(dataset.labels, num_classes=dataset.num_classes, name=f"{dataset.name or 'evaluation'} labels")
-    if device is None:
-        device = next(model.parameters()).device
+    name = dataset.name or "evaluation"
+    check_images(dataset.images, name=f"{name} images", bounds=None)
+    check_labels(dataset.labels, num_classes=dataset.num_classes, name=f"{name} labels")
+    model_device, dtype = model_device_dtype(model, dataset.images)
+    device = model_device if device is None else device
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
     for start in range(0, len(dataset), batch_size):
-        x = dataset.images[start : start + batch_size].to(device)
+        x = dataset.images[start : start + batch_size].to(device=device, dtype=dtype)
         y = dataset.labels[start : start + batch_size].to(device)
         logits = model(x)
         if start == 0:
             _check_logits(logits, dataset.num_classes, len(x))
+        check_finite_output(logits, name=f"the model's logits on {name} images {start}..{start + len(x) - 1}")
         total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
     model.train(was_training)
@@ -393,7 +403,9 @@ def train(
     rank, world = _world()
     objective = objective or cross_entropy_loss
     extra_state = dict(extra_state or {})
+    check_model(model)
     model.to(device)
+    in_dtype = model_device_dtype(model, train_set.images)[1]  # images of any precision: the model's dtype
     check_images(train_set.images, name="training images", bounds=None)
     check_labels(train_set.labels, num_classes=train_set.num_classes, name="training labels")
     if test_set is not None:
@@ -477,12 +489,14 @@ def train(
         lr = optimizer.param_groups[0]["lr"]
         for step in range(steps):
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            x = train_set.images[idx].to(device, non_blocking=True)
+            x = train_set.images[idx].to(device, dtype=in_dtype, non_blocking=True)
             y = labels[idx].to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             loss, logits = objective(net, x, y, epoch=epoch, step=epoch * steps + step)
             if epoch == start_epoch and step == 0:
                 _check_logits(logits, train_set.num_classes, len(idx))
+                if world == 1:  # before any update NaN logits are the model's, not a divergence
+                    check_finite_output(logits, name="the model's logits on the first training batch")
             loss_value = float(loss.detach())  # the one host read of the step
             if diverged is None and not math.isfinite(loss_value):
                 diverged = f"epoch {epoch + 1}, step {step + 1} (loss {loss_value})"

@@ -6,6 +6,21 @@ was wrong, what was expected and how to fix it: :class:`~sturdy.errors.DataError
 (images, labels), :class:`~sturdy.errors.ConfigurationError` for settings (numbers, shapes). Every
 check returns its (possibly normalised) value, so a caller can write ``x = check_images(x)``.
 
+Rules every public function of every part follows, through the checks below:
+
+* **Models**: a model whose parameters or buffers are on the ``meta`` device (shapes, no values) is
+  refused with a :class:`~sturdy.errors.ConfigurationError` before any work (:func:`check_model`).
+* **Input dtypes**: inputs are floating point, in any precision (float16, bfloat16, float32, float64);
+  they are accepted and computed in the dtype and on the device of the model's parameters (design
+  convention 7). Integer inputs are refused with a :class:`~sturdy.errors.DataError` (uint8 pixels in
+  0..255 have no agreed scale: pass ``x.float() / 255``), except integer token indices for a model that
+  embeds them (one holding an ``nn.Embedding``) (:func:`check_inputs`).
+* **Non-finite values**: NaN or infinite values in data (images, inputs) are a
+  :class:`~sturdy.errors.DataError`; so are non-finite outputs of a model on finite inputs
+  (:func:`check_finite_output`): the numbers handed in produce them, and no rate, radius or measure is
+  reported from them. Non-finite or ``meta`` tensors in saved state (checkpoints, ``state_dict``) are a
+  :class:`~sturdy.errors.CheckpointError` (:func:`check_state_tensors`), like every other damaged state.
+
 Example:
     >>> import torch
     >>> from sturdy.validation import check_images, check_labels
@@ -16,12 +31,12 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from sturdy.errors import ConfigurationError, DataError
+from sturdy.errors import CheckpointError, ConfigurationError, DataError
 
 __all__ = [
     "check_images",
@@ -29,6 +44,11 @@ __all__ = [
     "check_batch",
     "check_finite_tensor",
     "check_finite_weights",
+    "check_model",
+    "check_inputs",
+    "check_model_inputs",
+    "check_finite_output",
+    "check_state_tensors",
     "check_input_shape",
     "check_number",
     "check_int",
@@ -144,6 +164,111 @@ def check_input_shape(shape: Sequence[int], *, max_elements: int = 2**28) -> Tup
 
     Raises:
         ConfigurationError: not 3 or 4 positive integers, a batch dimension other than 1, or more
+def check_model(model: Any, *, name: str = "the model") -> Any:
+    """``model`` unchanged unless it is an ``nn.Module`` with tensors on the ``meta`` device (shapes, no values).
+
+    A plain function (``Callable[[Tensor], Tensor]``, accepted by the Fourier analyses) passes unchecked.
+
+    Raises:
+        ConfigurationError: naming the first tensors on the meta device and how to materialise them.
+    """
+    if isinstance(model, nn.Module):
+        meta = [k for k, v in [*model.named_parameters(), *model.named_buffers()] if v.is_meta]
+        if meta:
+            more = f" and {len(meta) - 3} more" if len(meta) > 3 else ""
+            raise ConfigurationError(
+                f"{name} has tensors on the meta device ({', '.join(meta[:3])}{more}: shapes without values); "
+                "materialise it first, e.g. model.to_empty(device='cpu') then model.load_state_dict(weights)"
+            )
+    return model
+
+
+def _embeds_tokens(model: Any) -> bool:
+    return isinstance(model, nn.Module) and any(isinstance(m, nn.Embedding) for m in model.modules())
+
+
+def check_inputs(x: Any, *, model: Any = None, name: str = "inputs") -> torch.Tensor:
+    """A batch of model inputs ``(N, ...)`` under the dtype and finiteness rules of this module.
+
+    Floating-point inputs of any precision pass (the caller computes in the model's dtype); integer
+    inputs pass only as token indices of a ``model`` holding an ``nn.Embedding``. Unlike
+    :func:`check_images`, neither the number of dimensions nor the value range is checked.
+
+    Raises:
+        DataError: not a tensor, a bool/complex/integer dtype the model cannot take, or NaN/inf values.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise DataError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    integer = not (x.is_floating_point() or x.is_complex()) and x.dtype != torch.bool
+    if not x.is_floating_point() and not (integer and x.dtype != torch.uint8 and _embeds_tokens(model)):
+        hint = " (pixels in 0..255: pass x.float() / 255)" if x.dtype == torch.uint8 else ""
+        raise DataError(f"{name} must hold floating-point values (any precision; they are computed in the "
+                        f"model's dtype), got dtype {x.dtype}{hint}")
+    return check_finite_tensor(x, name=name)
+
+
+def check_model_inputs(
+    model: Any, x: Any, *, name: str = "x", bounds: Optional[Tuple[float, float]] = None, images: bool = False
+) -> torch.Tensor:
+    """:func:`check_model` then the inputs: :func:`check_images` with ``images`` (``(N, C, H, W)`` in
+    ``bounds``), else :func:`check_inputs`. Returns ``x`` unchanged; the one-line check of an entry point.
+
+    Raises:
+        ConfigurationError: a model on the meta device.
+        DataError: inputs that break the rules of this module.
+    """
+    check_model(model)
+    if images:
+        return check_images(x, name=name, bounds=bounds)
+    return check_inputs(x, model=model, name=name)
+
+
+def check_finite_output(out: torch.Tensor, *, name: str = "the model's logits") -> torch.Tensor:
+    """``out`` unchanged when finite: the outputs of a model (or a quantity derived from them) on finite inputs.
+
+    Raises:
+        DataError: counting the NaN or infinite values, pointing at the model's weights and forward.
+    """
+    if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()):
+        finite = torch.isfinite(out)
+        if not bool(finite.all()):
+            raise DataError(
+                f"{name}: {int((~finite).sum())} of {out.numel()} values are NaN or infinite on finite inputs; "
+                "no result is computed from them: check the model's weights (an overflow) and its forward"
+            )
+    return out
+
+
+def _tensors(value: Any, path: str, depth: int = 0) -> Iterator[Tuple[str, torch.Tensor]]:
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif depth < 32 and isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors(item, f"{path}.{key}" if path else str(key), depth + 1)
+    elif depth < 32 and isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _tensors(item, f"{path}[{i}]", depth + 1)
+
+
+def check_state_tensors(state: Any, *, source: str, finite: bool = False) -> Any:
+    """``state`` (nested dicts, lists and tensors) unchanged when every tensor holds values.
+
+    ``finite``: floating-point tensors must also be free of NaN and infinite values (residuals,
+    statistics), which weights written before a divergence may legitimately hold elsewhere.
+
+    Raises:
+        CheckpointError: a tensor on the meta device, or (with ``finite``) a non-finite value, naming it.
+    """
+    for path, t in _tensors(state, ""):
+        if t.is_meta:
+            raise CheckpointError(f"{source} holds tensors on the meta device ({path or 'the state'}: a shape "
+                                  "with no values); it was saved from an unmaterialised model: save real weights")
+        if finite and (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{source} holds NaN or infinite values in {path or 'the state'}; the state is "
+                                  "damaged: restart from an earlier checkpoint or without it")
+    return state
+
+
             than ``max_elements`` values per input (a size no image model here can use).
     """
     try:

@@ -1,4 +1,6 @@
-"""Property-based soundness: random compositions of every supported operator (hypothesis).
+"""Property-based soundness: random compositions of every supported operator (hypothesis), and the same
+compositions with a defect a user's code brings (a forward replaced on the instance, a batch-dependent forward,
+a mismatched input shape, a stale bound): each must be refused or certified soundly.
 
 Linear compositions are checked against the exact dense Jacobian norm, ReLU-family compositions against
 local Jacobian norms at random points and a gradient-ascent attack on the difference quotient. A light
@@ -8,6 +10,8 @@ every new rule.
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Callable, Dict, List, Tuple
 
 import pytest
@@ -17,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sturdy.lipschitz import lipschitz_bound
+from sturdy.errors import SturdyError
+from sturdy.lipschitz import certify, lipschitz_bound
 
 from .lipschitz_reference import adversarial_lipschitz, exact_norm, jacobian_norms, randomize_batchnorm
 
@@ -170,6 +175,13 @@ _ACTIVATIONS: Dict[str, Callable[[Composite], None]] = {
     "maxpool": lambda m: m.add("module", nn.MaxPool2d(2, stride=1)) if min(m.shape[1:]) >= 2 else None,
     "amax": lambda m: m.add("amax"),
     "maximum": lambda m: m.add("maximum", _conv(m, m.shape[0], m.shape[0], kernel_size=1)),
+    # parameters over their whole valid range, negative included
+    "elu_neg": lambda m: m.add("module", nn.ELU(alpha=-1.6)),
+    "elu_big": lambda m: m.add("module", nn.ELU(alpha=2.5)),
+    "leaky_neg": lambda m: m.add("module", nn.LeakyReLU(-1.4)),
+    "rrelu_neg": lambda m: m.add("module", nn.RReLU(-2.0, -1.0)),
+    "softplus_neg": lambda m: m.add("module", nn.Softplus(beta=-1.5)),
+    "celu": lambda m: m.add("module", nn.CELU(0.4)),
 }
 LINEAR_OPS = ["conv", "conv1x1", "conv_transpose", "conv1d", "avgpool", "pad", "zeropad", "upsample", "index",
               "index_select", "expand", "repeat", "flip", "roll", "transpose", "mul_const", "inplace", "scale",
@@ -248,3 +260,84 @@ def test_every_linear_operator_alone(name):
 @pytest.mark.parametrize("name", list(_ACTIVATIONS))
 def test_every_activation_alone(name):
     _check_nonlinear((2, 4, 4), ["conv", name, "conv1x1"], seed=3, steps=10)
+
+
+# ------------------------------------------------------------------------------------ defects of users' code
+
+
+def _tenfold(self, x, factor):
+    return type(self).forward(self, x) * factor
+
+
+def _patch(model: Composite, seed: int, how: str) -> None:
+    g = torch.Generator().manual_seed(seed)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.ReLU, nn.BatchNorm2d))]
+    target = layers[int(torch.randint(0, len(layers), (1,), generator=g))]
+    factor = float(torch.empty(1).uniform_(0.2, 10.0, generator=g))
+    if how == "partial":
+        target.forward = functools.partial(_tenfold, target, factor=factor)
+    else:
+        target.forward = types.MethodType(lambda self, x: _tenfold(self, x, factor), target)
+
+
+class _BatchDependent(nn.Module):
+    def __init__(self, body: nn.Module, how: str):
+        super().__init__()
+        self.body, self.how = body, how
+
+    def forward(self, x):
+        if self.how == "center":
+            return self.body(x - x.mean(dim=-4, keepdim=True))
+        return self.body(x) * x.shape[0]
+
+
+DEFECTS = ["patch_partial", "patch_method", "batch_center", "batch_scale", "shape_mismatch", "stale_weights",
+           "stale_model"]
+
+
+def _check_defect(shape: Shape, names: List[str], seed: int, defect: str) -> None:
+    model = build(shape, names, seed)
+    x = torch.randn(6, *shape, generator=torch.Generator().manual_seed(seed))
+    y = model(x).argmax(1)
+    kwargs: Dict = {"form": "global"}
+    must_refuse = defect not in ("patch_partial", "patch_method")
+    if defect.startswith("patch"):
+        _patch(model, seed, defect.split("_")[1])
+    elif defect.startswith("batch"):
+        model = _BatchDependent(model, defect.split("_")[1]).eval()
+    elif defect == "shape_mismatch":
+        kwargs["input_shape"] = (1, shape[0], shape[1] + 1, shape[2])
+    else:
+        other = build(shape, names, seed + 1) if defect == "stale_model" else model
+        kwargs["bound"] = lipschitz_bound(other, input_shape=(1, *shape))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5)
+    try:
+        cert = certify(model, x, y, **kwargs)
+    except SturdyError:
+        return  # refused: sound
+    assert not must_refuse, (defect, names)
+    bound = cert.bound.upper
+    local = float(jacobian_norms(model, x).max())
+    attack = adversarial_lipschitz(model, shape, starts=4, steps=15, seed=seed)
+    assert bound >= local * (1 - LOCAL_REL), (defect, names, bound, local)
+    assert bound >= attack * (1 - LOCAL_REL), (defect, names, bound, attack)
+
+
+@settings(max_examples=10, **_settings)
+@given(shape=_shapes, names=_relu_chain, seed=st.integers(0, 2**16), defect=st.sampled_from(DEFECTS))
+def test_defects_of_users_code_are_refused_or_sound(shape, names, seed, defect):
+    _check_defect(shape, names, seed, defect)
+
+
+@pytest.mark.slow
+@settings(max_examples=200, **_settings)
+@given(shape=_shapes, names=_relu_chain, seed=st.integers(0, 2**16), defect=st.sampled_from(DEFECTS))
+def test_defects_of_users_code_are_refused_or_sound_slow(shape, names, seed, defect):
+    _check_defect(shape, names, seed, defect)
+
+
+@pytest.mark.parametrize("defect", DEFECTS)
+def test_every_defect_alone(defect):
+    _check_defect((2, 4, 4), ["conv", "relu", "conv1x1"], seed=DEFECTS.index(defect), defect=defect)

@@ -16,6 +16,7 @@ from torch import nn
 from sturdy.compression.baselines import StromState, TopKState, TorchHookState, strom_hook, topk_hook, torch_hook
 from sturdy.compression.variance import VarianceCompressionState, variance_hook
 from sturdy.errors import ConfigurationError
+from sturdy.validation import check_model
 
 __all__ = ["METHODS", "Hook", "create_compression"]
 
@@ -47,6 +48,7 @@ def create_compression(
     """
     if method not in METHODS:
         raise ConfigurationError(f"unknown compression method {method!r}; expected one of {METHODS}")
+    check_model(model)
     named = list(model.named_parameters()) if model is not None else None
     if method == "vgc":
         vgc = VarianceCompressionState(

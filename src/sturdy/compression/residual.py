@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from sturdy.compression.compressor import Selection, validate_rate
 from sturdy.compression.traffic import TrafficMeter
 from sturdy.errors import CheckpointError, ConfigurationError, DistributedError
+from sturdy.validation import check_state_tensors
 
 __all__ = ["GATHER_MODES", "BucketView", "ResidualState"]
 
@@ -208,6 +209,7 @@ class ResidualState(TrafficMeter):
         missing = [k for k in self.buffer_kinds if k not in buffers]
         if missing:
             raise CheckpointError(f"compression state lacks buffers {missing}; it was saved by another version")
+        check_state_tensors(buffers, source="the compression state", finite=True)
         self._pending = {k: {n: t.clone() for n, t in buffers[k].items()} for k in self.buffer_kinds}
         self._drop_buffers()
 

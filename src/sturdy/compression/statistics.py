@@ -40,6 +40,7 @@ from sturdy.persample import (
     TrackedModule,
 )
 from sturdy.persample.recorder import parameter_bytes
+from sturdy.validation import check_model
 
 __all__ = [
     "SquaredGradientStatistics",
@@ -60,6 +61,7 @@ class SquaredGradientStatistics:
             raise ConfigurationError(
                 f"attach_squared_gradient_statistics expects an nn.Module, got {type(model).__name__}"
             )
+        check_model(model)
         if chunk_bytes is not None and chunk_bytes <= 0:
             raise ConfigurationError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes}")
         params = [p for p in model.parameters() if p.requires_grad]

@@ -139,12 +139,13 @@ def measure_checkpoint(
     """
     from sturdy.data import apply_label_noise
     from sturdy.experiments.jsonio import write_json
-    from sturdy.experiments.train_job import load_job_data, load_trained_model
+    from sturdy.experiments.train_job import check_data_matches, load_job_data, load_trained_model
     from sturdy.training import evaluate, resolve_device
 
     dev = resolve_device(device)
     model, job = load_trained_model(checkpoint, device=dev)
     train_set, test_set = load_job_data(job)
+    check_data_matches(checkpoint, train_set, job.dataset)
     labels = apply_label_noise(train_set.labels, fraction=job.config.label_noise, num_classes=train_set.num_classes,
                                seed=job.config.seed)
     train_set = train_set.with_labels(labels)

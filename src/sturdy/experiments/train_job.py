@@ -45,6 +45,7 @@ __all__ = [
     "run_train_job",
     "load_trained_model",
     "load_job_data",
+    "check_data_matches",
     "build_model",
 ]
 
@@ -147,6 +148,19 @@ def load_job_data(job: TrainJob) -> Tuple[ImageDataset, ImageDataset]:
     """Train and test split of the job's data set."""
     kw = dict(root=job.data_root, download=job.download, resize=job.resize)
     return load_dataset(job.dataset, split="train", **kw), load_dataset(job.dataset, split="test", **kw)
+
+
+def check_data_matches(path: str | os.PathLike, data: ImageDataset, dataset: str) -> None:
+    """Refuse ``data`` (named ``dataset``) when its images differ in shape from those the model in the
+    checkpoint ``path`` was trained on (its stored input shape; checkpoints without one are not checked).
+
+    Raises:
+        ConfigurationError: naming both shapes.
+    """
+    expected = tuple(load_checkpoint(path)["extra"].get("input_shape", (1, *data.image_shape))[1:])
+    if data.image_shape != expected:
+        raise ConfigurationError(f"data set {dataset!r} has images of shape {data.image_shape}, the model "
+                                 f"was trained on {expected}; choose a data set of the same shape")
 
 
 def build_model(job: TrainJob, in_shape: Sequence[int], num_classes: int, *, seed: Optional[int] = None) -> nn.Module:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from sturdy.errors import ConfigurationError, DataError
 from sturdy.utils import eval_mode
+from sturdy.validation import check_finite_output, check_inputs
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """The criterion ``loss_fn(logits, targets) -> mean loss over the batch`` (a 0-d tensor).
@@ -124,7 +125,12 @@ def check_class_range(batches: List[Tuple[Tensor, Tensor]], num_classes: int) ->
 
 
 def output_width(model: nn.Module, x: Tensor) -> int:
-    """Number of logits the model gives per sample (one forward pass of two samples, no graph)."""
+    """Number of logits the model gives per sample (one forward pass of two samples, no graph).
+
+    The first place the model meets the data: the inputs' dtype and the two samples' logits are checked
+    against the rules of :mod:`sturdy.validation` (a :class:`DataError` otherwise).
+    """
+    check_inputs(x, model=model)
     with torch.no_grad():
         out = model(x[:2])
     if not isinstance(out, Tensor) or out.dim() != 2:
@@ -133,7 +139,7 @@ def output_width(model: nn.Module, x: Tensor) -> int:
             f"the model must return logits of shape (N, classes) for the cross-entropy loss, got {shape}; "
             "pass loss_fn=... (where accepted) for other outputs"
         )
-    return int(out.shape[1])
+    return int(check_finite_output(out).shape[1])
 
 
 def classification_batches(
@@ -250,6 +256,8 @@ def loss_batches(
     """The batches of ``data`` for ``loss_fn``: checked as class indices (:func:`classification_batches`,
     the model in eval mode for that one forward pass) when ``loss_fn`` is ``None`` (the cross-entropy)."""
     if loss_fn is not None:
-        return collect_batches(data, batch_size=batch_size, device=device, dtype=dtype)
+        batches = collect_batches(data, batch_size=batch_size, device=device, dtype=dtype)
+        check_inputs(batches[0][0], model=model)
+        return batches
     with eval_mode(model):
         return classification_batches(model, data, batch_size=batch_size, device=device, dtype=dtype)[0]

@@ -66,6 +66,7 @@ from sturdy.flatness.hvp import (
     top_hessian_eigenvalue,
 )
 from sturdy.utils import eval_mode, model_device_dtype
+from sturdy.validation import check_model
 
 __all__ = [
     "HessianDiagonal",
@@ -264,6 +265,7 @@ def hessian_diagonal(
         >>> hd.diagonal["weight"].shape, hd.method, hd.quantity, hd.is_hessian
         (torch.Size([2, 3]), 'ggn-exact', 'ggn_diagonal', True)
     """
+    check_model(model)
     if method not in HESSIAN_METHODS:
         raise ConfigurationError(f"method must be one of {', '.join(HESSIAN_METHODS)}, got {method!r}")
     if backend not in ("hooks", "func"):

@@ -23,6 +23,7 @@ from sturdy.flatness._data import (
     trainable_parameters,
 )
 from sturdy.utils import eval_mode, model_device_dtype
+from sturdy.validation import check_model
 
 __all__ = ["TraceEstimate", "EigenEstimate", "hutchinson_trace", "top_hessian_eigenvalue", "rademacher", "probe_seed",
            "batch_gradient", "hvp"]
@@ -119,6 +120,7 @@ def hutchinson_trace(
     Returns:
         :class:`TraceEstimate` with the standard error over probes.
     """
+    check_model(model)
     check_positive_int("probes", probes, minimum=2)
     device, dtype = model_device_dtype(model)
     tensors = [p for _, p in trainable_parameters(model)]
@@ -161,6 +163,7 @@ def top_hessian_eigenvalue(
         iterations: maximum Hessian-vector products; tol: relative stopping tolerance;
         seed: seed of the Gaussian start vector (drawn on the CPU).
     """
+    check_model(model)
     check_positive_int("iterations", iterations)
     if not (math.isfinite(tol) and tol > 0):
         raise ConfigurationError(f"tol must be a finite number > 0, got {tol!r}")

@@ -21,6 +21,7 @@ from sturdy.flatness.normalized import VARIANTS, normalized_sharpness
 from sturdy.flatness.norms import log_frobenius_product, log_spectral_product
 from sturdy.flatness.rescale import rescale_nodes
 from sturdy.utils import eval_mode
+from sturdy.validation import check_inputs, check_model
 
 __all__ = ["InvarianceRow", "RescalingInvariance", "check_rescaling_invariance", "OUTPUT_DIFFERENCE"]
 
@@ -96,14 +97,17 @@ def check_rescaling_invariance(
 
     Raises:
         UnsupportedModuleError, ConfigurationError: from :func:`rescale_nodes` for unsupported networks.
-        DataError: ``data`` is not a pair of tensors with the same number of samples.
+        DataError: ``data`` is not a pair of tensors with the same number of samples, or its inputs break
+            the dtype and finiteness rules of :mod:`sturdy.validation`.
     """
+    check_model(model)
     if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)):
         raise DataError("check_rescaling_invariance needs data as an (inputs, targets) pair of tensors")
     if data[0].shape[0] != data[1].shape[0]:
         raise DataError(
             f"inputs and targets must have the same number of samples, got {data[0].shape[0]} and {data[1].shape[0]}"
         )
+    check_inputs(data[0], model=model)
     with eval_mode(model):
         base = copy.deepcopy(model).double()  # the copy keeps eval mode; ``model`` is restored on exit
     scaled = rescale_nodes(base, seed=seed, low=low, high=high)

@@ -52,6 +52,7 @@ from sturdy.flatness.registry import (
     register_measure,
 )
 from sturdy.utils import model_device_dtype
+from sturdy.validation import check_model
 
 __all__ = ["compute_measures"]
 
@@ -84,6 +85,7 @@ def compute_measures(
     Returns:
         A :class:`MeasureSet` (mapping name -> :class:`Measure`, in the order of ``names``).
     """
+    check_model(model)
     chosen = list(available_measures() if names is None else names)
     specs = [measure_spec(n) for n in chosen]
     settings = dict(settings or {})

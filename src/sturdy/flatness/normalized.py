@@ -50,6 +50,7 @@ from sturdy.errors import ConfigurationError
 from sturdy.flatness._data import check_positive_int, skipped_weights, weight_layers
 from sturdy.flatness.curvature import HessianDiagonal, hessian_diagonal
 from sturdy.flatness.jackknife import jackknife_layers
+from sturdy.validation import check_model
 
 __all__ = [
     "LayerSharpness",
@@ -365,6 +366,7 @@ def normalized_sharpness(
         :class:`NormalizedSharpness`; the sum over layers, with per-layer details, what the curvature was,
         what was skipped, and the Monte-Carlo uncertainty when there is one.
     """
+    check_model(model)
     if variant not in VARIANTS:
         raise ConfigurationError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     chosen = weight_layers(model)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from sturdy.errors import ConfigurationError
 from sturdy.flatness._data import weight_layers
 from sturdy.flatness.registry import Measure
+from sturdy.validation import check_model
 
 __all__ = ["log_spectral_product", "log_frobenius_product"]
 
@@ -39,11 +40,13 @@ def log_spectral_product(model: nn.Module) -> Measure:
         >>> round(log_spectral_product(net).value, 6) == round(2 * math.log(3.0) + math.log(2.0), 6)
         True
     """
+    check_model(model)
     norms = {n: float(torch.linalg.matrix_norm(w, ord=2)) for n, w in _matrices(model)}
     return Measure("log_spectral_product", float(sum(2 * math.log(v) for v in norms.values())), {"per_layer": norms})
 
 
 def log_frobenius_product(model: nn.Module) -> Measure:
     """``sum_l log ||W_l||_F^2`` over Linear/Conv2d weights, float64."""
+    check_model(model)
     norms = {n: float(torch.linalg.matrix_norm(w, ord="fro")) for n, w in _matrices(model)}
     return Measure("log_frobenius_product", float(sum(2 * math.log(v) for v in norms.values())), {"per_layer": norms})

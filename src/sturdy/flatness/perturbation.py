@@ -25,6 +25,7 @@ from sturdy.flatness._data import (
 )
 from sturdy.flatness.registry import Measure
 from sturdy.utils import eval_mode, model_device_dtype
+from sturdy.validation import check_model
 
 __all__ = ["pacbayes_flatness", "adaptive_average_sharpness"]
 
@@ -124,6 +125,7 @@ def pacbayes_flatness(
         :class:`Measure` with value ``1 / sigma^2`` and details ``sigma``, ``increase``, ``saturated``
         (``"low"``/``"high"`` when the answer sits at an end of ``sigma_range``, else ``""``).
     """
+    check_model(model)
     if not (math.isfinite(target) and target > 0):
         raise ConfigurationError(f"target must be a finite number > 0, got {target!r}")
     lo, hi = sigma_range
@@ -181,6 +183,7 @@ def adaptive_average_sharpness(
     Invariant to node-wise rescaling only in the first-order sense; it uses the training loss
     (``loss_fn``, default cross-entropy) and ``samples`` antithetic pairs; details hold the standard error.
     """
+    check_model(model)
     if not (math.isfinite(rho) and rho > 0):
         raise ConfigurationError(f"rho must be a finite number > 0, got {rho!r}")
     pert = _Perturber(model, data, batch_size=batch_size, loss_fn=loss_fn or default_loss, criterion="loss",

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sturdy.errors import ConfigurationError, UnsupportedModuleError
+from sturdy.validation import check_model
 
 __all__ = ["rescale_nodes"]
 
@@ -159,6 +160,7 @@ def rescale_nodes(model: nn.Module, *, seed: int = 0, low: float = 0.25, high: f
         >>> torch.allclose(rescale_nodes(net, seed=1)(x), net(x))
         True
     """
+    check_model(model)
     if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
         raise ConfigurationError(f"need 0 < low <= high (finite), got low={low!r}, high={high!r}")
     gm, nodes = _chain(model)

@@ -25,6 +25,7 @@ def in_eval_mode(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(model: Model, *args: Any, **kwargs: Any) -> Any:
+        validation.check_model(model)
         if isinstance(model, nn.Module):
             with eval_mode(model):
                 return fn(model, *args, **kwargs)
@@ -137,7 +138,8 @@ def call_model(model: Model, images: Tensor) -> Tensor:
 
     An exception raised by the model propagates unchanged, except when a layer of the model is found to
     receive inputs of the wrong size (a model on flattened vectors, a channel mismatch): that becomes a
-    :class:`ConfigurationError` naming the layer, chained to the original error.
+    :class:`ConfigurationError` naming the layer, chained to the original error. NaN or infinite logits
+    are a :class:`DataError` (:func:`sturdy.validation.check_finite_output`): no rate is computed from them.
     """
     try:
         logits = model(images)
@@ -156,4 +158,4 @@ def call_model(model: Model, images: Tensor) -> Tensor:
             f"the model must return logits of shape (N, num_classes) for N={images.shape[0]} images, "
             f"got {shape}"
         )
-    return logits
+    return validation.check_finite_output(logits)

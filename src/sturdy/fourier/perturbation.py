@@ -257,6 +257,7 @@ def apply_perturbation(x: Tensor, delta: Tensor, *, bounds: Bounds = (0.0, 1.0))
         (1.0, 0.1)
     """
     bounds = check_bounds(bounds)
+    check_images(x, bounds)
     images = x + delta
     if bounds is not None:
         images = images.clamp_(bounds[0], bounds[1])

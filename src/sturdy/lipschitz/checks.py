@@ -4,6 +4,8 @@
 * :func:`functionalize_inplace`: an in-place operation overwrites a tensor that later graph nodes still
   name by its old node: those uses are rewired to the operation's result; views of the overwritten tensor
   used afterwards are refused (unless the operation is a contraction, e.g. ``relu_``);
+* :func:`positional_inputs`: a call naming its input-dependent tensor by keyword (``torch.mul(input=x, other=2)``)
+  passes it by position, where the rules look for it;
 * :func:`check_reproduces`: the traced graph must compute the model's output on random inputs, and two runs of
   the model must agree (randomness hidden in custom code, in-place writes through aliases); the bound is traced
   at batch size 1, and :func:`~sturdy.lipschitz.certify` checks every batch it certifies against samples
@@ -13,18 +15,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+import inspect
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.operator_schemas import get_signature_for_torch_op
 
 from sturdy.errors import ConfigurationError, UnsupportedModuleError
 from sturdy.lipschitz.registry import global_hooks
 from sturdy.utils import eval_mode
 from sturdy.validation import check_finite_output
 
-__all__ = ["Live", "check_model", "functionalize_inplace", "check_reproduces", "target_name"]
+__all__ = ["Live", "check_model", "functionalize_inplace", "kwarg_nodes", "positional_inputs", "check_reproduces",
+           "target_name"]
 
 
 def target_name(node: torch.fx.Node, target: Any) -> str:
@@ -124,6 +129,36 @@ def functionalize_inplace(node: torch.fx.Node, target: Any, path: str, values: D
             )
     for u in later:
         u.replace_input_with(first, node)
+
+
+def kwarg_nodes(node: torch.fx.Node) -> List[torch.fx.Node]:
+    found: List[torch.fx.Node] = []
+    torch.fx.node.map_arg(node.kwargs, found.append)
+    return found
+
+
+def positional_inputs(node: torch.fx.Node) -> None:
+    """Pass by position the leading arguments a call names by keyword (``torch.mul(input=x, other=2)``), so that
+    rules see the input-dependent tensor where the operator's signature puts it."""
+    target = node.target
+    try:
+        signatures = get_signature_for_torch_op(target) or [inspect.signature(target)]  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # builtins without a signature: left as they are
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for sig in signatures:
+        try:
+            given = sig.bind(*node.args, **node.kwargs).arguments
+        except TypeError:
+            continue
+        args, kwargs = [], dict(node.kwargs)
+        for p in sig.parameters.values():
+            if p.kind not in positional or p.name not in given:
+                break
+            args.append(given[p.name])
+            kwargs.pop(p.name, None)
+        node.args, node.kwargs = tuple(args), kwargs
+        return
 
 
 def check_reproduces(gm: torch.fx.GraphModule, model: nn.Module, shape: Tuple[int, ...], dtype: torch.dtype,

@@ -25,7 +25,6 @@ dimension, e.g. ``(1, 1, 8, 8)`` (its batch size is ignored).
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -33,11 +32,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.operator_schemas import get_signature_for_torch_op
 
 from sturdy.errors import ConfigurationError, SturdyError, UnsupportedModuleError
 from sturdy.lipschitz import rules, rules_copy, rules_layers  # noqa: F401  (the rules register themselves)
-from sturdy.lipschitz.checks import Live, check_model, check_reproduces, functionalize_inplace, target_name
+from sturdy.lipschitz.checks import (
+    Live,
+    check_model,
+    check_reproduces,
+    functionalize_inplace,
+    kwarg_nodes,
+    positional_inputs,
+    target_name,
+)
 from sturdy.lipschitz.operators import BatchNormOp, Conv2dOp, LinearLayerOp, LinearOp
 from sturdy.lipschitz.registry import (
     Combine,
@@ -225,8 +231,8 @@ def _build(gm: torch.fx.GraphModule, root: nn.Module, model: nn.Module, shape: T
             dependent[node.name] = False
             steps.append(Step(node.name, "const", (), node.target))
             continue
-        if node.op == "call_function" and any(dependent[n.name] for n in _kwarg_nodes(node)):
-            _to_positional(node)
+        if node.op == "call_function" and any(dependent[n.name] for n in kwarg_nodes(node)):
+            positional_inputs(node)
         args, kwargs = load(node.args), load(node.kwargs)
         if node.op == "call_module":
             target: Any = root.get_submodule(node.target)
@@ -356,36 +362,6 @@ def _run(node: torch.fx.Node, target: Any, path: str, args: Any, kwargs: Any, sh
             f"the model cannot run on inputs of shape {shape} (input_shape includes the batch dimension): "
             f"{target_name(node, target)} at {path!r} raised {type(exc).__name__}: {exc}"
         ) from exc
-
-
-def _kwarg_nodes(node: torch.fx.Node) -> List[torch.fx.Node]:
-    found: List[torch.fx.Node] = []
-    torch.fx.node.map_arg(node.kwargs, found.append)
-    return found
-
-
-def _to_positional(node: torch.fx.Node) -> None:
-    """Pass by position the leading arguments a call names by keyword (``torch.mul(input=x, other=2)``), so that
-    rules see the input-dependent tensor where the operator's signature puts it."""
-    target = node.target
-    try:
-        signatures = get_signature_for_torch_op(target) or [inspect.signature(target)]  # type: ignore[arg-type]
-    except (TypeError, ValueError):  # builtins without a signature: left as they are
-        return
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    for sig in signatures:
-        try:
-            given = sig.bind(*node.args, **node.kwargs).arguments
-        except TypeError:
-            continue
-        args, kwargs = [], dict(node.kwargs)
-        for p in sig.parameters.values():
-            if p.kind not in positional or p.name not in given:
-                break
-            args.append(given[p.name])
-            kwargs.pop(p.name, None)
-        node.args, node.kwargs = tuple(args), kwargs
-        return
 
 
 def _has_tensor(value: Any) -> bool:

@@ -34,6 +34,7 @@ from sturdy.lipschitz.graph import build_program, compose, model_dtype_device
 from sturdy.lipschitz.norms import guaranteed_norm
 from sturdy.lipschitz.operators import BatchNormOp, Conv2dOp, LinearLayerOp, LinearOp
 from sturdy.lipschitz.results import LipschitzEstimate
+from sturdy.validation import check_model
 
 __all__ = ["LipschitzTracker", "LipschitzDriftWarning", "DRIFT_TOLERANCE"]
 
@@ -87,6 +88,7 @@ class LipschitzTracker(nn.Module):
         batch_shapes: bool = True,
     ) -> None:
         super().__init__()
+        check_model(model)
         if iterations < 1 or warmup_iterations < 0:
             raise ConfigurationError(
                 f"iterations must be >= 1 and warmup_iterations >= 0, got {iterations} and {warmup_iterations}"
