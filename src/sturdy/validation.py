@@ -159,11 +159,6 @@ def check_finite_weights(model: nn.Module, *, name: str = "the model") -> nn.Mod
     return model
 
 
-def check_input_shape(shape: Sequence[int], *, max_elements: int = 2**28) -> Tuple[int, ...]:
-    """An input shape with the batch dimension, ``(1, C, H, W)``; ``(C, H, W)`` is accepted too.
-
-    Raises:
-        ConfigurationError: not 3 or 4 positive integers, a batch dimension other than 1, or more
 def check_model(model: Any, *, name: str = "the model") -> Any:
     """``model`` unchanged unless it is an ``nn.Module`` with tensors on the ``meta`` device (shapes, no values).
 
@@ -269,6 +264,11 @@ def check_state_tensors(state: Any, *, source: str, finite: bool = False) -> Any
     return state
 
 
+def check_input_shape(shape: Sequence[int], *, max_elements: int = 2**28) -> Tuple[int, ...]:
+    """An input shape with the batch dimension, ``(1, C, H, W)``; ``(C, H, W)`` is accepted too.
+
+    Raises:
+        ConfigurationError: not 3 or 4 positive integers, a batch dimension other than 1, or more
             than ``max_elements`` values per input (a size no image model here can use).
     """
     try:
