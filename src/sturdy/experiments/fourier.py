@@ -41,7 +41,7 @@ from torch import Tensor
 from sturdy.data import ImageDataset, load_dataset
 from sturdy.errors import ConfigurationError
 from sturdy.experiments.argtypes import non_negative_int, positive_float, positive_int
-from sturdy.experiments.jsonio import write_json
+from sturdy.experiments.jsonio import results_path, write_results
 from sturdy.fourier import (
     DEFAULT_PHASE,
     SEARCHES,
@@ -239,6 +239,7 @@ def _heatmap(args: argparse.Namespace, device: Optional[torch.device]) -> int:
     out = Path(args.out)
     if rank == 0:
         prepare_output_dir(out)
+    results = results_path(out, "fourier heatmap")  # checked before any work
     model, job, kw = _load(args, device)
     analysed, inference = _runtime(args, model)
     test = load_dataset(job.dataset, split="test", **kw)
@@ -261,7 +262,7 @@ def _heatmap(args: argparse.Namespace, device: Optional[torch.device]) -> int:
                    gradient_seconds=grad.seconds, gradient_power_map=grad.full().tolist())
     hm.plot(out / "heatmap.png", title=job.model)
     _save_figure(plot_fourier_maps([("input-gradient power (mean)", grad.full())]), out / "gradient.png")
-    write_json(summary, out / "heatmap.json")  # last: its presence means the run finished
+    write_results(summary, results, command="fourier heatmap")  # last: its presence means the run finished
     keys = ("clean_error", "max_error", "mean_error", "max_fooling", "gradient_rank_correlation_fooling", "seconds",
             "batch_size", "measured_frequencies", "resumed", "world_size")
     print(json.dumps({k: summary[k] for k in keys}))
@@ -302,6 +303,7 @@ def _split_attack_set(train: ImageDataset, n: int, seed: int) -> Tensor:
 
 def _cmd_attack(args: argparse.Namespace) -> int:
     out = prepare_output_dir(args.out)
+    results = results_path(out, "fourier attack")  # checked before any work
     model, job, kw = _load(args)
     analysed, inference = _runtime(args, model)
     train = load_dataset(job.dataset, split="train", **kw)
@@ -334,7 +336,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     if combo is not None:
         _save_tensor(combo.delta, out / "delta_combination.pt")
         _save_figure(plot_perturbation(combo.delta, title="Fourier combination"), out / "delta_combination.png")
-    write_json(summary, out / "attack.json")  # last: its presence means the run finished
+    write_results(summary, results, command="fourier attack")  # last: its presence means the run finished
     keys = ("heldout_fooling_rate", "shifted_fooling_rate", "attack_fooling_rate", "queries", "seconds")
     print(json.dumps({k: summary[k] for k in keys}))
     print(f"wrote {out / 'delta.pt'}, {out / 'delta.png'}, {out / 'examples.png'} and {out / 'attack.json'}")
