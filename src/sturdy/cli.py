@@ -115,9 +115,11 @@ def _job_from_args(args: argparse.Namespace) -> Any:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """Every part may join the run (``training_plugin``); at most one may run it elsewhere (``train_launcher``)."""
+    from sturdy.experiments.jsonio import results_path
     from sturdy.experiments.train_job import run_train_job
 
     job = _job_from_args(args)
+    results_path(job.out, "train")  # before any worker starts: refused when another command's results are there
     parts = _part_modules()
     plugins = [p for p in (getattr(mod, "training_plugin", _none)(job) for mod in parts) if p is not None]
     launchers = [r for r in (getattr(mod, "train_launcher", _none)(job) for mod in parts) if r is not None]

@@ -354,9 +354,9 @@ KILLS = [
     # (case, argv or "demo", files the kill hits, the results file that must not exist after it)
     ("train-checkpoint", ["train", "--model", "linear", "--epochs", "1", "--device", "cpu", "--no-progress"],
      r"^model\.pt$", "results.json"),
-    ("demo-first-figure", "demo", r"\.png$", "results.json"),
+    ("demo-first-figure", "demo", r"\.png$", "demo.json"),
     ("certify-first-figure", ["lipschitz", "certify", "--checkpoint", "{ckpt}", "--limit", "20", "--device", "cpu",
-                              "--no-progress"], r"\.png$", "results.json"),
+                              "--no-progress"], r"\.png$", "certify.json"),
     ("costmodel-first-figure", ["compression", "costmodel", "--checkpoint", "{ckpt}", "--ratio", "0.1", "--device",
                                 "cpu"], r"\.png$", "costmodel.json"),
     ("heatmap-first-figure", ["fourier", "heatmap", "--checkpoint", "{ckpt}", "--eps", "1", "--limit", "4",

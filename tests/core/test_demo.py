@@ -36,7 +36,7 @@ def test_demo_orchestration_runs_every_section_in_order(tmp_path):
     page = path.read_text()
     assert page.index("Training") < page.index("alpha section") < page.index("beta section") < page.index("Run")
     assert "data:image/png;base64," in page
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / "demo.json").read_text())
     assert results["alpha"] == {"value": 1} and results["beta"] == {"value": 1}
     assert set(results["seconds"]) == {"standard", "alpha", "beta", "total"}
     assert 0.5 < results["standard"]["test_accuracy"] <= 1.0  # 3 epochs of the digits CNN
@@ -52,7 +52,7 @@ def test_demo_section_failure_propagates_and_writes_no_results(tmp_path):
     with pytest.raises(RuntimeError, match="beta broke"):
         run_demo(out=tmp_path, quick=True, device="cpu", progress=False,
                  parts=[_StubSection("alpha"), _StubSection("beta", fail=True)])
-    assert not (tmp_path / "results.json").exists() and not (tmp_path / "report.html").exists()
+    assert not (tmp_path / "demo.json").exists() and not (tmp_path / "report.html").exists()
 
 
 def test_demo_default_parts_are_the_four_parts():
@@ -64,7 +64,7 @@ def test_quick_demo_writes_report_and_results(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
     page = (out / "report.html").read_text()
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "demo.json").read_text())
     for part in PARTS:
         assert part in results and part in results["seconds"]
     assert results["quick"] is True and 0.5 < results["standard"]["test_accuracy"] <= 1.0

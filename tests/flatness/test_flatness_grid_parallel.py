@@ -35,7 +35,7 @@ def test_parallel_records_equal_serial_records(tmp_path):
     assert _records(tmp_path / "serial") == _records(tmp_path / "parallel")
     assert serial["correlations"] == parallel["correlations"]
     assert serial["robustness"] == parallel["robustness"]
-    assert (tmp_path / "parallel" / "report.html").stat().st_size > 0
+    assert (tmp_path / "parallel" / "grid_report.html").stat().st_size > 0
 
 
 def test_corrupt_record_is_retrained_with_a_warning(tmp_path):

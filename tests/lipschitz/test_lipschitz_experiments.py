@@ -31,7 +31,7 @@ def test_train_lmt_and_certify_cli(tmp_path, capsys):
     rc = main(["lipschitz", "certify", "--checkpoint", str(train_dir / "model.pt"), "--eps", "0.05,0.1",
                "--out", str(cert_dir), "--tightness", "--tightness-points", "4", "--no-progress"])
     assert rc == 0
-    res = json.loads((cert_dir / "results.json").read_text())
+    res = json.loads((cert_dir / "certify.json").read_text())
     assert set(res["certified_accuracy"]) == {"0.05", "0.1"}
     assert res["lipschitz_estimate"] <= res["lipschitz_upper"]
     assert res["tightness"]["violations"] == 0
@@ -65,7 +65,7 @@ def test_certify_alias_and_group_share_options(tmp_path, capsys):
     assert main(["train", "--epochs", "1", *TINY, "--out", str(train_dir), "--no-progress"]) == 0
     assert main(["certify", "--checkpoint", str(train_dir / "model.pt"), "--limit", "20", "--device", "cpu",
                  "--out", str(cert_dir)]) == 0
-    assert json.loads((cert_dir / "results.json").read_text())["n"] == 20
+    assert json.loads((cert_dir / "certify.json").read_text())["n"] == 20
     capsys.readouterr()
 
 

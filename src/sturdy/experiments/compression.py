@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,7 @@ from sturdy.experiments.train_job import (
     TrainHooks,
     TrainJob,
     TrainPlugin,
+    check_resume,
     fit,
 )
 from sturdy.training import resolve_device
@@ -244,6 +245,25 @@ def _compression_results(state: Any, opts: Dict[str, Any], clock: StepClock) -> 
     grouped = dist.is_available() and dist.is_initialized()
     total = local.all_reduce() if grouped else local
     step_s = clock.mean_median_step_s() if grouped else clock.median_step_s()
+    @property
+    def resume_identity(self) -> Dict[str, Any]:
+        """A resumed run keeps the compression method and its settings (:func:`resume_settings`)."""
+        return {"compression": resume_settings(self.options)}
+
+
+# The options each method reads (every method but ``none`` also reads ``start_iter``).
+_METHOD_SETTINGS: Dict[str, Tuple[str, ...]] = {"vgc": ("alpha", "zeta", "quantize", "gather", "gather_slack"),
+                                      "strom": ("strom_tau", "gather", "gather_slack"),
+                                      "topk": ("topk_ratio", "gather", "gather_slack"),
+                                      "powersgd": ("powersgd_rank",), "fp16": (), "none": ()}
+
+
+def resume_settings(opts: Dict[str, Any]) -> Dict[str, Any]:
+    """The compression method and the settings it reads: a resumed run must keep every one of them."""
+    method = opts["compress"]
+    keys = _METHOD_SETTINGS[method] + (("start_iter",) if method != "none" else ())
+    return {"method": method, **{k: opts[k] for k in keys}}
+
     world, steps = total.ranks, max(local.steps, 1)
     return {
         "compression": {
@@ -344,6 +364,8 @@ def run_distributed_training(
         nproc=nproc,
         args=(job.to_dict(), tuple(plugins), resume, progress),
         device=device,
+    if resume:  # another number of workers or other compression settings: refused before any worker starts
+        check_resume(job, plugins=plugins, world_size=nproc)
         timeout_s=TRAIN_DEADLINE_S,
         collective_timeout_s=opts["dist_timeout"],
     )

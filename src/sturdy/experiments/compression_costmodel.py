@@ -18,7 +18,7 @@ from sturdy.compression.costmodel import crossover_bandwidth_gbps, predict_step_
 from sturdy.compression.timing import measure_codec_seconds, measure_step_seconds
 from sturdy.errors import DataError
 from sturdy.experiments.argtypes import bounded_int, positive_float
-from sturdy.experiments.jsonio import write_json
+from sturdy.experiments.jsonio import RESULTS_FILES, results_path, write_results
 from sturdy.experiments.train_job import load_job_data, load_trained_model
 from sturdy.training import resolve_device
 from sturdy.utils import atomic_writer
@@ -54,19 +54,21 @@ def _cmd_costmodel(args: argparse.Namespace) -> int:
     model, job = load_trained_model(checkpoint, device=resolve_device(args.device))
     ratio = args.ratio
     source = "--ratio"
-    results_path = checkpoint.parent / "results.json"
-    info = _measured_compression(results_path)
+    training_results = checkpoint.parent / RESULTS_FILES["train"]
+    info = _measured_compression(training_results)
     if ratio is None:
         if info:
             ratio = info.get("compression_ratio")
-            source = f"{results_path} (method {info.get('method')})"
+            source = f"{training_results} (method {info.get('method')})"
         if ratio is None:
             raise DataError(
-                f"no measured compression ratio: {results_path} has no 'compression' entry (train with "
+                f"no measured compression ratio: {training_results} has no 'compression' entry (train with "
                 "`sturdy train --nproc 2 --compress vgc`) ; or pass --ratio R"
             )
     torch.set_num_threads(args.threads)
     train_set, _ = load_job_data(job)
+    out = Path(args.out) if args.out else checkpoint.parent / "costmodel"
+    results = results_path(out, "compression costmodel")  # checked before any work
     compute_s = measure_step_seconds(model, train_set.images, train_set.labels, batch_size=job.config.batch_size)
     num_elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dense_bytes = 4 * num_elements
@@ -80,7 +82,6 @@ def _cmd_costmodel(args: argparse.Namespace) -> int:
         compute_s=compute_s, dense_bytes=dense_bytes, compression_ratio=float(ratio), workers=args.workers,
         bandwidths_gbps=args.bandwidth_gbps, latency_s=args.latency_us * 1e-6, codec_s=codec_s,
     )
-    out = Path(args.out) if args.out else checkpoint.parent / "costmodel"
     out.mkdir(parents=True, exist_ok=True)
     header = ["workers", "Gbit/s", "allreduce ms", "compressed ms", "step ms (dense)", "step ms (compressed)",
               "speedup"]
@@ -102,10 +103,11 @@ def _cmd_costmodel(args: argparse.Namespace) -> int:
     fig.savefig(image, format="png", dpi=120)
     with atomic_writer(out / "costmodel.png") as fh:  # a killed run leaves no partial figure
         fh.write(image.getvalue())
-    write_json({"checkpoint": str(checkpoint), "compute_s": compute_s, "codec_s": codec_s, "dense_bytes": dense_bytes,
-                "compression_ratio": float(ratio), "ratio_source": source, "latency_s": args.latency_us * 1e-6,
-                "crossover_bandwidth_gbps": {str(k): v for k, v in crossovers.items()},
-                "predictions": [p.to_dict() for p in preds]}, out / "costmodel.json")
+    write_results({"checkpoint": str(checkpoint), "compute_s": compute_s, "codec_s": codec_s,
+                   "dense_bytes": dense_bytes, "compression_ratio": float(ratio), "ratio_source": source,
+                   "latency_s": args.latency_us * 1e-6,
+                   "crossover_bandwidth_gbps": {str(k): v for k, v in crossovers.items()},
+                   "predictions": [p.to_dict() for p in preds]}, results, command="compression costmodel")
     print(f"wrote {out / 'costmodel.png'} and {out / 'costmodel.json'}")
     return 0
 

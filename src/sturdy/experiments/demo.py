@@ -1,9 +1,9 @@
 """``sturdy demo``: the main job on the embedded digits data set, written as an HTML report.
 
 It trains a standard CNN, then lets every part add its section (Lipschitz certification, Fourier
-sensitivity, flatness, gradient compression). Output: ``OUT/report.html``, ``OUT/results.json``
-and the PNG figures beside them, each written atomically; ``results.json`` is written last, so its
-presence means the report is complete.
+sensitivity, flatness, gradient compression). Output: ``OUT/report.html``, ``OUT/demo.json``
+and the PNG figures beside them, each written atomically; ``demo.json`` is written last, so its
+presence means the report is complete. The demo's models are trained in sub-folders (``OUT/standard``, ...).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from sturdy.data import ImageDataset
-from sturdy.experiments.jsonio import write_json
+from sturdy.experiments.jsonio import remove_results, results_path, write_results
 from sturdy.experiments.train_job import TrainJob, fit, load_job_data
 from sturdy.report import Report, plot_training_curves
 from sturdy.training import TrainConfig, resolve_device
@@ -98,8 +98,9 @@ def _part_name(part: Any) -> str:
 
 def _run_demo(*, out: Path, quick: bool, device: str, seed: int, progress: bool, parts: Sequence[Any]) -> Path:
     t0 = time.perf_counter()
-    for stale in ("results.json", "report.html"):  # an interrupted rerun must not look like a finished one
-        (out / stale).unlink(missing_ok=True)
+    results_file = results_path(out, "demo")  # checked before any work
+    remove_results(results_file, "demo")  # an interrupted rerun must not look like a finished one
+    (out / "report.html").unlink(missing_ok=True)
     job = standard_job(out, quick=quick, seed=seed, device=device)
     train_set, test_set = load_job_data(job)
     report = Report("sturdy demo: handwritten digits (scikit-learn, 8x8)")
@@ -126,5 +127,5 @@ def _run_demo(*, out: Path, quick: bool, device: str, seed: int, progress: bool,
     report.section("Run").table(header=["stage", "seconds"],
                                 rows=[[k, round(v, 1)] for k, v in results["seconds"].items()])
     path = report.write(out / "report.html")  # figures, then the page; the results last
-    write_json(results, out / "results.json")
+    write_results(results, results_file, command="demo")
     return path

@@ -90,7 +90,7 @@ def _cmd_missing(args: argparse.Namespace) -> int:
 def _cmd_grid(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from sturdy.experiments.flatness_grid import PRESETS, run_grid
+    from sturdy.experiments.flatness_grid import GRID_REPORT, PRESETS, run_grid
 
     if args.quick and args.preset not in (None, "quick"):
         raise ConfigurationError(f"--quick contradicts --preset {args.preset}; give one of them")
@@ -115,7 +115,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
         print(f"  {name:28s} tau {_fmt(c['tau'])} [{_fmt(c['tau_ci'][0])}, {_fmt(c['tau_ci'][1])}]  "
               f"granulated {_fmt(c['granulated_tau'])}  sign-error {_fmt(se.get('mean'))}/{_fmt(se.get('worst'))}"
               f"{versus}")
-    print(f"written to {Path(args.out) / 'correlations.json'} and {Path(args.out) / 'report.html'}")
+    print(f"written to {Path(args.out) / 'correlations.json'} and {Path(args.out) / GRID_REPORT}")
     return 0
 
 
@@ -138,10 +138,11 @@ def measure_checkpoint(
     The measures use the training split with the job's label noise, or its first ``limit`` samples.
     """
     from sturdy.data import apply_label_noise
-    from sturdy.experiments.jsonio import write_json
+    from sturdy.experiments.jsonio import results_path, write_results
     from sturdy.experiments.train_job import check_data_matches, load_job_data, load_trained_model
     from sturdy.training import evaluate, resolve_device
 
+    results = results_path(out, "flatness measure")  # checked before any work
     dev = resolve_device(device)
     model, job = load_trained_model(checkpoint, device=dev)
     train_set, test_set = load_job_data(job)
@@ -161,7 +162,7 @@ def measure_checkpoint(
         "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc,
         "gap": train_acc - test_acc, "measures": measured.to_dict(), "seconds": time.perf_counter() - t0,
     }
-    write_json(result, Path(out) / "measures.json")
+    write_results(result, results, command="flatness measure")
     return result
 
 

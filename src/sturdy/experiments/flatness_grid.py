@@ -13,8 +13,8 @@ depth and width too, three seeds; grown for narrower intervals).
 
 Output folder: ``points/<id>.json`` (one record per model, written atomically and reused when the run is
 resumed; an unreadable record is retrained with a warning), ``grid.json`` (all records),
-``correlations.json``, ``report.html`` with ``robustness.png``, ``correlations.png`` and ``scatter.png``,
-and ``scatter_<measure>.png``.
+``correlations.json``, ``grid_report.html`` (:data:`GRID_REPORT`) with ``robustness.png``, ``correlations.png``
+and ``scatter.png``, and ``scatter_<measure>.png``.
 
 Parallel runs: ``workers=N`` trains the missing points in a pool of ``N`` spawned local processes (one torch
 thread each), each taking the next point when it is free. The points are independent, so there is no
@@ -45,14 +45,16 @@ from sturdy.experiments.flatness_grid_report import (
     scatter_figure,
     summarize,
 )
-from sturdy.experiments.jsonio import json_safe, write_json
+from sturdy.experiments.jsonio import check_results_owner, json_safe, results_path, write_json, write_results
 from sturdy.flatness import available_measures, compute_measures
 from sturdy.models import create_model
 from sturdy.training import EpochMetrics, TrainConfig, evaluate, resolve_device, train
 
 __all__ = ["GridSpec", "GridPoint", "DEFAULT_GRID", "QUICK_GRID", "WIDE_GRID", "PRESETS", "run_grid",
            "grid_model_kwargs", "scatter_figure", "correlation_figure", "summarize", "HYPERPARAMETERS",
-           "MIN_CONVERGED"]
+           "MIN_CONVERGED", "GRID_REPORT"]
+
+GRID_REPORT = "grid_report.html"  # not report.html: the demo's report, which may share the folder
 
 # Cheaper settings of the perturbation measures for the grid (documented in the results).
 GRID_MEASURE_SETTINGS: Dict[str, Dict[str, Any]] = {
@@ -353,6 +355,8 @@ def run_grid(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigurationError(f"workers must be an integer >= 1, got {workers!r}")
     out = Path(out)
+    results = results_path(out, "flatness grid")  # checked before any work, with grid.json
+    check_results_owner(out / "grid.json", "flatness grid")
     dev = resolve_device(device)
     points = spec.points()
     paths = {p.key: out / "points" / f"{p.key}.json" for p in points}
@@ -382,9 +386,9 @@ def run_grid(
     summary = summarize(records, spec=spec, seed=seed)
     summary.update(points=len(points), complete=len(records) == len(points), seconds=time.perf_counter() - t0,
                    device=str(dev), workers=workers)
-    write_json({"grid": spec.to_dict(), "records": records}, out / "grid.json")
-    write_json(summary, out / "correlations.json")
-    grid_report(summary, records).write(out / "report.html")
+    write_results({"grid": spec.to_dict(), "records": records}, out / "grid.json", command="flatness grid")
+    write_results(summary, results, command="flatness grid")
+    grid_report(summary, records).write(out / GRID_REPORT)
     for name in summary["correlations"]:
         scatter_figure(records, [name], summary["correlations"]).savefig(out / f"scatter_{name}.png", dpi=100)
     summary["records"] = records

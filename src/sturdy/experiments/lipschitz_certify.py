@@ -1,5 +1,6 @@
 """``sturdy lipschitz certify`` (alias ``sturdy certify``): certified accuracy, radii and Lipschitz bounds
-of a trained model, written as ``OUT/results.json`` and two PNGs (results last).
+of a trained model, written as ``OUT/certify.json`` and two PNGs (results last). ``OUT`` may be the training
+folder: its ``model.pt`` and ``results.json`` are left as they are.
 
 Radii ``eps`` are L2 norms in pixel units (images in ``[0, 1]``).
 """
@@ -17,7 +18,7 @@ from torch import nn
 
 from sturdy.errors import ConfigurationError
 from sturdy.experiments.argtypes import positive_int
-from sturdy.experiments.jsonio import write_json
+from sturdy.experiments.jsonio import results_path, write_results
 from sturdy.experiments.train_job import load_job_data, load_trained_model
 from sturdy.lipschitz import Certificate, certify, lipschitz_bound, tightness
 from sturdy.lipschitz.losses import FORMS
@@ -111,6 +112,7 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     import json
 
     eps = _parse_eps(args.eps)
+    results = results_path(args.out, "lipschitz certify")  # checked before any work
     model, job = load_trained_model(args.checkpoint, device=resolve_device(args.device))
     train_set, test_set = load_job_data(job)
     data = test_set if args.split == "test" else train_set
@@ -135,16 +137,16 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     name = Path(args.checkpoint).parent.name or "model"
     atomic_save_figure(plot_certified_accuracy({name: cert}, eps=eps), out / "certified_accuracy.png", dpi=120)
     atomic_save_figure(plot_radius_histogram({name: cert}), out / "radius_histogram.png", dpi=120)
-    write_json(summary, out / "results.json")  # last: its presence means the run finished
+    write_results(summary, results, command="lipschitz certify")  # last: its presence means the run finished
     print(json.dumps({"clean_accuracy": summary["clean_accuracy"], "certified_accuracy": summary["certified_accuracy"],
                       "median_radius": summary["median_radius"], "lipschitz_upper": summary["lipschitz_upper"]}))
-    print(f"wrote {out / 'results.json'}, {out / 'certified_accuracy.png'} and {out / 'radius_histogram.png'}")
+    print(f"wrote {results}, {out / 'certified_accuracy.png'} and {out / 'radius_histogram.png'}")
     return 0
 
 
 CERTIFY_HELP = "certified L2 robustness of a trained model (guaranteed Lipschitz bound)"
 CERTIFY_DESCRIPTION = ("Certified accuracy per eps, radius quantiles, Lipschitz bounds per layer; writes "
-                        "OUT/results.json, OUT/certified_accuracy.png and OUT/radius_histogram.png.")
+                        "OUT/certify.json, OUT/certified_accuracy.png and OUT/radius_histogram.png.")
 
 
 def add_certify_arguments(p: argparse.ArgumentParser) -> None:

@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from sturdy.data import ImageDataset, check_fits_in_memory, load_dataset
 from sturdy.errors import CheckpointError, ConfigurationError
-from sturdy.experiments.jsonio import write_json
+from sturdy.experiments.jsonio import remove_results, results_path, write_results
 from sturdy.models import create_model
 from sturdy.training import (
     Objective,
@@ -47,6 +47,9 @@ __all__ = [
     "load_job_data",
     "check_data_matches",
     "build_model",
+    "run_identity",
+    "check_same_run",
+    "check_resume",
 ]
 
 _CONFIG_FIELDS = frozenset(f.name for f in fields(TrainConfig))
@@ -131,7 +134,13 @@ class TrainHooks:
 
 
 class TrainPlugin(Protocol):
-    """A method's contribution to a run; picklable (a frozen dataclass), so workers can receive it."""
+    """A method's contribution to a run; picklable (a frozen dataclass), so workers can receive it.
+
+    A plugin may also have a ``resume_identity`` mapping: settings a resumed run must share with its
+    checkpoint, by unique name (e.g. ``{"compression": {"method": "vgc", "alpha": 5.0, ...}}``). They are
+    stored in the checkpoint, and resuming with other values, or without the plugin, is refused
+    (:func:`check_same_run`).
+    """
 
     def setup(self, model: nn.Module, ctx: TrainContext) -> TrainHooks: ...
 
@@ -240,6 +249,7 @@ def fit(
         progress: progress bar.
     """
     out = prepare_output_dir(job.out)
+    results_file = results_path(out, "train")  # refused before any work when another command's results are there
     train_set, test_set = load_job_data(job)
     config = job.config
     model = build_model(job, train_set.image_shape, train_set.num_classes, seed=config.seed)
@@ -249,6 +259,7 @@ def fit(
                        steps_per_epoch=steps_per_epoch(len(train_set), config.batch_size, _world()[1]),
                        device=device)
     hooks = _combine([plugin.setup(model, ctx) for plugin in plugins])
+    identity = run_identity(job, world_size=_world()[1], plugins=plugins)
     result = train(
         model,
         train_set,
@@ -259,10 +270,10 @@ def fit(
         comm_hook=hooks.comm_hook,
         checkpoint_path=out / "model.pt",
         checkpoint_extra={"job": job.to_dict(), "input_shape": list(ctx.input_shape),
-                          "num_classes": ctx.num_classes},
+                          "num_classes": ctx.num_classes, "identity": identity},
         resume=resume,
         on_epoch_end=lambda metrics: _drop_stale_results(out),
-        check_resume=lambda ckpt: _check_same_job(ckpt, out / "model.pt", job),
+        check_resume=lambda ckpt: check_same_run(ckpt, out / "model.pt", identity),
         progress=progress,
     )
     results: Dict[str, Any] = {
@@ -276,7 +287,7 @@ def fit(
     if hooks.extra_results is not None:
         results.update(hooks.extra_results())
     if _world()[0] == 0:
-        write_json(results, out / "results.json")
+        write_results(results, results_file, command="train")
     return FitResult(model=model, results=results)
 
 
@@ -284,24 +295,85 @@ def _drop_stale_results(out: Path) -> None:
     """Once a new epoch's checkpoint is written, an older ``results.json`` describes another model: remove it,
     so an interrupted rerun never leaves results that look complete (they are written again at the end)."""
     if _world()[0] == 0:
-        (out / "results.json").unlink(missing_ok=True)
+        remove_results(out / "results.json", "train")
 
 
 _JOB_IDENTITY = ("dataset", "model", "model_kwargs", "resize")
 
 
-def _check_same_job(ckpt: Mapping[str, Any], path: Path, job: TrainJob) -> None:
-    """Refuse to resume checkpoint ``ckpt`` (read from ``path``) made for another data set or architecture,
-    naming the difference."""
-    stored = ckpt.get("extra", {}).get("job")
+def run_identity(job: TrainJob, *, world_size: int, plugins: Sequence[TrainPlugin] = ()) -> Dict[str, Any]:
+    """What a resumed run must share with its checkpoint besides the training configuration: the data set and
+    architecture, the number of workers, and the settings of every method joining it (the plugins'
+    ``resume_identity``, see :class:`TrainPlugin`)."""
+    job_dict = job.to_dict()
+    identity: Dict[str, Any] = {**{k: job_dict[k] for k in _JOB_IDENTITY}, "world_size": world_size}
+    for plugin in plugins:
+        own = dict(getattr(plugin, "resume_identity", None) or {})
+        clash = set(identity) & set(own)
+        if clash:
+            raise ConfigurationError(f"two methods of this run record resume settings under the same name "
+                                     f"{sorted(clash)}")
+        identity.update(own)
+    return _plain(identity)
+
+
+def check_resume(job: TrainJob, *, plugins: Sequence[TrainPlugin] = (), world_size: int = 1) -> None:
+    """:func:`check_same_run` for ``job.out/model.pt`` when it exists, before any worker starts (a launcher
+    calls it; :func:`fit` checks again when it loads the checkpoint)."""
+    path = Path(job.out) / "model.pt"
+    if path.is_file():
+        check_same_run(load_checkpoint(path, map_location="cpu"), path,
+                       run_identity(job, world_size=world_size, plugins=plugins))
+
+
+def check_same_run(ckpt: Mapping[str, Any], path: Path, identity: Mapping[str, Any]) -> None:
+    """The one resume check of a training job: refuse checkpoint ``ckpt`` (read from ``path``) made for another
+    data set or architecture, another number of workers, or other methods (e.g. another compression method or
+    setting), naming every difference. Checkpoints of earlier versions, which record only their job, are
+    compared on the data set and architecture.
+
+    Raises:
+        CheckpointError: one line naming the differences and the fix.
+    """
+    extra = ckpt.get("extra")
+    extra = extra if isinstance(extra, dict) else {}
+    stored = extra.get("identity")
     if not isinstance(stored, dict):
-        return
-    here = job.to_dict()
-    differ = [f"{k}: {_plain(stored.get(k))!r} there, {_plain(here[k])!r} here" for k in _JOB_IDENTITY
-              if _plain(stored.get(k)) != _plain(here[k])]
+        job = extra.get("job")
+        if not isinstance(job, dict):
+            return
+        stored = {k: _plain(job.get(k)) for k in _JOB_IDENTITY}
+        identity = {k: identity.get(k) for k in _JOB_IDENTITY}
+    differ = [_difference(k, stored.get(k), identity.get(k)) for k in _ordered_keys(stored, identity)
+              if stored.get(k) != identity.get(k)]
     if differ:
-        raise CheckpointError(f"{str(path)!r} was trained with other settings ({'; '.join(differ)}); use a new "
-                              "output folder or --no-resume to start over")
+        raise CheckpointError(f"{str(path)!r} was trained with other settings ({'; '.join(differ)}); resume with "
+                              "the same settings, or use a new output folder or --no-resume to start over")
+
+
+def _ordered_keys(*dicts: Mapping[str, Any]) -> List[str]:
+    keys: List[str] = []
+    for d in dicts:
+        keys += [k for k in d if k not in keys]
+    return keys
+
+
+def _difference(key: str, there: Any, here: Any) -> str:
+    """``key: X there, Y here``; for two settings dicts of one method, only their differing entries."""
+    name = key.replace("_", " ")
+    if isinstance(there, dict) and isinstance(here, dict) and there.get("method") == here.get("method"):
+        return "; ".join(_difference(f"{key} {k}", there.get(k), here.get(k)) for k in _ordered_keys(there, here)
+                         if there.get(k) != here.get(k))
+    return f"{name}: {_brief(there)} there, {_brief(here)} here"
+
+
+def _brief(value: Any) -> str:
+    """A setting for a one-line message: ``not used`` when absent, a method's name for a method's settings."""
+    if value is None:
+        return "not used"
+    if isinstance(value, dict) and "method" in value:
+        return str(value["method"])
+    return repr(value)
 
 
 def _plain(value: Any) -> Any:
