@@ -357,6 +357,8 @@ def run_distributed_training(
             f"--compress {opts['compress']} needs at least 2 workers; add --nproc 2 (or more), or launch with torchrun"
         )
     device = _backend_device(job, nproc)
+    if resume:  # another number of workers or other compression settings: refused before any worker starts
+        check_resume(job, plugins=plugins, world_size=nproc)
     if opts["compress"] == "vgc":
         warm_up()  # compile the kernels once here: the workers then load them from numba's cache
     results = run_local_workers(
@@ -364,8 +366,6 @@ def run_distributed_training(
         nproc=nproc,
         args=(job.to_dict(), tuple(plugins), resume, progress),
         device=device,
-    if resume:  # another number of workers or other compression settings: refused before any worker starts
-        check_resume(job, plugins=plugins, world_size=nproc)
         timeout_s=TRAIN_DEADLINE_S,
         collective_timeout_s=opts["dist_timeout"],
     )
