@@ -238,13 +238,6 @@ class CompressionPlugin:
         return TrainHooks(comm_hook=(state, clock.hook), extra_state={"compression": state},
                           extra_results=lambda: _compression_results(state, opts, clock))
 
-
-def _compression_results(state: Any, opts: Dict[str, Any], clock: StepClock) -> Dict[str, Any]:
-    """The ``"compression"`` entry of ``results.json``: traffic per rank and step, averaged over the ranks."""
-    local = state.statistics()
-    grouped = dist.is_available() and dist.is_initialized()
-    total = local.all_reduce() if grouped else local
-    step_s = clock.mean_median_step_s() if grouped else clock.median_step_s()
     @property
     def resume_identity(self) -> Dict[str, Any]:
         """A resumed run keeps the compression method and its settings (:func:`resume_settings`)."""
@@ -264,6 +257,13 @@ def resume_settings(opts: Dict[str, Any]) -> Dict[str, Any]:
     keys = _METHOD_SETTINGS[method] + (("start_iter",) if method != "none" else ())
     return {"method": method, **{k: opts[k] for k in keys}}
 
+
+def _compression_results(state: Any, opts: Dict[str, Any], clock: StepClock) -> Dict[str, Any]:
+    """The ``"compression"`` entry of ``results.json``: traffic per rank and step, averaged over the ranks."""
+    local = state.statistics()
+    grouped = dist.is_available() and dist.is_initialized()
+    total = local.all_reduce() if grouped else local
+    step_s = clock.mean_median_step_s() if grouped else clock.median_step_s()
     world, steps = total.ranks, max(local.steps, 1)
     return {
         "compression": {

@@ -51,6 +51,8 @@ def _csv(kind: Callable[[str], Any], name: str) -> Callable[[str], List[Any]]:
 
 def _cmd_costmodel(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
+    out = Path(args.out) if args.out else checkpoint.parent / "costmodel"
+    results = results_path(out, "compression costmodel")  # checked before any work
     model, job = load_trained_model(checkpoint, device=resolve_device(args.device))
     ratio = args.ratio
     source = "--ratio"
@@ -67,8 +69,6 @@ def _cmd_costmodel(args: argparse.Namespace) -> int:
             )
     torch.set_num_threads(args.threads)
     train_set, _ = load_job_data(job)
-    out = Path(args.out) if args.out else checkpoint.parent / "costmodel"
-    results = results_path(out, "compression costmodel")  # checked before any work
     compute_s = measure_step_seconds(model, train_set.images, train_set.labels, batch_size=job.config.batch_size)
     num_elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dense_bytes = 4 * num_elements
