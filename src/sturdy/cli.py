@@ -18,7 +18,7 @@ from typing import Any, List, Optional, Sequence
 
 from sturdy import __version__
 from sturdy.errors import ConfigurationError, SturdyError
-from sturdy.experiments.argtypes import bounded_int, finite_float, non_negative_int, positive_float, positive_int
+from sturdy.experiments.argtypes import batch_size_int, bounded_int, finite_float, positive_float, seed_int
 from sturdy.utils import prepare_output_dir
 
 __all__ = ["main", "build_parser"]
@@ -71,13 +71,13 @@ def _add_train(subparsers: Any, parts: Sequence[Any]) -> None:
     p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="architecture option, repeatable (e.g. --model-arg width=256)")
     p.add_argument("--epochs", type=bounded_int(1, MAX_EPOCHS), default=20)
-    p.add_argument("--batch-size", type=positive_int, default=64, help="per worker")
+    p.add_argument("--batch-size", type=batch_size_int, default=64, help="per worker")
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--schedule", choices=("cosine", "constant", "step"), default="cosine")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--label-noise", type=float, default=0.0, metavar="FRACTION",
                    help="fraction of training labels replaced by a wrong random class")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="smoke-test sized run (about a minute)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
     for mod in parts:

@@ -50,7 +50,7 @@ from sturdy.data import ImageDataset, apply_label_noise
 from sturdy.distributed import gather_to_rank0
 from sturdy.errors import CheckpointError, ConfigurationError, DataError
 from sturdy.utils import model_device_dtype
-from sturdy.validation import check_finite_output, check_images, check_labels, check_model
+from sturdy.validation import MAX_SEED, check_finite_output, check_images, check_labels, check_model
 
 __all__ = [
     "TrainConfig",
@@ -173,6 +173,8 @@ class TrainConfig:
                 f"schedule must be 'constant', 'cosine' or 'step', got {self.schedule!r}",
             ),
             (0 <= self.label_noise <= 1, f"label_noise must be a fraction in [0, 1], got {self.label_noise!r}"),
+            (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED,
+             f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}"),
             (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size!r}"),
         ]
         for ok, message in checks:

@@ -52,6 +52,11 @@ __all__ = [
     "check_input_shape",
     "check_number",
     "check_int",
+    "check_count",
+    "check_seed",
+    "memory_bound",
+    "MAX_SEED",
+    "MEMORY_BUDGET_BYTES",
 ]
 
 PIXEL_SLACK = 1e-4  # rounding of resized or normalised images may step this far outside [lo, hi]
@@ -337,3 +342,42 @@ def check_int(value: Any, name: str, *, low: Optional[int] = None, high: Optiona
         rng = f"in [{'-inf' if low is None else low}, {'inf' if high is None else high}]"
         raise ConfigurationError(f"{name} must be an integer {rng}, got {value!r}")
     return number
+
+
+MAX_SEED = 2**32 - 1
+"""Largest seed a command or analysis accepts (NumPy's limit; torch's generators take every one of them)."""
+
+MEMORY_BUDGET_BYTES = 2 * 2**30
+"""Host memory a table sized by a count option (SFA candidates, grid points, bootstrap resamples) may plan
+for. A count whose table would need more is refused before any work (batches of images are sized apart)."""
+
+
+def check_count(value: Any, name: str, *, high: int, why: str, low: int = 1) -> int:
+    """A count option (an integer, never a bool or float) in ``[low, high]``, ``high`` derived from the problem.
+
+    ``why`` says where ``high`` comes from (e.g. ``"an 8x8 image has 64 distinct circular shifts"``) and
+    is part of the one-line message, so the user learns the bound and its reason together.
+
+    Raises:
+        ConfigurationError: another type or outside ``[low, high]``.
+    """
+    is_int = not isinstance(value, (bool, float)) and hasattr(value, "__index__")
+    number = int(value.__index__()) if is_int else None
+    if number is None or not low <= number <= high:
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:30]}..."
+        raise ConfigurationError(f"{name} must be an integer in [{low}, {high}] ({why}), got {shown}")
+    return number
+
+
+def memory_bound(bytes_each: int, *, budget: int = MEMORY_BUDGET_BYTES) -> int:
+    """How many items of ``bytes_each`` bytes fit :data:`MEMORY_BUDGET_BYTES` (at least 1)."""
+    return max(1, budget // max(1, int(bytes_each)))
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """A seed in ``[0, MAX_SEED]`` (see :data:`MAX_SEED`).
+
+    Raises:
+        ConfigurationError: another type or out of range.
+    """
+    return check_count(value, name, low=0, high=MAX_SEED, why="seeds are 32-bit unsigned integers")

@@ -24,7 +24,7 @@ def _without_timings(record):
 
 
 def _records(folder):
-    return {p.name: _without_timings(json.loads(p.read_text())) for p in (folder / "points").glob("*.json")}
+    return {p.name: _without_timings(json.loads(p.read_text())["content"]) for p in (folder / "points").glob("*.json")}
 
 
 @pytest.mark.multiprocess

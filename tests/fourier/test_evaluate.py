@@ -42,7 +42,7 @@ def test_evaluate_perturbation_errors():
         evaluate_perturbation(model, torch.zeros(1, 4, 5), x, y)
     with pytest.raises(DataError, match="delta contains NaN"):
         evaluate_perturbation(model, torch.full((1, 4, 4), float("nan")), x, y)
-    with pytest.raises(ConfigurationError, match="shifts must be an int >= 0"):
+    with pytest.raises(ConfigurationError, match=r"shifts must be an integer in \[0, 16\] \(a 4x4 image has 16"):
         evaluate_perturbation(model, torch.zeros(1, 4, 4), x, y, shifts=-1)
 
 

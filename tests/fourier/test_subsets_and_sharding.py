@@ -175,7 +175,7 @@ def test_interrupted_map_resumes_and_equals_an_uninterrupted_one(tmp_path):
     partial = tmp_path / "hm.partial.json"
     with pytest.raises(_Interrupt):
         fourier_heatmap(_DiesAfter(model, 9), x, y, eps=1.0, seed=1, batch_size=12, partial=partial, save_every=2)
-    saved = json.loads(partial.read_text())
+    saved = json.loads(partial.read_text())["content"]
     assert 0 < len(saved["rows"]) < len(reference.measured)  # some frequencies kept, not all
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary file
     resumed = fourier_heatmap(model, x, y, eps=1.0, seed=1, batch_size=12, partial=partial, save_every=2)

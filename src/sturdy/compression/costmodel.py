@@ -36,6 +36,7 @@ __all__ = [
     "crossover_bandwidth_gbps",
     "method_comm_seconds",
     "predict_time_to_accuracy",
+    "MAX_MODEL_WORKERS",
 ]
 
 ALLREDUCE_METHODS = ("none", "fp16", "powersgd")
@@ -70,6 +71,9 @@ class CostPrediction:
         """JSON-able dict."""
         return asdict(self)
 
+
+MAX_MODEL_WORKERS = 2**20
+"""Most workers a prediction is made for (a ring of a million workers is beyond any cluster modelled)."""
 
 def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
@@ -131,8 +135,9 @@ def predict_step_times(
     if not workers or not bandwidths_gbps:
         raise ConfigurationError("give at least one worker count and one bandwidth (e.g. 4 and 1.0)")
     for p in workers:
-        if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-            raise ConfigurationError(f"worker counts must be positive ints, got {p!r}")
+        if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= MAX_MODEL_WORKERS:
+            raise ConfigurationError(f"worker counts must be ints in [1, {MAX_MODEL_WORKERS}] (a ring of a million "
+                                     f"workers is beyond any cluster the model describes), got {p!r}")
     for bw in bandwidths_gbps:
         _check_positive("bandwidth", bw)
     out = []

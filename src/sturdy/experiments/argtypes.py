@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["positive_int", "non_negative_int", "positive_float", "finite_float", "bounded_int"]
+from sturdy.validation import MAX_SEED
+
+__all__ = ["positive_int", "non_negative_int", "positive_float", "finite_float", "bounded_int", "seed_int",
+           "batch_size_int", "MAX_BATCH_SIZE"]
+
+MAX_BATCH_SIZE = 2**24
+"""Largest ``--batch-size`` of any command: more images than any data set held in memory here."""
 
 
 def _parse(text: str, kind: type, expected: str):
@@ -60,3 +66,10 @@ def bounded_int(low: int, high: int):
 
     parse.__name__ = f"integer in [{low}, {high}]"
     return parse
+
+
+seed_int = bounded_int(0, MAX_SEED)
+"""The ``--seed`` of every command: an integer in ``[0, MAX_SEED]`` (see :data:`sturdy.validation.MAX_SEED`)."""
+
+batch_size_int = bounded_int(1, MAX_BATCH_SIZE)
+"""The ``--batch-size`` of every command: an integer in ``[1, MAX_BATCH_SIZE]``."""

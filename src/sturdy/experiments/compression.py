@@ -48,6 +48,7 @@ from sturdy.experiments.train_job import (
     fit,
 )
 from sturdy.training import resolve_device
+from sturdy.validation import check_count
 
 __all__ = [
     "add_train_arguments",
@@ -76,6 +77,11 @@ DEFAULTS: Dict[str, Any] = {
     "gather": "exact",
     "gather_slack": 1.25,
     "dist_timeout": 300.0,
+}
+# Upper bounds of the count options (value, reason), checked with the rest before any worker starts.
+_COUNT_LIMITS: Dict[str, Tuple[int, str]] = {
+    "powersgd_rank": (2**16, "PowerSGD compresses an n x m gradient only when rank * (n + m) < n * m"),
+    "start_iter": (2**31 - 1, "a later start never compresses: use --compress none for plain allreduce"),
 }
 TRAIN_DEADLINE_S = 7 * 24 * 3600.0  # a whole training run; hangs are bounded by dist_timeout per collective
 # Training settings of a data-parallel job where the command line did not set them (module docstring).
@@ -168,6 +174,7 @@ def compression_options(job: TrainJob) -> Dict[str, Any]:
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             why = " (PowerSGD starts after DDP has rebuilt its buckets)" if key == "start_iter" and low == 2 else ""
             raise _option_error(key, f"must be an integer >= {low}{why}, got {value!r}")
+        check_count(value, f"--{key.replace('_', '-')}", low=low, high=_COUNT_LIMITS[key][0], why=_COUNT_LIMITS[key][1])
     for key, choices in (("quantize", ("4bit", "float32")), ("gather", ("exact", "capacity", "bounded"))):
         if opts[key] not in choices:
             raise _option_error(key, f"must be one of {choices}, got {opts[key]!r}")

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
-from sturdy.compression.costmodel import crossover_bandwidth_gbps, predict_step_times
+from sturdy.compression.costmodel import MAX_MODEL_WORKERS, crossover_bandwidth_gbps, predict_step_times
 from sturdy.compression.timing import measure_codec_seconds, measure_step_seconds
 from sturdy.errors import DataError
 from sturdy.experiments.argtypes import bounded_int, positive_float
@@ -47,6 +47,22 @@ def _csv(kind: Callable[[str], Any], name: str) -> Callable[[str], List[Any]]:
             raise argparse.ArgumentTypeError(f"{name}: expected comma-separated numbers, got {text!r}") from exc
 
     return parse
+
+
+MAX_CURVES = 64  # one curve of the figure per worker count
+
+
+def _worker_counts(text: str) -> List[int]:
+    """``--workers``: comma-separated worker counts, each in ``[1, MAX_MODEL_WORKERS]``, at most ``MAX_CURVES``."""
+    counts = _csv(int, "--workers")(text)
+    if not 1 <= len(counts) <= MAX_CURVES:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_CURVES} worker counts (one curve each), "
+                                         f"got {len(counts)}")
+    bad = [n for n in counts if not 1 <= n <= MAX_MODEL_WORKERS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"expected worker counts in [1, {MAX_MODEL_WORKERS}] (more is beyond any "
+                                         f"cluster the model describes), got {str(bad[0])[:30]}")
+    return counts
 
 
 def _cmd_costmodel(args: argparse.Namespace) -> int:
@@ -163,7 +179,8 @@ def add_costmodel_command(sub: Any) -> None:
     """Add ``costmodel`` to the ``sturdy compression`` sub-commands ``sub``."""
     c = sub.add_parser("costmodel", help="predicted step time and speedup of compressed vs. dense data parallelism")
     c.add_argument("--checkpoint", required=True, help="DIR/model.pt written by `sturdy train`")
-    c.add_argument("--workers", type=_csv(int, "--workers"), default=[4, 16, 64], help="e.g. 4,16,64")
+    c.add_argument("--workers", type=_worker_counts, default=[4, 16, 64],
+                   help=f"e.g. 4,16,64 (each 1 to {MAX_MODEL_WORKERS}, at most {MAX_CURVES} values)")
     c.add_argument("--bandwidth-gbps", type=_csv(float, "--bandwidth-gbps"), default=[0.1, 1.0, 10.0, 100.0],
                    help="e.g. 0.1,1,10,100")
     c.add_argument("--latency-us", type=_non_negative_float, default=50.0, help="per-message latency in microseconds")

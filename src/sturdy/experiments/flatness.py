@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from sturdy.errors import ConfigurationError, UnsupportedModuleError
-from sturdy.experiments.argtypes import non_negative_int, positive_float, positive_int
+from sturdy.experiments.argtypes import non_negative_int, positive_float, positive_int, seed_int
 from sturdy.flatness import available_measures, check_rescaling_invariance, compute_measures, rescale_nodes
+from sturdy.validation import check_count
 
 __all__ = ["register_cli", "demo_section", "measure_checkpoint"]
 
@@ -64,7 +65,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--time-limit", type=positive_float, default=None, metavar="MINUTES",
                    help="start no new model after this many minutes; summarise the models done (resume later)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the stochastic measures and of the bootstrap")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the stochastic measures and of the bootstrap")
     p.add_argument("--bootstrap", type=non_negative_int, default=None, help="bootstrap resamples (default: grid's)")
     p.add_argument("--no-resume", action="store_true", help="retrain points whose records already exist")
     p.add_argument("--no-progress", action="store_true")
@@ -78,7 +79,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--limit", "--samples", dest="limit", type=positive_int, default=None, metavar="N",
                    help="measure on the first N training samples only (default: the whole training split)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_measure)
 
@@ -90,14 +91,16 @@ def _cmd_missing(args: argparse.Namespace) -> int:
 def _cmd_grid(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from sturdy.experiments.flatness_grid import GRID_REPORT, PRESETS, run_grid
+    from sturdy.experiments.flatness_grid import GRID_REPORT, MAX_GRID_POINTS, PRESETS, max_grid_seeds, run_grid
 
     if args.quick and args.preset not in (None, "quick"):
         raise ConfigurationError(f"--quick contradicts --preset {args.preset}; give one of them")
     spec = PRESETS["quick" if args.quick else args.preset or "default"]
     if args.bootstrap is not None:
         spec = replace(spec, bootstrap=args.bootstrap)
-    if args.seeds is not None:
+    if args.seeds is not None:  # checked before the seeds' tuple is built
+        check_count(args.seeds, "--seeds", high=max_grid_seeds(spec),
+                    why=f"a grid holds at most {MAX_GRID_POINTS} models, {spec.models_per_seed()} per seed here")
         spec = replace(spec, seeds=tuple(range(args.seeds)))
     summary = run_grid(out=args.out, spec=spec, device=args.device, resume=not args.no_resume,
                        progress=not args.no_progress, seed=args.seed, workers=args.workers,

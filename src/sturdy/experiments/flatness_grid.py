@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sturdy.data import ImageDataset, apply_label_noise, load_dataset
+from sturdy.distributed import max_local_workers
 from sturdy.errors import ConfigurationError
 from sturdy.experiments.flatness_grid_report import (
     HYPERPARAMETERS,
@@ -45,14 +47,16 @@ from sturdy.experiments.flatness_grid_report import (
     scatter_figure,
     summarize,
 )
-from sturdy.experiments.jsonio import check_results_owner, json_safe, results_path, write_json, write_results
+from sturdy.experiments.jsonio import check_results_owner, json_safe, results_path, write_results
 from sturdy.flatness import available_measures, compute_measures
 from sturdy.models import create_model
+from sturdy.resumable import UnusableStateError, read_resumable, write_resumable
 from sturdy.training import EpochMetrics, TrainConfig, evaluate, resolve_device, train
+from sturdy.validation import check_count
 
 __all__ = ["GridSpec", "GridPoint", "DEFAULT_GRID", "QUICK_GRID", "WIDE_GRID", "PRESETS", "run_grid",
            "grid_model_kwargs", "scatter_figure", "correlation_figure", "summarize", "HYPERPARAMETERS",
-           "MIN_CONVERGED", "GRID_REPORT"]
+           "MIN_CONVERGED", "GRID_REPORT", "MAX_GRID_POINTS", "MAX_BOOTSTRAP", "max_grid_seeds"]
 
 GRID_REPORT = "grid_report.html"  # not report.html: the demo's report, which may share the folder
 
@@ -63,6 +67,13 @@ GRID_MEASURE_SETTINGS: Dict[str, Dict[str, Any]] = {
     "adaptive_average_sharpness": {"samples": 8},
     "hessian_top_eigenvalue": {"iterations": 50, "tol": 1e-3},
 }
+
+MAX_GRID_POINTS = 100_000
+"""Most models one grid may hold: every record is held in memory for the correlations (and each model trains)."""
+MAX_RECORD_BYTES = 4 * 2**20
+"""Largest grid record read back (a record is a few kilobytes)."""
+MAX_BOOTSTRAP = 100_000
+"""Most bootstrap resamples: beyond this the intervals' Monte Carlo error (about 1/sqrt(B)) is below 0.3%."""
 
 # What a stored record depends on besides its grid point: a record is reused only when these match.
 _RECORD_FIELDS = ("optimizer", "target_loss", "max_epochs", "measures", "measure_settings")
@@ -138,6 +149,15 @@ class GridSpec:
             raise ConfigurationError(f"grid depths must be >= 1 (or None for the default), got {self.depths}")
         if not (self.target_loss > 0 and self.max_epochs >= 1):
             raise ConfigurationError("target_loss must be > 0 and max_epochs >= 1")
+        check_count(len(self.seeds), "the number of grid seeds", high=max_grid_seeds(self),
+                    why=f"a grid holds at most {MAX_GRID_POINTS} models (records are held in memory)")
+        check_count(self.bootstrap, "bootstrap", low=0, high=MAX_BOOTSTRAP,
+                    why="beyond that the intervals' Monte Carlo error is below 0.3%")
+
+    def models_per_seed(self) -> int:
+        """Models of one seed's factorial grid (the product of the other axes' lengths)."""
+        return math.prod(len(a) for a in (self.architectures, self.batch_sizes, self.lrs, self.widths,
+                                          self.weight_decays, self.label_noise, self.depths))
 
     def points(self) -> List[GridPoint]:
         """Every combination, seeds outermost (a run cut short holds whole seeds' factorial grids first)."""
@@ -149,6 +169,11 @@ class GridSpec:
         d = asdict(self)
         d["measure_settings"] = {k: dict(v) for k, v in self.measure_settings.items()}
         return d
+
+
+def max_grid_seeds(spec: GridSpec) -> int:
+    """Most seeds ``spec``'s grid may have within :data:`MAX_GRID_POINTS` models (at least 1)."""
+    return max(1, MAX_GRID_POINTS // spec.models_per_seed())
 
 
 DEFAULT_GRID = GridSpec(
@@ -274,16 +299,16 @@ def _record_fingerprint(grid: Mapping[str, Any]) -> Dict[str, Any]:
 def _load_record(path: Path, spec: GridSpec, seed: int) -> Optional[Dict[str, Any]]:
     """The stored record of a point when it is usable for this grid and measure seed, else None (a
     truncated or corrupt file is reported with a warning and retrained)."""
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+    try:  # untrusted input: a bounded regular file, strict JSON, its checksum intact
+        record = read_resumable(path, what="a grid record", max_bytes=MAX_RECORD_BYTES)
         ok = (isinstance(record, dict) and isinstance(record.get("measures"), dict)
               and isinstance(record.get("hyperparams"), dict) and "gap" in record and "converged" in record)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except UnusableStateError as exc:
         record, ok = None, False
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = exc.reason
     else:
+        if record is None:
+            return None
         reason = "fields missing"
     if not ok:
         warnings.warn(f"grid record {path} is unreadable ({reason}); the model is trained again", stacklevel=3)
@@ -301,7 +326,7 @@ def _run_point(point: GridPoint, spec: GridSpec, train_set: ImageDataset, test_s
     record["measures"] = measure_point(model, _trained_labels(point, train_set), spec, seed=seed)
     record["measure_seed"] = seed
     record["grid"] = spec.to_dict()
-    write_json(record, path)
+    write_resumable(path, json.loads(json.dumps(json_safe(record), default=str)))  # checksummed: read back later
     return record
 
 
@@ -352,8 +377,8 @@ def run_grid(
     Returns:
         The content of ``correlations.json`` (plus ``records``).
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigurationError(f"workers must be an integer >= 1, got {workers!r}")
+    check_count(workers, "workers", high=max_local_workers(),
+                why="local processes: 4 per CPU core at most, as for --nproc")
     out = Path(out)
     results = results_path(out, "flatness grid")  # checked before any work, with grid.json
     check_results_owner(out / "grid.json", "flatness grid")

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from sturdy.data import ImageDataset, load_dataset
 from sturdy.errors import ConfigurationError
-from sturdy.experiments.argtypes import non_negative_int, positive_float, positive_int
+from sturdy.experiments.argtypes import batch_size_int, non_negative_int, positive_float, positive_int, seed_int
 from sturdy.experiments.jsonio import results_path, write_results
 from sturdy.fourier import (
     DEFAULT_PHASE,
@@ -53,6 +53,7 @@ from sturdy.fourier import (
     fourier_combination_attack,
     fourier_heatmap,
     gradient_spectrum,
+    half_plane,
     plot_examples,
     plot_fourier_maps,
     plot_perturbation,
@@ -61,6 +62,7 @@ from sturdy.fourier import (
     single_fourier_attack,
     strided_frequencies,
 )
+from sturdy.fourier.limits import check_phases, check_save_every, check_shifts
 from sturdy.utils import atomic_save_figure, atomic_write_bytes, prepare_output_dir
 
 __all__ = ["register_cli", "demo_section", "local_sharded_heatmap"]
@@ -83,6 +85,7 @@ def _phase(text: str) -> Optional[float]:
     return value
 
 
+MAX_FREQUENCY = 2**31  # --frequencies K,L: any representative modulo the image size, of a size torch can index
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -90,7 +93,10 @@ def _frequency(text: str) -> Tuple[int, int]:
     try:
         k, col = (int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a frequency as K,L (two integers), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a frequency as K,L (two integers), got {text[:40]!r}") from None
+    if max(abs(k), abs(col)) >= MAX_FREQUENCY:
+        raise argparse.ArgumentTypeError(f"expected K and L of magnitude below {MAX_FREQUENCY} (they are taken modulo "
+                                         f"the image size: give e.g. 0..H-1 and 0..W-1), got {text[:40]!r}")
     return k, col
 
 
@@ -100,13 +106,13 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norm", choices=("l2", "linf"), default="l2")
     p.add_argument("--wave", choices=("sine", "square"), default="sine",
                    help="sinusoid, or its sign (square wave; the strongest L-inf variant)")
-    p.add_argument("--batch-size", type=positive_int, default=None,
+    p.add_argument("--batch-size", type=batch_size_int, default=None,
                    help="perturbed images per model call (default: chosen online for throughput)")
     p.add_argument("--autocast", choices=tuple(_AUTOCAST), default=None,
                    help="run the model under torch.autocast in this dtype (perturbations stay float32)")
     p.add_argument("--channels-last", action="store_true", help="hand the model channels_last images")
     p.add_argument("--compile", action="store_true", help="run torch.compile(model)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true")
 
@@ -144,10 +150,11 @@ def register_cli(subparsers: Any) -> None:
                    "exhaustive (reference) or random (baseline)")
     p.add_argument("--attack-images", type=positive_int, default=300,
                    help="training images the attack searches on (held-out: the whole test split)")
-    p.add_argument("--phases", type=positive_int, default=8, help="phases 2 pi j / PHASES searched")
+    p.add_argument("--phases", type=positive_int, default=8,
+                   help="phases 2 pi j / PHASES searched (at most what the memory budget holds)")
     p.add_argument("--max-queries", type=positive_int, default=None, help="hard budget of model queries")
     p.add_argument("--shifts", type=non_negative_int, default=4,
-                   help="random circular shifts of delta per held-out image")
+                   help="random circular shifts of delta per held-out image (at most H*W, the distinct shifts)")
     p.add_argument("--combine", action="store_true",
                    help="also grow the SFA into a mixture of a few Fourier directions (delta_combination.pt)")
     p.add_argument("--out", default="runs/fourier/attack")
@@ -245,13 +252,16 @@ def _heatmap(args: argparse.Namespace, device: Optional[torch.device]) -> int:
     test = load_dataset(job.dataset, split="test", **kw)
     n = min(args.limit, len(test))
     x, y = test.images[:n], test.labels[:n]
+    subset = _frequency_subset(args, x.shape[2], x.shape[3])  # every count checked before any work
+    if args.save_every is not None:
+        check_save_every(args.save_every, len(half_plane(x.shape[2], x.shape[3])))
     partial = out / "heatmap.partial.json"
     if args.no_resume and rank == 0:
         partial.unlink(missing_ok=True)
     if distributed:
         dist.barrier()
     hm = fourier_heatmap(analysed, x, y, eps=args.eps, norm=args.norm, wave=args.wave, phase=args.phase,
-                         frequencies=_frequency_subset(args, x.shape[2], x.shape[3]), batch_size=args.batch_size,
+                         frequencies=subset, batch_size=args.batch_size,
                          seed=args.seed, distributed=distributed, partial=partial, save_every=args.save_every,
                          progress=not args.no_progress, **inference)
     if rank != 0:
@@ -309,6 +319,8 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     train = load_dataset(job.dataset, split="train", **kw)
     test = load_dataset(job.dataset, split="test", **kw)
     x_attack = _split_attack_set(train, args.attack_images, args.seed)
+    check_phases(args.phases, *x_attack.shape[1:])  # every count checked before any work
+    check_shifts(args.shifts, test.images.shape[2], test.images.shape[3])
     sfa = single_fourier_attack(analysed, x_attack, eps=args.eps, norm=args.norm, wave=args.wave,
                                 search=args.search, phases=args.phases, max_queries=args.max_queries,
                                 batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,

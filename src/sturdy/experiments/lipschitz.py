@@ -50,6 +50,7 @@ from sturdy.lipschitz import (
 from sturdy.lipschitz.losses import FORMS
 from sturdy.lipschitz.tracker import DRIFT_TOLERANCE
 from sturdy.training import TrainConfig
+from sturdy.validation import check_count
 
 __all__ = [
     "add_train_arguments",
@@ -66,6 +67,7 @@ __all__ = [
 
 DEMO_C = 0.5  # target radius of the demo's LMT model (L2, pixels in [0, 1])
 METHODS = ("standard", "lmt")
+MAX_LMT_ITERATIONS = 1000  # power iterations per training step (--lmt-iterations)
 
 
 # --------------------------------------------------------------------------------------- training
@@ -179,8 +181,8 @@ def _check_lmt_settings(c: float, warmup_epochs: float, form: str, iterations: i
     schedule = CWarmup(c=c, warmup_epochs=warmup_epochs)  # validates both, with its messages
     if form not in FORMS:
         raise ConfigurationError(f"form (--lmt-form) must be 'pairwise' or 'global', got {form!r}")
-    if not (isinstance(iterations, int) and iterations >= 1):
-        raise ConfigurationError(f"iterations (--lmt-iterations) must be an integer >= 1, got {iterations!r}")
+    check_count(iterations, "iterations (--lmt-iterations)", high=MAX_LMT_ITERATIONS,
+                why="power iterations per training step; the vector persists across steps, so 1 to a few suffice")
     return schedule
 
 

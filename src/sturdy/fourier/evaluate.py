@@ -17,6 +17,7 @@ from torch import Tensor
 
 from sturdy.errors import ConfigurationError
 from sturdy.fourier._common import Model, call_model, check_batch_size, check_labels, in_eval_mode, predict_labels
+from sturdy.fourier.limits import check_shifts
 from sturdy.fourier.perturbation import (
     Bounds,
     apply_perturbation,
@@ -93,9 +94,8 @@ def evaluate_perturbation(
     """
     bounds = check_bounds(bounds)
     batch_size = check_batch_size(batch_size)
-    if isinstance(shifts, bool) or not isinstance(shifts, int) or shifts < 0:
-        raise ConfigurationError(f"shifts must be an int >= 0, got {shifts!r}")
     check_images(x, bounds)
+    shifts = check_shifts(shifts, x.shape[2], x.shape[3])
     device, dtype = model_device_dtype(model, x)
     check_delta(delta, x.shape[1:], bounds, dtype)
     y = check_labels(y, x.shape[0])

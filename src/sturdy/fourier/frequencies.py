@@ -17,6 +17,7 @@ from torch import Tensor
 
 from sturdy.errors import ConfigurationError
 from sturdy.fourier.basis import canonical_index_map, half_plane
+from sturdy.fourier.limits import check_stride
 
 __all__ = ["centred_coordinates", "strided_frequencies", "band_frequencies", "canonical_rows"]
 
@@ -36,7 +37,11 @@ def canonical_rows(frequencies: FrequencyList, height: int, width: int) -> Tenso
     Raises:
         ConfigurationError: not a ``(F, 2)`` integer list.
     """
-    freq = torch.as_tensor(frequencies)
+    try:
+        freq = torch.as_tensor(frequencies)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise ConfigurationError("frequencies must be (F, 2) integers (k, l) of at most 64 bits, e.g. [(0, 1)]; "
+                                 "any representative modulo the image size names the same frequency") from None
     if freq.numel() == 0:
         return torch.zeros(0, dtype=torch.long)
     if freq.dtype.is_floating_point or freq.dtype.is_complex or freq.dtype == torch.bool:
@@ -56,8 +61,7 @@ def strided_frequencies(height: int, width: int, stride: int) -> Tensor:
         >>> strided_frequencies(4, 4, 2).tolist()
         [[0, 0], [0, 2], [2, 0], [2, 2]]
     """
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ConfigurationError(f"stride must be a positive int, got {stride!r}")
+    stride = check_stride(stride, height, width)
     freqs = half_plane(height, width)
     kc, lc = centred_coordinates(freqs, height, width)
     return freqs[(kc % stride == 0) & (lc % stride == 0)]

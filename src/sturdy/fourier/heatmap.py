@@ -36,6 +36,7 @@ from sturdy.fourier._common import Model, check_labels, in_eval_mode
 from sturdy.fourier.basis import DEFAULT_PHASE, check_phase, fourier_basis_batch, half_plane, to_full_map
 from sturdy.fourier.batching import BatchSizer, ModelRunner, work_dtype
 from sturdy.fourier.frequencies import FrequencyList, canonical_rows
+from sturdy.fourier.limits import check_save_every
 from sturdy.fourier.partial import HeatmapCounts, fingerprint, load_partial, save_partial
 from sturdy.fourier.perturbation import (
     Bounds,
@@ -357,8 +358,6 @@ def fourier_heatmap(
     eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=x.shape[1:])
     y = check_labels(y, x.shape[0])
     rank, world = _world(distributed)
-    if save_every is not None and (isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1):
-        raise ConfigurationError(f"save_every must be a positive int or None, got {save_every!r}")
     device, model_dtype = model_device_dtype(model, x)
     dtype = work_dtype(model_dtype if model_dtype.is_floating_point else x.dtype)
     x = x.to(device=device, dtype=dtype)
@@ -366,6 +365,8 @@ def fourier_heatmap(
     n, channels, height, width = x.shape
     freqs = half_plane(height, width)
     n_freq = freqs.shape[0]
+    if save_every is not None:
+        save_every = check_save_every(save_every, n_freq)
     requested = torch.arange(n_freq) if frequencies is None else canonical_rows(frequencies, height, width)
     if requested.numel() == 0:
         raise ConfigurationError("frequencies is empty: pass None (every frequency) or at least one (k, l)")

@@ -5,13 +5,14 @@ fooling counts, integers; the applied budget, float64) plus which frequencies ar
 run measure disjoint frequencies, so summing their states (one ``all_reduce``) gives exactly the
 single-process state. The state is saved as strict JSON written atomically (temporary file, then rename),
 with a fingerprint of the settings, images, labels and model weights: resuming under other settings is
-refused, naming the differences.
+refused, naming the differences. The file is read back as untrusted input (:mod:`sturdy.resumable`: a
+checksum binds it to its content, so a file edited by hand is refused) and every row is checked.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -20,13 +21,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sturdy.errors import ConfigurationError
-from sturdy.utils import atomic_write_bytes
+from sturdy.errors import CheckpointError, ConfigurationError
+from sturdy.resumable import read_resumable, write_resumable
 
 __all__ = ["HeatmapCounts", "fingerprint", "load_partial", "save_partial"]
 
 FORMAT = "sturdy.fourier.heatmap-partial"
-VERSION = 1
+VERSION = 2  # 2: checksummed (sturdy.resumable); a version-1 file is refused, remove it to start over
+MAX_FIXED_BYTES = 64 * 1024  # format, settings and fingerprints
+ROW_BYTES = 128  # one row: index, two counts, one float64 budget, separators (generously)
+APPLIED_SLACK = 1e-6  # relative rounding of an applied budget above eps
 
 
 class HeatmapCounts:
@@ -82,14 +86,41 @@ def fingerprint(model: Any, x: Tensor, y: Tensor) -> Dict[str, Optional[str]]:
 
 
 def save_partial(path: os.PathLike, counts: HeatmapCounts, settings: Dict[str, Any]) -> None:
-    """Write the measured frequencies' sums and ``settings`` to ``path`` atomically."""
+    """Write the measured frequencies' sums and ``settings`` to ``path`` atomically, with their checksum."""
     rows = torch.nonzero(counts.measured.cpu()).flatten()
     payload = {
         "format": FORMAT, "version": VERSION, "settings": settings, "rows": rows.tolist(),
         "errors": counts.errors.cpu()[rows].tolist(), "fooled": counts.fooled.cpu()[rows].tolist(),
         "applied": counts.applied.cpu()[rows].tolist(),
     }
-    atomic_write_bytes(path, (json.dumps(payload, allow_nan=False) + "\n").encode("utf-8"))
+    write_resumable(path, payload)
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int  # bool is an int subclass: a row `true` is refused
+
+
+def _is_number(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _check_rows(payload: Dict[str, Any], n_freq: int, n_images: int, eps: float) -> Optional[str]:
+    """What is wrong with the saved rows and sums, or ``None`` (``n_images`` images, budget ``eps``)."""
+    rows = payload.get("rows")
+    if not isinstance(rows, list) or not all(_is_int(r) and 0 <= r < n_freq for r in rows):
+        return f"'rows' must list frequency indices in [0, {n_freq})"
+    if len(set(rows)) != len(rows):
+        return "'rows' names a frequency twice"
+    for key in ("errors", "fooled", "applied"):
+        if not isinstance(payload.get(key), list) or len(payload[key]) != len(rows):
+            return f"{key!r} must be a list of {len(rows)} values, one per row"
+    for key in ("errors", "fooled"):
+        if not all(_is_int(v) and 0 <= v <= n_images for v in payload[key]):
+            return f"{key!r} must hold counts in [0, {n_images}] (the number of images)"
+    most = n_images * eps * (1 + APPLIED_SLACK)
+    if not all(_is_number(v) and 0 <= v <= most for v in payload["applied"]):
+        return f"'applied' must hold finite budgets in [0, {most:.6g}] ({n_images} images x eps {eps:g})"
+    return None
 
 
 def load_partial(
@@ -97,22 +128,24 @@ def load_partial(
 ) -> Optional[HeatmapCounts]:
     """The sums saved at ``path`` (``None`` when there is no file).
 
+    The file is untrusted input: it is read through :func:`sturdy.resumable.read_resumable` (a regular
+    file of bounded size and nesting, strict JSON, its checksum intact), and every row is checked: integer
+    frequency indices (not booleans) without repeats, counts in ``[0, N]`` for ``N`` images (from
+    ``settings["shape"]``), finite applied budgets in ``[0, N * eps]``, one value of each per row.
+
     Raises:
-        ConfigurationError: the file is not a partial heat map, or was written under other settings.
+        CheckpointError: the file is damaged, edited by hand, or holds impossible values.
+        ConfigurationError: the file is a partial heat map of another version or was written under other
+            settings (naming the differences).
     """
     path = Path(path)
-    if not path.exists():
+    payload = read_resumable(path, what="a partial heat map", max_bytes=MAX_FIXED_BYTES + ROW_BYTES * n_freq)
+    if payload is None:
         return None
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-        ok = payload.get("format") == FORMAT and payload.get("version") == VERSION
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ConfigurationError(
-            f"{path} is not a readable partial heat map ({exc}); remove it to start over"
-        ) from None
-    if not ok:
+    if payload.get("format") != FORMAT or payload.get("version") != VERSION:
         raise ConfigurationError(f"{path} is not a partial heat map of this version; remove it to start over")
-    saved = payload.get("settings", {})
+    saved = payload.get("settings")
+    saved = saved if isinstance(saved, dict) else {}
     diff = [f"{key}: {saved.get(key)!r} there, {value!r} now" for key, value in settings.items()
             if saved.get(key) != value]
     if diff:
@@ -120,12 +153,13 @@ def load_partial(
             f"{path} holds a heat map measured under other settings ({'; '.join(diff)}); remove it (or pass "
             "another partial-results path) to start over"
         )
+    problem = _check_rows(payload, n_freq, int(settings["shape"][0]), float(settings["eps"]))
+    if problem is not None:
+        raise CheckpointError(f"{path} is not a usable partial heat map ({problem}); remove it to start over")
     counts = HeatmapCounts(n_freq, device)
-    rows = torch.tensor(payload["rows"], dtype=torch.long)
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_freq):
-        raise ConfigurationError(f"{path} names frequencies outside this image size; remove it to start over")
-    counts.errors[rows.to(device)] = torch.tensor(payload["errors"], dtype=torch.long, device=device)
-    counts.fooled[rows.to(device)] = torch.tensor(payload["fooled"], dtype=torch.long, device=device)
-    counts.applied[rows.to(device)] = torch.tensor(payload["applied"], dtype=torch.float64, device=device)
-    counts.measured[rows.to(device)] = True
+    rows = torch.tensor(payload["rows"], dtype=torch.long, device=device)
+    counts.errors[rows] = torch.tensor(payload["errors"], dtype=torch.long, device=device)
+    counts.fooled[rows] = torch.tensor(payload["fooled"], dtype=torch.long, device=device)
+    counts.applied[rows] = torch.tensor(payload["applied"], dtype=torch.float64, device=device)
+    counts.measured[rows] = True
     return counts

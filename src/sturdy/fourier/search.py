@@ -27,6 +27,8 @@ from sturdy.errors import ConfigurationError
 from sturdy.fourier._common import Model
 from sturdy.fourier.basis import SELF_CONJUGATE_COS_TOL, fourier_basis_batch, half_plane, is_self_conjugate
 from sturdy.fourier.batching import BatchSizer, ModelRunner
+from sturdy.fourier.limits import MAX_SIGN_CHANNELS as _MAX_SIGN_CHANNELS
+from sturdy.fourier.limits import check_phases
 from sturdy.fourier.perturbation import Bounds, shape_directions, sign_patterns
 
 __all__ = [
@@ -40,7 +42,6 @@ __all__ = [
     "successive_halving",
 ]
 
-_MAX_SIGN_CHANNELS = 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,8 +74,7 @@ def enumerate_candidates(
     channels: int, height: int, width: int, *, phases: int = 8, search_signs: bool = True
 ) -> Candidates:
     """All distinct SFA candidates for ``(C, H, W)`` images (see the module docstring)."""
-    if isinstance(phases, bool) or not isinstance(phases, int) or phases < 1:
-        raise ConfigurationError(f"phases must be a positive int (8 searches j*pi/4), got {phases!r}")
+    phases = check_phases(phases, channels, height, width, search_signs=search_signs)
     if search_signs and channels > _MAX_SIGN_CHANNELS:
         raise ConfigurationError(
             f"searching all 2^{channels} channel sign patterns is too large; pass search_signs=False "
