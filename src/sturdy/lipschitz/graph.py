@@ -201,134 +201,24 @@ def build_program(model: nn.Module, input_shape: Sequence[int]) -> Program:
 
 def _build(gm: torch.fx.GraphModule, root: nn.Module, model: nn.Module, shape: Tuple[int, ...], dtype: torch.dtype,
            device: torch.device) -> Program:
-    values: Dict[str, Any] = {}
-    dependent: Dict[str, bool] = {}
-    steps: List[Step] = []
-    live = Live(gm, root)
-    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise UnsupportedModuleError(
             f"{type(model).__name__}.forward takes {len(placeholders)} inputs; Lipschitz bounds need exactly one",
             module=model,
         )
+    builder = _Builder(gm, root, shape)
     output_node: Optional[torch.fx.Node] = None
-
-    def load(a: Any) -> Any:
-        return torch.fx.node.map_arg(a, lambda n: values[n.name])
-
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            values[node.name] = torch.zeros(shape, dtype=dtype, device=device)
-            dependent[node.name] = True
-            steps.append(Step(node.name, "input", (), node.name))
-            continue
-        if node.op == "output":
+            builder.source(node, torch.zeros(shape, dtype=dtype, device=device), "input", node.name)
+        elif node.op == "output":
             output_node = node
-            continue
-        if node.op == "get_attr":
-            values[node.name] = live.value(node)
-            dependent[node.name] = False
-            steps.append(Step(node.name, "const", (), node.target))
-            continue
-        if node.op == "call_function" and any(dependent[n.name] for n in kwarg_nodes(node)):
-            positional_inputs(node)
-        args, kwargs = load(node.args), load(node.kwargs)
-        if node.op == "call_module":
-            target: Any = root.get_submodule(node.target)
-            path = node.target
+        elif node.op == "get_attr":
+            builder.source(node, builder.live.value(node), "const", node.target)
         else:
-            target, path = node.target, node.name
-        reason = random_call(target, args, kwargs)
-        if reason is not None:
-            raise UnsupportedModuleError(
-                f"{target_name(node, target)} at {path!r} is random in eval mode ({reason}), so the model's "
-                "predictions are random and cannot be certified",
-                module=target,
-                path=path,
-            )
-        dep_inputs = [n for n in node.all_input_nodes if dependent[n.name]]
-        inplace = bool(dep_inputs) and is_inplace(target, kwargs)
-        values[node.name] = _run(node, target, path, args, kwargs, shape)
-        if not dep_inputs or not _has_tensor(values[node.name]):  # constants, sizes, shapes
-            dependent[node.name] = False
-            steps.append(Step(node.name, "const", (), path))
-            continue
-        dependent[node.name] = True
-        occurrences: List[torch.fx.Node] = []  # every use, so that x + x counts twice
-        torch.fx.node.map_arg((node.args, node.kwargs), occurrences.append)
-        dep_inputs = [n for n in occurrences if dependent[n.name]]
-        for n in dep_inputs:
-            v = values[n.name]
-            if isinstance(v, torch.Tensor) and not (v.is_floating_point() or v.is_complex()):
-                raise UnsupportedModuleError(
-                    f"{target_name(node, target)} at {path!r} uses {n.name!r}, an input-dependent {v.dtype} tensor "
-                    "(e.g. indices of a max, a comparison): not Lipschitz; use only the values",
-                    module=target,
-                    path=path,
-                )
-        dep_positions = tuple(
-            i for i, a in enumerate(node.args)
-            if isinstance(a, torch.fx.Node) and dependent[a.name]
-        )
-        rule = find_rule(target)
-        if rule is None:
-            raise UnsupportedModuleError(
-                f"no Lipschitz bound registered for {target_name(node, target)} at {path!r}; register one with "
-                "@sturdy.lipschitz.register_bound or replace the operator",
-                module=target,
-                path=path,
-            )
-        main_val = values[dep_inputs[0].name]
-
-        def live_arg(index: int, name: str, node: torch.fx.Node = node) -> Callable[[], Any]:
-            a = node.args[index] if index < len(node.args) else node.kwargs.get(name)
-            return live.thunk(a)
-
-        call = OpCall(
-            target=target,
-            path=path,
-            args=tuple(args),
-            kwargs=dict(kwargs),
-            input_shape=tuple(main_val.shape) if isinstance(main_val, torch.Tensor) else None,
-            output=values[node.name],
-            dependent_args=dep_positions,
-            live=live_arg,
-        )
-        result = rule(call)
-        names = tuple(n.name for n in dep_inputs)
-        contraction = (isinstance(result, Factor) and result.value <= 1.0) or (
-            isinstance(result, Combine) and len(dep_inputs) == 1 and all(w <= 1.0 for w in result.weights or (1.0,)))
-        if inplace:
-            functionalize_inplace(node, target, path, values, dependent, order, contraction)
-        if isinstance(result, Combine):
-            weights = [1.0] * len(names) if result.weights is None else list(result.weights)
-            if len(weights) != len(names):
-                raise UnsupportedModuleError(
-                    f"{target_name(node, target)} at {path!r}: cannot match its input-dependent arguments",
-                    module=target, path=path,
-                )
-            out = values[node.name]
-            for i, n in enumerate(dep_inputs):  # a broadcast input is copied numel(out) / numel(input) times
-                v = values[n.name]
-                if isinstance(out, torch.Tensor) and isinstance(v, torch.Tensor) and v.numel() and result.how == "sum":
-                    weights[i] *= math.sqrt(out.numel() / v.numel())
-            steps.append(Step(node.name, result.how, names, path, weights=tuple(weights)))
-            continue
-        if len(dep_inputs) != 1:
-            raise UnsupportedModuleError(
-                f"{target_name(node, target)} at {path!r} depends on the input through {len(dep_inputs)} "
-                "arguments; only single-input operators, sums and concatenations are supported",
-                module=target,
-                path=path,
-            )
-        if isinstance(result, Factor):
-            steps.append(Step(node.name, "factor", names, path, factor=float(result.value), op_kind=result.kind))
-        elif isinstance(result, LinearOp):
-            steps.append(Step(node.name, "op", names, path, op=result, op_kind=result.kind))
-        else:
-            raise TypeError(f"rule for {target_name(node, target)} returned {type(result).__name__}")
-
+            builder.call(node)
+    values, steps = builder.values, builder.steps
     assert output_node is not None
     out_arg = output_node.args[0]
     out_val = values.get(out_arg.name) if isinstance(out_arg, torch.fx.Node) else None
@@ -346,6 +236,116 @@ def _build(gm: torch.fx.GraphModule, root: nn.Module, model: nn.Module, shape: T
         feeds = values[out_step.inputs[0]]
         last = out_step if isinstance(feeds, torch.Tensor) and feeds.dim() == 2 else None
     return Program(steps, out_arg.name, last, shape)
+
+
+
+
+class _Builder:
+    """Walks the traced graph once: runs every node on the example input, tracks which values depend on the
+    input, and turns every input-dependent call into a :class:`Step` through its operator's rule."""
+
+    def __init__(self, gm: torch.fx.GraphModule, root: nn.Module, shape: Tuple[int, ...]) -> None:
+        self.root, self.shape = root, shape
+        self.values: Dict[str, Any] = {}
+        self.dependent: Dict[str, bool] = {}
+        self.steps: List[Step] = []
+        self.live = Live(gm, root)
+        self.order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+
+    def source(self, node: torch.fx.Node, value: Any, kind: str, path: str) -> None:
+        self.values[node.name] = value
+        self.dependent[node.name] = kind == "input"
+        self.steps.append(Step(node.name, kind, (), path))
+
+    def load(self, a: Any) -> Any:
+        return torch.fx.node.map_arg(a, lambda n: self.values[n.name])
+
+    def call(self, node: torch.fx.Node) -> None:
+        if node.op == "call_function" and any(self.dependent[n.name] for n in kwarg_nodes(node)):
+            positional_inputs(node)
+        args, kwargs = self.load(node.args), self.load(node.kwargs)
+        target: Any = self.root.get_submodule(node.target) if node.op == "call_module" else node.target
+        path = node.target if node.op == "call_module" else node.name
+        reason = random_call(target, args, kwargs)
+        if reason is not None:
+            raise _refusal(node, target, path, f"is random in eval mode ({reason}), so the model's predictions are "
+                                               "random and cannot be certified")
+        inplace = any(self.dependent[n.name] for n in node.all_input_nodes) and is_inplace(target, kwargs)
+        value = self.values[node.name] = _run(node, target, path, args, kwargs, self.shape)
+        occurrences: List[torch.fx.Node] = []  # every use, so that x + x counts twice
+        torch.fx.node.map_arg((node.args, node.kwargs), occurrences.append)
+        dep_inputs = [n for n in occurrences if self.dependent[n.name]]
+        self.dependent[node.name] = bool(dep_inputs) and _has_tensor(value)
+        if not self.dependent[node.name]:  # constants, sizes, shapes
+            self.steps.append(Step(node.name, "const", (), path))
+            return
+        self._check_values(node, target, path, dep_inputs)
+        result = self._apply_rule(node, target, path, args, kwargs, dep_inputs)
+        if inplace:
+            contraction = (isinstance(result, Factor) and result.value <= 1.0) or (isinstance(result, Combine) and len(
+                dep_inputs) == 1 and all(w <= 1.0 for w in result.weights or (1.0,)))
+            functionalize_inplace(node, target, path, self.values, self.dependent, self.order, contraction)
+        self.steps.append(self._step(node, target, path, result, dep_inputs))
+
+    def _check_values(self, node: torch.fx.Node, target: Any, path: str, dep_inputs: List[torch.fx.Node]) -> None:
+        for n in dep_inputs:
+            v = self.values[n.name]
+            if isinstance(v, torch.Tensor) and not (v.is_floating_point() or v.is_complex()):
+                why = f"uses {n.name!r}, an input-dependent {v.dtype} tensor (e.g. indices of a max, a comparison)"
+                raise _refusal(node, target, path, why + ": not Lipschitz; use only the values")
+
+    def _apply_rule(self, node: torch.fx.Node, target: Any, path: str, args: Any, kwargs: Any,
+                    dep_inputs: List[torch.fx.Node]) -> Any:
+        rule = find_rule(target)
+        if rule is None:
+            raise UnsupportedModuleError(
+                f"no Lipschitz bound registered for {target_name(node, target)} at {path!r}; register one with "
+                "@sturdy.lipschitz.register_bound or replace the operator",
+                module=target,
+                path=path,
+            )
+        main_val = self.values[dep_inputs[0].name]
+
+        def live_arg(index: int, name: str) -> Callable[[], Any]:
+            a = node.args[index] if index < len(node.args) else node.kwargs.get(name)
+            return self.live.thunk(a)
+
+        return rule(OpCall(
+            target=target,
+            path=path,
+            args=tuple(args),
+            kwargs=dict(kwargs),
+            input_shape=tuple(main_val.shape) if isinstance(main_val, torch.Tensor) else None,
+            output=self.values[node.name],
+            dependent_args=tuple(i for i, a in enumerate(node.args)
+                                 if isinstance(a, torch.fx.Node) and self.dependent[a.name]),
+            live=live_arg,
+        ))
+
+    def _step(self, node: torch.fx.Node, target: Any, path: str, result: Any, dep_inputs: List[torch.fx.Node]) -> Step:
+        names = tuple(n.name for n in dep_inputs)
+        if isinstance(result, Combine):
+            weights = [1.0] * len(names) if result.weights is None else list(result.weights)
+            if len(weights) != len(names):
+                raise _refusal(node, target, path, "cannot match its input-dependent arguments")
+            out = self.values[node.name]
+            for i, n in enumerate(dep_inputs):  # a broadcast input is copied numel(out) / numel(input) times
+                v = self.values[n.name]
+                if isinstance(out, torch.Tensor) and isinstance(v, torch.Tensor) and v.numel() and result.how == "sum":
+                    weights[i] *= math.sqrt(out.numel() / v.numel())
+            return Step(node.name, result.how, names, path, weights=tuple(weights))
+        if len(dep_inputs) != 1:
+            raise _refusal(node, target, path, f"depends on the input through {len(dep_inputs)} arguments; only "
+                                               "single-input operators, sums and concatenations are supported")
+        if isinstance(result, Factor):
+            return Step(node.name, "factor", names, path, factor=float(result.value), op_kind=result.kind)
+        if isinstance(result, LinearOp):
+            return Step(node.name, "op", names, path, op=result, op_kind=result.kind)
+        raise TypeError(f"rule for {target_name(node, target)} returned {type(result).__name__}")
+
+
+def _refusal(node: torch.fx.Node, target: Any, path: str, why: str) -> UnsupportedModuleError:
+    return UnsupportedModuleError(f"{target_name(node, target)} at {path!r} {why}", module=target, path=path)
 
 
 def _run(node: torch.fx.Node, target: Any, path: str, args: Any, kwargs: Any, shape: Tuple[int, ...]) -> Any:
