@@ -123,6 +123,12 @@ def _check_rows(payload: Dict[str, Any], n_freq: int, n_images: int, eps: float)
     return None
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)``, a digest cut to 12 hex digits (a one-line message names several)."""
+    text = repr(value)
+    return text[:13] + "...'" if isinstance(value, str) and len(value) == 64 else text[:60]
+
+
 def load_partial(
     path: os.PathLike, n_freq: int, settings: Dict[str, Any], device: torch.device
 ) -> Optional[HeatmapCounts]:
@@ -145,13 +151,16 @@ def load_partial(
     if payload.get("format") != FORMAT or payload.get("version") != VERSION:
         raise ConfigurationError(f"{path} is not a partial heat map of this version; remove it to start over")
     saved = payload.get("settings")
-    saved = saved if isinstance(saved, dict) else {}
-    diff = [f"{key}: {saved.get(key)!r} there, {value!r} now" for key, value in settings.items()
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} is not a usable partial heat map ('settings' is not an object); remove it "
+                              "to start over")
+    diff = [f"{key}: {_shown(saved.get(key))} there, {_shown(value)} now" for key, value in settings.items()
             if saved.get(key) != value]
     if diff:
+        more = f"; and {len(diff) - 2} more" if len(diff) > 2 else ""
         raise ConfigurationError(
-            f"{path} holds a heat map measured under other settings ({'; '.join(diff)}); remove it (or pass "
-            "another partial-results path) to start over"
+            f"{path} holds a heat map measured under other settings ({'; '.join(diff[:2])}{more}); remove it (or "
+            "pass another partial-results path) to start over"
         )
     problem = _check_rows(payload, n_freq, int(settings["shape"][0]), float(settings["eps"]))
     if problem is not None:
