@@ -9,6 +9,7 @@ failure the day the part is fixed, so the mark is removed then.
 import argparse
 import copy
 import errno
+import importlib
 import json
 import os
 import re
@@ -23,7 +24,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sturdy.cli import build_parser, main
+from sturdy.distributed import max_local_workers
 from sturdy.errors import ConfigurationError
+from sturdy.experiments.argtypes import MAX_BATCH_SIZE, non_negative_int, positive_int
+from sturdy.experiments.flatness_grid import QUICK_GRID, max_grid_seeds
+from sturdy.fourier.limits import max_phases
 from sturdy.training import save_checkpoint
 from sturdy.utils import prepare_output_dir
 
@@ -73,6 +78,65 @@ def files(tmp_path_factory):
 
 def _part_bug(reason: str):
     return pytest.mark.xfail(strict=True, reason=reason)
+
+
+ATTACK = ["fourier", "attack", "--checkpoint", "{ckpt}", "--eps", "1", "--out", "{out}"]
+HEATMAP = ["fourier", "heatmap", "--checkpoint", "{ckpt}", "--eps", "1", "--out", "{out}"]
+TRAIN = ["train", "--model", "linear", "--epochs", "1", "--out", "{out}"]
+POWERSGD = TRAIN + ["--nproc", "2", "--compress", "powersgd"]
+GRID = ["flatness", "grid", "--quick", "--out", "{out}"]
+SEED_MAX = 2**32 - 1
+PHASES_MAX = max_phases(1, 8, 8)  # the embedded digits are 1x8x8
+GRID_SEEDS_MAX = max_grid_seeds(QUICK_GRID)  # 16 models per seed
+
+# Every count option of every command, at its bound: (case, argv with the option, value at the bound,
+# regex of the one error line one past it, work function the command reaches when the value is accepted).
+BOUNDS = [
+    ("attack-shifts", ATTACK + ["--shifts"], 64, r"shifts must be an integer in \[0, 64\] \(a 8x8 image has 64",
+     "sturdy.experiments.fourier.single_fourier_attack"),
+    ("attack-phases", ATTACK + ["--phases"], PHASES_MAX,
+     rf"phases must be an integer in \[1, {PHASES_MAX}\].*memory",
+     "sturdy.experiments.fourier.single_fourier_attack"),
+    ("attack-batch-size", ATTACK + ["--batch-size"], MAX_BATCH_SIZE, "--batch-size",
+     "sturdy.experiments.fourier.single_fourier_attack"),
+    ("attack-seed", ATTACK + ["--seed"], SEED_MAX, "--seed", "sturdy.experiments.fourier.single_fourier_attack"),
+    ("heatmap-stride", HEATMAP + ["--stride"], 8, r"stride must be an integer in \[1, 8\]",
+     "sturdy.experiments.fourier.fourier_heatmap"),
+    ("heatmap-save-every", HEATMAP + ["--save-every"], 34, r"save_every must be an integer in \[1, 34\]",
+     "sturdy.experiments.fourier.fourier_heatmap"),
+    ("heatmap-batch-size", HEATMAP + ["--batch-size"], MAX_BATCH_SIZE, "--batch-size",
+     "sturdy.experiments.fourier.fourier_heatmap"),
+    ("heatmap-seed", HEATMAP + ["--seed"], SEED_MAX, "--seed", "sturdy.experiments.fourier.fourier_heatmap"),
+    ("train-batch-size", TRAIN + ["--batch-size"], MAX_BATCH_SIZE, "--batch-size",
+     "sturdy.experiments.train_job.run_train_job"),
+    ("train-seed", TRAIN + ["--seed"], SEED_MAX, "--seed", "sturdy.experiments.train_job.run_train_job"),
+    ("train-lmt-iterations", TRAIN + ["--method", "lmt", "--lmt-iterations"], 1000, r"lmt-iterations.*\[1, 1000\]",
+     "sturdy.experiments.train_job.run_train_job"),
+    ("train-powersgd-rank", POWERSGD + ["--powersgd-rank"], 2**16,
+     r"--powersgd-rank must be an integer in \[1, 65536\]",
+     "sturdy.experiments.compression.run_distributed_training"),
+    ("train-start-iter", POWERSGD + ["--start-iter"], 2**31 - 1,
+     r"--start-iter must be an integer in \[2, 2147483647\]",
+     "sturdy.experiments.compression.run_distributed_training"),
+    ("train-epochs", TRAIN[:3] + TRAIN[5:] + ["--epochs"], 1_000_000, "--epochs",
+     "sturdy.experiments.train_job.run_train_job"),
+    ("demo-seed", ["demo", "--quick", "--out", "{out}", "--seed"], SEED_MAX, "--seed",
+     "sturdy.experiments.demo.run_demo"),
+    ("grid-seeds", GRID + ["--seeds"], GRID_SEEDS_MAX, rf"--seeds must be an integer in \[1, {GRID_SEEDS_MAX}\]",
+     "sturdy.experiments.flatness_grid.run_grid"),
+    ("grid-workers", GRID + ["--workers"], max_local_workers(),
+     rf"workers must be an integer in \[1, {max_local_workers()}\]",
+     "sturdy.experiments.flatness_grid._load_record"),
+    ("grid-bootstrap", GRID + ["--bootstrap"], 100_000, r"bootstrap must be an integer in \[0, 100000\]",
+     "sturdy.experiments.flatness_grid.run_grid"),
+    ("grid-seed", GRID + ["--seed"], SEED_MAX, "--seed", "sturdy.experiments.flatness_grid.run_grid"),
+    ("measure-seed", ["flatness", "measure", "--checkpoint", "{ckpt}", "--out", "{out}", "--seed"], SEED_MAX, "--seed",
+     "sturdy.experiments.flatness.measure_checkpoint"),
+    ("costmodel-workers", ["compression", "costmodel", "--checkpoint", "{ckpt}", "--ratio", "0.1", "--out", "{out}",
+                           "--workers"], 2**20, r"worker counts in \[1, 1048576\]",
+     "sturdy.experiments.compression_costmodel.predict_step_times"),
+]
+BOUNDS = [(case, argv + [str(bound + 1)], bound, message, work) for case, argv, bound, message, work in BOUNDS]
 
 
 # (case id, argv with {placeholders}, regex the one error line must match)
@@ -175,6 +239,15 @@ CASES = [
     # part commands
     ("certify-eps-1e200", ["lipschitz", "certify", "--checkpoint", "{ckpt}", "--eps", "1e200", "--limit", "5",
                            "--out", "{out}"], "eps"),
+    # every count option one past its bound (the bound itself is accepted: test_count_option_at_its_bound_is_accepted)
+    *[(f"past-bound-{case}", argv, message) for case, argv, _, message, _ in BOUNDS],
+    ("attack-seed-negative", ["fourier", "attack", "--checkpoint", "{ckpt}", "--eps", "1", "--seed", "-1", "--out",
+                              "{out}"], "--seed"),
+    ("heatmap-frequency-overflow", ["fourier", "heatmap", "--checkpoint", "{ckpt}", "--eps", "1", "--frequencies",
+                                    "100000000000000000000,1", "--out", "{out}"], "magnitude below"),
+    ("costmodel-too-many-worker-counts", ["compression", "costmodel", "--checkpoint", "{ckpt}", "--ratio", "0.1",
+                                          "--workers", ",".join(["2"] * 65), "--out", "{out}"],
+     "1 to 64 worker counts"),
 ]
 
 
@@ -214,6 +287,47 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, argv, message, files, tm
     assert re.search(message, lines[0]), lines[0]
     assert not out.exists() or not any(out.iterdir()), _listing(out)
     assert _listing(files["root"]) == before
+
+
+class _Reached(Exception):
+    """Raised by the command's work function: every check of the arguments passed."""
+
+
+@pytest.mark.parametrize("case, argv, bound, message, work", BOUNDS, ids=[c[0] for c in BOUNDS])
+def test_count_option_at_its_bound_is_accepted(case, argv, bound, message, work, files, tmp_path, monkeypatch,
+                                                capsys):
+    """The bound itself passes every check: the command reaches its work (stubbed here, so nothing runs)."""
+    module, name = work.rsplit(".", 1)
+
+    def reached(*args, **kwargs):
+        raise _Reached
+
+    monkeypatch.setattr(importlib.import_module(module), name, reached)
+    argv = _fill(argv[:-1] + [str(bound)], files, tmp_path / "out")
+    with pytest.raises(_Reached):
+        main(_quiet(argv))
+    assert "error" not in capsys.readouterr().err
+
+
+def test_count_bounds_cover_every_count_option():
+    """Every integer option of every command has a bound case here, or is a documented clip to the data."""
+    clipped = {"--limit", "--attack-images", "--max-queries", "--tightness-points",  # clipped to the data / cost
+               "--nproc", "--resize", "--threads"}  # bounded by the parser or the launcher already (other tests)
+    bounded = {argv[-2] for _, argv, *_ in BOUNDS}
+    integer = {flag for path, flag, _ in NUMERIC if _integer_type(_action(path, flag).type)}
+    assert integer and integer - bounded - clipped == set(), integer - bounded - clipped
+
+
+def _integer_type(kind):
+    return kind is int or kind in (positive_int, non_negative_int) or getattr(kind, "__name__", "").startswith(
+        "integer in")
+
+
+def _action(path, option):
+    parser = build_parser()
+    for name in path:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return next(a for a in parser._actions if option in a.option_strings)
 
 
 def _numeric_options():
