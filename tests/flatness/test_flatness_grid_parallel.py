@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -88,3 +89,21 @@ def test_grid_cli_errors(argv, message, tmp_path, capsys):
     assert main(["flatness", "grid", "--out", str(tmp_path)] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_hand_edited_record_is_retrained_not_used(tmp_path):
+    """A record is read back as untrusted input: an edit (a plausible gap) breaks its checksum; a FIFO in its
+    place does not block the run."""
+    run_grid(out=tmp_path, spec=TINY, progress=False)
+    points = sorted((tmp_path / "points").glob("*.json"))
+    before = _records(tmp_path)
+    payload = json.loads(points[0].read_text())
+    payload["content"]["gap"] = 0.5
+    points[0].write_text(json.dumps(payload))
+    points[1].unlink()
+    os.mkfifo(points[1])
+    with pytest.warns(UserWarning, match="unreadable") as caught:
+        summary = run_grid(out=tmp_path, spec=TINY, progress=False)
+    reasons = " ".join(str(w.message) for w in caught)
+    assert "content does not match its checksum" in reasons and "not a regular file" in reasons, reasons
+    assert summary["models"] == 4 and _records(tmp_path) == before

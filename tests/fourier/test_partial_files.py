@@ -211,3 +211,25 @@ def test_reader_round_trip_and_checksum(tmp_path):
     write_resumable(path, content)
     assert read_resumable(path) == content
     assert json.loads(path.read_text())["checksum"] == content_digest(content)
+
+
+def test_command_refuses_a_tampered_partial_file_in_one_line(tmp_path, capsys):
+    from sturdy.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "linear", "--epochs", "1", "--out", str(run), "--no-progress",
+                 "--device", "cpu"]) == 0
+    out = tmp_path / "heatmap"
+    argv = ["fourier", "heatmap", "--checkpoint", str(run / "model.pt"), "--eps", "1", "--limit", "4", "--stride",
+            "4", "--device", "cpu", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    partial = out / "heatmap.partial.json"
+    payload = _payload(partial)
+    payload["content"]["errors"] = [0] * len(payload["content"]["errors"])  # a plausible all-zero map
+    partial.write_text(json.dumps(payload))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checksum" in err and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
