@@ -1,8 +1,7 @@
 """Results as JSON files: the one writer of every command, demo section and benchmark.
 
-The parts, which never import :mod:`sturdy.experiments`, write their one JSON file (the heat map's
-resumable partial counts, :mod:`sturdy.fourier.partial`) through the same atomic writer
-(:func:`sturdy.utils.atomic_write_bytes`).
+Files a run reads back to resume (partial heat maps, grid records) are written and read by
+:mod:`sturdy.resumable` instead (checksummed, read back as untrusted input), which the parts may import.
 
 Every command writes its results under its own file name (:data:`RESULTS_FILES`) and records in it
 which command wrote it (``"command"``), so commands can share an output folder: ``sturdy lipschitz
