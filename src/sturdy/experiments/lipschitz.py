@@ -127,8 +127,8 @@ class LMTObjective:
 
         The forward runs inside :meth:`LipschitzTracker.batch_statistics`, so BatchNorm enters the estimate
         with the larger of its running and batch factors (see :mod:`sturdy.lipschitz.tracker`)."""
-        if epoch != self._epoch_seen:
-            if self._epoch_seen >= 0 and self.model is not None and self.drift_tolerance > 0:
+        if epoch != self._epoch_seen:  # a new epoch (also the first of a resumed run: the check is deterministic)
+            if epoch > 0 and self.model is not None and self.drift_tolerance > 0:
                 self.drift.append(self.tracker.check_drift(self.model, tolerance=self.drift_tolerance, epoch=epoch))
             self._epoch_seen = epoch
         with self.tracker.batch_statistics(model):
