@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sturdy.errors import ConfigurationError, SturdyError, UnsupportedModuleError
+from sturdy.errors import ConfigurationError, DataError, SturdyError, UnsupportedModuleError
 from sturdy.lipschitz import LipschitzTracker, certify, lipschitz_bound, operator_norm
 from sturdy.models import create_model
 
@@ -246,14 +246,14 @@ def test_images_of_another_size_are_named():
 
 def test_uint8_images_are_refused():
     x = (torch.rand(4, 1, 8, 8) * 255).to(torch.uint8)
-    with pytest.raises(ConfigurationError, match=r"uint8.*x.float\(\) / 255"):
+    with pytest.raises(DataError, match=r"uint8.*x.float\(\) / 255"):
         certify(_cnn(), x, torch.zeros(4, dtype=torch.long))
 
 
 def test_nan_images_are_refused():
     x = torch.rand(4, 1, 8, 8)
     x[1, 0, 2, 2] = float("nan")
-    with pytest.raises(ConfigurationError, match="1 NaN or inf"):
+    with pytest.raises(DataError, match="1 of 256 values are NaN"):
         certify(_cnn(), x, torch.zeros(4, dtype=torch.long))
 
 

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from sturdy.errors import ConfigurationError
+from sturdy.lipschitz.checks import check_op_finite
 from sturdy.lipschitz.graph import build_program, compose
 from sturdy.lipschitz.norms import DENSE_MAX_ENTRIES, guaranteed_norm, power_iteration
-from sturdy.lipschitz.operators import BatchNormOp, LinearLayerOp, LinearOp
+from sturdy.lipschitz.operators import LinearLayerOp
 from sturdy.lipschitz.proof import model_fingerprint
 from sturdy.lipschitz.results import LayerBound, LipschitzBound, OperatorNorm
 from sturdy.utils import eval_mode
@@ -80,7 +81,6 @@ def _lipschitz_bound(
         for s in program.steps:
             if s.kind == "op":
                 assert s.op is not None
-                _check_finite(s.op, s.path)
                 upper, method = guaranteed_norm(s.op, dense_max_entries=dense_max_entries)
                 if math.isnan(upper):
                     raise ConfigurationError(f"the norm bound of {s.path!r} is NaN: its weights or statistics are not "
@@ -112,18 +112,6 @@ def _lipschitz_bound(
         input_shape=program.input_shape,
         fingerprint=model_fingerprint(model, program.input_shape),
     )
-
-
-def _check_finite(op: LinearOp, path: str) -> None:
-    values = [op.weight()]
-    if isinstance(op, BatchNormOp):
-        values.append(op.scale())
-    for v in values:
-        if v is not None and not bool(torch.isfinite(v.detach()).all()):
-            raise ConfigurationError(
-                f"the weights (or BatchNorm statistics) of {path!r} hold NaN or inf values; a Lipschitz bound needs "
-                "finite weights (did training diverge?)"
-            )
 
 
 def operator_norm(
@@ -162,7 +150,7 @@ def operator_norm(
         )
     op = ops[0].op
     assert op is not None
-    _check_finite(op, ops[0].path)
+    check_op_finite(op, ops[0].path)
     upper, method = guaranteed_norm(op, dense_max_entries=dense_max_entries)
     est = power_iteration(op, iterations=power_iterations, generator=torch.Generator().manual_seed(int(seed)))
     return OperatorNorm(upper=upper, estimate=min(est, upper), method=method)

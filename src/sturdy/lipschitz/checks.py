@@ -24,12 +24,13 @@ from torch import nn
 from torch.fx.operator_schemas import get_signature_for_torch_op
 
 from sturdy.errors import ConfigurationError, UnsupportedModuleError
+from sturdy.lipschitz.operators import BatchNormOp, LinearOp
 from sturdy.lipschitz.registry import global_hooks
 from sturdy.utils import eval_mode
 from sturdy.validation import check_finite_output
 
-__all__ = ["Live", "check_model", "functionalize_inplace", "kwarg_nodes", "positional_inputs", "check_reproduces",
-           "target_name"]
+__all__ = ["Live", "check_model", "check_op_finite", "functionalize_inplace", "kwarg_nodes", "positional_inputs",
+           "check_reproduces", "target_name"]
 
 
 def target_name(node: torch.fx.Node, target: Any) -> str:
@@ -88,6 +89,19 @@ def check_model(model: nn.Module) -> None:
         if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
             raise ConfigurationError(
                 f"parameter {name!r} of {type(model).__name__} holds NaN or inf values; a Lipschitz bound needs "
+                "finite weights (did training diverge?)"
+            )
+
+
+def check_op_finite(op: LinearOp, path: str) -> None:
+    """Refuse an operator whose weights (or BatchNorm statistics) hold NaN or inf, naming its path."""
+    values = [op.weight()]
+    if isinstance(op, BatchNormOp):
+        values.append(op.scale())
+    for v in values:
+        if v is not None and not bool(torch.isfinite(v.detach()).all()):
+            raise ConfigurationError(
+                f"the weights (or BatchNorm statistics) of {path!r} hold NaN or inf values; a Lipschitz bound needs "
                 "finite weights (did training diverge?)"
             )
 

@@ -38,6 +38,7 @@ from sturdy.lipschitz import rules, rules_copy, rules_layers  # noqa: F401  (the
 from sturdy.lipschitz.checks import (
     Live,
     check_model,
+    check_op_finite,
     check_reproduces,
     functionalize_inplace,
     kwarg_nodes,
@@ -195,6 +196,9 @@ def build_program(model: nn.Module, input_shape: Sequence[int]) -> Program:
         gm = trace(root)
         with torch.no_grad():
             program = _build(gm, root, model, shape, dtype, device)
+        for step in program.steps:  # named before the model's logits are checked on random inputs
+            if step.op is not None:
+                check_op_finite(step.op, step.path)
         check_reproduces(gm, model, shape, dtype, device)
     return program
 
