@@ -310,28 +310,50 @@ def hessian_diagonal(
         result = ggn_columns(model, batches, params, columns, groups=groups, memory_budget=memory_budget,
                              chunk_size=chunk_size, progress=progress, backend=backend, desc=method, total=total)
         num_samples = result.num_samples
-    diag: Dict[str, Tensor] = {}
-    err: Dict[str, Tensor] = {}
-    sum_err: Dict[str, float] = {}
-    replicates: Optional[Dict[str, Tensor]] = None
-    if groups == 1:
-        for n, acc in result.groups.items():
-            diag[n] = acc[0] / num_samples
-            err[n] = torch.zeros_like(diag[n])
-            sum_err[n] = 0.0
-    else:
-        replicates = {}
-        for n, acc in result.groups.items():
-            reps = acc * (groups / num_samples)  # each group's own estimate of the diagonal
-            replicates[n] = reps
-            diag[n] = reps.mean(0)
-            err[n] = reps.std(0) / math.sqrt(groups)
-            sums = reps.flatten(1).sum(1).double()
-            sum_err[n] = float(sums.std() / math.sqrt(groups))
+    diag, err, sum_err, replicates = _summarise_groups(result.groups, groups, num_samples)
     return HessianDiagonal(
         diag, err, method, num_samples, used, quantity="ggn_diagonal", is_hessian=result.exactness.is_hessian,
         reasons=result.exactness.reasons, num_classes=result.num_classes, sum_stderr=sum_err, replicates=replicates,
     )
+
+
+def _summarise_groups(
+    sums: Dict[str, Tensor], groups: int, num_samples: int
+) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], Dict[str, float], Optional[Dict[str, Tensor]]]:
+    """Diagonal, entry standard errors, per-parameter sum standard errors and replicates from the
+    accumulated ``(groups, *shape)`` sums (scaled in place into each group's own estimate)."""
+    diag: Dict[str, Tensor] = {}
+    err: Dict[str, Tensor] = {}
+    sum_err: Dict[str, float] = {}
+    if groups == 1:
+        for n, acc in sums.items():
+            diag[n] = acc[0] / num_samples
+            err[n] = torch.zeros_like(diag[n])
+            sum_err[n] = 0.0
+        return diag, err, sum_err, None
+    replicates: Dict[str, Tensor] = {}
+    for n, acc in sums.items():
+        reps = acc.mul_(groups / num_samples)  # in place: each group's own estimate of the diagonal
+        replicates[n] = reps
+        diag[n] = reps.mean(0)
+        err[n] = _group_stderr(reps, diag[n])
+        totals = reps.flatten(1).sum(1).double()
+        sum_err[n] = float(totals.std() / math.sqrt(groups))
+    return diag, err, sum_err, replicates
+
+
+def _group_stderr(reps: Tensor, mean: Tensor) -> Tensor:
+    """Standard error of the mean of ``G`` group estimates ``reps`` ``(G, *shape)``, entry by entry.
+
+    Two passes (the mean is given), one contiguous group at a time: ``Tensor.std(0)`` reduces across the
+    leading dimension element by element and costs many times more on large layers.
+    """
+    groups = reps.shape[0]
+    squares = torch.zeros_like(mean)
+    for rep in reps:
+        dev = rep - mean
+        squares.addcmul_(dev, dev)
+    return squares.div_((groups - 1) * groups).sqrt_()
 
 
 def _sum_stderr(entry_stderr: Tensor) -> float:

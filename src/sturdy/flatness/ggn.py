@@ -93,9 +93,12 @@ def monte_carlo_columns(samples: int, seed: int) -> ColumnFn:
     def columns(p: Tensor, chunk_index: int) -> Tensor:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + chunk_index)
         labels = torch.multinomial(p.detach().to("cpu", torch.float64), samples, replacement=True, generator=gen)
-        onehot = torch.zeros(samples, p.shape[0], p.shape[1], dtype=p.dtype)
-        onehot.scatter_(2, labels.t()[:, :, None], 1.0)
-        return (p[None] - onehot.to(p.device)) / samples**0.5
+        index = labels.t().to(p.device)[:, :, None]  # (K, n, 1)
+        scale = samples**0.5
+        # p / sqrt(K) everywhere, then (p_y - 1) / sqrt(K) at the sampled label: no one-hot tensor
+        v = (p / scale)[None].expand(samples, *p.shape).contiguous()
+        at_label = (p[None].expand(samples, *p.shape).gather(2, index) - 1.0) / scale
+        return v.scatter_(2, index, at_label)
 
     return columns
 
