@@ -103,3 +103,27 @@ def ggn_diagonal_reference(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, 
         out[n] = ggn[start : start + size].reshape(shape)
         start += size
     return out
+
+
+def full_ggn(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Dense GGN ``(1/N) sum_n J_n^T (diag p_n - p_n p_n^T) J_n`` of the mean cross-entropy, all parameters."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    buffers = dict(model.named_buffers())
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def logits(v: Tensor) -> Tensor:
+        state = {n: t.reshape(s) for n, t, s in zip(names, v.split(sizes), shapes)}
+        state.update(buffers)
+        return functional_call(model, state, (x,))
+
+    was = model.training
+    model.eval()
+    try:
+        jac = torch.autograd.functional.jacobian(logits, flat)  # (N, C, P)
+        p = torch.softmax(logits(flat), dim=1).detach()
+    finally:
+        model.train(was)
+    m = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return torch.einsum("ncp,ncd,ndq->pq", jac, m, jac) / x.shape[0]

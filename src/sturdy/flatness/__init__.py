@@ -29,6 +29,8 @@ from sturdy.flatness.perturbation import adaptive_average_sharpness, pacbayes_fl
 from sturdy.flatness.registry import Measure, MeasureSet, MeasureSpec, available_measures, register_measure
 from sturdy.flatness.rescale import rescale_nodes
 from sturdy.flatness.robustness import SignErrors, TauDifference, sign_errors, tau_difference
+from sturdy.flatness.sketching import DiagonalSketch, TraceSketch, hutchpp_diagonal, hutchpp_trace
+from sturdy.flatness.spectrum import Eigenvalues, SpectralDensity, hessian_eigenvalues, spectral_density
 
 __all__ = [
     "HessianDiagonal",
@@ -37,6 +39,14 @@ __all__ = [
     "hessian_diagonal",
     "hutchinson_trace",
     "top_hessian_eigenvalue",
+    "TraceSketch",
+    "DiagonalSketch",
+    "hutchpp_trace",
+    "hutchpp_diagonal",
+    "Eigenvalues",
+    "SpectralDensity",
+    "hessian_eigenvalues",
+    "spectral_density",
     "LayerSharpness",
     "NormalizedSharpness",
     "aggregate_layer",
