@@ -399,3 +399,15 @@ def test_stacking_along_the_batch_and_casting_to_integers_are_refused():
     for net in (Stack0(), ToInt()):
         with pytest.raises(UnsupportedModuleError):
             lipschitz_bound(net, input_shape=(1, 4))
+
+
+def test_tightness_of_an_exactly_tight_linear_certificate_is_no_violation():
+    # for a linear model the pairwise radius is exact: the attack meets it up to float32 rounding
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 10)).eval()
+    x = _data(60)
+    y = net(x).argmax(1)
+    t = tightness(net, x, y, steps=20, restarts=1, bisection_steps=12)
+    assert t.violations == 0
+    ok = t.certified > 0
+    assert float((t.certified[ok] / t.adversarial[ok]).median()) > 0.999  # the attack reaches the exact radius
