@@ -196,8 +196,9 @@ NOT_APPLICABLE = {
     **dict.fromkeys(["training." + n for n in (
         "cross_entropy_loss", "TrainConfig", "EpochMetrics", "TrainResult", "Objective", "Stateful",
         "steps_per_epoch", "resolve_device", "save_checkpoint", "load_checkpoint", "check_state_dict_shapes",
-        "CHECKPOINT_FORMAT")],
-        "no model or images"),
+        "CHECKPOINT_FORMAT", "Plugin", "RunContext", "GradientClipping", "WeightAverage", "world",
+        "config_from_dict", "Batches")],
+        "no model or images (plugins run inside train's step; Batches iterates data train and evaluate check)"),
 }
 
 
