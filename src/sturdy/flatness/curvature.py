@@ -230,8 +230,9 @@ def hessian_diagonal(
             networks, see ``is_hessian``), ``"ggn-mc"`` (its Monte-Carlo estimate) or ``"hutchinson"``
             (stochastic Hessian diagonal, any loss).
         probes: Rademacher probes of ``"hutchinson"`` (>= 2, for the standard error).
-        mc_samples: labels drawn per input by ``"ggn-mc"`` (>= 2); its cost is that of the exact diagonal
-            of ``mc_samples`` classes.
+        mc_samples: labels drawn per input by ``"ggn-mc"`` (>= 2); its cost is ``mc_samples`` backward
+            passes, as the exact diagonal of ``mc_samples`` classes, plus one per-sample rule evaluation per
+            group (docs/design.md section 3; measured ratios in BENCHMARKS.md).
         mc_groups: groups the draws are split into for standard errors (the largest divisor of
             ``mc_samples`` not above it is used; at least 2).
         seed: seed of the probes and of the sampled labels (drawn on the CPU: identical on CPU and CUDA).
