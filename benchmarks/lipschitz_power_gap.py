@@ -21,8 +21,7 @@ import torch
 
 from sturdy.data import load_dataset
 from sturdy.experiments.jsonio import write_json
-from sturdy.experiments.lipschitz import build_lmt_objective
-from sturdy.lipschitz import lipschitz_bound
+from sturdy.lipschitz import lipschitz_bound, lmt_objective
 from sturdy.models import create_model
 from sturdy.training import TrainConfig, steps_per_epoch, train
 
@@ -35,7 +34,7 @@ def run(*, epochs: int, iterations: int, c: float, seed: int, schedule_name: str
     torch.manual_seed(seed)
     model = create_model("cnn", in_shape=train_set.image_shape, num_classes=10, channels=(16, 32), width=64,
                          pool="none")
-    objective = build_lmt_objective(
+    objective = lmt_objective(
         model, input_shape=shape, steps_per_epoch=steps_per_epoch(len(train_set), config.batch_size),
         c=c, warmup_epochs=epochs / 3, clip=True, iterations=iterations, seed=seed,
     )

@@ -18,8 +18,7 @@ from typing import Any, Callable, Dict
 import torch
 import torch.nn.functional as F
 
-from sturdy.experiments.lipschitz import build_lmt_objective
-from sturdy.lipschitz import lipschitz_bound
+from sturdy.lipschitz import lipschitz_bound, lmt_objective
 from sturdy.models import create_model
 
 TARGET = 1.10
@@ -56,8 +55,7 @@ def run(*, device: torch.device, smoke: bool) -> Dict[str, Any]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     objectives = {}
     for name, batched in (("lmt", True), ("lmt_unbatched", False)):
-        obj = build_lmt_objective(model, input_shape=(1, *shape), steps_per_epoch=10 ** 6, c=0.3,
-                                  drift_tolerance=0.0)
+        obj = lmt_objective(model, input_shape=(1, *shape), steps_per_epoch=10 ** 6, c=0.3)
         if not batched:
             from sturdy.lipschitz import LipschitzTracker
 

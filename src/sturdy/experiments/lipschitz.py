@@ -6,7 +6,8 @@ Plug-ins used by the ``train`` command and the demo:
 * :func:`add_train_arguments` adds ``--method``, ``--c``, ``--c-warmup-epochs``, ``--lmt-form``,
   ``--lmt-clip`` and ``--lmt-iterations`` to ``sturdy train`` (values land in ``job.options``);
 * :func:`training_plugin` turns those options into an :class:`LMTPlugin`, which joins the one
-  training loop with the LMT objective and the tracker (checkpointed as ``"lipschitz"``);
+  training loop with the LMT objective (:func:`sturdy.lipschitz.lmt_objective`), its tracker (checkpointed as
+  ``"lipschitz"``) and the epoch-end drift check (:class:`LMTDriftCheck`);
 * :func:`register_cli` adds ``sturdy lipschitz certify`` and the alias ``sturdy certify`` (the command
   itself is :mod:`sturdy.experiments.lipschitz_certify`);
 * :func:`demo_section` trains the LMT digits model and certifies it beside the standard one.
@@ -19,9 +20,8 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
-import torch
 from torch import nn
 
 from sturdy.errors import ConfigurationError
@@ -40,24 +40,17 @@ from sturdy.experiments.train_job import (
     TrainJob,
     fit,
 )
-from sturdy.lipschitz import (
-    Certificate,
-    CWarmup,
-    LipschitzTracker,
-    lmt_loss,
-    tightness,
-)
+from sturdy.lipschitz import Certificate, LipschitzTracker, lmt_objective, tightness
 from sturdy.lipschitz.losses import FORMS
+from sturdy.lipschitz.objective import check_lmt_settings
 from sturdy.lipschitz.tracker import DRIFT_TOLERANCE
-from sturdy.training import TrainConfig
-from sturdy.validation import check_count
+from sturdy.training import EpochMetrics, Plugin, RunContext, TrainConfig
 
 __all__ = [
     "add_train_arguments",
     "LMTPlugin",
-    "LMTObjective",
+    "LMTDriftCheck",
     "training_plugin",
-    "build_lmt_objective",
     "register_cli",
     "demo_section",
     "lmt_demo_job",
@@ -67,7 +60,6 @@ __all__ = [
 
 DEMO_C = 0.5  # target radius of the demo's LMT model (L2, pixels in [0, 1])
 METHODS = ("standard", "lmt")
-MAX_LMT_ITERATIONS = 1000  # power iterations per training step (--lmt-iterations)
 
 
 # --------------------------------------------------------------------------------------- training
@@ -94,96 +86,26 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @dataclass
-class LMTObjective:
-    """The LMT training objective (:class:`sturdy.training.Objective`): the LMT loss with the tracker's
-    current estimate and the target radius of the warm-up schedule at this step.
+class LMTDriftCheck(Plugin):
+    """At every epoch's end, compare the training-time estimate with the guaranteed bound
+    (:meth:`LipschitzTracker.check_drift`: lagging vectors are resynchronised first, a warning follows only for
+    a drift that remains). It runs before the epoch's checkpoint, so a resumed run continues identically.
 
     Attributes:
-        tracker: the power-iteration state (one update per call).
-        schedule: target radius ``c`` per (fractional) epoch.
-        form: ``"pairwise"`` or ``"global"``.
-        clip: scale the added margin by ``clip(M / added, 0, 1)`` (no gradient).
-        steps_per_epoch: optimizer steps per epoch (for the fractional epoch of the warm-up).
-        model: the unwrapped model, for the drift check (``None``: no check).
-        drift_tolerance: at the first step of every epoch after the first, the last estimate is compared with
-            the guaranteed bound (:meth:`LipschitzTracker.check_drift`, a warning beyond this fraction); 0: off.
-        drift: the checks so far (``{"epoch", "estimate", "upper", "relative_gap", "warned"}``).
+        tracker: the LMT objective's tracker.
+        tolerance: warning threshold (a fraction; 0: off).
+        drift: the checks so far (``{"epoch", "estimate", "upper", "relative_gap", ...}``).
     """
 
     tracker: LipschitzTracker
-    schedule: CWarmup
-    form: str
-    clip: bool
-    steps_per_epoch: int
-    model: Optional[nn.Module] = None
-    drift_tolerance: float = DRIFT_TOLERANCE
+    tolerance: float = DRIFT_TOLERANCE
     drift: List[Dict[str, Any]] = field(default_factory=list)
-    _epoch_seen: int = -1
+    name: str = "lipschitz_drift"
 
-    def __call__(
-        self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, epoch: int, step: int
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(loss, clean logits)``; ``step`` counts optimizer steps from the start of the run.
-
-        The forward runs inside :meth:`LipschitzTracker.batch_statistics`, so BatchNorm enters the estimate
-        with the larger of its running and batch factors (see :mod:`sturdy.lipschitz.tracker`)."""
-        if epoch != self._epoch_seen:  # a new epoch (also the first of a resumed run: the check is deterministic)
-            if epoch > 0 and self.model is not None and self.drift_tolerance > 0:
-                self.drift.append(self.tracker.check_drift(self.model, tolerance=self.drift_tolerance, epoch=epoch))
-            self._epoch_seen = epoch
-        with self.tracker.batch_statistics(model):
-            logits = model(inputs)
-        spe = self.steps_per_epoch
-        c = self.schedule(epoch=epoch, step=step - epoch * spe, steps_per_epoch=spe)
-        loss = lmt_loss(logits, targets, c=c, bound=self.tracker(), form=self.form, clip_factor=self.clip)
-        return loss, logits
-
-
-def build_lmt_objective(
-    model: nn.Module,
-    *,
-    input_shape: Sequence[int],
-    steps_per_epoch: int,
-    c: float = 0.3,
-    warmup_epochs: float = 0.0,
-    form: str = "pairwise",
-    clip: bool = False,
-    iterations: int = 1,
-    seed: int = 0,
-    drift_tolerance: float = DRIFT_TOLERANCE,
-) -> LMTObjective:
-    """The LMT objective of ``model`` for :func:`sturdy.training.train`; its ``tracker`` is the state to
-    checkpoint (the power-iteration vectors: a resumed run continues bit-exactly).
-
-    Args:
-        model: the (unwrapped) model, already on its device.
-        input_shape: shape of one input batch including the batch dimension, e.g. ``(1, 1, 8, 8)``.
-        steps_per_epoch: optimizer steps per epoch on this worker.
-        c: target L2 radius; ``warmup_epochs``: linear warm-up of ``c`` from 0.
-        form, clip: as :func:`sturdy.lipschitz.lmt_loss` (``clip`` is its ``clip_factor``).
-        iterations: power iterations per step.
-        seed: seed of the tracker's start vectors (identical on every rank).
-        drift_tolerance: once per epoch, warn when the estimate and the guaranteed bound differ by more than
-            this fraction (0: no check).
-    """
-    schedule = _check_lmt_settings(c, warmup_epochs, form, iterations)
-    if not (drift_tolerance >= 0 and math.isfinite(drift_tolerance)):
-        raise ConfigurationError(f"drift_tolerance (--lmt-drift-tolerance) must be >= 0, got {drift_tolerance!r}")
-    if steps_per_epoch < 1:
-        raise ConfigurationError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    tracker = LipschitzTracker(model, input_shape=input_shape, iterations=iterations, seed=int(seed))
-    tracker.broadcast_()
-    return LMTObjective(tracker=tracker, schedule=schedule, form=form, clip=bool(clip),
-                        steps_per_epoch=int(steps_per_epoch), model=model, drift_tolerance=float(drift_tolerance))
-
-
-def _check_lmt_settings(c: float, warmup_epochs: float, form: str, iterations: int) -> CWarmup:
-    schedule = CWarmup(c=c, warmup_epochs=warmup_epochs)  # validates both, with its messages
-    if form not in FORMS:
-        raise ConfigurationError(f"form (--lmt-form) must be 'pairwise' or 'global', got {form!r}")
-    check_count(iterations, "iterations (--lmt-iterations)", high=MAX_LMT_ITERATIONS,
-                why="power iterations per training step; the vector persists across steps, so 1 to a few suffice")
-    return schedule
+    def on_epoch_end(self, ctx: RunContext, metrics: EpochMetrics) -> Optional[bool]:
+        if self.tolerance > 0:
+            self.drift.append(self.tracker.check_drift(ctx.model, tolerance=self.tolerance, epoch=metrics.epoch))
+        return None
 
 
 @dataclass(frozen=True)
@@ -207,7 +129,7 @@ class LMTPlugin:
     drift_tolerance: float = DRIFT_TOLERANCE
 
     def __post_init__(self) -> None:
-        _check_lmt_settings(self.c, self.warmup_epochs, self.form, self.iterations)
+        check_lmt_settings(self.c, self.warmup_epochs, self.form, self.iterations)
         if not (self.drift_tolerance >= 0 and math.isfinite(self.drift_tolerance)):
             raise ConfigurationError(
                 f"drift_tolerance (--lmt-drift-tolerance) must be >= 0, got {self.drift_tolerance!r}")
@@ -222,16 +144,18 @@ class LMTPlugin:
 
     def setup(self, model: nn.Module, ctx: TrainContext) -> TrainHooks:
         """The LMT objective and its tracker (checkpointed as ``"lipschitz"``) for the run of ``ctx``."""
-        objective = build_lmt_objective(
+        objective = lmt_objective(
             model, input_shape=ctx.input_shape, steps_per_epoch=ctx.steps_per_epoch, c=self.c,
             warmup_epochs=self.warmup_epochs, form=self.form, clip=self.clip, iterations=self.iterations,
-            seed=int(ctx.job.config.seed), drift_tolerance=self.drift_tolerance,
+            seed=int(ctx.job.config.seed),
         )
+        drift = LMTDriftCheck(objective.tracker, tolerance=self.drift_tolerance)
 
         def results() -> Dict[str, Any]:
-            return {"lipschitz_drift": list(objective.drift)}
+            return {"lipschitz_drift": list(drift.drift)}
 
-        return TrainHooks(objective=objective, extra_state={"lipschitz": objective.tracker}, extra_results=results)
+        return TrainHooks(objective=objective, extra_state={"lipschitz": objective.tracker}, plugins=(drift,),
+                          extra_results=results)
 
 
 def training_plugin(job: TrainJob) -> Optional[LMTPlugin]:

@@ -23,6 +23,7 @@ from sturdy.experiments.jsonio import remove_results, results_path, write_result
 from sturdy.models import create_model
 from sturdy.training import (
     Objective,
+    Plugin,
     Stateful,
     TrainConfig,
     check_state_dict_shapes,
@@ -124,12 +125,14 @@ class TrainHooks:
         objective: replaces mean cross-entropy (at most one plugin of a run may set it).
         extra_state: checkpointed objects (``state_dict()``/``load_state_dict()``), by unique name.
         comm_hook: ``(state, hook)`` registered on DDP when a process group is initialised.
+        plugins: hooks around the step and the epoch (:class:`sturdy.training.Plugin`).
         extra_results: called after training; its dict is merged into ``results.json``.
     """
 
     objective: Optional[Objective] = None
     extra_state: Mapping[str, Stateful] = field(default_factory=dict)
     comm_hook: Optional[Tuple[Any, Callable[..., Any]]] = None
+    plugins: Sequence[Plugin] = ()
     extra_results: Optional[Callable[[], Mapping[str, Any]]] = None
 
 
@@ -229,6 +232,7 @@ def _combine(hooks: Sequence[TrainHooks]) -> TrainHooks:
 
     return TrainHooks(objective=objectives[0] if objectives else None, extra_state=state,
                       comm_hook=comm_hooks[0] if comm_hooks else None,
+                      plugins=tuple(p for h in hooks for p in h.plugins),
                       extra_results=extra_results if extras else None)
 
 
@@ -266,6 +270,7 @@ def fit(
         config=config,
         test_set=test_set,
         objective=hooks.objective,
+        plugins=hooks.plugins,
         extra_state=hooks.extra_state,
         comm_hook=hooks.comm_hook,
         checkpoint_path=out / "model.pt",

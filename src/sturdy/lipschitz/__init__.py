@@ -29,6 +29,7 @@ from sturdy.lipschitz.bounds import lipschitz_bound, operator_norm
 from sturdy.lipschitz.certify import Certificate, certified_radius, certify
 from sturdy.lipschitz.losses import CWarmup, lmt_logits, lmt_loss
 from sturdy.lipschitz.norms import conv2d_fft_norm, guaranteed_norm, power_iteration
+from sturdy.lipschitz.objective import LMTObjective, lmt_objective
 from sturdy.lipschitz.operators import LinearOp
 from sturdy.lipschitz.registry import Factor, OpCall, find_rule, register_bound
 from sturdy.lipschitz.results import LayerBound, LipschitzBound, LipschitzEstimate, OperatorNorm
@@ -44,6 +45,8 @@ from sturdy.lipschitz.tracker import LipschitzTracker
 from sturdy.utils import eval_mode
 
 __all__ = [
+    "LMTObjective",
+    "lmt_objective",
     "register_bound",
     "find_rule",
     "OpCall",
