@@ -26,6 +26,7 @@ from sturdy.training.augment import crop_flip
 __all__ = ["Batches", "steps_per_epoch", "shard", "num_classes_of", "labels_of", "to_model_input"]
 
 _SEED_STRIDE = 100_003  # epoch e of seed s draws its permutation from s * stride + e (unchanged across versions)
+_LOADER_SEED_OFFSET = 1 << 60  # the loader's generator: keys far from every augmentation key
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
@@ -104,8 +105,12 @@ class Batches:
     def epoch(self, epoch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``epoch`` (``self.steps`` of them), ready for the model."""
         order = self.order(epoch)
-        gen = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + epoch + 7919 * (self.rank + 1))
-        raw = self._in_memory(order) if self.in_memory else self._streamed(order, gen)
+        key = self.seed * _SEED_STRIDE + epoch + 7919 * (self.rank + 1)
+        gen = torch.Generator().manual_seed(key)
+        # the loader draws its workers' base seed from a generator of its own: augmentation stays the same
+        # whether the data is in memory or streamed
+        raw = (self._in_memory(order) if self.in_memory
+               else self._streamed(order, torch.Generator().manual_seed(key + _LOADER_SEED_OFFSET)))
         for step, (x, y) in enumerate(raw):
             yield self._prepare(x, y, step, gen)
 
@@ -125,9 +130,9 @@ class Batches:
             except StopIteration:
                 return
             except (RuntimeError, TypeError, ValueError, IndexError, KeyError, OSError) as exc:
-                raise DataError(f"{self.name} data, batch {step + 1}: reading its items failed "
-                                f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); every item must be an "
-                                "(image tensor C x H x W, integer label) pair of one shape") from exc
+                raise DataError(f"{self.name} data, batch {step + 1}: reading its items failed ({_cause(exc)}); "
+                                "every item must be an (image tensor C x H x W, integer label) pair of one shape"
+                                ) from exc
             x, y = self._pair(item, step)
             if self.labels is not None:
                 y = self.labels[order[step * self.batch_size : (step + 1) * self.batch_size]]
@@ -135,8 +140,10 @@ class Batches:
 
     def _pair(self, item: Any, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if not (isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], torch.Tensor)):
+            got = (f"images of type {type(item[0]).__name__}" if isinstance(item, (tuple, list)) and len(item) >= 2
+                   else f"batches of type {type(item).__name__}")
             raise DataError(f"{self.name} data, batch {step + 1}: items must be (image tensor, label) pairs, got "
-                            f"{type(item).__name__}")
+                            f"{got}")
         x, y = item[0], torch.as_tensor(item[1])
         if x.dim() != 4:
             raise DataError(f"{self.name} data, batch {step + 1}: images have shape {tuple(x.shape[1:])}; expected "
@@ -168,6 +175,15 @@ class Batches:
         if y.numel() and (int(y.min()) < 0 or (k is not None and int(y.max()) >= k)):
             raise DataError(f"{self.name} data, batch {step + 1}: labels in [{int(y.min())}, {int(y.max())}] but "
                             f"the classes are 0..{k - 1 if k is not None else '?'}; fix the labels of those items")
+
+
+def _cause(exc: BaseException) -> str:
+    """One line naming what went wrong; a loader worker's error is re-raised with its traceback in the message,
+    whose last line names the cause."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        return " ".join(text.splitlines()[-1].split())[:300]
+    return f"{type(exc).__name__}: {' '.join(text.split())[:300]}"
 
 
 def to_model_input(x: torch.Tensor, *, device: torch.device, dtype: torch.dtype, name: str = "images") -> torch.Tensor:

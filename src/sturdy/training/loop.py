@@ -182,6 +182,8 @@ class _Run:
 
     def _check_first_logits(self, logits: torch.Tensor, batch: int) -> None:
         check_logits(logits, num_classes_of(self.train_set), batch)
+        if self.batches.num_classes is None:  # a data set without a class count: later labels must fit the model
+            self.batches.num_classes = int(logits.shape[1])
         if self.ctx.world == 1:  # before any update NaN logits are the model's, not a divergence
             check_finite_output(logits, name="the model's logits on the first training batch")
 
