@@ -18,6 +18,7 @@ all-gather).
 from sturdy.compression import device_codec  # noqa: F401 - registers the device decoder with the codec
 from sturdy.compression.baselines import StromState, TopKState, TorchHookState, strom_hook, topk_hook, torch_hook
 from sturdy.compression.compressor import warm_up
+from sturdy.compression.lag import CompressionLagWarning, LagReport
 from sturdy.compression.methods import METHODS, create_compression
 from sturdy.compression.statistics import (
     SquaredGradientStatistics,
@@ -28,7 +29,9 @@ from sturdy.compression.variance import VarianceCompressionState, variance_hook
 
 __all__ = [
     "METHODS",
+    "CompressionLagWarning",
     "CompressionStatistics",
+    "LagReport",
     "SquaredGradientStatistics",
     "StromState",
     "TopKState",

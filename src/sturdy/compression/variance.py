@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from sturdy.compression.compressor import Selection, validate_rate, variance_select, warm_up
 from sturdy.compression.exchange import sparse_exchange
+from sturdy.compression.lag import LagMonitor, LagReport
 from sturdy.compression.residual import BucketView, ResidualState
 from sturdy.compression.statistics import SquaredGradientStatistics, attach_squared_gradient_statistics
 from sturdy.errors import ConfigurationError, DistributedError, UnsupportedModuleError
@@ -57,6 +58,10 @@ class VarianceCompressionState(ResidualState):
             elements that do not fit stay in the residual (sends at most ``slack`` times the last
             step's largest wanted payload; not bit-identical across bucket layouts).
         slack: slot growth factor of ``"capacity"`` and ``"bounded"``, ``>= 1``.
+
+    The state watches whether the run keeps up with its gradients (:mod:`sturdy.compression.lag`):
+    :meth:`lag_report` gives the residual lag (steps' worth of gradient held back), and a
+    :class:`~sturdy.compression.lag.CompressionLagWarning` is emitted once when it passes its limit.
     """
 
     kind = "vgc"
@@ -104,6 +109,11 @@ class VarianceCompressionState(ResidualState):
             slack=slack,
         )
         self._verified: set = set()  # buckets whose statistics were checked against their gradient
+        self.lag = LagMonitor()
+
+    def lag_report(self) -> LagReport:
+        """Starved elements and residual lag of this rank, averaged over compressed steps."""
+        return self.lag.report()
 
     def config(self) -> Dict[str, Any]:
         return {"start_iter": self.start_iter, "alpha": self.alpha, "zeta": self.zeta, "quantize": self.quantize}
@@ -164,8 +174,9 @@ class VarianceCompressionState(ResidualState):
                 if self.alpha != 0:
                     self._check_statistics(view, variance)
                 self._verified.add(view.index)
-        return variance_select(
-            view.buffers["residual"],
+        residual = view.buffers["residual"]
+        selection = variance_select(
+            residual,
             variance,
             alpha=self.alpha,
             zeta=self.zeta,
@@ -173,6 +184,9 @@ class VarianceCompressionState(ResidualState):
             boundaries=view.boundaries,
             max_bytes=max_bytes,
         )
+        self.lag.observe(self.iter, residual_sq=float(residual.square().sum()),
+                         gradient_sq=float(view.gradient.square().sum()))
+        return selection
 
 
 def variance_hook(state: VarianceCompressionState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
