@@ -95,6 +95,19 @@ class BadItemDataset(PairDataset):
         return x, y
 
 
+class TensorPairs:
+    """An ``ImageDataset``-like object with ``images`` and ``targets`` tensors and no class count."""
+
+    def __init__(self, images, targets):
+        self.images, self.targets = images, targets
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i]
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", split="train").subset(range(N_TRAIN))
@@ -429,6 +442,21 @@ def test_a_label_beyond_the_models_classes_is_a_data_error_without_a_declared_cl
     out.mkdir()
     with pytest.raises(DataError, match="batch 20: labels in .* but the classes are 0..9") as info:
         train(_mlp(), data, config=config, checkpoint_path=out / "model.pt", progress=False)
+    assert "\n" not in str(info.value)
+    assert list(out.iterdir()) == []
+
+
+def test_tensors_with_targets_and_no_class_count_train_in_memory_and_check_late_labels(digits, tmp_path):
+    config = _config(epochs=1)
+    _assert_same_weights(_trained(digits, config)[0], _trained(TensorPairs(digits.images, digits.labels), config)[0])
+    config = _config(epochs=1, batch_size=50)
+    late = _late_fault(1200, config, "label")
+    labels = torch.tensor([late[i][1] for i in range(len(late))])
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(DataError, match="batch 20: labels in .* but the classes are 0..9") as info:
+        train(_mlp(), TensorPairs(late._images, labels), config=config, checkpoint_path=out / "model.pt",
+              progress=False)
     assert "\n" not in str(info.value)
     assert list(out.iterdir()) == []
 

@@ -18,7 +18,7 @@ import math
 from typing import Any, Iterator, Optional, Tuple
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from sturdy.errors import ConfigurationError, DataError
 from sturdy.training.augment import crop_flip
@@ -26,6 +26,7 @@ from sturdy.training.augment import crop_flip
 __all__ = ["Batches", "steps_per_epoch", "shard", "num_classes_of", "labels_of", "to_model_input"]
 
 _SEED_STRIDE = 100_003  # epoch e of seed s draws its permutation from s * stride + e (unchanged across versions)
+_ORDER_BLOCK = 4096  # indices handed to the loader per conversion to Python ints
 _LOADER_SEED_OFFSET = 1 << 60  # the loader's generator: keys far from every augmentation key
 
 
@@ -92,6 +93,8 @@ class Batches:
         self.labels, self.num_classes, self.workers = labels, num_classes, workers
         self.augment, self.channels_last, self.name = augment, channels_last, name
         self.in_memory = isinstance(getattr(data, "images", None), torch.Tensor) and labels_of(data) is not None
+        # in memory, with a class count and no replaced labels: the labels were checked once for the whole data set
+        self._checked_whole = self.in_memory and labels is None and num_classes is not None
         self.num_samples = len(data)
         self.steps = steps_per_epoch(self.num_samples, batch_size, self.world) if self.num_samples else 0
         self.sample_shape: Optional[Tuple[int, ...]] = (
@@ -115,13 +118,17 @@ class Batches:
             yield self._prepare(x, y, step, gen)
 
     def _in_memory(self, order: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        labels = self.labels if self.labels is not None else self.data.labels
+        images = self.data.images
+        labels = self.labels if self.labels is not None else labels_of(self.data)
+        # the order moves to the data once per epoch: indexing device tensors with host indices would copy (and
+        # wait) at every step
+        on_images, on_labels = order.to(images.device), order.to(labels.device)
         for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            yield self.data.images[idx], labels[idx]
+            stop = start + self.batch_size
+            yield images[on_images[start:stop]], labels[on_labels[start:stop]]
 
     def _streamed(self, order: torch.Tensor, gen: torch.Generator) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        loader = DataLoader(self.data, batch_size=self.batch_size, sampler=order.tolist(), num_workers=self.workers,
+        loader = DataLoader(self.data, batch_size=self.batch_size, sampler=_Order(order), num_workers=self.workers,
                             pin_memory=self.device.type == "cuda", generator=gen, drop_last=False)
         batches = iter(loader)
         for step in range(math.ceil(len(order) / self.batch_size)):
@@ -166,8 +173,8 @@ class Batches:
         return x, y.to(self.device, dtype=torch.long, non_blocking=True)
 
     def _check_labels(self, y: torch.Tensor, step: int) -> None:
-        if self.in_memory and self.labels is None:
-            return  # checked once for the whole data set
+        if self._checked_whole:
+            return
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
             raise DataError(f"{self.name} data, batch {step + 1}: labels must be integer class indices, got "
                             f"dtype {y.dtype}, shape {tuple(y.shape)}")
@@ -175,6 +182,21 @@ class Batches:
         if y.numel() and (int(y.min()) < 0 or (k is not None and int(y.max()) >= k)):
             raise DataError(f"{self.name} data, batch {step + 1}: labels in [{int(y.min())}, {int(y.max())}] but "
                             f"the classes are 0..{k - 1 if k is not None else '?'}; fix the labels of those items")
+
+
+class _Order(Sampler):
+    """The indices of ``order`` as ints, converted a block at a time (a list of a million Python ints would
+    take 36 MB)."""
+
+    def __init__(self, order: torch.Tensor) -> None:
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[int]:
+        for block in self.order.split(_ORDER_BLOCK):
+            yield from block.tolist()
 
 
 def _cause(exc: BaseException) -> str:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sturdy.errors import ConfigurationError, DataError
-from sturdy.training.batches import Batches, num_classes_of
+from sturdy.training.batches import Batches, labels_of, num_classes_of
 from sturdy.utils import eval_mode, model_device_dtype
 from sturdy.validation import check_finite_output, check_images, check_labels, check_model
 
@@ -36,15 +36,15 @@ def check_logits(logits: torch.Tensor, num_classes: Optional[int], batch: int) -
 
 def check_in_memory(data: Any, name: str, *, allow_empty: bool = False) -> None:
     """Value checks of an in-memory data set, once (a streamed one is checked batch by batch)."""
-    images = getattr(data, "images", None)
-    if not isinstance(images, torch.Tensor):
-        return
+    images, labels = getattr(data, "images", None), labels_of(data)
+    if not isinstance(images, torch.Tensor) or labels is None:
+        return  # streamed
     if images.is_floating_point():
         check_images(images, name=f"{name} images", bounds=None, allow_empty=allow_empty)
     elif images.dtype != torch.uint8:
         raise DataError(f"{name} images have dtype {images.dtype}; expected floating-point values in [0, 1] or uint8 "
                         "pixels 0..255")
-    check_labels(data.labels, num_classes=data.num_classes, name=f"{name} labels")
+    check_labels(labels, num_classes=num_classes_of(data), name=f"{name} labels")
 
 
 @torch.no_grad()
