@@ -8,22 +8,21 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib
 import json
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from sturdy import __version__
 from sturdy.errors import ConfigurationError, SturdyError
 from sturdy.experiments.argtypes import batch_size_int, bounded_int, finite_float, positive_float, seed_int
+from sturdy.experiments.parts import parts
 from sturdy.utils import prepare_output_dir
 
 __all__ = ["main", "build_parser"]
 
-PART_MODULES = ("lipschitz", "fourier", "flatness", "compression")
 EXIT_USAGE = 2
 MAX_IMAGE_SIDE = 4096
 MAX_EPOCHS = 1_000_000
@@ -44,10 +43,6 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise ConfigurationError(f"{self.prog}: {message}")
 
 
-def _part_modules() -> List[Any]:
-    return [importlib.import_module(f"sturdy.experiments.{part}") for part in PART_MODULES]
-
-
 def _model_arg(text: str) -> tuple:
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
@@ -59,7 +54,37 @@ def _model_arg(text: str) -> tuple:
     return key, parsed
 
 
+# command-line types of TrainConfig fields that need more than int/float (bounds checked at parse time)
+_FIELD_TYPES = {"epochs": bounded_int(1, MAX_EPOCHS), "batch_size": batch_size_int, "eval_batch_size": batch_size_int,
+                "seed": seed_int, "lr": positive_float, "sync_every": bounded_int(1, 2**31 - 1)}
+_JOB_OPTIONS = ("dataset", "data_root", "download", "resize", "model", "model_arg", "out", "no_resume",
+                "no_progress")
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per :class:`~sturdy.training.TrainConfig` field, help and default from the field; an option not
+    typed stays out of the namespace, so the job knows what was typed (data-parallel defaults fill the rest)."""
+    from dataclasses import MISSING, fields
+
+    from sturdy.training import TrainConfig
+    from sturdy.training.config import MAX_WORKERS
+
+    g = p.add_argument_group("training (every method)")
+    types = {**_FIELD_TYPES, "workers": bounded_int(0, MAX_WORKERS)}
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        text = f"{f.metadata.get('help', '')} (default: {default})"
+        if isinstance(default, bool):
+            g.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+            continue
+        kind = types.get(f.name, type(default))
+        g.add_argument(flag, type=kind, choices=f.metadata.get("choices"), default=argparse.SUPPRESS, help=text)
+
+
 def _add_train(subparsers: Any, parts: Sequence[Any]) -> None:
+    from sturdy.experiments import parallel
+
     p = subparsers.add_parser("train", help="train a model; writes OUT/model.pt and OUT/results.json")
     p.add_argument("--dataset", default="digits",
                    help="digits (embedded), synthetic, mnist, fashion-mnist, cifar10, svhn")
@@ -70,63 +95,44 @@ def _add_train(subparsers: Any, parts: Sequence[Any]) -> None:
     p.add_argument("--model", default="cnn", help="linear, mlp, cnn, resnet, wrn")
     p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="architecture option, repeatable (e.g. --model-arg width=256)")
-    p.add_argument("--epochs", type=bounded_int(1, MAX_EPOCHS), default=20)
-    p.add_argument("--batch-size", type=batch_size_int, default=64, help="per worker")
-    p.add_argument("--lr", type=positive_float, default=1e-3)
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--schedule", choices=("cosine", "constant", "step"), default="cosine")
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--label-noise", type=float, default=0.0, metavar="FRACTION",
-                   help="fraction of training labels replaced by a wrong random class")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--out", default="runs/train")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/model.pt exists")
     p.add_argument("--no-progress", action="store_true")
-    core = {a.dest for a in p._actions}
-    for mod in parts:
-        if hasattr(mod, "add_train_arguments"):
-            mod.add_train_arguments(p)
-    p.set_defaults(func=_cmd_train, _core_dests=core)
-
-
-def _none(job: Any) -> None:
-    return None
+    _add_config_options(p)
+    parallel.add_train_arguments(p)
+    for part in parts:
+        part.add_train_arguments(p)
+    p.set_defaults(func=_cmd_train)
 
 
 def _job_from_args(args: argparse.Namespace) -> Any:
+    from dataclasses import fields
+
     from sturdy.experiments.train_job import TrainJob
     from sturdy.training import TrainConfig
 
     values = vars(args)
-    skip = {"func", "_core_dests", "command", "debug", "help"}
-    options = {k: v for k, v in values.items() if k not in args._core_dests and k not in skip}
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
-        label_noise=args.label_noise, device=args.device,
-    )
+    config_names = {f.name for f in fields(TrainConfig)}
+    typed = {k: v for k, v in values.items() if k in config_names}
+    skip = config_names | set(_JOB_OPTIONS) | {"func", "command", "debug", "help"}
+    options = {k: v for k, v in values.items() if k not in skip}
+    options["explicit_options"] = sorted(typed)
     return TrainJob(
         dataset=args.dataset, model=args.model, model_kwargs=dict(args.model_arg), resize=args.resize,
-        data_root=args.data_root, download=args.download, config=config, out=args.out, options=options,
+        data_root=args.data_root, download=args.download, config=TrainConfig(**typed), out=args.out, options=options,
     )
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    """Every part may join the run (``training_plugin``); at most one may run it elsewhere (``train_launcher``)."""
+    """Every part may join the run with a plugin; the core runs it in one process or data-parallel."""
     from sturdy.experiments.jsonio import results_path
-    from sturdy.experiments.train_job import run_train_job
+    from sturdy.experiments.parallel import apply_data_parallel_defaults, run_job
+    from sturdy.experiments.parts import parts
 
-    job = _job_from_args(args)
+    job = apply_data_parallel_defaults(_job_from_args(args))
     results_path(job.out, "train")  # before any worker starts: refused when another command's results are there
-    parts = _part_modules()
-    plugins = [p for p in (getattr(mod, "training_plugin", _none)(job) for mod in parts) if p is not None]
-    launchers = [r for r in (getattr(mod, "train_launcher", _none)(job) for mod in parts) if r is not None]
-    if len(launchers) > 1:
-        raise ConfigurationError("two parts claim to launch this training run; choose one way to run it")
-    launcher = launchers[0] if launchers else run_train_job
-    results = launcher(job, plugins=plugins, resume=not args.no_resume, progress=not args.no_progress)
+    plugins = [p for p in (part.training_plugin(job) for part in parts()) if p is not None]
+    results = run_job(job, plugins=plugins, resume=not args.no_resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":
         summary = {k: results.get(k) for k in ("train_accuracy", "test_accuracy", "seconds_per_epoch")}
         print(json.dumps(summary))
@@ -179,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sturdy {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
-    parts = _part_modules()
-    _add_train(sub, parts)
+    all_parts = parts()
+    _add_train(sub, all_parts)
     p = sub.add_parser("evaluate", help="test accuracy of a trained model")
     p.add_argument("--checkpoint", required=True, help="model.pt written by `sturdy train`")
     p.add_argument("--dataset", default=None, help="evaluate on another data set of the same shape")
@@ -195,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
-    for mod in parts:
-        mod.register_cli(sub)
+    for part in all_parts:
+        part.register_cli(sub)
     return parser
 
 

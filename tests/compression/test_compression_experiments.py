@@ -12,11 +12,13 @@ from sturdy.compression import TopKState, accel
 from sturdy.errors import ConfigurationError, DataError
 from sturdy.experiments import compression as exp
 from sturdy.experiments import compression_costmodel as costmodel_cmd
+from sturdy.experiments import parallel
 from sturdy.experiments.train_job import TrainContext, TrainJob, load_trained_model
 
 
 def _parser():
     parser = argparse.ArgumentParser()
+    parallel.add_train_arguments(parser)
     exp.add_train_arguments(parser)
     return parser
 
@@ -36,23 +38,26 @@ def test_option_validation_messages():
     with pytest.raises(ConfigurationError, match="unknown --compress 'zip'"):
         exp.compression_options(TrainJob(model="linear", options={"compress": "zip"}))
     with pytest.raises(ConfigurationError, match="--nproc must be a positive integer"):
-        exp.compression_options(TrainJob(model="linear", options={"nproc": 0}))
+        parallel.parallel_options(TrainJob(model="linear", options={"nproc": 0}))
+    with pytest.raises(ConfigurationError, match="needs at least 2 workers; add --nproc 2"):
+        exp.training_plugin(TrainJob(model="linear", options={"compress": "topk", "nproc": 1}))
 
 
-def test_plugin_and_launcher_claim_only_distributed_or_compressed_jobs(monkeypatch):
+def test_the_plugin_joins_only_compressed_jobs_and_data_parallelism_is_the_core_s(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     plain = TrainJob(model="linear", options={"compress": "none", "nproc": 1})
-    assert exp.training_plugin(plain) is None and exp.train_launcher(plain) is None
-    for options in ({"compress": "vgc", "nproc": 2}, {"compress": "none", "nproc": 2}):
-        job = TrainJob(model="linear", options=options)
-        plugin = exp.training_plugin(job)
-        assert pickle.loads(pickle.dumps(plugin)) == plugin  # workers receive it pickled
-        assert plugin.options["compress"] == options["compress"]
-        assert exp.train_launcher(job) is exp.run_distributed_training
+    assert exp.training_plugin(plain) is None and parallel.world_size(plain) == 1
+    # --nproc 2 without compression: data-parallel through the core, no compression part involved
+    two = TrainJob(model="linear", options={"compress": "none", "nproc": 2})
+    assert exp.training_plugin(two) is None and parallel.world_size(two) == 2
+    job = TrainJob(model="linear", options={"compress": "vgc", "nproc": 2})
+    plugin = exp.training_plugin(job)
+    assert pickle.loads(pickle.dumps(plugin)) == plugin  # workers receive it pickled
+    assert plugin.options["compress"] == "vgc"
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert exp.train_launcher(plain) is exp.run_distributed_training
+    assert parallel.world_size(plain) == 2
 
 
 def test_plugin_setup_attaches_state_hook_and_results(tmp_path):
@@ -131,16 +136,25 @@ def _cli_job(argv):
 def test_data_parallel_defaults_fill_only_what_the_command_line_left_out(capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
-    job = exp.apply_data_parallel_defaults(_cli_job(["--nproc", "2", "--compress", "vgc"]))
+    job = parallel.apply_data_parallel_defaults(_cli_job(["--nproc", "2", "--compress", "vgc"]))
     c = job.config
     assert (c.optimizer, c.lr, c.momentum, c.epochs, c.batch_size) == ("sgd", 0.05, 0.9, 40, 32)
-    assert exp.apply_data_parallel_defaults(_cli_job(["--nproc", "4", "--compress", "none"])).config.batch_size == 16
-    typed = exp.apply_data_parallel_defaults(_cli_job(["--nproc", "2", "--compress", "vgc", "--lr", "0.1",
-                                                       "--batch-size", "8"]))
+    four = parallel.apply_data_parallel_defaults(_cli_job(["--nproc", "4", "--compress", "none"]))
+    assert four.config.batch_size == 16
+    lmt = parallel.apply_data_parallel_defaults(_cli_job(["--nproc", "2", "--method", "lmt"]))  # every method
+    assert (lmt.config.optimizer, lmt.config.batch_size) == ("sgd", 32)
+    single = parallel.apply_data_parallel_defaults(_cli_job([]))
+    assert (single.config.optimizer, single.config.epochs, single.config.batch_size) == ("adam", 20, 64)
+    typed = parallel.apply_data_parallel_defaults(_cli_job(["--nproc", "2", "--compress", "vgc", "--lr", "0.1",
+                                                            "--batch-size", "8"]))
     assert (typed.config.optimizer, typed.config.lr, typed.config.batch_size) == ("sgd", 0.1, 8)
     assert typed.options["explicit_options"] == ["batch_size", "lr"]
+    exp.training_plugin(typed)
     assert capsys.readouterr().err == ""
-    adam = exp.apply_data_parallel_defaults(_cli_job(["--nproc", "2", "--compress", "vgc", "--optimizer", "adam"]))
-    assert adam.config.optimizer == "adam" and "warning: Adam with gradient compression" in capsys.readouterr().err
+    adam = parallel.apply_data_parallel_defaults(_cli_job(["--nproc", "2", "--compress", "vgc", "--optimizer",
+                                                           "adam"]))
+    assert adam.config.optimizer == "adam"
+    exp.training_plugin(adam)
+    assert "warning: Adam with gradient compression" in capsys.readouterr().err
     in_code = TrainJob(model="linear", options={"compress": "vgc", "nproc": 2})
-    assert exp.apply_data_parallel_defaults(in_code, warn=False) == in_code
+    assert parallel.apply_data_parallel_defaults(in_code) == in_code

@@ -136,6 +136,12 @@ TABLE: Dict[str, Tuple[Callable[[nn.Module, torch.Tensor], Any], Tuple[str, ...]
     # flatness
     "flatness.hessian_diagonal": (lambda m, x: flatness.hessian_diagonal(m, (x, Y), method="ggn-exact"), ALL_CASES),
     "flatness.hutchinson_trace": (lambda m, x: flatness.hutchinson_trace(m, (x, Y), probes=2), ALL_CASES),
+    "flatness.hutchpp_trace": (lambda m, x: flatness.hutchpp_trace(m, (x, Y), matvecs=6), ALL_CASES),
+    "flatness.hutchpp_diagonal": (lambda m, x: flatness.hutchpp_diagonal(m, (x, Y), matvecs=6), ALL_CASES),
+    "flatness.hessian_eigenvalues": (lambda m, x: flatness.hessian_eigenvalues(m, (x, Y), k=1, iterations=4),
+                                     ALL_CASES),
+    "flatness.spectral_density": (lambda m, x: flatness.spectral_density(m, (x, Y), iterations=4, probes=1),
+                                  ALL_CASES),
     "flatness.top_hessian_eigenvalue": (
         lambda m, x: flatness.top_hessian_eigenvalue(m, (x, Y), iterations=2), ALL_CASES),
     "flatness.normalized_sharpness": (lambda m, x: flatness.normalized_sharpness(m, (x, Y)), ALL_CASES),
@@ -167,7 +173,8 @@ NOT_APPLICABLE = {
     **dict.fromkeys(["lipschitz." + n for n in (
         "register_bound", "find_rule", "OpCall", "Factor", "LinearOp", "LipschitzBound", "LayerBound", "OperatorNorm",
         "LipschitzEstimate", "eval_mode", "guaranteed_norm", "power_iteration", "conv2d_fft_norm", "lmt_loss",
-        "lmt_logits", "CWarmup", "Certificate", "Tightness", "AttackResult")], "no model or images"),
+        "lmt_logits", "CWarmup", "Certificate", "Tightness", "AttackResult", "LMTObjective", "lmt_objective")],
+        "no model or images (the LMT objective runs inside train's step, on data train has checked)"),
     # fourier: constants, frequency bookkeeping, basis and perturbation generators, plots of results, result
     # types, wrappers that run nothing until called by an analysis above
     **dict.fromkeys(["fourier." + n for n in (
@@ -184,12 +191,13 @@ NOT_APPLICABLE = {
         "aggregate_layer", "solve_layer", "RescalingInvariance", "InvarianceRow", "Measure", "MeasureSet",
         "MeasureSpec", "register_measure", "available_measures", "kendall_tau", "granulated_tau",
         "MeasureCorrelation", "correlate_measures", "SignErrors", "sign_errors", "TauDifference",
-        "tau_difference")], "no model or images"),
+        "tau_difference", "TraceSketch", "DiagonalSketch", "Eigenvalues", "SpectralDensity")], "no model or images"),
     # compression: hooks run inside DDP on gradient buckets; states are built without a model (their saved
     # state is tested below); results
     **dict.fromkeys(["compression." + n for n in (
         "METHODS", "CompressionStatistics", "StromState", "TopKState", "TorchHookState", "VarianceCompressionState",
-        "strom_hook", "topk_hook", "torch_hook", "variance_hook", "warm_up")], "no model or images"),
+        "strom_hook", "topk_hook", "torch_hook", "variance_hook", "warm_up", "LagReport", "CompressionLagWarning")],
+        "no model or images"),
     # training: settings and result types, protocols, the device resolver, checkpoint files (tested below);
     # cross_entropy_loss is the objective train calls at every step on data it has checked (train refuses NaN
     # logits at its first step and a non-finite loss later as divergence)

@@ -5,7 +5,8 @@ from typing import List
 import pytest
 
 from sturdy.cli import main
-from sturdy.experiments.demo import PARTS, run_demo
+from sturdy.experiments.demo import run_demo
+from sturdy.experiments.parts import PART_NAMES as PARTS
 from sturdy.report import new_figure
 
 

@@ -11,6 +11,7 @@ import torch
 
 from sturdy.cli import main
 from sturdy.experiments import fourier as fourier_experiments
+from sturdy.experiments.argtypes import phase_arg
 from sturdy.report import Report
 
 
@@ -99,8 +100,8 @@ def test_quick_demo_section(trained_cnn, digits, tmp_path):
 @pytest.mark.parametrize("text", ["nan", "inf", "-inf", "pi"])
 def test_phase_option_refuses_non_finite_values(text):
     with pytest.raises(argparse.ArgumentTypeError, match="finite phase"):
-        fourier_experiments._phase(text)
-    assert fourier_experiments._phase("random") is None and fourier_experiments._phase("0.5") == 0.5
+        phase_arg(text)
+    assert phase_arg("random") is None and phase_arg("0.5") == 0.5
 
 
 @pytest.mark.parametrize("extra, match", [

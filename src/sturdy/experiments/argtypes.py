@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Optional, Tuple
 
 from sturdy.validation import MAX_SEED
 
-__all__ = ["positive_int", "non_negative_int", "positive_float", "finite_float", "bounded_int", "seed_int",
+__all__ = ["phase_arg", "frequency_arg", "MAX_FREQUENCY",
+           "positive_int", "non_negative_int", "positive_float", "finite_float", "bounded_int", "seed_int",
            "batch_size_int", "MAX_BATCH_SIZE"]
 
 MAX_BATCH_SIZE = 2**24
@@ -73,3 +75,31 @@ seed_int = bounded_int(0, MAX_SEED)
 
 batch_size_int = bounded_int(1, MAX_BATCH_SIZE)
 """The ``--batch-size`` of every command: an integer in ``[1, MAX_BATCH_SIZE]``."""
+
+
+def phase_arg(text: str) -> Optional[float]:
+    """A phase in radians, or ``None`` for ``random``."""
+    if text == "random":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite phase in radians or 'random', got {text[:40]!r}")
+    return value
+
+
+MAX_FREQUENCY = 2**31  # --frequencies K,L: any representative modulo the image size, of a size torch can index
+
+
+def frequency_arg(text: str) -> Tuple[int, int]:
+    """A frequency ``K,L`` (integers below :data:`MAX_FREQUENCY` in magnitude)."""
+    try:
+        k, col = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a frequency as K,L (two integers), got {text[:40]!r}") from None
+    if max(abs(k), abs(col)) >= MAX_FREQUENCY:
+        raise argparse.ArgumentTypeError(f"expected K and L of magnitude below {MAX_FREQUENCY} (they are taken modulo "
+                                         f"the image size: give e.g. 0..H-1 and 0..W-1), got {text[:40]!r}")
+    return k, col

@@ -1,22 +1,12 @@
-"""Data-parallel training with gradient compression: ``sturdy train --nproc N --compress ...``, the cost
-model command (``sturdy compression costmodel``), and the demo section.
+"""Gradient compression in a training run (``sturdy train --nproc N --compress ...``), the cost model command
+(``sturdy compression costmodel``), and the demo section.
 
-This module only orchestrates. :func:`training_plugin` gives the training loop the compression state as
-a DDP communication hook and as checkpointed state (``results.json`` gains a ``"compression"`` entry);
-:func:`train_launcher` claims jobs that run in several processes: local runs start ``--nproc`` workers
-(:func:`sturdy.distributed.run_local_workers`: gloo on CPU, FileStore rendezvous, loopback only), and
-under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) the same entry point joins the launched process group.
-Each worker calls :func:`sturdy.experiments.train_job.fit` with the plugins it received.
-
-Data-parallel defaults (:data:`DATA_PARALLEL_DEFAULTS`): a job this part launches (``--nproc N > 1``,
-``--compress``, or ``torchrun``) trains with momentum SGD 0.9, lr 0.05, 40 epochs and the single-process
-default batch of 64 split over the workers, for every one of ``--optimizer``, ``--lr``, ``--momentum``,
-``--epochs`` and ``--batch-size`` that the command line did not set (:func:`apply_data_parallel_defaults`;
-the options typed are recorded in ``job.options["explicit_options"]``; jobs built in code are left as
-they are).
-Error feedback sums delayed gradients, which momentum SGD applies as they arrive; Adam's per-element
-normalisation does not, so asking for Adam with compression prints a warning. Every option is
-validated (:func:`compression_options`) before any worker starts.
+This module only orchestrates. :func:`training_plugin` gives a data-parallel run the compression state as a DDP
+communication hook and as checkpointed state (``results.json`` gains a ``"compression"`` entry); the run itself
+is started by the training core's launcher (:mod:`sturdy.experiments.parallel`). Error feedback sums delayed
+gradients, which momentum SGD applies as they arrive; Adam's per-element normalisation does not, so asking for
+Adam with compression prints a warning. Every option is validated (:func:`compression_options`) before any
+worker starts.
 """
 
 from __future__ import annotations
@@ -28,44 +18,39 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
 from sturdy.compression import METHODS, accel, create_compression, warm_up
 from sturdy.compression.timing import StepClock
-from sturdy.distributed import init_from_env, launched_by_torchrun, max_local_workers, run_local_workers
+from sturdy.distributed import run_local_workers
 from sturdy.errors import ConfigurationError
+from sturdy.experiments import parallel
 from sturdy.experiments.compression_costmodel import add_costmodel_command, plot_speedup
+from sturdy.experiments.parallel import apply_data_parallel_defaults, world_size
 from sturdy.experiments.train_job import (
     TrainContext,
     TrainHooks,
     TrainJob,
     TrainPlugin,
-    check_resume,
     fit,
 )
-from sturdy.training import resolve_device
 from sturdy.validation import check_count
 
 __all__ = [
     "add_train_arguments",
     "CompressionPlugin",
     "training_plugin",
-    "train_launcher",
     "run_distributed_training",
     "register_cli",
     "demo_section",
     "compression_options",
-    "apply_data_parallel_defaults",
-    "DATA_PARALLEL_DEFAULTS",
     "plot_speedup",
 ]
 
 DEFAULTS: Dict[str, Any] = {
-    "nproc": 1,
     "compress": "none",
     "alpha": 5.0,
     "zeta": 0.999,
@@ -76,39 +61,15 @@ DEFAULTS: Dict[str, Any] = {
     "start_iter": 2,
     "gather": "exact",
     "gather_slack": 1.25,
-    "dist_timeout": 300.0,
 }
 # Upper bounds of the count options (value, reason), checked with the rest before any worker starts.
 _COUNT_LIMITS: Dict[str, Tuple[int, str]] = {
     "powersgd_rank": (2**16, "PowerSGD compresses an n x m gradient only when rank * (n + m) < n * m"),
     "start_iter": (2**31 - 1, "a later start never compresses: use --compress none for plain allreduce"),
 }
-TRAIN_DEADLINE_S = 7 * 24 * 3600.0  # a whole training run; hangs are bounded by dist_timeout per collective
-# Training settings of a data-parallel job where the command line did not set them (module docstring).
-DATA_PARALLEL_DEFAULTS: Dict[str, Any] = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "epochs": 40,
-                                          "global_batch": 64}
-_TUNED = ("optimizer", "lr", "momentum", "epochs", "batch_size")
-
-
-def _recording(action: argparse.Action) -> None:
-    """Make ``action`` add its dest to ``namespace.explicit_options`` when the option is given."""
-    base = type(action)
-
-    class Recorded(base):  # type: ignore[valid-type, misc]
-        def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
-            super().__call__(parser, namespace, values, option_string)
-            namespace.explicit_options = sorted(set(getattr(namespace, "explicit_options", None) or ()) | {self.dest})
-
-    action.__class__ = Recorded
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``sturdy train`` for data-parallel training and gradient compression."""
-    g = parser.add_argument_group("data-parallel training and gradient compression")
-    g.add_argument("--nproc", type=int, default=DEFAULTS["nproc"],
-                   help=f"local worker processes (gloo on CPU), 1 to 4 per CPU core ({max_local_workers()} here); "
-                        "under torchrun the launcher decides. With N > 1 (or --compress), options not given "
-                        "default to momentum SGD 0.9, lr 0.05, 40 epochs and a batch of 64 split over the workers")
+    g = parser.add_argument_group("gradient compression (with --nproc N > 1 or torchrun)")
     g.add_argument("--compress", choices=METHODS, default=DEFAULTS["compress"],
                    help="DDP communication hook: vgc (variance-based), strom, topk, fp16, powersgd, none")
     g.add_argument("--alpha", type=float, default=DEFAULTS["alpha"],
@@ -127,12 +88,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "fit stays in the residual)")
     g.add_argument("--gather-slack", type=float, default=DEFAULTS["gather_slack"],
                    help="slot size as a multiple of the last step's largest payload")
-    g.add_argument("--dist-timeout", type=float, default=DEFAULTS["dist_timeout"],
-                   help="seconds a collective may wait before the run fails (a dead worker)")
-    for action in parser._actions:  # data-parallel defaults apply to the training options not typed
-        if action.dest in _TUNED:
-            _recording(action)
-    parser.set_defaults(explicit_options=[])
 
 
 def _option_error(key: str, message: str) -> ConfigurationError:
@@ -158,12 +113,6 @@ def compression_options(job: TrainJob) -> Dict[str, Any]:
     opts = {k: job.options.get(k, v) for k, v in DEFAULTS.items()}
     if opts["compress"] not in METHODS:
         raise ConfigurationError(f"unknown --compress {opts['compress']!r}; expected one of {METHODS}")
-    limit = max_local_workers()
-    nproc = opts["nproc"]
-    if not isinstance(nproc, int) or isinstance(nproc, bool) or not 1 <= nproc <= limit:
-        raise ConfigurationError(f"--nproc must be a positive integer of at most {limit} (4 local workers per CPU "
-                                 f"core), got {nproc!r}; to use more machines, launch with torchrun")
-    _check_number(opts, "dist_timeout", low=0.0, low_open=True, hint=" seconds")
     _check_number(opts, "alpha", low=0.0, hint="; larger sends less, typical values 1 to 8")
     _check_number(opts, "zeta", low=0.0, high=1.0, hint="; typical value 0.999")
     _check_number(opts, "topk_ratio", low=0.0, high=1.0, low_open=True, hint="; e.g. 0.01 sends 1% per step")
@@ -181,38 +130,6 @@ def compression_options(job: TrainJob) -> Dict[str, Any]:
     if opts["gather"] == "bounded" and opts["compress"] != "vgc":
         raise _option_error("gather", "bounded truncates selections and is implemented for --compress vgc only")
     return opts
-
-
-def _world_size(opts: Dict[str, Any]) -> int:
-    return int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else opts["nproc"]
-
-
-def apply_data_parallel_defaults(job: TrainJob, *, warn: bool = True) -> TrainJob:
-    """``job`` with :data:`DATA_PARALLEL_DEFAULTS` for the training options its command line did not set.
-
-    Applies only to jobs from the command line (``job.options["explicit_options"]`` lists what was
-    typed); a job built in code is returned unchanged. The batch per worker becomes
-    ``max(1, global_batch // world size)``. Warns on stderr when Adam is asked for with compression.
-    """
-    explicit = job.options.get("explicit_options")
-    opts = compression_options(job)
-    adam = job.config.optimizer == "adam" and (explicit is None or "optimizer" in explicit)
-    if warn and adam and opts["compress"] != "none":
-        print("sturdy: warning: Adam with gradient compression: Adam normalises each update by its running "
-              "variance, so the delayed, bursty updates of error feedback are not summed as momentum SGD sums "
-              "them; expect lost accuracy (omit --optimizer for momentum SGD)", file=sys.stderr)
-    if explicit is None:
-        return job
-    changes: Dict[str, Any] = {k: DATA_PARALLEL_DEFAULTS[k] for k in ("optimizer", "lr", "momentum", "epochs")
-                               if k not in explicit}
-    if "batch_size" not in explicit:
-        changes["batch_size"] = max(1, DATA_PARALLEL_DEFAULTS["global_batch"] // _world_size(opts))
-    return job.replace(**changes) if changes else job
-
-
-def _claims(opts: Dict[str, Any]) -> bool:
-    """Whether the run compresses or runs in several processes (``--nproc`` or ``torchrun``)."""
-    return opts["compress"] != "none" or _world_size(opts) > 1
 
 
 @dataclass(frozen=True)
@@ -275,7 +192,7 @@ def _compression_results(state: Any, opts: Dict[str, Any], clock: StepClock) -> 
     return {
         "compression": {
             "method": opts["compress"],
-            "settings": {k: opts[k] for k in DEFAULTS if k not in ("nproc", "dist_timeout")},
+            "settings": {k: opts[k] for k in DEFAULTS},
             "kernels": "numba" if accel.available() else "numpy",
             "world_size": world,
             "steps": local.steps,
@@ -294,89 +211,36 @@ def _compression_results(state: Any, opts: Dict[str, Any], clock: StepClock) -> 
 
 
 def training_plugin(job: TrainJob) -> Optional[CompressionPlugin]:
-    """The compression plugin when ``job`` compresses or runs in several processes (traffic is then
-    counted with plain allreduce too), else ``None``."""
-    opts = compression_options(job)
-    return CompressionPlugin(opts) if _claims(opts) else None
-
-
-def train_launcher(job: TrainJob) -> Optional[Callable[..., Dict[str, Any]]]:
-    """:func:`run_distributed_training` when ``job`` needs several processes or compresses, else ``None``."""
-    return run_distributed_training if _claims(compression_options(job)) else None
-
-
-def _local_job(job: TrainJob, rank: int) -> TrainJob:
-    if job.config.device.startswith("cuda") and torch.cuda.device_count() > 1:
-        return job.replace(device=f"cuda:{rank % torch.cuda.device_count()}")
-    return job
-
-
-def _train_worker(rank: int, world: int, job_dict: Dict[str, Any], plugins: Sequence[TrainPlugin], resume: bool,
-                  progress: bool) -> Any:
-    job = _local_job(TrainJob.from_dict(job_dict), rank)
-    results = fit(job, plugins=plugins, resume=resume, progress=progress and rank == 0).results
-    return results if rank == 0 else None
-
-
-def _backend_device(job: TrainJob, nproc: int) -> str:
-    if resolve_device(job.config.device).type == "cuda":
-        if torch.cuda.device_count() < nproc:
-            raise ConfigurationError(
-                f"{nproc} local workers need {nproc} GPUs for NCCL, found {torch.cuda.device_count()}; "
-                "use --device cpu (gloo) or fewer --nproc"
-            )
-        return "cuda"
-    return "cpu"
-
-
-def run_distributed_training(
-    job: TrainJob,
-    *,
-    plugins: Optional[Sequence[TrainPlugin]] = None,
-    resume: bool = True,
-    progress: bool = True,
-) -> Dict[str, Any]:
-    """Train ``job`` data-parallel with ``plugins`` (default: this part's :func:`training_plugin`).
-
-    Under ``torchrun`` this process joins the launched group; otherwise ``job.options["nproc"]``
-    local workers are started, each receiving the plugins pickled. The data-parallel defaults apply first
-    (:func:`apply_data_parallel_defaults`). Returns rank 0's results (those written to ``results.json``).
+    """The compression plugin when ``job`` compresses (``--compress`` other than ``none``), else ``None``.
 
     Raises:
-        ConfigurationError: compression requested with a single worker, or bad options.
-        DistributedError: a worker failed or died (the others fail within ``--dist-timeout``).
+        ConfigurationError: invalid options, or compression with a single worker.
     """
     opts = compression_options(job)
-    job = apply_data_parallel_defaults(job, warn=os.environ.get("RANK", "0") == "0")
+    if opts["compress"] == "none":
+        return None
+    if world_size(job) < 2:
+        raise ConfigurationError(f"--compress {opts['compress']} needs at least 2 workers; add --nproc 2 (or more), "
+                                 "or launch with torchrun")
+    explicit = job.options.get("explicit_options")
+    adam = job.config.optimizer == "adam" and (explicit is None or "optimizer" in explicit)
+    if adam and os.environ.get("RANK", "0") == "0":
+        print("sturdy: warning: Adam with gradient compression: Adam normalises each update by its running "
+              "variance, so the delayed, bursty updates of error feedback are not summed as momentum SGD sums "
+              "them; expect lost accuracy (omit --optimizer for momentum SGD)", file=sys.stderr)
+    if opts["compress"] == "vgc":
+        warm_up()  # compile the kernels once here: workers then load them from numba's cache
+    return CompressionPlugin(opts)
+
+
+def run_distributed_training(job: TrainJob, *, plugins: Optional[Sequence[TrainPlugin]] = None, resume: bool = True,
+                             progress: bool = True) -> Dict[str, Any]:
+    """Data-parallel training of ``job`` (:func:`sturdy.experiments.parallel.run_distributed_training`) with this
+    part's plugin by default, after the data-parallel defaults; rank 0's results."""
+    job = apply_data_parallel_defaults(job)
     if plugins is None:
         plugins = [p for p in (training_plugin(job),) if p is not None]
-    if launched_by_torchrun():
-        if resolve_device(job.config.device).type == "cuda":  # one GPU per process: NCCL on cuda:LOCAL_RANK
-            job = job.replace(device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-        init_from_env(device=job.config.device, timeout_s=opts["dist_timeout"])
-        try:
-            return fit(job, plugins=plugins, resume=resume, progress=progress and dist.get_rank() == 0).results
-        finally:
-            dist.destroy_process_group()
-    nproc = opts["nproc"]
-    if nproc < 2:
-        raise ConfigurationError(
-            f"--compress {opts['compress']} needs at least 2 workers; add --nproc 2 (or more), or launch with torchrun"
-        )
-    device = _backend_device(job, nproc)
-    if resume:  # another number of workers or other compression settings: refused before any worker starts
-        check_resume(job, plugins=plugins, world_size=nproc)
-    if opts["compress"] == "vgc":
-        warm_up()  # compile the kernels once here: the workers then load them from numba's cache
-    results = run_local_workers(
-        _train_worker,
-        nproc=nproc,
-        args=(job.to_dict(), tuple(plugins), resume, progress),
-        device=device,
-        timeout_s=TRAIN_DEADLINE_S,
-        collective_timeout_s=opts["dist_timeout"],
-    )
-    return results[0]
+    return parallel.run_distributed_training(job, plugins=plugins, resume=resume, progress=progress)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -8,7 +8,6 @@ presence means the report is complete. The demo's models are trained in sub-fold
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +19,12 @@ from torch import nn
 
 from sturdy.data import ImageDataset
 from sturdy.experiments.jsonio import remove_results, results_path, write_results
+from sturdy.experiments.parts import parts as all_parts
 from sturdy.experiments.train_job import TrainJob, fit, load_job_data
 from sturdy.report import Report, plot_training_curves
 from sturdy.training import TrainConfig, resolve_device
 
-__all__ = ["DemoContext", "run_demo", "PARTS"]
-
-PARTS = ("lipschitz", "fourier", "flatness", "compression")
+__all__ = ["DemoContext", "run_demo"]
 
 
 @dataclass
@@ -74,9 +72,9 @@ def run_demo(
 ) -> Path:
     """Run the demo and return the path of ``report.html``.
 
-    ``parts`` are objects with a ``demo_section(ctx: DemoContext)`` (default: every part's
-    ``sturdy.experiments.<part>`` module, in :data:`PARTS` order); each adds its report section and
-    its ``results[part]`` entry.
+    ``parts`` are objects with a ``demo_section(ctx: DemoContext)`` (default: every part, in
+    :data:`sturdy.experiments.parts.PART_NAMES` order); each adds its report section and its ``results[part]``
+    entry.
 
     On the CPU the demo runs with one torch thread (restored afterwards): its digits models are so
     small that intra-op threads only add synchronisation (BENCHMARKS.md, figures moved from docstrings).
@@ -85,7 +83,7 @@ def run_demo(
     if resolve_device(device).type == "cpu":
         torch.set_num_threads(1)
     try:
-        sections = [importlib.import_module(f"sturdy.experiments.{p}") for p in PARTS] if parts is None else parts
+        sections = all_parts() if parts is None else parts
         return _run_demo(out=Path(out), quick=quick, device=device, seed=seed, progress=progress, parts=sections)
     finally:
         torch.set_num_threads(threads)

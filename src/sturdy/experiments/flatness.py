@@ -19,10 +19,11 @@ from torch import nn
 
 from sturdy.errors import ConfigurationError, UnsupportedModuleError
 from sturdy.experiments.argtypes import non_negative_int, positive_float, positive_int, seed_int
+from sturdy.experiments.parts import no_train_arguments, no_training_plugin
 from sturdy.flatness import available_measures, check_rescaling_invariance, compute_measures, rescale_nodes
 from sturdy.validation import check_count
 
-__all__ = ["register_cli", "demo_section", "measure_checkpoint"]
+__all__ = ["register_cli", "add_train_arguments", "training_plugin", "demo_section", "measure_checkpoint"]
 
 DEMO_SAMPLES = (150, 500)  # training samples the demo measures on (quick, normal)
 DEMO_SETTINGS = {
@@ -262,3 +263,7 @@ def demo_section(ctx: Any) -> None:
               caption="Node-wise rescaling: invariance of normalized sharpness")
     results["seconds"] = time.perf_counter() - t0
     ctx.results["flatness"] = results
+
+
+add_train_arguments = no_train_arguments  # this part analyses trained models: no training options
+training_plugin = no_training_plugin

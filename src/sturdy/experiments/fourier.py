@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import io
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -40,8 +39,17 @@ from torch import Tensor
 
 from sturdy.data import ImageDataset, load_dataset
 from sturdy.errors import ConfigurationError
-from sturdy.experiments.argtypes import batch_size_int, non_negative_int, positive_float, positive_int, seed_int
+from sturdy.experiments.argtypes import (
+    batch_size_int,
+    frequency_arg,
+    non_negative_int,
+    phase_arg,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 from sturdy.experiments.jsonio import results_path, write_results
+from sturdy.experiments.parts import no_train_arguments, no_training_plugin
 from sturdy.fourier import (
     DEFAULT_PHASE,
     SEARCHES,
@@ -65,7 +73,7 @@ from sturdy.fourier import (
 from sturdy.fourier.limits import check_phases, check_save_every, check_shifts
 from sturdy.utils import atomic_save_figure, atomic_write_bytes, prepare_output_dir
 
-__all__ = ["register_cli", "demo_section", "local_sharded_heatmap"]
+__all__ = ["register_cli", "add_train_arguments", "training_plugin", "demo_section", "local_sharded_heatmap"]
 
 DEMO_EPS = 2.0  # L2 budget on 8x8 digits in [0, 1] (image norms are about 3.5)
 
@@ -73,31 +81,7 @@ DEMO_EPS = 2.0  # L2 budget on 8x8 digits in [0, 1] (image norms are about 3.5)
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-def _phase(text: str) -> Optional[float]:
-    if text == "random":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite phase in radians or 'random', got {text[:40]!r}")
-    return value
-
-
-MAX_FREQUENCY = 2**31  # --frequencies K,L: any representative modulo the image size, of a size torch can index
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _frequency(text: str) -> Tuple[int, int]:
-    try:
-        k, col = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a frequency as K,L (two integers), got {text[:40]!r}") from None
-    if max(abs(k), abs(col)) >= MAX_FREQUENCY:
-        raise argparse.ArgumentTypeError(f"expected K and L of magnitude below {MAX_FREQUENCY} (they are taken modulo "
-                                         f"the image size: give e.g. 0..H-1 and 0..W-1), got {text[:40]!r}")
-    return k, col
 
 
 def _common_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,14 +111,14 @@ def register_cli(subparsers: Any) -> None:
     _common_arguments(p)
     p.add_argument("--limit", "--images", dest="limit", type=positive_int, default=500, metavar="N",
                    help="use the first N test images (at most the split)")
-    p.add_argument("--phase", type=_phase, default=DEFAULT_PHASE,
+    p.add_argument("--phase", type=phase_arg, default=DEFAULT_PHASE,
                    help="phase of the directions in radians, or 'random' (per image); default -pi/4")
     subset = p.add_mutually_exclusive_group()
     subset.add_argument("--stride", type=positive_int, default=None,
                         help="measure the frequencies whose centred coordinates are multiples of S")
     subset.add_argument("--band", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                         help="measure the frequencies of radius LOW <= r < HIGH (centred, cycles per image)")
-    subset.add_argument("--frequencies", type=_frequency, nargs="+", metavar="K,L", default=None,
+    subset.add_argument("--frequencies", type=frequency_arg, nargs="+", metavar="K,L", default=None,
                         help="measure these frequencies (k,l pairs)")
     p.add_argument("--no-resume", action="store_true",
                    help="start over instead of resuming from OUT/heatmap.partial.json")
@@ -453,3 +437,6 @@ def demo_section(ctx: Any) -> None:
                f"Spearman rank correlation with the fooling map {rho:.2f}.")
     ctx.results["fourier"] = results
 
+
+add_train_arguments = no_train_arguments  # this part analyses trained models: no training options
+training_plugin = no_training_plugin

@@ -1,10 +1,10 @@
 """A training job: data set + model + hyper-parameters -> ``model.pt`` and ``results.json``.
 
-This is what ``sturdy train`` runs. The job knows no method: parts plug in through
-:class:`TrainPlugin` objects (Lipschitz-margin training supplies an objective and its tracker,
-gradient compression a DDP communication hook and its state), which :func:`fit` sets up on the
-freshly built model and hands to the one training loop (:func:`sturdy.training.train`). Parts that
-run a job elsewhere (several local processes, ``torchrun``) call :func:`fit` inside each worker.
+This is what ``sturdy train`` runs. The job knows no method: parts plug in through :class:`TrainPlugin` objects
+(Lipschitz-margin training supplies an objective, its tracker and a drift check; gradient compression a DDP
+communication hook and its state), which :func:`fit` sets up on the freshly built model and hands to the one
+training loop (:func:`sturdy.training.train`). Data-parallel runs (:mod:`sturdy.experiments.parallel`) call
+:func:`fit` inside each worker.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from sturdy.training import (
     resolve_device,
     steps_per_epoch,
     train,
+    world,
 )
 from sturdy.utils import prepare_output_dir
 from sturdy.validation import check_input_shape
@@ -204,12 +205,6 @@ def _meta_model(job: TrainJob, in_shape: Sequence[int], num_classes: int) -> nn.
                                  "check the --model-arg values (sizes are whole numbers)") from exc
 
 
-def _world() -> Tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _combine(hooks: Sequence[TrainHooks]) -> TrainHooks:
     objectives = [h.objective for h in hooks if h.objective is not None]
     comm_hooks = [h.comm_hook for h in hooks if h.comm_hook is not None]
@@ -260,10 +255,10 @@ def fit(
     device = resolve_device(config.device)
     model.to(device)
     ctx = TrainContext(job=job, input_shape=(1, *train_set.image_shape), num_classes=train_set.num_classes,
-                       steps_per_epoch=steps_per_epoch(len(train_set), config.batch_size, _world()[1]),
+                       steps_per_epoch=steps_per_epoch(len(train_set), config.batch_size, world()[1]),
                        device=device)
     hooks = _combine([plugin.setup(model, ctx) for plugin in plugins])
-    identity = run_identity(job, world_size=_world()[1], plugins=plugins)
+    identity = run_identity(job, world_size=world()[1], plugins=plugins)
     result = train(
         model,
         train_set,
@@ -291,7 +286,7 @@ def fit(
     }
     if hooks.extra_results is not None:
         results.update(hooks.extra_results())
-    if _world()[0] == 0:
+    if world()[0] == 0:
         write_results(results, results_file, command="train")
     return FitResult(model=model, results=results)
 
@@ -299,7 +294,7 @@ def fit(
 def _drop_stale_results(out: Path) -> None:
     """Once a new epoch's checkpoint is written, an older ``results.json`` describes another model: remove it,
     so an interrupted rerun never leaves results that look complete (they are written again at the end)."""
-    if _world()[0] == 0:
+    if world()[0] == 0:
         remove_results(out / "results.json", "train")
 
 
@@ -390,9 +385,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def run_train_job(
-    job: TrainJob, *, plugins: Sequence[TrainPlugin] = (), resume: bool = True, progress: bool = True
-) -> Dict[str, Any]:
+def run_train_job(job: TrainJob, *, plugins: Sequence[TrainPlugin] = (), resume: bool = True,
+                  progress: bool = True) -> Dict[str, Any]:
     """:func:`fit` in this process, returning only the results dict."""
     return fit(job, plugins=plugins, resume=resume, progress=progress).results
 

@@ -15,11 +15,18 @@ from sturdy.errors import ConfigurationError
 from sturdy.validation import MAX_SEED
 
 __all__ = ["TrainConfig", "EpochMetrics", "TrainResult", "config_from_dict", "resume_key", "AMP_MODES",
-           "AUGMENTATIONS", "MAX_WORKERS"]
+           "AUGMENTATIONS", "MAX_WORKERS", "DATA_PARALLEL_DEFAULTS"]
 
 AMP_MODES = ("none", "bf16", "fp16")
 AUGMENTATIONS = ("none", "crop-flip")
 MAX_WORKERS = 64  # data-loading processes per training process
+
+
+# Training settings of a run in several processes where the command line did not set them: momentum SGD
+# applies the delayed, summed updates of compressed runs as they arrive; the single-process batch of 64 is
+# split over the workers ("global_batch").
+DATA_PARALLEL_DEFAULTS: Dict[str, Any] = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "epochs": 40,
+                                          "global_batch": 64}
 
 
 def _help(text: str) -> Dict[str, str]:
@@ -35,22 +42,26 @@ class TrainConfig:
     global generator with it right before building the model, so the same seed gives the same initial weights.
     """
 
-    epochs: int = field(default=10, metadata=_help("epochs of the run (the learning-rate schedule spans them)"))
+    epochs: int = field(default=20, metadata=_help("epochs of the run (the learning-rate schedule spans them)"))
     batch_size: int = field(default=64, metadata=_help("mini-batch size per worker"))
     lr: float = field(default=1e-3, metadata=_help("peak learning rate"))
-    optimizer: str = field(default="adam", metadata=_help("'adam' or 'sgd' (with --momentum)"))
+    optimizer: str = field(default="adam", metadata={"help": "optimizer (SGD uses --momentum)",
+                                                      "choices": ("adam", "sgd")})
     momentum: float = field(default=0.9, metadata=_help("SGD momentum"))
     weight_decay: float = field(default=0.0, metadata=_help("L2 penalty passed to the optimizer"))
-    schedule: str = field(default="cosine", metadata=_help(
-        "learning-rate schedule per step: 'constant', 'cosine' (to 0) or 'step' (x0.1 at 50%% and 75%%)"))
+    schedule: str = field(default="cosine", metadata={
+        "help": "learning-rate schedule per step: cosine (to 0), constant, or step (x0.1 at 50%% and 75%%)",
+        "choices": ("cosine", "constant", "step")})
     seed: int = field(default=0, metadata=_help("seed of data order, label noise, augmentation and initial weights"))
     device: str = field(default="auto", metadata=_help("'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'"))
     label_noise: float = field(default=0.0, metadata=_help("fraction of training labels replaced by a wrong class"))
     eval_batch_size: int = field(default=512, metadata=_help("batch size of evaluation passes"))
-    augment: str = field(default="none", metadata=_help(
-        "'crop-flip': random crop with padding (4 pixels at 32x32, scaled to the image size) and horizontal flip"))
-    amp: str = field(default="none", metadata=_help(
-        "mixed precision: 'bf16' or 'fp16' (autocast; fp16 with a gradient scaler) or 'none'"))
+    augment: str = field(default="none", metadata={
+        "help": "crop-flip: random crop with padding (4 pixels at 32x32, scaled to the image size) and horizontal "
+                "flip", "choices": AUGMENTATIONS})
+    amp: str = field(default="none", metadata={
+        "help": "mixed precision: bf16 or fp16 (autocast; fp16 with a gradient scaler; CUDA only)",
+        "choices": AMP_MODES})
     channels_last: bool = field(default=False, metadata=_help("channels-last memory format for model and images"))
     workers: int = field(default=0, metadata=_help("data-loading processes for a streamed data set (0: in process)"))
     sync_every: int = field(default=50, metadata=_help(
