@@ -124,21 +124,7 @@ def max_singular_value_upper(
     left = m <= n  # Gram on the smaller side
     side = min(m, n)
     chunks = _block_chunks(b.shape[0], m * n + 2 * side * side, max_chunk_entries)
-    grams: List[Tuple[int, torch.Tensor]] = []
-    low_all: List[torch.Tensor] = []
-    vecs: List[torch.Tensor] = []
-    for lo, hi in chunks:
-        chunk = b[lo:hi]
-        g = chunk @ chunk.mH if left else chunk.mH @ chunk
-        v = torch.ones((hi - lo, side, 1), dtype=b.dtype, device=b.device)
-        v = v + 0.5 * torch.linspace(-1.0, 1.0, side, dtype=torch.float64, device=b.device).to(b.dtype)[:, None]
-        for _ in range(_POWER_STEPS):
-            v = g @ v
-            v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        low_all.append((v.mH @ g @ v).real.flatten())  # Rayleigh quotients: lower estimates of lambda_max
-        grams.append((lo, g))
-        vecs.append(v)
-    low = torch.cat(low_all)
+    grams, low = _grams_and_estimates(b, chunks, left=left)
     if not bool(torch.isfinite(low).all()):  # NaN/inf anywhere in a block reaches its estimate
         raise ConfigurationError("the operator's weights contain NaN or infinity; no norm bound exists")
     t = 0.0
@@ -172,14 +158,39 @@ def max_singular_value_upper(
     bound = math.sqrt(max(t, 0.0) * (1.0 + CHOLESKY_MARGIN) * (1.0 + r) / (1.0 - r))
     if not return_vector:
         return bound
-    g_best = next(g for lo, g in grams if lo <= best_index < lo + g.shape[0])
-    lo_best = next(lo for lo, g in grams if lo <= best_index < lo + g.shape[0])
-    _, vec = torch.linalg.eigh(g_best[best_index - lo_best])
+    return bound, (best_index, _top_right_vector(b, grams, best_index, left=left))
+
+
+def _grams_and_estimates(b: torch.Tensor, chunks: List[Tuple[int, int]], *, left: bool
+                         ) -> Tuple[List[Tuple[int, torch.Tensor]], torch.Tensor]:
+    """Gram matrices of every chunk of blocks (on the smaller side) and a few power-iteration steps' Rayleigh
+    quotients: lower estimates of every block's ``lambda_max``."""
+    side = min(int(b.shape[-2]), int(b.shape[-1]))
+    grams: List[Tuple[int, torch.Tensor]] = []
+    low_all: List[torch.Tensor] = []
+    for lo, hi in chunks:
+        chunk = b[lo:hi]
+        g = chunk @ chunk.mH if left else chunk.mH @ chunk
+        v = torch.ones((hi - lo, side, 1), dtype=b.dtype, device=b.device)
+        v = v + 0.5 * torch.linspace(-1.0, 1.0, side, dtype=torch.float64, device=b.device).to(b.dtype)[:, None]
+        for _ in range(_POWER_STEPS):
+            v = g @ v
+            v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        low_all.append((v.mH @ g @ v).real.flatten())  # Rayleigh quotients: lower estimates of lambda_max
+        grams.append((lo, g))
+    return grams, torch.cat(low_all)
+
+
+def _top_right_vector(b: torch.Tensor, grams: List[Tuple[int, torch.Tensor]], index: int, *, left: bool
+                      ) -> torch.Tensor:
+    """The top right singular vector (unit norm) of block ``index``, from its Gram matrix."""
+    lo_best, g_best = next((lo, g) for lo, g in grams if lo <= index < lo + g.shape[0])
+    _, vec = torch.linalg.eigh(g_best[index - lo_best])
     top = vec[:, -1]
     if left:  # right singular vector from the left one: B^H u / ||B^H u||
-        top = b[best_index].mH @ top
+        top = b[index].mH @ top
         top = top / top.norm().clamp_min(1e-300)
-    return bound, (best_index, top)
+    return top
 
 
 def _polyphase_axis(

@@ -120,6 +120,7 @@ class Batches:
     def _in_memory(self, order: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         images = self.data.images
         labels = self.labels if self.labels is not None else labels_of(self.data)
+        assert labels is not None  # in_memory: the data set exposes its labels
         # the order moves to the data once per epoch: indexing device tensors with host indices would copy (and
         # wait) at every step
         on_images, on_labels = order.to(images.device), order.to(labels.device)

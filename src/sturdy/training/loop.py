@@ -122,7 +122,7 @@ class _Run:
         check_model(model)
         model.to(device)
         if config.channels_last:
-            model.to(memory_format=torch.channels_last)
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stubs
         self.config, self.objective, self.plugins, self.path = config, objective, list(plugins), path
         self.train_set, self.test_set = train_set, test_set
         self.batches = _training_batches(train_set, test_set, config, device, model_device_dtype(model)[1],
