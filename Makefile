@@ -36,8 +36,10 @@ test-multiprocess: install-dev
 test-slow: install-dev
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
+# ruff (style, imports, complexity <= 12) and mypy (the core's types; pyproject.toml lists the files)
 lint: install-dev
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info
