@@ -7,6 +7,7 @@ one. The hand-written references (``*_reference``) are at the end of the file.
 """
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -319,6 +320,28 @@ def test_gradient_clipping_bounds_the_norm_and_equals_a_hand_loop(digits):
     assert any(not torch.equal(v, _weights(unclipped)[k]) for k, v in _weights(model).items())
 
 
+def test_the_grad_clip_setting_is_the_clipping_plugin(digits):
+    config = _config(schedule="constant", lr=0.1)
+    by_plugin, _ = _trained(digits, config, plugins=[GradientClipping(0.1)])
+    by_setting, _ = _trained(digits, _config(schedule="constant", lr=0.1, grad_clip=0.1))
+    _assert_same_weights(by_plugin, by_setting)
+
+
+def test_training_options_come_from_the_config_fields(tmp_path):
+    from sturdy.cli import _job_from_args, build_parser
+
+    args = build_parser().parse_args(["train", "--out", str(tmp_path / "r"), "--grad-clip", "0.5", "--augment",
+                                      "crop-flip", "--amp", "bf16", "--channels-last", "--workers", "1",
+                                      "--eval-batch-size", "64"])
+    job = _job_from_args(args)
+    c = job.config
+    assert (c.grad_clip, c.augment, c.amp, c.channels_last, c.workers, c.eval_batch_size) == (
+        0.5, "crop-flip", "bf16", True, 1, 64)
+    assert job.options["explicit_options"] == ["amp", "augment", "channels_last", "eval_batch_size", "grad_clip",
+                                               "workers"]
+    assert _job_from_args(build_parser().parse_args(["train", "--out", "o"])).config == TrainConfig()
+
+
 def test_weight_average_equals_an_ema_over_the_steps(digits):
     config = _config(schedule="constant")
     average = WeightAverage(decay=0.9)
@@ -535,3 +558,20 @@ def hand_loop_reference(model, data, config, *, clip=None, ema_decay=None):
                     w = v.detach().double()
                     ema[k] = w.clone() if k not in ema else ema_decay * ema[k] + (1 - ema_decay) * w
     return ema
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--augment", "zoom"], "invalid choice: 'zoom'"),
+    (["--amp", "fp8"], "invalid choice: 'fp8'"),
+    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
+    (["--workers", "-1"], "--workers"),
+    (["--grad-clip", "-1"], "grad_clip must be a finite number >= 0"),
+])
+def test_bad_training_options_exit_2_with_one_line_and_nothing_written(tmp_path, capsys, argv, match):
+    from sturdy.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", "linear", "--epochs", "1", "--out", str(out), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(match, err), err
+    assert not out.exists()

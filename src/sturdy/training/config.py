@@ -64,6 +64,8 @@ class TrainConfig:
         "choices": AMP_MODES})
     channels_last: bool = field(default=False, metadata=_help("channels-last memory format for model and images"))
     workers: int = field(default=0, metadata=_help("data-loading processes for a streamed data set (0: in process)"))
+    grad_clip: float = field(default=0.0, metadata=_help(
+        "clip the global L2 norm of the gradients to this value before each step (0: off)"))
     sync_every: int = field(default=50, metadata=_help(
         "steps between host reads of the running loss (a non-finite loss stops the run within this window)"))
 
@@ -97,6 +99,8 @@ class TrainConfig:
             (count(self.workers, 0) and self.workers <= MAX_WORKERS,
              f"workers must be an integer in [0, {MAX_WORKERS}], got {self.workers!r}"),
             (count(self.sync_every, 1), f"sync_every must be an integer >= 1, got {self.sync_every!r}"),
+            (_finite(self.grad_clip) and self.grad_clip >= 0,
+             f"grad_clip must be a finite number >= 0 (0: off), got {self.grad_clip!r}"),
         )
 
 

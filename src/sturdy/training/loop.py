@@ -29,7 +29,7 @@ from sturdy.training.batches import Batches, labels_of, num_classes_of
 from sturdy.training.config import EpochMetrics, TrainConfig, TrainResult
 from sturdy.training.devices import autocast_dtype, resolve_device, world
 from sturdy.training.evaluation import check_in_memory, check_logits, cross_entropy_loss, evaluate
-from sturdy.training.plugins import Objective, Plugin, RunContext, Stateful
+from sturdy.training.plugins import GradientClipping, Objective, Plugin, RunContext, Stateful
 from sturdy.training.state import RunState
 from sturdy.training.step import EpochSums, Stepper
 from sturdy.utils import model_device_dtype
@@ -123,7 +123,8 @@ class _Run:
         model.to(device)
         if config.channels_last:
             model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stubs
-        self.config, self.objective, self.plugins, self.path = config, objective, list(plugins), path
+        clip = [GradientClipping(config.grad_clip)] if config.grad_clip > 0 else []
+        self.config, self.objective, self.plugins, self.path = config, objective, clip + list(plugins), path
         self.train_set, self.test_set = train_set, test_set
         self.batches = _training_batches(train_set, test_set, config, device, model_device_dtype(model)[1],
                                          rank, size)
