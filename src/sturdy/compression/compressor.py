@@ -23,8 +23,8 @@ installed, else numpy. ``STURDY_DEVICE_CODEC=1`` forces the device path everywhe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, replace
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -96,69 +96,136 @@ def variance_select(
             ``r_i^2 / v_i`` are sent and the others stay in the residual, unsent (``v`` decays).
             ``Selection.wanted_bytes`` reports the size the full selection would have had.
     """
-    if quantize == "4bit" and max_bytes is None:
-        if device_codec.enabled_for(r.device) and r.dtype == v.dtype == torch.float32:
-            payload, idx, quantised = device_codec.variance_select_4bit(r, v, alpha=alpha, zeta=zeta,
-                                                                        boundaries=boundaries)
-            return Selection(payload, idx, quantised, int(payload.numel())) if idx.numel() else _empty(r)
-        if r.device.type == "cpu" and v.device.type == "cpu":
-            return _variance_select_cpu(r, v, alpha=alpha, zeta=zeta, boundaries=boundaries)
-    if alpha == 0:
-        candidates = r != 0
-    else:
-        candidates = r * r > alpha * v
-    indices = torch.nonzero(candidates).flatten()
+    whole = _variance_select_4bit_whole(r, v, alpha=alpha, zeta=zeta, quantize=quantize,
+                                        boundaries=boundaries, max_bytes=max_bytes)
+    if whole is not None:
+        return whole
+    indices = torch.nonzero(_candidates(r, v, alpha)).flatten()
     v.mul_(zeta)
     if indices.numel() == 0:
         return _empty(r)
     values = r[indices]
     if quantize is None and max_bytes is None and device_codec.enabled_for(r.device):
-        payload = device_codec.encode(indices, values, length=r.numel(), value_format="float32", scales=_NO_SCALES)
-        r.index_fill_(0, indices, 0.0)  # exact: r - r
-        v.index_fill_(0, indices, 0.0)
-        return Selection(payload, indices, values, int(payload.numel()))
-    idx_cpu = indices.cpu()
-    if quantize == "4bit":  # on the CPU in numpy: a few thousand values, many small operations
-        idx_np, val_np = idx_cpu.numpy(), values.detach().to("cpu", torch.float32).numpy()
-        if boundaries is None:
-            segments = np.zeros(idx_np.size, dtype=np.int64)
-            scales_np = np.abs(val_np).max(keepdims=True)
-        else:
-            segments = np.searchsorted(boundaries.numpy()[1:-1], idx_np, side="right")
-            scales_np = np.zeros(boundaries.numel() - 1, dtype=np.float32)
-            np.maximum.at(scales_np, segments, np.abs(val_np))
-        codes_np, quantised_np, ok = codec.quantize_down(val_np, scales_np, segments)
-        if not ok.all():
-            keep_np = np.flatnonzero(ok)
-            if keep_np.size == 0:
-                return _empty(r)
-            keep = torch.from_numpy(keep_np)
-            indices, idx_cpu = indices[keep.to(indices.device)], idx_cpu[keep]
-            codes_np, quantised_np = codes_np[keep_np], quantised_np[keep_np]
-        sent = torch.from_numpy(quantised_np).to(r.device, r.dtype)
-        wire_values, fmt, scales_cpu = torch.from_numpy(codes_np), "4bit", torch.from_numpy(scales_np)
-    else:
-        sent, wire_values, fmt, scales_cpu = values, values.cpu(), "float32", _NO_SCALES
-    payload = codec.encode_unchecked(idx_cpu, wire_values, length=r.numel(), value_format=fmt, scales=scales_cpu)
+        return _send_float32_on_device(r, v, indices, values)
+    wire = _quantise_4bit_host(r, indices, values, boundaries) if quantize == "4bit" else _float32_wire(indices, values)
+    if wire is None:
+        return _empty(r)
+    payload = _encode_wire(wire, length=r.numel())
     wanted = int(payload.numel())
     if max_bytes is not None and wanted > max_bytes:
-        fixed = HEADER_BYTES + 4 * scales_cpu.numel()
-        priority = r[indices] ** 2 / v[indices].clamp_min(torch.finfo(v.dtype).tiny)
-        while payload.numel() > max_bytes:
-            keep = int(indices.numel() * (max_bytes - fixed) / max(1, payload.numel() - fixed) * 0.95)
-            if keep <= 0:
-                return Selection(torch.zeros(0, dtype=torch.uint8), indices[:0], sent[:0], wanted)
-            chosen = torch.topk(priority, keep, sorted=False).indices.sort().values
-            indices, sent, priority = indices[chosen], sent[chosen], priority[chosen]
-            chosen = chosen.cpu()
-            idx_cpu, wire_values = idx_cpu[chosen], wire_values[chosen]
-            payload = codec.encode_unchecked(idx_cpu, wire_values, length=r.numel(), value_format=fmt,
-                                             scales=scales_cpu)
-    r.index_add_(0, indices, -sent)
+        fitted = _fit_to_budget(r, v, payload, wire, max_bytes)
+        if fitted is None:
+            return Selection(torch.zeros(0, dtype=torch.uint8), wire.indices[:0], wire.sent[:0], wanted)
+        payload, wire = fitted
+    r.index_add_(0, wire.indices, -wire.sent)
     if quantize is None:
-        r.index_fill_(0, indices, 0.0)  # exact: r - r
+        r.index_fill_(0, wire.indices, 0.0)  # exact: r - r
+    v.index_fill_(0, wire.indices, 0.0)
+    return Selection(payload, wire.indices, wire.sent, wanted)
+
+
+@dataclass(frozen=True)
+class _Wire:
+    """A selection ready to encode: its indices (on ``r``'s device and on the CPU), the values as the
+    receiver decodes them, and the values, format and scales as they go on the wire."""
+
+    indices: Tensor
+    idx_cpu: Tensor
+    sent: Tensor
+    wire_values: Tensor
+    fmt: str
+    scales: Tensor
+
+
+def _variance_select_4bit_whole(
+    r: Tensor,
+    v: Tensor,
+    *,
+    alpha: float,
+    zeta: float,
+    quantize: Optional[str],
+    boundaries: Optional[Tensor],
+    max_bytes: Optional[int],
+) -> Optional[Selection]:
+    """4-bit values without a byte budget in one call (device codec or CPU kernels); ``None``: no such path."""
+    if quantize != "4bit" or max_bytes is not None:
+        return None
+    if device_codec.enabled_for(r.device) and r.dtype == v.dtype == torch.float32:
+        payload, idx, quantised = device_codec.variance_select_4bit(r, v, alpha=alpha, zeta=zeta,
+                                                                    boundaries=boundaries)
+        return Selection(payload, idx, quantised, int(payload.numel())) if idx.numel() else _empty(r)
+    if r.device.type == "cpu" and v.device.type == "cpu":
+        return _variance_select_cpu(r, v, alpha=alpha, zeta=zeta, boundaries=boundaries)
+    return None
+
+
+def _candidates(r: Tensor, v: Tensor, alpha: float) -> Tensor:
+    """The mask of elements the variance rule sends (``alpha = 0``: every nonzero element)."""
+    if alpha == 0:
+        return r != 0
+    return r * r > alpha * v
+
+
+def _send_float32_on_device(r: Tensor, v: Tensor, indices: Tensor, values: Tensor) -> Selection:
+    """Float32 values without a byte budget, encoded on the device; resets ``r`` and ``v`` at ``indices``."""
+    payload = device_codec.encode(indices, values, length=r.numel(), value_format="float32", scales=_NO_SCALES)
+    r.index_fill_(0, indices, 0.0)  # exact: r - r
     v.index_fill_(0, indices, 0.0)
-    return Selection(payload, indices, sent, wanted)
+    return Selection(payload, indices, values, int(payload.numel()))
+
+
+def _float32_wire(indices: Tensor, values: Tensor) -> _Wire:
+    return _Wire(indices, indices.cpu(), values, values.cpu(), "float32", _NO_SCALES)
+
+
+def _quantise_4bit_host(r: Tensor, indices: Tensor, values: Tensor, boundaries: Optional[Tensor]) -> Optional[_Wire]:
+    """4-bit codes on the CPU in numpy (a few thousand values, many small operations); elements below the
+    smallest level are dropped (``None`` when none is left)."""
+    idx_cpu = indices.cpu()
+    idx_np, val_np = idx_cpu.numpy(), values.detach().to("cpu", torch.float32).numpy()
+    if boundaries is None:
+        segments = np.zeros(idx_np.size, dtype=np.int64)
+        scales_np = np.abs(val_np).max(keepdims=True)
+    else:
+        segments = np.searchsorted(boundaries.numpy()[1:-1], idx_np, side="right")
+        scales_np = np.zeros(boundaries.numel() - 1, dtype=np.float32)
+        np.maximum.at(scales_np, segments, np.abs(val_np))
+    codes_np, quantised_np, ok = codec.quantize_down(val_np, scales_np, segments)
+    if not ok.all():
+        keep_np = np.flatnonzero(ok)
+        if keep_np.size == 0:
+            return None
+        keep = torch.from_numpy(keep_np)
+        indices, idx_cpu = indices[keep.to(indices.device)], idx_cpu[keep]
+        codes_np, quantised_np = codes_np[keep_np], quantised_np[keep_np]
+    sent = torch.from_numpy(quantised_np).to(r.device, r.dtype)
+    return _Wire(indices, idx_cpu, sent, torch.from_numpy(codes_np), "4bit", torch.from_numpy(scales_np))
+
+
+def _encode_wire(wire: _Wire, *, length: int) -> Tensor:
+    return codec.encode_unchecked(wire.idx_cpu, wire.wire_values, length=length, value_format=wire.fmt,
+                                  scales=wire.scales)
+
+
+def _fit_to_budget(
+    r: Tensor, v: Tensor, payload: Tensor, wire: _Wire, max_bytes: int
+) -> Optional[Tuple[Tensor, _Wire]]:
+    """Keeps the elements with the largest ``r_i^2 / v_i`` until the payload fits ``max_bytes``;
+    ``None`` when nothing fits."""
+    fixed = HEADER_BYTES + 4 * wire.scales.numel()
+    priority = r[wire.indices] ** 2 / v[wire.indices].clamp_min(torch.finfo(v.dtype).tiny)
+    while payload.numel() > max_bytes:
+        keep = int(wire.indices.numel() * (max_bytes - fixed) / max(1, payload.numel() - fixed) * 0.95)
+        if keep <= 0:
+            return None
+        chosen = torch.topk(priority, keep, sorted=False).indices.sort().values
+        priority = priority[chosen]
+        indices, sent = wire.indices[chosen], wire.sent[chosen]
+        chosen = chosen.cpu()
+        wire = replace(wire, indices=indices, sent=sent, idx_cpu=wire.idx_cpu[chosen],
+                       wire_values=wire.wire_values[chosen])
+        payload = _encode_wire(wire, length=r.numel())
+    return payload, wire
 
 
 def _variance_select_cpu(r: Tensor, v: Tensor, *, alpha: float, zeta: float, boundaries: Optional[Tensor]) -> Selection:
