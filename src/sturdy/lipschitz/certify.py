@@ -14,7 +14,8 @@ pass itself is not accounted for).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -22,10 +23,11 @@ from torch import nn
 
 from sturdy.errors import ConfigurationError, DataError
 from sturdy.lipschitz.bounds import lipschitz_bound
-from sturdy.lipschitz.graph import check_input_shape, model_dtype_device
+from sturdy.lipschitz.graph import build_program, check_input_shape
 from sturdy.lipschitz.proof import SELF_CHECK_POINTS, check_batch_rows, check_lipschitz_pairs, model_fingerprint
 from sturdy.lipschitz.results import LipschitzBound
-from sturdy.utils import eval_mode
+from sturdy.lipschitz.tiered import tiered_radii
+from sturdy.utils import eval_mode, model_device_dtype
 from sturdy.validation import check_finite_output, check_model_inputs
 
 __all__ = ["Certificate", "certify", "certified_radius"]
@@ -41,6 +43,9 @@ class Certificate:
         correct: bool ``(N,)``.
         bound: the :class:`LipschitzBound` used.
         form: ``"pairwise"`` or ``"global"``.
+        global_radius: with ``tiered``, the radii of the global bound alone (``radius`` then holds the tiered
+            ones, never smaller); ``None`` otherwise.
+        seconds: time of each tier (``{"global": ..., "tiered": ...}``).
     """
 
     radius: torch.Tensor
@@ -48,6 +53,8 @@ class Certificate:
     correct: torch.Tensor
     bound: LipschitzBound
     form: str
+    global_radius: Optional[torch.Tensor] = None
+    seconds: Dict[str, float] = field(default_factory=dict)
 
     @property
     def clean_accuracy(self) -> float:
@@ -69,7 +76,7 @@ class Certificate:
         return {f"q{int(round(q * 100)):02d}": float(torch.quantile(r, q)) for q in qs}
 
     def to_dict(self, eps: Sequence[float] = (0.1, 0.25, 0.5, 1.0)) -> Dict[str, Any]:
-        return {
+        out: Dict[str, Any] = {
             "form": self.form,
             "n": int(self.radius.numel()),
             "clean_accuracy": self.clean_accuracy,
@@ -77,6 +84,12 @@ class Certificate:
             "radius_quantiles": self.radius_quantiles(),
             "median_radius": float(self.radius.double().median()) if self.radius.numel() else 0.0,
         }
+        if self.global_radius is not None:
+            n = max(int(self.radius.numel()), 1)
+            hit = (self.global_radius[:, None] > torch.tensor(list(eps), dtype=torch.float64)) & self.correct[:, None]
+            out["global_certified_accuracy"] = {str(e): float(hit[:, j].double().mean()) for j, e in enumerate(eps)}
+            out["seconds_per_point"] = {tier: t / n for tier, t in self.seconds.items()}
+        return out
 
 
 def certified_radius(logits: torch.Tensor, *, bound: LipschitzBound, form: str = "pairwise") -> torch.Tensor:
@@ -154,6 +167,7 @@ def certify(
     batch_size: int = 1024,
     self_check: bool = True,
     seed: int = 0,
+    tiered: bool = False,
 ) -> Certificate:
     """Certify the predictions of ``model`` (in eval mode) on ``x`` against L2 perturbations.
 
@@ -174,6 +188,9 @@ def certify(
         batch_size: inference batch size.
         self_check: run the sampled self-check of the bound (a few forward and backward passes).
         seed: seed of the sampled checks.
+        tiered: for every correctly predicted point, also a local bound over the L2 ball around it
+            (:mod:`sturdy.lipschitz.tiered`: ReLUs that stay inactive on the ball are removed); the radius is the
+            larger of the two, ``global_radius`` keeps the global one.
 
     Returns:
         A :class:`Certificate`; radius 0 for wrong predictions.
@@ -206,8 +223,9 @@ def certify(
         bound = lipschitz_bound(model, input_shape=shape)
     else:
         _check_bound(bound, model, shape)
-    dtype, device = model_dtype_device(model)
+    device, dtype = model_device_dtype(model)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    t0 = time.perf_counter()
     preds, radii = [], []
     with eval_mode(model):
         with torch.no_grad():
@@ -222,13 +240,35 @@ def certify(
         if self_check:
             picks = torch.randperm(x.shape[0], generator=gen)[:SELF_CHECK_POINTS]
             check_lipschitz_pairs(model, x[picks].to(device=device, dtype=dtype), bound, seed=seed)
-    if radii:
-        radius, predicted = torch.cat(radii).cpu(), torch.cat(preds).cpu()
-    else:
-        radius, predicted = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    radius, predicted = torch.cat(radii).cpu(), torch.cat(preds).cpu()
     correct = predicted == y.cpu()
     radius = torch.where(correct, radius, torch.zeros_like(radius))
-    return Certificate(radius=radius, predicted=predicted, correct=correct, bound=bound, form=form)
+    seconds = {"global": time.perf_counter() - t0}
+    if not tiered:
+        return Certificate(radius=radius, predicted=predicted, correct=correct, bound=bound, form=form,
+                           seconds=seconds)
+    t1 = time.perf_counter()
+    local = _tiered(model, x, radius, correct, shape=shape, bound=bound, form=form, batch_size=batch_size)
+    seconds["tiered"] = time.perf_counter() - t1
+    return Certificate(radius=local, predicted=predicted, correct=correct, bound=bound, form=form,
+                       global_radius=radius, seconds=seconds)
+
+
+def _tiered(model: nn.Module, x: torch.Tensor, radius: torch.Tensor, correct: torch.Tensor, *,
+            shape: Tuple[int, ...], bound: LipschitzBound, form: str, batch_size: int) -> torch.Tensor:
+    """The tiered radii, batch by batch (:func:`sturdy.lipschitz.tiered.tiered_radii`)."""
+    device, dtype = model_device_dtype(model)
+    with eval_mode(model):
+        program = build_program(model, shape)
+        out = []
+        for start in range(0, x.shape[0], batch_size):
+            part = slice(start, start + batch_size)
+            batch = x[part].to(device=device, dtype=dtype)
+            with torch.no_grad():
+                logits = model(batch)
+            out.append(tiered_radii(model, batch, logits, radius[part], correct[part], program=program,
+                                    bound=bound, form=form))
+    return torch.cat(out)
 
 
 def _input_shape(x: torch.Tensor, input_shape: Optional[Sequence[int]]) -> Tuple[int, ...]:

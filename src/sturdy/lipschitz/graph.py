@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from sturdy.errors import ConfigurationError, SturdyError, UnsupportedModuleError
@@ -56,13 +57,12 @@ from sturdy.lipschitz.registry import (
     rule_refusal,
 )
 from sturdy.lipschitz.rules_layers import random_call
-from sturdy.utils import eval_mode
+from sturdy.utils import eval_mode, model_device_dtype
 
 __all__ = [
     "Step",
     "Program",
     "check_input_shape",
-    "model_dtype_device",
     "trace",
     "build_program",
     "fold_batchnorm",
@@ -85,6 +85,7 @@ class Step:
     op: Optional[LinearOp] = None
     op_kind: str = ""
     weights: Tuple[float, ...] = ()  # per input of a sum/concat (scales, broadcast copies)
+    relu: bool = False  # an elementwise ReLU (a unit is constant where its input stays negative)
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Program:
     output: str
     last_linear: Optional[Step]  # the step producing the output, when it is a linear layer
     input_shape: Tuple[int, ...]
+    graph_module: Optional[torch.fx.GraphModule] = None  # the traced graph (its node names are the steps')
 
 
 def check_input_shape(input_shape: Sequence[int]) -> Tuple[int, ...]:
@@ -120,16 +122,6 @@ def check_input_shape(input_shape: Sequence[int]) -> Tuple[int, ...]:
             "traces the model on an input of this size, so check the shape (it includes the batch dimension)"
         )
     return (1,) + shape[1:]
-
-
-def model_dtype_device(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
-    """dtype and device of the first parameter (else first floating buffer; else float32 on the CPU)."""
-    for p in model.parameters():
-        return p.dtype, p.device
-    for b in model.buffers():
-        if b.is_floating_point():
-            return b.dtype, b.device
-    return torch.float32, torch.device("cpu")
 
 
 class _Tracer(torch.fx.Tracer):
@@ -185,7 +177,7 @@ def build_program(model: nn.Module, input_shape: Sequence[int]) -> Program:
         ConfigurationError: malformed ``input_shape``, a model that cannot run on it, non-finite weights.
     """
     shape = check_input_shape(input_shape)
-    dtype, device = model_dtype_device(model)
+    device, dtype = model_device_dtype(model)
     check_model(model)
     root = model
     if find_rule(model) is not None or model._forward_hooks or model._forward_pre_hooks or instance_overrides(model):
@@ -200,6 +192,7 @@ def build_program(model: nn.Module, input_shape: Sequence[int]) -> Program:
             if step.op is not None:
                 check_op_finite(step.op, step.path)
         check_reproduces(gm, model, shape, dtype, device)
+    program.graph_module = gm
     return program
 
 
@@ -342,10 +335,14 @@ class _Builder:
             raise _refusal(node, target, path, f"depends on the input through {len(dep_inputs)} arguments; only "
                                                "single-input operators, sums and concatenations are supported")
         if isinstance(result, Factor):
-            return Step(node.name, "factor", names, path, factor=float(result.value), op_kind=result.kind)
+            relu = isinstance(target, nn.ReLU) or target in _RELUS
+            return Step(node.name, "factor", names, path, factor=float(result.value), op_kind=result.kind, relu=relu)
         if isinstance(result, LinearOp):
             return Step(node.name, "op", names, path, op=result, op_kind=result.kind)
         raise TypeError(f"rule for {target_name(node, target)} returned {type(result).__name__}")
+
+
+_RELUS = (F.relu, torch.relu, F.relu_, torch.relu_, "relu", "relu_")
 
 
 def _refusal(node: torch.fx.Node, target: Any, path: str, why: str) -> UnsupportedModuleError:
