@@ -36,15 +36,29 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def model_device_dtype(model: Any, fallback: Optional[torch.Tensor] = None) -> Tuple[torch.device, torch.dtype]:
-    """Device and dtype of the model's first floating-point parameter.
+    """Device and dtype of the model: those of its first floating-point parameter.
 
-    Models without one (a plain function, a parameter-free module) take those of ``fallback``, else
-    CPU and the default dtype.
+    A model without one takes those of its first floating-point buffer (a parameter-free module that
+    holds fixed tensors, e.g. a normalisation layer's mean and std); a model with neither (a plain
+    function, an empty module) takes those of ``fallback``, else CPU and the default dtype. This is the
+    one helper for the convention (docs/design.md, Conventions 7); the pair is always (device, dtype).
+
+    Example:
+        >>> import torch
+        >>> model_device_dtype(torch.nn.Linear(2, 2).double())
+        (device(type='cpu'), torch.float64)
+        >>> model_device_dtype(torch.nn.BatchNorm1d(2, affine=False).half())
+        (device(type='cpu'), torch.float16)
+        >>> model_device_dtype(torch.nn.ReLU(), torch.zeros(1, dtype=torch.float64))
+        (device(type='cpu'), torch.float64)
     """
     if isinstance(model, nn.Module):
         for p in model.parameters():
             if p.dtype.is_floating_point:
                 return p.device, p.dtype
+        for b in model.buffers():
+            if b.dtype.is_floating_point:
+                return b.device, b.dtype
     if fallback is not None:
         return fallback.device, fallback.dtype
     return torch.device("cpu"), torch.get_default_dtype()

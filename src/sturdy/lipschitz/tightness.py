@@ -25,10 +25,9 @@ from tqdm.auto import tqdm
 
 from sturdy.errors import ConfigurationError, SoundnessError
 from sturdy.lipschitz.certify import certify
-from sturdy.lipschitz.graph import model_dtype_device
 from sturdy.lipschitz.proof import rounding_slack
 from sturdy.lipschitz.results import LipschitzBound
-from sturdy.utils import eval_mode
+from sturdy.utils import eval_mode, model_device_dtype
 from sturdy.validation import check_finite_output, check_model_inputs
 
 __all__ = ["AttackResult", "Tightness", "pgd_l2", "minimal_adversarial_radius", "local_lipschitz", "tightness"]
@@ -109,7 +108,7 @@ def pgd_l2(
         raise ConfigurationError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
     bounds = _check_bounds(bounds)
     check_model_inputs(model, x, name="x")
-    dtype, device = model_dtype_device(model)
+    device, dtype = model_device_dtype(model)
     x = x.to(device=device, dtype=dtype)
     y = y.to(device)
     eps_t = torch.as_tensor(eps, dtype=dtype, device=device).expand(x.shape[0]).clone()
@@ -216,7 +215,7 @@ def local_lipschitz(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     module) on the model itself in its own dtype.
     """
     check_model_inputs(model, x, name="x")
-    dtype, device = model_dtype_device(model)
+    device, dtype = model_device_dtype(model)
     x = x.to(device=device)
     with eval_mode(model):  # the float64 copy inherits eval mode; the model's own mode is restored
         net, work = _float64_twin(model, x[:1].to(dtype)), torch.float64
@@ -334,7 +333,7 @@ def _tightness(
 ) -> Tightness:
     cert = certify(model, x, y, form=form, bound=bound, self_check=check)
     steps_bar = tqdm(total=3, disable=not progress, desc="tightness")
-    dtype, device = model_dtype_device(model)
+    device, dtype = model_device_dtype(model)
     with torch.no_grad():
         logits = model(x.to(device=device, dtype=dtype)).double().cpu()
     top2 = logits.topk(2, dim=1).values

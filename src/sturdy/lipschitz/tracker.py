@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sturdy.errors import ConfigurationError
-from sturdy.lipschitz.graph import build_program, compose, model_dtype_device
+from sturdy.lipschitz.graph import build_program, compose
 from sturdy.lipschitz.norms import guaranteed_norm
 from sturdy.lipschitz.operators import BatchNormOp, Conv2dOp, LinearLayerOp, LinearOp
 from sturdy.lipschitz.results import LipschitzEstimate
+from sturdy.utils import model_device_dtype
 from sturdy.validation import check_model
 
 __all__ = ["LipschitzTracker", "LipschitzDriftWarning", "DRIFT_TOLERANCE"]
@@ -104,7 +105,7 @@ class LipschitzTracker(nn.Module):
         self._batchnorms: List[nn.modules.batchnorm._BatchNorm] = []
         self._batch_var: Dict[int, torch.Tensor] = {}  # id(BatchNorm) -> batch variance of the last forward
         gen = torch.Generator().manual_seed(int(seed))
-        dtype, device = model_dtype_device(model)
+        device, dtype = model_device_dtype(model)
         for s in self._program.steps:
             if s.kind != "op":
                 continue
