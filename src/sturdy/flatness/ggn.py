@@ -284,35 +284,51 @@ def _accumulate_chunk(
     block = max(1, min(per_group, budget // max(1, 4 * column_bytes)))
     rule_budget = min(budget, RULE_CHUNK_BYTES)
     constants = _constants(model, fallback) if fallback else {}
-    done = 0
     for g in range(groups):
         for first in range(g * per_group, (g + 1) * per_group, block):
             cols = range(first, min(first + block, (g + 1) * per_group))
             if calls:
-                stacked: List[Optional[Tensor]] = [None] * len(calls)
-                for j, c in enumerate(cols):
-                    done += 1
-                    deltas = torch.autograd.grad(logits, outputs, grad_outputs=v[c], retain_graph=done < total,
-                                                 allow_unused=True)
-                    for i, delta in enumerate(deltas):
-                        if delta is None:
-                            continue
-                        if stacked[i] is None:  # sample-major: (n, K, ...) makes the rules' per-sample views free
-                            # every column fills its slice: the graph, hence which outputs get a gradient,
-                            # is the same for all columns
-                            stacked[i] = delta.new_empty((delta.shape[0], len(cols), *delta.shape[1:]))
-                        stacked[i][:, j].copy_(delta)  # type: ignore[index]
-                    del deltas
-                for call, block_deltas in zip(calls, stacked):
-                    if block_deltas is not None:
-                        squares = column_squared_gradients(call.tracked, call.args[0], block_deltas.transpose(0, 1),
-                                                           rule_budget)
-                        _add(acc, g, {name_of.get(id(call.tracked.params[a])): s for a, s in squares.items()})
-                del stacked
-            for c in cols:
-                if fallback:
+                _add_rule_block(acc, g, calls, _column_deltas(logits, outputs, v, cols), name_of, rule_budget)
+            if fallback:
+                for c in cols:
                     _add(acc, g, func_squared_gradients(model, fallback, x, v[c], rule_budget, constants=constants))
     return block
+
+
+def _column_deltas(logits: Tensor, outputs: List[Tensor], v: Tensor, cols: range) -> List[Optional[Tensor]]:
+    """The output gradients of the columns ``cols`` of ``v``, stacked per output, sample-major
+    (``(n, len(cols), ...)``: the rules' per-sample views are free); ``None`` for an output without one."""
+    total = v.shape[0]
+    stacked: List[Optional[Tensor]] = [None] * len(outputs)
+    for j, c in enumerate(cols):
+        # columns run in order over the whole chunk: the last one frees the graph
+        deltas = torch.autograd.grad(logits, outputs, grad_outputs=v[c], retain_graph=c + 1 < total,
+                                     allow_unused=True)
+        for i, delta in enumerate(deltas):
+            if delta is None:
+                continue
+            if stacked[i] is None:
+                # every column fills its slice: the graph, hence which outputs get a gradient,
+                # is the same for all columns
+                stacked[i] = delta.new_empty((delta.shape[0], len(cols), *delta.shape[1:]))
+            stacked[i][:, j].copy_(delta)  # type: ignore[index]
+        del deltas
+    return stacked
+
+
+def _add_rule_block(
+    acc: Dict[str, Tensor],
+    group: int,
+    calls: List[Call],
+    stacked: List[Optional[Tensor]],
+    name_of: Dict[int, str],
+    rule_budget: int,
+) -> None:
+    """Add the squared gradients of one block of columns, by each call's rule, to ``acc[...][group]``."""
+    for call, block_deltas in zip(calls, stacked):
+        if block_deltas is not None:
+            squares = column_squared_gradients(call.tracked, call.args[0], block_deltas.transpose(0, 1), rule_budget)
+            _add(acc, group, {name_of.get(id(call.tracked.params[a])): s for a, s in squares.items()})
 
 
 def _add(acc: Dict[str, Tensor], group: int, squares: Dict[Optional[str], Tensor]) -> None:
