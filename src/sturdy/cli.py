@@ -92,7 +92,7 @@ def _add_train(subparsers: Any, parts: Sequence[Any]) -> None:
     p.add_argument("--download", action="store_true", help="let torchvision download missing data (needs internet)")
     p.add_argument("--resize", type=bounded_int(1, MAX_IMAGE_SIDE), default=None,
                    help=f"resize images to SIDE x SIDE (at most {MAX_IMAGE_SIDE})")
-    p.add_argument("--model", default="cnn", help="linear, mlp, cnn, resnet, wrn")
+    p.add_argument("--model", default="cnn", help="linear, mlp, cnn, resnet, wrn, aol, liresnet, resnet18, resnet50")
     p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="architecture option, repeatable (e.g. --model-arg width=256)")
     p.add_argument("--out", default="runs/train")

@@ -17,6 +17,7 @@ import inspect
 from typing import Callable, Dict, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sturdy.errors import ConfigurationError
@@ -94,6 +95,71 @@ def mlp(*, in_shape: Tuple[int, int, int], num_classes: int, width: int = 128, d
         layers += [nn.Linear(fan_in, width), nn.ReLU()]
         fan_in = width
     layers.append(nn.Linear(fan_in, num_classes))
+    return nn.Sequential(*layers)
+
+
+class AOLLinear(nn.Module):
+    """Almost-orthogonal linear layer (Prach and Lampert, 2022): ``y = W diag(d) x + b`` with
+    ``d_j = (sum_i |W^T W|_ij)^(-1/2)``, so ``||W diag(d)||_2 <= 1`` for any ``W``.
+
+    The certificate never takes that claim on trust: the rescaled weight is computed in ``forward`` from the
+    parameter, so the Lipschitz bound traces into this layer and bounds the operator it really applies (a dense
+    SVD or the structured bound), and the tests check the claim against both.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        nn.init.orthogonal_(self.weight)
+
+    def rescaled_weight(self) -> torch.Tensor:
+        gram = (self.weight.T @ self.weight).abs().sum(dim=1)
+        return self.weight * gram.clamp_min(1e-12).rsqrt()[None, :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.rescaled_weight(), self.bias)
+
+
+@register_model("aol")
+def aol(*, in_shape: Tuple[int, int, int], num_classes: int, width: int = 256, depth: int = 3) -> nn.Module:
+    """An MLP of :class:`AOLLinear` layers (each 1-Lipschitz by construction) with ReLU: a network built for
+    certificates, whose bound is the product of its layers' (at most 1)."""
+    if width < 1 or depth < 1:
+        raise ConfigurationError(f"aol needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
+    layers: list = [nn.Flatten()]
+    fan_in = _flat(in_shape)
+    for _ in range(depth):
+        layers += [AOLLinear(fan_in, width), nn.ReLU()]
+        fan_in = width
+    layers.append(AOLLinear(fan_in, num_classes))
+    return nn.Sequential(*layers)
+
+
+class LiResBlock(nn.Module):
+    """A residual block without BatchNorm, ``y = relu(x + conv(x))`` (LiResNet, Hu et al. 2023): its bound is
+    ``1 + ||conv||``, computed like any other residual sum; the convolution starts small (scaled by ``init``)."""
+
+    def __init__(self, channels: int, init: float = 0.1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.mul_(init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.conv(x))
+
+
+@register_model("liresnet")
+def liresnet(*, in_shape: Tuple[int, int, int], num_classes: int, width: int = 32, depth: int = 4) -> nn.Module:
+    """Residual network without BatchNorm (LiResNet): stem convolution, ``depth`` :class:`LiResBlock` s, 2x2
+    average pooling, linear head. Built for certificates: no BatchNorm factor multiplies the bound."""
+    if width < 1 or depth < 1:
+        raise ConfigurationError(f"liresnet needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
+    c, h, w = in_shape
+    layers: list = [nn.Conv2d(c, width, 3, padding=1), nn.ReLU()]
+    layers += [LiResBlock(width) for _ in range(depth)]
+    layers += [nn.AvgPool2d(2), nn.Flatten(), nn.Linear(width * (h // 2) * (w // 2), num_classes)]
     return nn.Sequential(*layers)
 
 

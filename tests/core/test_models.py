@@ -46,7 +46,7 @@ def test_cnn_options(pool):
 
 
 def test_unknown_model_lists_known_names():
-    with pytest.raises(ConfigurationError, match="unknown model 'vgg'; known models: cnn"):
+    with pytest.raises(ConfigurationError, match="unknown model 'vgg'; known models: aol, cnn"):
         create_model("vgg", in_shape=(1, 8, 8), num_classes=10)
 
 
