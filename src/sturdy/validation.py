@@ -307,18 +307,33 @@ def check_number(
     high: Optional[float] = None,
     low_open: bool = False,
     high_open: bool = False,
+    hint: str = "",
 ) -> float:
-    """A finite real number in the given range, as a float (bools are refused).
+    """A finite real number in the given range, as a float (bools and strings are refused).
+
+    ``low``/``high`` (``None``: unbounded) are included unless ``low_open``/``high_open``. ``hint`` (what the
+    setting means or a typical value) ends the message after a semicolon.
 
     Raises:
         ConfigurationError: not a real number, NaN/inf, or outside the range.
+
+    Example:
+        >>> check_number(3, "alpha", low=0)
+        3.0
+        >>> check_number(-1.0, "alpha", low=0, hint="typical values 1 to 8")
+        Traceback (most recent call last):
+            ...
+        sturdy.errors.ConfigurationError: alpha must be a finite number in [0, inf], got -1.0; typical values 1 to 8
     """
-    lo_b, hi_b = ("(" if low_open else "["), (")" if high_open else "]")
-    lo_text, hi_text = ("-inf" if low is None else f"{low:g}"), ("inf" if high is None else f"{high:g}")
-    want = f"a finite number in {lo_b}{lo_text}, {hi_text}{hi_b}"
+    if low is None and high is None:
+        want = "a finite number"
+    else:
+        lo_b, hi_b = ("(" if low_open else "["), (")" if high_open else "]")
+        lo_text, hi_text = ("-inf" if low is None else f"{low:g}"), ("inf" if high is None else f"{high:g}")
+        want = f"a finite number in {lo_b}{lo_text}, {hi_text}{hi_b}"
     try:
-        number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError, OverflowError):
+        number = math.nan if isinstance(value, (bool, str, bytes)) else float(value)
+    except (TypeError, ValueError, OverflowError, RuntimeError):  # RuntimeError: a tensor of several values
         number = math.nan
     ok = math.isfinite(number)
     if ok and low is not None:
@@ -326,7 +341,7 @@ def check_number(
     if ok and high is not None:
         ok = number < high if high_open else number <= high
     if not ok:
-        raise ConfigurationError(f"{name} must be {want}, got {value!r}")
+        raise ConfigurationError(f"{name} must be {want}, got {value!r}{'; ' + hint if hint else ''}")
     return number
 
 

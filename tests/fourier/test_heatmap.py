@@ -113,7 +113,7 @@ def test_bad_inputs_give_clear_errors():
     model = tiny_cnn((1, 5, 5))
     x = torch.rand(3, 1, 5, 5, dtype=torch.float64)
     y = torch.zeros(3, dtype=torch.long)
-    with pytest.raises(ConfigurationError, match="eps must be a finite number > 0"):
+    with pytest.raises(ConfigurationError, match=r"eps must be a finite number in \(0, inf\]"):
         fourier_heatmap(model, x, y, eps=0.0)
     with pytest.raises(DataError, match=r"shape \(N, C, H, W\), got shape \(3, 5, 5\)"):
         fourier_heatmap(model, x[:, 0], y, eps=1.0)

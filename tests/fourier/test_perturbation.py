@@ -98,9 +98,9 @@ def test_circular_shift_equals_roll():
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        (dict(eps=0.0), ConfigurationError, "eps must be a finite number > 0"),
-        (dict(eps=-1.0), ConfigurationError, "eps must be a finite number > 0"),
-        (dict(eps=float("nan")), ConfigurationError, "eps must be a finite number > 0"),
+        (dict(eps=0.0), ConfigurationError, r"eps must be a finite number in \(0, inf\]"),
+        (dict(eps=-1.0), ConfigurationError, r"eps must be a finite number in \(0, inf\]"),
+        (dict(eps=float("nan")), ConfigurationError, r"eps must be a finite number in \(0, inf\]"),
         (dict(eps=1.0, norm="l1"), ConfigurationError, "norm must be one of"),
         (dict(eps=1.0, wave="triangle"), ConfigurationError, "wave must be one of"),
         (dict(eps=1.0, signs=(1, 0)), ConfigurationError, r"signs must be 2 values in \{-1, \+1\}"),

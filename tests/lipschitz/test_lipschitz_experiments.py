@@ -97,7 +97,7 @@ def test_training_plugin_validates_options_and_pickles(tmp_path):
     assert training_plugin(_job(tmp_path, 1, method="standard")) is None
     with pytest.raises(ConfigurationError, match="unknown training method"):
         training_plugin(_job(tmp_path, 1, method="fancy"))
-    with pytest.raises(ConfigurationError, match="c must be a finite number >= 0"):
+    with pytest.raises(ConfigurationError, match=r"c must be a finite number in \[0, inf\]"):
         training_plugin(_job(tmp_path, 1, c=-0.1))
     with pytest.raises(ConfigurationError, match="--lmt-iterations"):
         training_plugin(_job(tmp_path, 1, lmt_iterations=0))

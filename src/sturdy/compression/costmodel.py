@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, Sequence, Tuple
 
 from sturdy.errors import ConfigurationError
+from sturdy.validation import check_number
 
 __all__ = [
     "CostPrediction",
@@ -75,13 +76,6 @@ class CostPrediction:
 MAX_MODEL_WORKERS = 2**20
 """Most workers a prediction is made for (a ring of a million workers is beyond any cluster modelled)."""
 
-def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigurationError(f"{name} must be a finite number {bound}, got {value!r}")
-
-
 def ring_allreduce_seconds(*, nbytes: float, workers: int, bandwidth_gbps: float, latency_s: float) -> float:
     """Ring allreduce time of ``nbytes`` over ``workers`` (0 for one worker)."""
     if workers == 1:
@@ -127,11 +121,11 @@ def predict_step_times(
         >>> round(p.allreduce_s, 4), round(p.speedup, 2)
         (0.0483, 5.18)
     """
-    _check_positive("compute_s", compute_s, allow_zero=True)
-    _check_positive("dense_bytes", dense_bytes)
-    _check_positive("compression_ratio", compression_ratio)
-    _check_positive("latency_s", latency_s, allow_zero=True)
-    _check_positive("codec_s", codec_s, allow_zero=True)
+    check_number(compute_s, "compute_s", low=0)
+    check_number(dense_bytes, "dense_bytes", low=0, low_open=True)
+    check_number(compression_ratio, "compression_ratio", low=0, low_open=True)
+    check_number(latency_s, "latency_s", low=0)
+    check_number(codec_s, "codec_s", low=0)
     if not workers or not bandwidths_gbps:
         raise ConfigurationError("give at least one worker count and one bandwidth (e.g. 4 and 1.0)")
     for p in workers:
@@ -139,7 +133,7 @@ def predict_step_times(
             raise ConfigurationError(f"worker counts must be ints in [1, {MAX_MODEL_WORKERS}] (a ring of a million "
                                      f"workers is beyond any cluster the model describes), got {p!r}")
     for bw in bandwidths_gbps:
-        _check_positive("bandwidth", bw)
+        check_number(bw, "bandwidth", low=0, low_open=True)
     out = []
     for p in workers:
         for bw in bandwidths_gbps:
@@ -191,7 +185,7 @@ def method_comm_seconds(
     latency_s: float = 50e-6,
 ) -> float:
     """Communication time of one step of ``method`` (see the module docstring for which collective)."""
-    _check_positive("compression_ratio", compression_ratio)
+    check_number(compression_ratio, "compression_ratio", low=0, low_open=True)
     nbytes = dense_bytes / compression_ratio
     if method in ALLREDUCE_METHODS:
         return ring_allreduce_seconds(nbytes=nbytes, workers=workers, bandwidth_gbps=bandwidth_gbps,

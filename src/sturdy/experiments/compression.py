@@ -12,7 +12,6 @@ worker starts.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -37,7 +36,7 @@ from sturdy.experiments.train_job import (
     TrainPlugin,
     fit,
 )
-from sturdy.validation import check_count
+from sturdy.validation import check_count, check_number
 
 __all__ = [
     "add_train_arguments",
@@ -94,14 +93,9 @@ def _option_error(key: str, message: str) -> ConfigurationError:
     return ConfigurationError(f"--{key.replace('_', '-')} {message}")
 
 
-def _check_number(opts: Dict[str, Any], key: str, *, low: float, high: float = math.inf, low_open: bool = False,
+def _check_number(opts: Dict[str, Any], key: str, *, low: float, high: Optional[float] = None, low_open: bool = False,
                   hint: str = "") -> None:
-    value = opts[key]
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise _option_error(key, f"must be a finite number, got {value!r}{hint}")
-    if value < low or (low_open and value == low) or value > high:
-        span = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise _option_error(key, f"must lie in {span}, got {value}{hint}")
+    check_number(opts[key], f"--{key.replace('_', '-')}", low=low, high=high, low_open=low_open, hint=hint)
 
 
 def compression_options(job: TrainJob) -> Dict[str, Any]:
@@ -113,11 +107,11 @@ def compression_options(job: TrainJob) -> Dict[str, Any]:
     opts = {k: job.options.get(k, v) for k, v in DEFAULTS.items()}
     if opts["compress"] not in METHODS:
         raise ConfigurationError(f"unknown --compress {opts['compress']!r}; expected one of {METHODS}")
-    _check_number(opts, "alpha", low=0.0, hint="; larger sends less, typical values 1 to 8")
-    _check_number(opts, "zeta", low=0.0, high=1.0, hint="; typical value 0.999")
-    _check_number(opts, "topk_ratio", low=0.0, high=1.0, low_open=True, hint="; e.g. 0.01 sends 1% per step")
-    _check_number(opts, "strom_tau", low=0.0, low_open=True, hint="; a gradient magnitude such as 1e-3")
-    _check_number(opts, "gather_slack", low=1.0, hint="; e.g. 1.25")
+    _check_number(opts, "alpha", low=0.0, hint="larger sends less, typical values 1 to 8")
+    _check_number(opts, "zeta", low=0.0, high=1.0, hint="typical value 0.999")
+    _check_number(opts, "topk_ratio", low=0.0, high=1.0, low_open=True, hint="e.g. 0.01 sends 1% per step")
+    _check_number(opts, "strom_tau", low=0.0, low_open=True, hint="a gradient magnitude such as 1e-3")
+    _check_number(opts, "gather_slack", low=1.0, hint="e.g. 1.25")
     for key, low in (("powersgd_rank", 1), ("start_iter", 2 if opts["compress"] == "powersgd" else 0)):
         value = opts[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < low:

@@ -11,7 +11,8 @@ Conventions used by every function of the subpackage:
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
+import warnings
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +248,37 @@ def skipped_weights(model: nn.Module) -> List[str]:
     """
     covered = {id(m.weight) for _, m in weight_layers(model)}
     return [n for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and id(p) not in covered]
+
+
+def select_weight_layers(
+    model: nn.Module, layers: Optional[Sequence[str]], *, strict: bool
+) -> Tuple[List[Tuple[str, nn.Module]], Tuple[str, ...]]:
+    """The layers normalized sharpness measures (``layers``: by module name; default: every covered layer),
+    and the trainable matrices it leaves out (default only: warned about, refused when ``strict``)."""
+    chosen = weight_layers(model)
+    skipped = tuple(skipped_weights(model)) if layers is None else ()
+    if skipped:
+        message = (
+            f"normalized sharpness covers Linear, Conv1d/2d/3d and Embedding weights; the trainable matrices "
+            f"{', '.join(skipped)} are not covered"
+        )
+        if strict:
+            raise ConfigurationError(message + " (strict=True); pass strict=False to measure the others")
+        # stacklevel 3: the warning points at the caller of the measure
+        warnings.warn(message + " and are left out of the value (listed in `skipped`)", stacklevel=3)
+    if layers is not None:
+        known = dict(chosen)
+        missing = [n for n in layers if n not in known]
+        if missing:
+            raise ConfigurationError(
+                f"no covered layer named {', '.join(map(repr, missing))}; layers are: {', '.join(known)}"
+            )
+        chosen = [(n, known[n]) for n in layers]
+    if not chosen:
+        raise ConfigurationError(
+            "normalized sharpness needs at least one Linear, Conv1d/2d/3d or Embedding layer with a trainable weight"
+        )
+    return chosen, skipped
 
 
 def loss_batches(

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sturdy.errors import ConfigurationError
 from sturdy.flatness._data import (
     LossFn,
     check_positive_int,
@@ -23,7 +22,7 @@ from sturdy.flatness._data import (
     trainable_parameters,
 )
 from sturdy.utils import eval_mode, model_device_dtype
-from sturdy.validation import check_model
+from sturdy.validation import check_model, check_number
 
 __all__ = ["TraceEstimate", "EigenEstimate", "hutchinson_trace", "top_hessian_eigenvalue", "rademacher", "probe_seed",
            "batch_gradient", "hvp"]
@@ -165,8 +164,7 @@ def top_hessian_eigenvalue(
     """
     check_model(model)
     check_positive_int("iterations", iterations)
-    if not (math.isfinite(tol) and tol > 0):
-        raise ConfigurationError(f"tol must be a finite number > 0, got {tol!r}")
+    check_number(tol, "tol", low=0, low_open=True)
     device, dtype = model_device_dtype(model)
     tensors = [p for _, p in trainable_parameters(model)]
     batches = loss_batches(model, data, batch_size=batch_size, device=device, dtype=dtype, loss_fn=loss_fn)

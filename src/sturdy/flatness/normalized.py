@@ -39,15 +39,14 @@ point that transforms the same way, so the iterates (not only the minimum) are c
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from sturdy.errors import ConfigurationError
-from sturdy.flatness._data import check_positive_int, skipped_weights, weight_layers
+from sturdy.flatness._data import check_positive_int, select_weight_layers
 from sturdy.flatness.curvature import HessianDiagonal, hessian_diagonal
 from sturdy.flatness.jackknife import jackknife_layers
 from sturdy.validation import check_model
@@ -369,34 +368,35 @@ def normalized_sharpness(
     check_model(model)
     if variant not in VARIANTS:
         raise ConfigurationError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    chosen = weight_layers(model)
-    skipped = tuple(skipped_weights(model)) if layers is None else ()
-    if skipped:
-        message = (
-            f"normalized sharpness covers Linear, Conv1d/2d/3d and Embedding weights; the trainable matrices "
-            f"{', '.join(skipped)} are not covered"
-        )
-        if strict:
-            raise ConfigurationError(message + " (strict=True); pass strict=False to measure the others")
-        warnings.warn(message + " and are left out of the value (listed in `skipped`)", stacklevel=2)
-    if layers is not None:
-        known = dict(chosen)
-        missing = [n for n in layers if n not in known]
-        if missing:
-            raise ConfigurationError(
-                f"no covered layer named {', '.join(map(repr, missing))}; layers are: {', '.join(known)}"
-            )
-        chosen = [(n, known[n]) for n in layers]
-    if not chosen:
-        raise ConfigurationError(
-            "normalized sharpness needs at least one Linear, Conv1d/2d/3d or Embedding layer with a trainable weight"
-        )
+    chosen, skipped = select_weight_layers(model, layers, strict=strict)
     names = [f"{n}.weight" if n else "weight" for n, _ in chosen]
     if hessian is None:
         if data is None:
             raise ConfigurationError("pass the training data (data=...) or a precomputed hessian=...")
         hessian = hessian_diagonal(model, data, method=method, parameters=names, batch_size=batch_size,
                                    chunk_size=chunk_size, progress=progress)
+    diag, hd = _curvature(hessian, names, require_hessian=require_hessian)
+
+    def solve_all(diagonal: Mapping[str, Tensor]) -> Dict[str, LayerSharpness]:
+        return {
+            module_name: solve_layer(*layer_matrices(module, diagonal[pname]), variant=variant, tol=tol,
+                                     max_iter=max_iter)
+            for (module_name, module), pname in zip(chosen, names)
+        }
+
+    plug_in = solve_all(diag)
+    if hd is not None and hd.method == "ggn-exact":
+        return _result(plug_in, plug_in, hd, variant=variant, skipped=skipped, stderr=0.0, half_width=0.0)
+    if hd is not None and hd.replicates:
+        per_layer, stderr, half_width = jackknife_layers(hd.replicates, names, plug_in, solve_all)
+        return _result(per_layer, plug_in, hd, variant=variant, skipped=skipped, stderr=stderr, half_width=half_width)
+    return _result(plug_in, plug_in, hd, variant=variant, skipped=skipped, stderr=None, half_width=0.0)
+
+
+def _curvature(
+    hessian: HessianInput, names: List[str], *, require_hessian: bool
+) -> Tuple[Dict[str, Tensor], Optional[HessianDiagonal]]:
+    """The diagonal by parameter name, and the :class:`HessianDiagonal` it came from (``None``: a mapping)."""
     if isinstance(hessian, HessianDiagonal):
         diag, hd = hessian.diagonal, hessian
     elif isinstance(hessian, Mapping):
@@ -416,22 +416,20 @@ def normalized_sharpness(
     missing = [n for n in names if n not in diag]
     if missing:
         raise ConfigurationError(f"the curvature diagonal lacks parameter(s) {', '.join(missing)}; recompute it")
+    return diag, hd
 
-    def solve_all(diagonal: Mapping[str, Tensor]) -> Dict[str, LayerSharpness]:
-        return {
-            module_name: solve_layer(*layer_matrices(module, diagonal[pname]), variant=variant, tol=tol,
-                                     max_iter=max_iter)
-            for (module_name, module), pname in zip(chosen, names)
-        }
 
-    per_layer = solve_all(diag)
-    plug_in = float(sum(r.value for r in per_layer.values()))
-    stderr: Optional[float] = None
-    half_width = 0.0
-    if hd is not None and hd.method == "ggn-exact":
-        stderr = 0.0
-    elif hd is not None and hd.replicates:
-        per_layer, stderr, half_width = jackknife_layers(hd.replicates, names, per_layer, solve_all)
+def _result(
+    per_layer: Dict[str, LayerSharpness],
+    plug_in: Dict[str, LayerSharpness],
+    hd: Optional[HessianDiagonal],
+    *,
+    variant: str,
+    skipped: Tuple[str, ...],
+    stderr: Optional[float],
+    half_width: float,
+) -> NormalizedSharpness:
+    """The network's value from the (possibly bias-corrected) ``per_layer`` results."""
     value = float(sum(r.value for r in per_layer.values()))
     return NormalizedSharpness(
         value=value,
@@ -446,5 +444,5 @@ def normalized_sharpness(
         skipped=skipped,
         stderr=stderr,
         interval=None if stderr is None else (value - half_width, value + half_width),
-        plug_in_value=plug_in,
+        plug_in_value=float(sum(r.value for r in plug_in.values())),
     )

@@ -25,7 +25,7 @@ from sturdy.flatness._data import (
 )
 from sturdy.flatness.registry import Measure
 from sturdy.utils import eval_mode, model_device_dtype
-from sturdy.validation import check_model
+from sturdy.validation import check_model, check_number
 
 __all__ = ["pacbayes_flatness", "adaptive_average_sharpness"]
 
@@ -126,8 +126,7 @@ def pacbayes_flatness(
         (``"low"``/``"high"`` when the answer sits at an end of ``sigma_range``, else ``""``).
     """
     check_model(model)
-    if not (math.isfinite(target) and target > 0):
-        raise ConfigurationError(f"target must be a finite number > 0, got {target!r}")
+    check_number(target, "target", low=0, low_open=True)
     lo, hi = sigma_range
     if not (0 < lo < hi and math.isfinite(hi)):
         raise ConfigurationError(f"sigma_range must satisfy 0 < low < high < inf, got {sigma_range!r}")
@@ -184,8 +183,7 @@ def adaptive_average_sharpness(
     (``loss_fn``, default cross-entropy) and ``samples`` antithetic pairs; details hold the standard error.
     """
     check_model(model)
-    if not (math.isfinite(rho) and rho > 0):
-        raise ConfigurationError(f"rho must be a finite number > 0, got {rho!r}")
+    check_number(rho, "rho", low=0, low_open=True)
     pert = _Perturber(model, data, batch_size=batch_size, loss_fn=loss_fn or default_loss, criterion="loss",
                       samples=samples, seed=seed)
     scales = [p.detach().abs() for _, p in pert.params]

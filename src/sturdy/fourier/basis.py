@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from sturdy.errors import ConfigurationError
+from sturdy.validation import check_number
 
 __all__ = [
     "DEFAULT_PHASE",
@@ -44,14 +45,8 @@ def check_phase(phase: Optional[float], *, allow_random: bool = False) -> Option
     """A finite phase in radians as a float (``None``, a random phase, only when ``allow_random``)."""
     if phase is None and allow_random:
         return None
-    what = "a finite number (radians) or None (a random phase)" if allow_random else "a finite number (radians)"
-    try:
-        value = float(phase) if not isinstance(phase, bool) else math.nan
-    except (TypeError, ValueError, OverflowError):
-        value = math.nan
-    if not math.isfinite(value):
-        raise ConfigurationError(f"phase must be {what}, got {phase!r}")
-    return value
+    hint = "an angle in radians, or None for a random phase" if allow_random else "an angle in radians"
+    return check_number(phase, "phase", hint=hint)
 
 SELF_CONJUGATE_COS_TOL = 1e-9
 """``cos(phi) >= -tol`` counts as positive when a self-conjugate direction picks its sign."""

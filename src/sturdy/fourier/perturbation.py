@@ -65,9 +65,7 @@ def check_eps(
     A larger budget only moves every pixel to a bound after clipping (or overflows without bounds), so it is
     refused with the largest meaningful value. Without ``image_shape`` only the sign and finiteness are checked.
     """
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ConfigurationError(f"eps must be a finite number > 0 (the perturbation budget), got {eps!r}")
-    eps = float(eps)
+    eps = validation.check_number(eps, "eps", low=0, low_open=True, hint="eps is the perturbation budget")
     if image_shape is None:
         return eps
     limit = largest_eps(norm, bounds, image_shape)

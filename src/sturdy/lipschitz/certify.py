@@ -28,7 +28,7 @@ from sturdy.lipschitz.proof import SELF_CHECK_POINTS, check_batch_rows, check_li
 from sturdy.lipschitz.results import LipschitzBound
 from sturdy.lipschitz.tiered import tiered_radii
 from sturdy.utils import eval_mode, model_device_dtype
-from sturdy.validation import check_finite_output, check_model_inputs
+from sturdy.validation import check_finite_output, check_model_inputs, check_number
 
 __all__ = ["Certificate", "certify", "certified_radius"]
 
@@ -62,8 +62,7 @@ class Certificate:
 
     def certified_accuracy(self, eps: float) -> float:
         """Fraction of samples predicted correctly with certified radius ``> eps`` (L2)."""
-        if not (eps >= 0 and math.isfinite(eps)):
-            raise ConfigurationError(f"eps must be a finite number >= 0, got {eps!r}")
+        check_number(eps, "eps", low=0)
         if self.radius.numel() == 0:
             return 0.0
         return float(((self.radius > eps) & self.correct).double().mean())

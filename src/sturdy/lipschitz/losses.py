@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from sturdy.errors import ConfigurationError
 from sturdy.lipschitz.results import SupportsLipschitz
+from sturdy.validation import check_number
 
 __all__ = ["lmt_loss", "lmt_logits", "CWarmup", "FORMS"]
 
@@ -40,8 +41,7 @@ def lmt_logits(
     """Logits with every non-target logit raised by the margin certifying radius ``c`` (see module doc)."""
     if form not in FORMS:
         raise ConfigurationError(f"form must be 'pairwise' or 'global', got {form!r}")
-    if not (isinstance(c, (int, float)) and c >= 0 and math.isfinite(c)):
-        raise ConfigurationError(f"c (the target L2 radius) must be a finite number >= 0, got {c!r}")
+    check_number(c, "c", low=0, hint="c is the target L2 radius")
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ConfigurationError(
             f"logits must be (N, classes) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}"
@@ -129,8 +129,7 @@ class CWarmup:
     warmup_epochs: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (self.c >= 0 and math.isfinite(self.c)):
-            raise ConfigurationError(f"c must be a finite number >= 0, got {self.c!r}")
+        check_number(self.c, "c", low=0, hint="c is the target L2 radius")
         if not self.warmup_epochs >= 0:
             raise ConfigurationError(f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
 
