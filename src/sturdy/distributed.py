@@ -251,11 +251,7 @@ def run_local_workers(
             failed first and its error; that worker's traceback is the exception's ``__cause__``.
         LaunchInterrupted: a stop signal arrived; every worker was ended.
     """
-    limit = max_local_workers()
-    if not isinstance(nproc, int) or isinstance(nproc, bool) or not 1 <= nproc <= limit:
-        raise ConfigurationError(
-            f"nproc must be an integer from 1 to {limit} (4 per CPU core), got {nproc!r}"
-        )
+    _check_nproc(nproc)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     backend = _backend(device)
@@ -272,28 +268,11 @@ def run_local_workers(
         outcome: dict = {}
         deaths: Dict[int, int] = {}  # ranks seen dead before any clean-up, in order of detection
         deadline = time.monotonic() + timeout_s
-        first_failure: Optional[float] = None
         previous = _install_stop_handlers()
         try:
             for p in procs:
                 p.start()
-            while len(outcome) < nproc:
-                _drain(results, outcome)
-                failed = [r for r, (status, _, _) in outcome.items() if status == "error"]
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcome]
-                for r in dead:
-                    deaths.setdefault(r, procs[r].exitcode)
-                now = time.monotonic()
-                if (failed or dead) and first_failure is None:
-                    first_failure = now
-                if first_failure is not None and now - first_failure > GRACE_S:
-                    break
-                if now > deadline:
-                    break
-                if all(p.exitcode is not None for p in procs):
-                    _drain(results, outcome, wait=1.0)
-                    break
-                time.sleep(0.05)
+            _watch_workers(procs, results, outcome, deaths, deadline=deadline)
         finally:
             _ignore_stop_signals(previous)  # a second signal must not cut the clean-up short (bounded anyway)
             try:
@@ -301,6 +280,46 @@ def run_local_workers(
             finally:
                 _restore_stop_handlers(previous)
         _drain(results, outcome)
+    return _collect_results(outcome, deaths, nproc=nproc, deadline=deadline, timeout_s=timeout_s)
+
+
+def _check_nproc(nproc: Any) -> None:
+    limit = max_local_workers()
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or not 1 <= nproc <= limit:
+        raise ConfigurationError(
+            f"nproc must be an integer from 1 to {limit} (4 per CPU core), got {nproc!r}"
+        )
+
+
+def _watch_workers(
+    procs: Sequence[Any], results: Any, outcome: dict, deaths: Dict[int, int], *, deadline: float
+) -> None:
+    """Collect the workers' reports into ``outcome`` until every rank reported, all exited, the deadline
+    passed, or :data:`GRACE_S` after the first failure; ranks seen dead go to ``deaths``."""
+    first_failure: Optional[float] = None
+    while len(outcome) < len(procs):
+        _drain(results, outcome)
+        failed = [r for r, (status, _, _) in outcome.items() if status == "error"]
+        dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcome]
+        for r in dead:
+            deaths.setdefault(r, int(procs[r].exitcode or 0))
+        now = time.monotonic()
+        if (failed or dead) and first_failure is None:
+            first_failure = now
+        if first_failure is not None and now - first_failure > GRACE_S:
+            break
+        if now > deadline:
+            break
+        if all(p.exitcode is not None for p in procs):
+            _drain(results, outcome, wait=1.0)
+            break
+        time.sleep(0.05)
+
+
+def _collect_results(
+    outcome: dict, deaths: Dict[int, int], *, nproc: int, deadline: float, timeout_s: float
+) -> List[Any]:
+    """The return values by rank, or the :class:`DistributedError` naming the rank that failed first."""
     errors = {r: msg for r, (status, msg, _) in sorted(outcome.items(), key=lambda item: item[1][2])
               if status == "error"}  # in the order the ranks failed
     missing = [r for r in range(nproc) if r not in outcome]
