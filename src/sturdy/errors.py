@@ -3,6 +3,20 @@
 Every error raised on purpose by the library derives from :class:`SturdyError`, so callers
 (and the ``sturdy`` command line) can tell a user mistake from a bug. Messages say what was
 wrong, what was expected, and how to fix it.
+
+One rule chooses between the two ``ValueError`` kinds (docs/design.md, Conventions 8): ask what the
+user has to change.
+
+* :class:`DataError`: the data. Images, labels and other model inputs (wrong dtype, wrong shape of the
+  tensors handed in, NaN or infinite values, labels out of range, pixels outside the bounds), a model's
+  outputs on them (non-finite logits from finite inputs), and a data set that is unknown, missing or
+  holds such values.
+* :class:`ConfigurationError`: the settings. Every argument or option that is not data: numbers
+  (out of range, NaN, the wrong type), shapes given as arguments (``input_shape``, a resize), names
+  (an unknown method, model, norm or option).
+
+The checks in :mod:`sturdy.validation` follow it; damaged saved state is a :class:`CheckpointError`
+whatever it holds.
 """
 
 from __future__ import annotations
@@ -24,11 +38,14 @@ class SturdyError(Exception):
 
 
 class ConfigurationError(SturdyError, ValueError):
-    """An argument or setting has an invalid value (wrong range, wrong shape, unknown name)."""
+    """A setting (an argument or option that is not data) has an invalid value: a number out of range, a
+    shape argument, an unknown name (see the module docstring for the rule)."""
 
 
 class DataError(SturdyError, ValueError):
-    """A data set is unknown, missing on disk, or holds values of the wrong shape or range."""
+    """The data is wrong: images, labels, model inputs or a model's outputs on them (wrong dtype, shape or
+    range, NaN/inf), or a data set that is unknown, missing on disk or holds such values (see the module
+    docstring for the rule)."""
 
 
 class MissingDependencyError(SturdyError, ImportError):

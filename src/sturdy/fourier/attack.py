@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -40,6 +40,7 @@ from sturdy.fourier._common import Model, check_batch_size, in_eval_mode
 from sturdy.fourier.batching import ModelRunner, work_dtype
 from sturdy.fourier.perturbation import Bounds, check_bounds, check_eps, check_images, check_norm
 from sturdy.fourier.search import (
+    Candidates,
     candidate_deltas,
     count_fooled,
     enumerate_candidates,
@@ -48,7 +49,15 @@ from sturdy.fourier.search import (
     plan_queries,
     successive_halving,
 )
-from sturdy.fourier.staged import default_budget, frequency_groups, plan_staged, random_search, staged_search
+from sturdy.fourier.staged import (
+    Count,
+    StagedPlan,
+    default_budget,
+    frequency_groups,
+    plan_staged,
+    random_search,
+    staged_search,
+)
 from sturdy.utils import model_device_dtype
 
 __all__ = ["SEARCHES", "UniversalPerturbation", "single_fourier_attack"]
@@ -178,23 +187,9 @@ def single_fourier_attack(
         A :class:`UniversalPerturbation` whose ``fooling_rate`` is measured on all of ``x``.
     """
     start = time.perf_counter()
-    eps = check_eps(eps)
-    check_norm(norm, wave)
-    bounds = check_bounds(bounds)
-    if batch_size is not None:
-        check_batch_size(batch_size)
-    if search not in SEARCHES:
-        raise ConfigurationError(f"search must be one of {SEARCHES}, got {search!r}")
-    limits = (("initial_images", initial_images, 1), ("eta", eta, 2), ("screen_images", screen_images, 1),
-              ("keep_frequencies", keep_frequencies, 1))
-    if screen_configs is not None:
-        limits += (("screen_configs", screen_configs, 1),)
-    for name, value, low in limits:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigurationError(f"{name} must be an int >= {low}, got {value!r}")
-    if max_queries is not None and (isinstance(max_queries, bool) or not isinstance(max_queries, int)
-                                    or max_queries < 1):
-        raise ConfigurationError(f"max_queries must be a positive int or None, got {max_queries!r}")
+    eps, bounds = _check_arguments(eps, norm=norm, wave=wave, bounds=bounds, batch_size=batch_size, search=search,
+                                   sizes=(initial_images, eta, screen_images, keep_frequencies, screen_configs),
+                                   max_queries=max_queries)
     check_images(x, bounds)
     eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=x.shape[1:])
     device, model_dtype = model_device_dtype(model, x)
@@ -211,30 +206,8 @@ def single_fourier_attack(
     budget = None if max_queries is None else max_queries - n
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen) if search != "exhaustive" else torch.arange(n)
-    plan = None
-    staged = None
-    if search == "exhaustive":
-        plan = [(n_cand, n)]
-        if budget is not None and exhaustive_queries > max_queries:
-            raise ConfigurationError(
-                f"exhaustive search over {n_cand} candidates on {n} images needs {exhaustive_queries} "
-                f"queries, more than max_queries={max_queries}; use search='staged' or fewer images"
-            )
-    elif search == "halving":
-        plan = halving_schedule(n_cand, n, initial_images=initial_images, eta=eta)
-        m0 = min(initial_images, n)
-        while budget is not None and plan_queries(plan) > budget and m0 > 1:
-            m0 = max(1, m0 // 2)
-            plan = halving_schedule(n_cand, n, initial_images=m0, eta=eta)
-        if budget is not None and plan_queries(plan) > budget:
-            raise ConfigurationError(
-                f"max_queries={max_queries} is too small: halving over {n_cand} candidates on {n} images "
-                f"needs at least {n + plan_queries(plan)} queries; raise it or use fewer images"
-            )
-    else:
-        _, sizes = frequency_groups(cands)
-        staged = plan_staged(len(sizes), int(sizes.max()), n, budget=budget, screen_images=screen_images,
-                             keep=keep_frequencies, initial_images=initial_images, eta=eta)
+    plan, staged = _plan_search(search, cands, n, max_queries=max_queries, initial_images=initial_images, eta=eta,
+                                screen_images=screen_images, keep_frequencies=keep_frequencies)
     total = plan_queries(plan) if plan is not None else (budget or staged.queries)
     runner = ModelRunner(model, device=device, model_dtype=model_dtype, autocast=autocast,
                          channels_last=channels_last)
@@ -248,16 +221,8 @@ def single_fourier_attack(
         return count_fooled(model, x, clean, lambda c0, c1: deltas(idx[c0:c1]), len(idx), images, bounds=bounds,
                             batch_size=sizer, runner=runner)
 
-    if plan is not None:
-        rounds = tqdm(plan, desc=f"SFA {search}", disable=not progress, leave=False)
-        best, counts, queries = successive_halving(count, n_cand, rounds, order)
-        best_count = int(counts[best])
-    elif search == "staged":
-        best, best_count, queries = staged_search(count, cands, order, staged, screen_configs=screen_configs,
-                                                  eta=eta, generator=gen)
-    else:
-        budget_r = budget if budget is not None else default_budget(staged)
-        best, best_count, queries = random_search(count, n_cand, order, budget=budget_r, generator=gen)
+    best, best_count, queries = _run_search(search, count, cands, order, plan=plan, staged=staged, budget=budget,
+                                            screen_configs=screen_configs, eta=eta, generator=gen, progress=progress)
     delta = deltas(torch.tensor([best]))[0]
     return UniversalPerturbation(
         delta=delta.detach().cpu(),
@@ -276,3 +241,111 @@ def single_fourier_attack(
         max_queries=max_queries,
         batch_size=sizer.best,
     )
+
+
+def _check_arguments(
+    eps: float,
+    *,
+    norm: str,
+    wave: str,
+    bounds: Bounds,
+    batch_size: Optional[int],
+    search: str,
+    sizes: Tuple[int, int, int, int, Optional[int]],
+    max_queries: Optional[int],
+) -> Tuple[float, Bounds]:
+    """Checks the arguments that do not depend on the images; returns ``eps`` and ``bounds`` as checked.
+
+    ``sizes``: ``(initial_images, eta, screen_images, keep_frequencies, screen_configs)``.
+    """
+    eps = check_eps(eps)
+    check_norm(norm, wave)
+    bounds = check_bounds(bounds)
+    if batch_size is not None:
+        check_batch_size(batch_size)
+    if search not in SEARCHES:
+        raise ConfigurationError(f"search must be one of {SEARCHES}, got {search!r}")
+    initial_images, eta, screen_images, keep_frequencies, screen_configs = sizes
+    limits: Tuple[Tuple[str, Any, int], ...] = (
+        ("initial_images", initial_images, 1), ("eta", eta, 2), ("screen_images", screen_images, 1),
+        ("keep_frequencies", keep_frequencies, 1))
+    if screen_configs is not None:
+        limits += (("screen_configs", screen_configs, 1),)
+    for name, value, low in limits:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigurationError(f"{name} must be an int >= {low}, got {value!r}")
+    if max_queries is not None and (isinstance(max_queries, bool) or not isinstance(max_queries, int)
+                                    or max_queries < 1):
+        raise ConfigurationError(f"max_queries must be a positive int or None, got {max_queries!r}")
+    return eps, bounds
+
+
+def _plan_search(
+    search: str,
+    cands: Candidates,
+    n: int,
+    *,
+    max_queries: Optional[int],
+    initial_images: int,
+    eta: int,
+    screen_images: int,
+    keep_frequencies: int,
+) -> Tuple[Optional[List[Tuple[int, int]]], Optional[StagedPlan]]:
+    """The rounds of an exhaustive or halving search, or the plan of a staged or random one, within the budget."""
+    n_cand = len(cands)
+    budget = None if max_queries is None else max_queries - n
+    if search == "exhaustive":
+        if budget is not None and n + n_cand * n > max_queries:
+            raise ConfigurationError(
+                f"exhaustive search over {n_cand} candidates on {n} images needs {n + n_cand * n} "
+                f"queries, more than max_queries={max_queries}; use search='staged' or fewer images"
+            )
+        return [(n_cand, n)], None
+    if search == "halving":
+        return _halving_plan(n_cand, n, budget=budget, max_queries=max_queries, initial_images=initial_images,
+                             eta=eta), None
+    _, sizes = frequency_groups(cands)
+    return None, plan_staged(len(sizes), int(sizes.max()), n, budget=budget, screen_images=screen_images,
+                             keep=keep_frequencies, initial_images=initial_images, eta=eta)
+
+
+def _halving_plan(
+    n_cand: int, n: int, *, budget: Optional[int], max_queries: Optional[int], initial_images: int, eta: int
+) -> List[Tuple[int, int]]:
+    """The halving rounds; ``initial_images`` halves until they fit the budget."""
+    plan = halving_schedule(n_cand, n, initial_images=initial_images, eta=eta)
+    m0 = min(initial_images, n)
+    while budget is not None and plan_queries(plan) > budget and m0 > 1:
+        m0 = max(1, m0 // 2)
+        plan = halving_schedule(n_cand, n, initial_images=m0, eta=eta)
+    if budget is not None and plan_queries(plan) > budget:
+        raise ConfigurationError(
+            f"max_queries={max_queries} is too small: halving over {n_cand} candidates on {n} images "
+            f"needs at least {n + plan_queries(plan)} queries; raise it or use fewer images"
+        )
+    return plan
+
+
+def _run_search(
+    search: str,
+    count: Count,
+    cands: Candidates,
+    order: Tensor,
+    *,
+    plan: Optional[List[Tuple[int, int]]],
+    staged: Optional[StagedPlan],
+    budget: Optional[int],
+    screen_configs: Optional[int],
+    eta: int,
+    generator: torch.Generator,
+    progress: bool,
+) -> Tuple[int, int, int]:
+    """``(best candidate, images it fools, queries spent)`` of the planned search."""
+    if plan is not None:
+        rounds = tqdm(plan, desc=f"SFA {search}", disable=not progress, leave=False)
+        best, counts, queries = successive_halving(count, len(cands), rounds, order)
+        return best, int(counts[best]), queries
+    if search == "staged":
+        return staged_search(count, cands, order, staged, screen_configs=screen_configs, eta=eta, generator=generator)
+    budget_r = budget if budget is not None else default_budget(staged)
+    return random_search(count, len(cands), order, budget=budget_r, generator=generator)
