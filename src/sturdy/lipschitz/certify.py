@@ -13,7 +13,6 @@ pass itself is not accounted for).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -24,6 +23,7 @@ from torch import nn
 from sturdy.errors import ConfigurationError, DataError
 from sturdy.lipschitz.bounds import lipschitz_bound
 from sturdy.lipschitz.graph import build_program, check_input_shape
+from sturdy.lipschitz.margins import certified_radius
 from sturdy.lipschitz.proof import SELF_CHECK_POINTS, check_batch_rows, check_lipschitz_pairs, model_fingerprint
 from sturdy.lipschitz.results import LipschitzBound
 from sturdy.lipschitz.tiered import tiered_radii
@@ -89,37 +89,6 @@ class Certificate:
             out["global_certified_accuracy"] = {str(e): float(hit[:, j].double().mean()) for j, e in enumerate(eps)}
             out["seconds_per_point"] = {tier: t / n for tier, t in self.seconds.items()}
         return out
-
-
-def certified_radius(logits: torch.Tensor, *, bound: LipschitzBound, form: str = "pairwise") -> torch.Tensor:
-    """Certified radius of the predicted class for each row of ``logits`` (float64, see module doc)."""
-    check_finite_output(logits)
-    if form not in ("pairwise", "global"):
-        raise ConfigurationError(f"form must be 'pairwise' or 'global', got {form!r}")
-    z = logits.detach().to(torch.float64)
-    n, k = z.shape
-    pred = z.argmax(dim=1)
-    top = z.gather(1, pred[:, None])
-    gaps = top - z  # (N, K), f_p - f_i
-    mask = torch.nn.functional.one_hot(pred, k).bool()
-    if form == "global":
-        others = z.masked_fill(mask, float("-inf")).max(dim=1).values
-        margin = (top[:, 0] - others).clamp_min(0.0)
-        denom = math.sqrt(2.0) * bound.upper
-        return margin / denom if denom > 0 else torch.where(margin > 0, math.inf, 0.0)
-    if bound.upper_body is None or bound.last_weight is None:
-        raise ConfigurationError(
-            "the pairwise certificate needs logits produced by a final linear layer; this model's output is "
-            "not, so use form='global'"
-        )
-    w = bound.last_weight.to(device=z.device, dtype=torch.float64)
-    if w.shape[0] != k:
-        raise ConfigurationError(f"the bound's last layer has {w.shape[0]} rows but the logits have {k} classes")
-    dist = torch.cdist(w, w)  # (K, K), ||w_p - w_i||
-    denom = bound.upper_body * dist[pred]  # (N, K)
-    ratio = torch.where(denom > 0, gaps / denom.clamp_min(1e-300), torch.where(gaps > 0, math.inf, 0.0))
-    ratio = ratio.masked_fill(mask, math.inf)
-    return ratio.min(dim=1).values.clamp_min(0.0)
 
 
 def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:

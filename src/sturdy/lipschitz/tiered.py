@@ -25,6 +25,7 @@ import torch
 import torch.fx
 
 from sturdy.lipschitz.graph import Program, Step
+from sturdy.lipschitz.margins import certified_radius
 from sturdy.lipschitz.norms import DENSE_SAFETY, dense_spectral_norm, guaranteed_norm
 from sturdy.lipschitz.operators import LinearOp
 from sturdy.lipschitz.results import LipschitzBound
@@ -70,8 +71,6 @@ class LocalBounds:
 
     def radius(self, values: Dict[str, Any], index: int, logits: torch.Tensor, base: float, form: str) -> float:
         """Tiered radius of point ``index`` (its node values in ``values``), at least ``base``."""
-        from sturdy.lipschitz.certify import certified_radius
-
         best, ball = base, base
         for _ in range(TIERED_ITERATIONS):
             if not (ball > 0 and math.isfinite(ball)):
