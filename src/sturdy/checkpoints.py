@@ -8,12 +8,13 @@ failed save (a full disk included) leaves the previous file intact; it is read w
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Tuple, Union
 
 import torch
 from torch import nn
@@ -26,12 +27,15 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "save_checkpoint",
     "load_checkpoint",
+    "read_weights_only",
+    "read_state_dict",
     "check_state_dict_shapes",
     "check_resumable",
     "damaged_message",
 ]
 
 CHECKPOINT_FORMAT = "sturdy-checkpoint-v1"
+_STATE_KEYS = ("state_dict", "model_state_dict", "model")  # where a dict saved by other code keeps its weights
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -55,14 +59,30 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
             objects other than tensors and plain containers (refused as unsafe), or holds tensors on the
             meta device (shapes without values).
     """
+    state = read_weights_only(path, map_location=map_location, expected="a model.pt written by `sturdy train`")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a sturdy checkpoint (missing format tag {CHECKPOINT_FORMAT!r})")
+    return check_state_tensors(state, source=f"checkpoint {str(path)!r}")
+
+
+def read_weights_only(path: str | os.PathLike, *, map_location: str | torch.device = "cpu",
+                      expected: str = "a file written by torch.save") -> Any:
+    """The object a ``torch.save`` archive holds, read with ``torch.load(weights_only=True)`` (no code runs).
+
+    ``expected`` names what the file should be in the message for a missing file.
+
+    Raises:
+        CheckpointError: the file is missing, not a ``torch.save`` archive, corrupt, or holds pickled objects
+            other than tensors and plain containers (refused as unsafe).
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {str(path)!r} (expected a model.pt written by `sturdy train`)")
+        raise CheckpointError(f"checkpoint not found: {str(path)!r} (expected {expected})")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (not a torch.save archive: corrupt, "
                               "truncated or another kind of file)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if "global" in ln.lower()]
         if not lines:  # not a forbidden object: the byte stream itself is broken
@@ -78,9 +98,49 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         raise CheckpointError(
             f"{str(path)!r} is not a readable checkpoint (corrupt or truncated file; {detail})"
         ) from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a sturdy checkpoint (missing format tag {CHECKPOINT_FORMAT!r})")
-    return check_state_tensors(state, source=f"checkpoint {str(path)!r}")
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Tensor], str]:
+    """The ``state_dict`` a weights file holds and the file's SHA-256.
+
+    The file (read by :func:`read_weights_only`) holds a plain ``state_dict``, a dict with one under
+    ``"state_dict"``, ``"model_state_dict"`` or ``"model"``, or a sturdy checkpoint (its ``"model"`` entry); a
+    ``module.`` prefix on every name (saved from DDP) is removed.
+
+    Raises:
+        CheckpointError: missing, unreadable or unsafe file, no state dict inside, tensors on the meta device or
+            with NaN or infinite values.
+    """
+    obj = read_weights_only(path, map_location="cpu", expected="a state_dict or a model.pt written by `sturdy train`")
+    where = f"weights file {str(path)!r}"
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        obj = obj.get("model")
+    elif isinstance(obj, dict) and not _is_state(obj):
+        obj = next((obj[k] for k in _STATE_KEYS if isinstance(obj.get(k), dict) and _is_state(obj[k])), obj)
+    if not isinstance(obj, dict) or not obj or not _is_state(obj):
+        raise CheckpointError(f"{where} holds neither a state_dict (parameter names to tensors) nor a sturdy "
+                              "checkpoint")
+    state = dict(obj)
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    check_state_tensors(state, source=where)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{where} holds NaN or infinite values in {', '.join(bad[:3])}"
+                              f"{' and more' if len(bad) > 3 else ''}; the run that wrote it diverged")
+    return state, _sha256(path)
+
+
+def _is_state(obj: Mapping[Any, Any]) -> bool:
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _sha256(path: Union[str, os.PathLike]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 RESUME_ADVICE = "use a new output folder or --no-resume to start over"

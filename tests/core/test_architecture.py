@@ -66,7 +66,7 @@ def test_parts_import_only_the_core():
 
 def test_core_imports_no_part():
     core = {"sturdy.errors", "sturdy.utils", "sturdy.data", "sturdy.models",
-            "sturdy.distributed", "sturdy.report"}
+            "sturdy.distributed", "sturdy.report", "sturdy.normalize", "sturdy.model_sources"}
     for module, targets in _imports().items():
         if module in core or module.startswith(("sturdy.persample", "sturdy.training")):
             for target in targets:

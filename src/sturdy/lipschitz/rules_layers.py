@@ -8,7 +8,9 @@
 * linear layers: ``Conv1d`` (as a 2-D convolution of height 1), ``ConvTranspose2d`` (the adjoint of a
   convolution on the output shape: same norm), ``x @ W`` / ``W @ x`` with ``W`` a parameter or computed from
   parameters; the functional forms alike;
-* functional dropout and batch norm: identity / a per-channel scale when ``training`` is false.
+* functional dropout and batch norm: identity / a per-channel scale when ``training`` is false;
+* :class:`sturdy.normalize.Normalize` (``(x - mean_c) / std_c``): the per-channel scale ``1 / std_c``
+  (norm ``max_c 1 / std_c``; the mean is a shift and drops out).
 
 Refused, with the reason: randomness in eval mode (``F.dropout(x, p)`` defaults to ``training=True``:
 pass ``training=self.training``; random number generators), batch statistics (``F.batch_norm(training=True)``),
@@ -26,9 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sturdy.errors import UnsupportedModuleError
-from sturdy.lipschitz.operators import BatchNormOp, Conv1dOp, ConvTranspose2dOp, LinearLayerOp
+from sturdy.lipschitz.operators import BatchNormOp, Conv1dOp, ConvTranspose2dOp, LinearLayerOp, ScaleOp
 from sturdy.lipschitz.registry import CONCAT, Factor, OpCall, includes_batch_dim, register_bound
 from sturdy.lipschitz.rules import check_batched, weight_arg
+from sturdy.normalize import Normalize
 
 __all__ = ["random_call", "HARDSWISH_MAX_SLOPE", "MISH_MAX_SLOPE", "SELU_MAX_SLOPE", "HARDSIGMOID_MAX_SLOPE"]
 
@@ -115,6 +118,22 @@ def _functional_batch_norm(call: OpCall) -> BatchNormOp:
         eps=float(call.arg(7, "eps", 1e-5)),
         in_shape=tuple(call.input_shape[1:]),  # type: ignore[index]
     )
+
+
+@register_bound(Normalize)
+def _normalize(call: OpCall) -> ScaleOp:
+    m = call.module
+    assert isinstance(m, Normalize)
+    x = call.args[0]
+    if call.dependent_args != (0,) or call.kwargs or len(call.args) != 1 or not isinstance(x, torch.Tensor):
+        raise _unsupported(call, "it is called with other arguments than one input tensor")
+    if x.dim() < 2 or not bool(torch.isfinite(m.std).all()) or bool((m.std <= 0).any()):
+        raise _unsupported(call, "a standard deviation that is not positive and finite, or an input without channels")
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    # (x - mean) / std: the shift drops out of every difference, the division is a per-channel scale
+    op = ScaleOp(lambda: m.std.reshape(shape), tuple(x.shape), tuple(call.output.shape), divide=True)
+    op.kind = "normalize"
+    return op
 
 
 # ------------------------------------------------------------------------------------------ activations
