@@ -7,7 +7,9 @@ The default data set, ``digits``, is scikit-learn's 8x8 handwritten digits (1797
 no download). A copy of its arrays ships as ``sturdy/digits.npz`` (45 kB; loading it takes
 milliseconds, importing scikit-learn about a second per process); scikit-learn's copy stays the
 source of truth and the test suite checks that both are equal. Torchvision data sets (``mnist``, ``fashion-mnist``,
-``cifar10``, ``svhn``) are loaded when the ``vision`` extra is installed and the files are present.
+``cifar10``, ``svhn``) are loaded when the ``vision`` extra is installed and the files are present; the project's
+own readers of the standard files (no torchvision, uint8 images cached beside the data) are
+:func:`sturdy.datasets.load_data`'s.
 
 Example:
     >>> from sturdy.data import load_dataset
@@ -47,7 +49,9 @@ class ImageDataset(Dataset):
     """An in-memory labelled image data set.
 
     Attributes:
-        images: float32 tensor ``(N, C, H, W)``, values in ``[0, 1]``.
+        images: float32 tensor ``(N, C, H, W)``, values in ``[0, 1]``; or uint8 pixels 0..255 (the readers of
+            :mod:`sturdy.datasets` return them, memory-mapped from their cache: the training core converts them per
+            batch, and :meth:`as_float` gives the ``[0, 1]`` floats an analysis takes).
         labels: int64 tensor ``(N,)``.
         num_classes: number of classes.
         name: data set name (e.g. ``"digits"``).
@@ -63,9 +67,11 @@ class ImageDataset(Dataset):
     def __post_init__(self) -> None:
         """Structural checks only (cheap): values are checked where they are used (e.g. :func:`train`)."""
         x, y = self.images, self.labels
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+        if (not isinstance(x, torch.Tensor) or x.ndim != 4
+                or not (x.is_floating_point() or x.dtype == torch.uint8)):
             got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise DataError(f"ImageDataset images must be a floating-point tensor (N, C, H, W) in [0, 1], got {got}")
+            raise DataError(f"ImageDataset images must be a floating-point tensor (N, C, H, W) in [0, 1] or uint8 "
+                            f"pixels 0..255, got {got}")
         if (not isinstance(y, torch.Tensor) or y.ndim != 1 or y.is_floating_point() or y.is_complex()
                 or y.dtype == torch.bool):
             got = f"shape {tuple(y.shape)}, dtype {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
@@ -87,6 +93,16 @@ class ImageDataset(Dataset):
         """``(C, H, W)`` of one image."""
         c, h, w = self.images.shape[1:]
         return int(c), int(h), int(w)
+
+    def as_float(self, dtype: torch.dtype = torch.float32) -> ImageDataset:
+        """This data set with floating-point images in ``[0, 1]`` (uint8 pixels divided by 255; float images are
+        returned as they are when already of ``dtype``)."""
+        if self.images.dtype == dtype:
+            return self
+        images = self.images.to(dtype)
+        if not self.images.is_floating_point():
+            images = images.div_(255.0)
+        return ImageDataset(images, self.labels, self.num_classes, self.name, self.split)
 
     def subset(self, indices: torch.Tensor | Sequence[int]) -> ImageDataset:
         """A new data set holding only ``indices`` (same name, split and class count)."""
