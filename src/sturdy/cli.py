@@ -7,7 +7,6 @@ exit with status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import os
@@ -17,8 +16,16 @@ from typing import Any, Optional, Sequence
 
 from sturdy import __version__
 from sturdy.errors import ConfigurationError, SturdyError
-from sturdy.experiments.argtypes import batch_size_int, bounded_int, finite_float, positive_float, seed_int
+from sturdy.experiments.argtypes import (
+    batch_size_int,
+    bounded_int,
+    finite_float,
+    model_arg,
+    positive_float,
+    seed_int,
+)
 from sturdy.experiments.parts import parts
+from sturdy.experiments.sources import add_source_arguments
 from sturdy.utils import prepare_output_dir
 
 __all__ = ["main", "build_parser"]
@@ -43,22 +50,11 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise ConfigurationError(f"{self.prog}: {message}")
 
 
-def _model_arg(text: str) -> tuple:
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. width=256 or channels=(16,32)), got {text!r}")
-    try:
-        parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = value
-    return key, parsed
-
-
 # command-line types of TrainConfig fields that need more than int/float (bounds checked at parse time)
 _FIELD_TYPES = {"epochs": bounded_int(1, MAX_EPOCHS), "batch_size": batch_size_int, "eval_batch_size": batch_size_int,
                 "seed": seed_int, "lr": positive_float, "sync_every": bounded_int(1, 2**31 - 1)}
-_JOB_OPTIONS = ("dataset", "data_root", "download", "resize", "model", "model_arg", "out", "no_resume",
-                "no_progress")
+_JOB_OPTIONS = ("dataset", "data_root", "download", "resize", "model", "model_arg", "weights", "normalize", "out",
+                "no_resume", "no_progress")
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
@@ -86,14 +82,20 @@ def _add_train(subparsers: Any, parts: Sequence[Any]) -> None:
     from sturdy.experiments import parallel
 
     p = subparsers.add_parser("train", help="train a model; writes OUT/model.pt and OUT/results.json")
-    p.add_argument("--dataset", default="digits",
-                   help="digits (embedded), synthetic, mnist, fashion-mnist, cifar10, svhn")
+    p.add_argument("--data", "--dataset", dest="dataset", default="digits",
+                   help="digits (embedded), synthetic, npz:FILE, folder:DIR, cifar10:DIR, cifar100:DIR, mnist:DIR, "
+                        "fashion-mnist:DIR, svhn:DIR (or mnist, fashion-mnist, cifar10, svhn through torchvision)")
     p.add_argument("--data-root", default=None, help="folder holding torchvision data files")
     p.add_argument("--download", action="store_true", help="let torchvision download missing data (needs internet)")
-    p.add_argument("--resize", type=bounded_int(1, MAX_IMAGE_SIDE), default=None,
+    p.add_argument("--resize", "--image-size", dest="resize", type=bounded_int(1, MAX_IMAGE_SIDE), default=None,
                    help=f"resize images to SIDE x SIDE (at most {MAX_IMAGE_SIDE})")
-    p.add_argument("--model", default="cnn", help="linear, mlp, cnn, resnet, wrn, aol, liresnet, resnet18, resnet50")
-    p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--model", default="cnn",
+                   help="linear, mlp, cnn, resnet, wrn, aol, liresnet, resnet18, resnet50, or your own: "
+                        "path/file.py:FACTORY, package.module:FACTORY, torchvision:NAME, timm:NAME (trusted code)")
+    p.add_argument("--weights", default=None, help="initial weights: a state_dict file or a sturdy model.pt")
+    p.add_argument("--normalize", default=None, help="MEAN,STD or a preset (imagenet, cifar10, mnist), put in front "
+                                                     "of the model so every analysis sees images in [0, 1]")
+    p.add_argument("--model-arg", type=model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="architecture option, repeatable (e.g. --model-arg width=256)")
     p.add_argument("--out", default="runs/train")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/model.pt exists")
@@ -119,7 +121,8 @@ def _job_from_args(args: argparse.Namespace) -> Any:
     options["explicit_options"] = sorted(typed)
     return TrainJob(
         dataset=args.dataset, model=args.model, model_kwargs=dict(args.model_arg), resize=args.resize,
-        data_root=args.data_root, download=args.download, config=TrainConfig(**typed), out=args.out, options=options,
+        data_root=args.data_root, download=args.download, weights=args.weights, normalize=args.normalize,
+        config=TrainConfig(**typed), out=args.out, options=options,
     )
 
 
@@ -127,7 +130,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     """Every part may join the run with a plugin; the core runs it in one process or data-parallel."""
     from sturdy.experiments.jsonio import results_path
     from sturdy.experiments.parallel import apply_data_parallel_defaults, run_job
-    from sturdy.experiments.parts import parts
 
     job = apply_data_parallel_defaults(_job_from_args(args))
     results_path(job.out, "train")  # before any worker starts: refused when another command's results are there
@@ -141,24 +143,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from sturdy.experiments.train_job import check_data_matches, load_job_data, load_trained_model
+    from sturdy.experiments.sources import load_sources
     from sturdy.training import evaluate, resolve_device
 
-    model, job = load_trained_model(args.checkpoint, device=resolve_device(args.device))
-    job = job.replace(data_root=args.data_root, download=args.download)
-    if args.dataset is not None:
-        job = job.replace(dataset=args.dataset)
-    _, test_set = load_job_data(job)
-    check_data_matches(args.checkpoint, test_set, job.dataset)
-    logits = _num_logits(model, test_set)
+    sources = load_sources(args, device=resolve_device(args.device))
+    test_set = sources.test_set
+    logits = _num_logits(sources.model, test_set)
     if test_set.num_classes != logits:
-        raise ConfigurationError(f"data set {job.dataset!r} has {test_set.num_classes} classes, the model "
+        raise ConfigurationError(f"data set {sources.dataset!r} has {test_set.num_classes} classes, the model "
                                  f"predicts {logits}; choose a data set with the same classes")
-    loss, acc = evaluate(model, test_set)
+    loss, acc = evaluate(sources.model, test_set)
     if not math.isfinite(loss):
         raise ConfigurationError(f"the model's test loss is not finite ({loss}); its outputs overflow")
-    print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": job.dataset, "test_loss": loss,
-                      "test_accuracy": acc, "test_size": len(test_set)}, allow_nan=False))
+    print(json.dumps({"checkpoint": args.checkpoint, "dataset": sources.dataset, "test_loss": loss,
+                      "test_accuracy": acc, "test_size": len(test_set), "sources": sources.record}, allow_nan=False))
     return 0
 
 
@@ -187,10 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
     all_parts = parts()
     _add_train(sub, all_parts)
-    p = sub.add_parser("evaluate", help="test accuracy of a trained model")
-    p.add_argument("--checkpoint", required=True, help="model.pt written by `sturdy train`")
-    p.add_argument("--dataset", default=None, help="evaluate on another data set of the same shape")
-    p.add_argument("--data-root", default=None, help="folder holding torchvision data files")
+    p = sub.add_parser("evaluate", help="test accuracy of a trained model or of your own")
+    add_source_arguments(p)
     p.add_argument("--download", action="store_true", help="let torchvision download missing data (needs internet)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=_cmd_evaluate)

@@ -135,7 +135,7 @@ BOUNDS = [
      "sturdy.experiments.flatness_grid.run_grid"),
     ("grid-seed", GRID + ["--seed"], SEED_MAX, "--seed", "sturdy.experiments.flatness_grid.run_grid"),
     ("measure-seed", ["flatness", "measure", "--checkpoint", "{ckpt}", "--out", "{out}", "--seed"], SEED_MAX, "--seed",
-     "sturdy.experiments.flatness.measure_checkpoint"),
+     "sturdy.experiments.flatness.measure_model"),
     ("costmodel-workers", ["compression", "costmodel", "--checkpoint", "{ckpt}", "--ratio", "0.1", "--out", "{out}",
                            "--workers"], 2**20, r"worker counts in \[1, 1048576\]",
      "sturdy.experiments.compression_costmodel.predict_step_times"),
@@ -316,7 +316,8 @@ def test_count_option_at_its_bound_is_accepted(case, argv, bound, message, work,
 def test_count_bounds_cover_every_count_option():
     """Every integer option of every command has a bound case here, or is a documented clip to the data."""
     clipped = {"--limit", "--attack-images", "--max-queries", "--tightness-points",  # clipped to the data / cost
-               "--nproc", "--resize", "--threads"}  # bounded by the parser or the launcher already (other tests)
+               "--nproc", "--resize", "--image-size",  # bounded by the parser or the launcher (other tests)
+               "--threads"}
     bounded = {argv[-2] for _, argv, *_ in BOUNDS}
     integer = {flag for path, flag, _ in NUMERIC if _integer_type(_action(path, flag).type)}
     assert integer and integer - bounded - clipped == set(), integer - bounded - clipped

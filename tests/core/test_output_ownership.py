@@ -249,4 +249,4 @@ def test_checkpoints_record_what_a_resume_must_keep(tmp_path):
     fit(_job(tmp_path / "run"), progress=False)
     ckpt = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert ckpt["extra"]["identity"] == {"dataset": "digits", "model": "linear", "model_kwargs": {}, "resize": None,
-                                         "world_size": 1}
+                                         "normalize": None, "world_size": 1}

@@ -83,7 +83,7 @@ def test_loading_a_trained_model_loads_no_data(tmp_path, monkeypatch):
         raise AssertionError("load_trained_model must not load a data set")
 
     monkeypatch.setattr(sturdy.data, "load_dataset", no_data)
-    monkeypatch.setattr("sturdy.experiments.train_job.load_dataset", no_data)
+    monkeypatch.setattr("sturdy.experiments.job_sources.load_dataset", no_data)
     model, job = load_trained_model(tmp_path / "run" / "model.pt")
     assert job.config.epochs == 1 and not model.training
     x = torch.rand(3, 1, 8, 8)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 from typing import Optional, Tuple
 
 from sturdy.validation import MAX_SEED
 
-__all__ = ["phase_arg", "frequency_arg", "MAX_FREQUENCY",
+__all__ = ["phase_arg", "frequency_arg", "MAX_FREQUENCY", "model_arg",
            "positive_int", "non_negative_int", "positive_float", "finite_float", "bounded_int", "seed_int",
            "batch_size_int", "MAX_BATCH_SIZE"]
 
@@ -103,3 +104,16 @@ def frequency_arg(text: str) -> Tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected K and L of magnitude below {MAX_FREQUENCY} (they are taken modulo "
                                          f"the image size: give e.g. 0..H-1 and 0..W-1), got {text[:40]!r}")
     return k, col
+
+
+def model_arg(text: str) -> tuple:
+    """``KEY=VALUE`` of ``--model-arg``: the value as a Python literal when it is one (``channels=(16,32)``), else a
+    string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. width=256 or channels=(16,32)), got {text!r}")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return key, parsed

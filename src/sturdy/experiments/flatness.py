@@ -20,10 +20,12 @@ from torch import nn
 from sturdy.errors import ConfigurationError, UnsupportedModuleError
 from sturdy.experiments.argtypes import non_negative_int, positive_float, positive_int, seed_int
 from sturdy.experiments.parts import no_train_arguments, no_training_plugin
+from sturdy.experiments.sources import add_source_arguments, load_sources
 from sturdy.flatness import available_measures, check_rescaling_invariance, compute_measures, rescale_nodes
 from sturdy.validation import check_count
 
-__all__ = ["register_cli", "add_train_arguments", "training_plugin", "demo_section", "measure_checkpoint"]
+__all__ = ["register_cli", "add_train_arguments", "training_plugin", "demo_section", "measure_checkpoint",
+           "measure_model"]
 
 DEMO_SAMPLES = (150, 500)  # training samples the demo measures on (quick, normal)
 DEMO_SETTINGS = {
@@ -72,8 +74,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_grid)
 
-    p = sub.add_parser("measure", help="every generalisation measure of one trained model")
-    p.add_argument("--checkpoint", required=True, help="model.pt written by `sturdy train`")
+    p = sub.add_parser("measure", help="every generalisation measure of one trained model (or your own)")
+    add_source_arguments(p)
     p.add_argument("--out", required=True, help="output folder (measures.json)")
     p.add_argument("--measures", default=None,
                    help=f"comma-separated subset of: {', '.join(available_measures())} (default: all)")
@@ -141,19 +143,34 @@ def measure_checkpoint(
 
     The measures use the training split with the job's label noise, or its first ``limit`` samples.
     """
+    from sturdy.experiments.jsonio import results_path
+    from sturdy.experiments.train_job import check_data_matches, load_job_data, load_trained_model
+    from sturdy.training import resolve_device
+
+    results_path(out, "flatness measure")  # checked before any work
+    model, job = load_trained_model(checkpoint, device=resolve_device(device))
+    train_set, test_set = load_job_data(job)
+    check_data_matches(checkpoint, train_set, job.dataset)
+    record = {"model": {"checkpoint": str(checkpoint), "job": job.to_dict()}, "data": {"spec": job.dataset}}
+    return measure_model(model, train_set, test_set, job=job, record=record, out=out, measures=measures, limit=limit,
+                         device=device, seed=seed, progress=progress)
+
+
+def measure_model(model: Any, train_set: Any, test_set: Any, *, job: Any, record: Dict[str, Any], out: str | Path,
+                  measures: Optional[List[str]] = None, limit: Optional[int] = None, device: str = "cpu",
+                  seed: int = 0, progress: bool = True) -> Dict[str, Any]:
+    """Every measure (or ``measures``) of ``model`` on its training data (with the job's label noise when it
+    comes from a checkpoint, the first ``limit`` samples); writes ``out/measures.json``."""
     from sturdy.data import apply_label_noise
     from sturdy.experiments.jsonio import results_path, write_results
-    from sturdy.experiments.train_job import check_data_matches, load_job_data, load_trained_model
     from sturdy.training import evaluate, resolve_device
 
     results = results_path(out, "flatness measure")  # checked before any work
     dev = resolve_device(device)
-    model, job = load_trained_model(checkpoint, device=dev)
-    train_set, test_set = load_job_data(job)
-    check_data_matches(checkpoint, train_set, job.dataset)
-    labels = apply_label_noise(train_set.labels, fraction=job.config.label_noise, num_classes=train_set.num_classes,
-                               seed=job.config.seed)
-    train_set = train_set.with_labels(labels)
+    if job is not None:
+        labels = apply_label_noise(train_set.labels, fraction=job.config.label_noise,
+                                   num_classes=train_set.num_classes, seed=job.config.seed)
+        train_set = train_set.with_labels(labels)
     if limit is not None:
         train_set = train_set.subset(torch.arange(min(limit, len(train_set))))
     names = measures if measures else list(available_measures())
@@ -162,7 +179,8 @@ def measure_checkpoint(
     train_loss, train_acc = evaluate(model, train_set, device=dev)
     test_loss, test_acc = evaluate(model, test_set, device=dev)
     result = {
-        "checkpoint": str(checkpoint), "job": job.to_dict(), "samples": len(train_set),
+        "checkpoint": record["model"].get("checkpoint"), "job": job.to_dict() if job is not None else None,
+        "sources": record, "samples": len(train_set),
         "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc,
         "gap": train_acc - test_acc, "measures": measured.to_dict(), "seconds": time.perf_counter() - t0,
     }
@@ -178,8 +196,14 @@ def _cmd_measure(args: argparse.Namespace) -> int:
             raise ConfigurationError(
                 f"unknown measure(s) {', '.join(unknown)}; choose from: {', '.join(available_measures())}"
             )
-    result = measure_checkpoint(args.checkpoint, out=args.out, measures=names, limit=args.limit,
-                                device=args.device, seed=args.seed, progress=not args.no_progress)
+    from sturdy.experiments.jsonio import results_path
+    from sturdy.training import resolve_device
+
+    results_path(args.out, "flatness measure")  # checked before any work
+    sources = load_sources(args, device=resolve_device(args.device))
+    result = measure_model(sources.model, sources.train_set, sources.test_set, job=sources.job,
+                           record=sources.record, out=args.out, measures=names, limit=args.limit,
+                           device=args.device, seed=args.seed, progress=not args.no_progress)
     print(f"gap (train - test accuracy) {result['gap']:.4f}")
     for name, m in result["measures"].items():
         print(f"  {name:28s} {m['value']:.6g}")

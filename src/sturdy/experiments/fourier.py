@@ -37,7 +37,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from sturdy.data import ImageDataset, load_dataset
+from sturdy.data import ImageDataset
 from sturdy.errors import ConfigurationError
 from sturdy.experiments.argtypes import (
     batch_size_int,
@@ -50,6 +50,7 @@ from sturdy.experiments.argtypes import (
 )
 from sturdy.experiments.jsonio import results_path, write_results
 from sturdy.experiments.parts import no_train_arguments, no_training_plugin
+from sturdy.experiments.sources import Sources, add_source_arguments, load_sources
 from sturdy.fourier import (
     DEFAULT_PHASE,
     SEARCHES,
@@ -85,7 +86,7 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _common_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="model.pt written by `sturdy train`")
+    add_source_arguments(p)
     p.add_argument("--eps", type=positive_float, required=True, help="budget in --norm (images in [0, 1])")
     p.add_argument("--norm", choices=("l2", "linf"), default="l2")
     p.add_argument("--wave", choices=("sine", "square"), default="sine",
@@ -149,13 +150,10 @@ def _cmd_missing(args: argparse.Namespace) -> int:
     raise ConfigurationError("sturdy fourier: choose a sub-command: heatmap or attack (see sturdy fourier -h)")
 
 
-def _load(args: argparse.Namespace, device: Optional[torch.device] = None):
-    from sturdy.experiments.train_job import load_trained_model
+def _load(args: argparse.Namespace, device: Optional[torch.device] = None) -> Sources:
     from sturdy.training import resolve_device
 
-    model, job = load_trained_model(args.checkpoint, device=device or resolve_device(args.device))
-    kw = dict(root=job.data_root, download=job.download, resize=job.resize)
-    return model, job, kw
+    return load_sources(args, device=device or resolve_device(args.device))
 
 
 def _runtime(args: argparse.Namespace, model: Any) -> Tuple[Any, Dict[str, Any]]:
@@ -231,9 +229,10 @@ def _heatmap(args: argparse.Namespace, device: Optional[torch.device]) -> int:
     if rank == 0:
         prepare_output_dir(out)
     results = results_path(out, "fourier heatmap")  # checked before any work
-    model, job, kw = _load(args, device)
+    sources = _load(args, device)
+    model = sources.model
     analysed, inference = _runtime(args, model)
-    test = load_dataset(job.dataset, split="test", **kw)
+    test = sources.test_set
     n = min(args.limit, len(test))
     x, y = test.images[:n], test.labels[:n]
     subset = _frequency_subset(args, x.shape[2], x.shape[3])  # every count checked before any work
@@ -252,9 +251,10 @@ def _heatmap(args: argparse.Namespace, device: Optional[torch.device]) -> int:
         return 0
     grad = gradient_spectrum(model, x, y, batch_size=min(args.batch_size or 256, 256))
     summary = hm.to_dict()
-    summary.update(checkpoint=str(args.checkpoint), dataset=job.dataset, **_gradient_correlations(grad, hm),
+    summary.update(checkpoint=args.checkpoint, dataset=sources.dataset, sources=sources.record,
+                   **_gradient_correlations(grad, hm),
                    gradient_seconds=grad.seconds, gradient_power_map=grad.full().tolist())
-    hm.plot(out / "heatmap.png", title=job.model)
+    hm.plot(out / "heatmap.png", title=sources.name)
     _save_figure(plot_fourier_maps([("input-gradient power (mean)", grad.full())]), out / "gradient.png")
     write_results(summary, results, command="fourier heatmap")  # last: its presence means the run finished
     keys = ("clean_error", "max_error", "mean_error", "max_fooling", "gradient_rank_correlation_fooling", "seconds",
@@ -298,10 +298,10 @@ def _split_attack_set(train: ImageDataset, n: int, seed: int) -> Tensor:
 def _cmd_attack(args: argparse.Namespace) -> int:
     out = prepare_output_dir(args.out)
     results = results_path(out, "fourier attack")  # checked before any work
-    model, job, kw = _load(args)
+    sources = _load(args)
+    model = sources.model
     analysed, inference = _runtime(args, model)
-    train = load_dataset(job.dataset, split="train", **kw)
-    test = load_dataset(job.dataset, split="test", **kw)
+    train, test = sources.train_set, sources.test_set
     x_attack = _split_attack_set(train, args.attack_images, args.seed)
     check_phases(args.phases, *x_attack.shape[1:])  # every count checked before any work
     check_shifts(args.shifts, test.images.shape[2], test.images.shape[3])
@@ -315,7 +315,8 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     noise = random_noise_baseline(model, test.images, test.labels, eps=args.eps, norm=args.norm,
                                   batch_size=eval_batch, seed=args.seed)
     summary = _attack_summary(sfa, held)
-    summary.update(checkpoint=str(args.checkpoint), dataset=job.dataset, attack_images=len(x_attack),
+    summary.update(checkpoint=args.checkpoint, dataset=sources.dataset, sources=sources.record,
+                   attack_images=len(x_attack),
                    random_noise_fooling_rate=noise.fooling_rate)
     combo = None
     if args.combine:

@@ -19,7 +19,7 @@ from torch import nn
 from sturdy.errors import ConfigurationError
 from sturdy.experiments.argtypes import positive_int
 from sturdy.experiments.jsonio import results_path, write_results
-from sturdy.experiments.train_job import load_job_data, load_trained_model
+from sturdy.experiments.sources import add_source_arguments, load_sources
 from sturdy.lipschitz import Certificate, certify, lipschitz_bound, tightness
 from sturdy.lipschitz.losses import FORMS
 from sturdy.report import new_figure
@@ -114,9 +114,9 @@ def _cmd_certify(args: argparse.Namespace) -> int:
 
     eps = _parse_eps(args.eps)
     results = results_path(args.out, "lipschitz certify")  # checked before any work
-    model, job = load_trained_model(args.checkpoint, device=resolve_device(args.device))
-    train_set, test_set = load_job_data(job)
-    data = test_set if args.split == "test" else train_set
+    sources = load_sources(args, device=resolve_device(args.device))
+    model = sources.model
+    data = sources.test_set if args.split == "test" else sources.train_set
     x, y = data.images, data.labels
     if args.limit is not None:
         x, y = x[: args.limit], y[: args.limit]
@@ -127,15 +127,17 @@ def _cmd_certify(args: argparse.Namespace) -> int:
         for start in range(0, x.shape[0], 1024):
             model(x[start : start + 1024].to(device))
     summary["seconds"]["inference"] = time.perf_counter() - t0
-    summary.update({"checkpoint": str(args.checkpoint), "split": args.split, "dataset": job.dataset,
-                    "method": job.options.get("method", "standard"), "c": job.options.get("c")})
+    job = sources.job
+    summary.update({"checkpoint": args.checkpoint, "split": args.split, "dataset": sources.dataset,
+                    "method": job.options.get("method", "standard") if job else None,
+                    "c": job.options.get("c") if job else None, "sources": sources.record})
     if args.tightness:
         n = min(args.tightness_points, x.shape[0])
         # raises SoundnessError (one line, exit status 2) when an attack beats a certified radius
         t = tightness(model, x[:n], y[:n], bound=cert.bound, form=args.form, progress=not args.no_progress)
         summary["tightness"] = t.to_dict()
     out = prepare_output_dir(args.out)
-    name = Path(args.checkpoint).parent.name or "model"
+    name = (Path(args.checkpoint).parent.name if args.checkpoint else sources.name) or "model"
     atomic_save_figure(plot_certified_accuracy({name: cert}, eps=eps), out / "certified_accuracy.png", dpi=120)
     atomic_save_figure(plot_radius_histogram({name: cert}), out / "radius_histogram.png", dpi=120)
     write_results(summary, results, command="lipschitz certify")  # last: its presence means the run finished
@@ -151,7 +153,7 @@ CERTIFY_DESCRIPTION = ("Certified accuracy per eps, radius quantiles, Lipschitz 
 
 
 def add_certify_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="model.pt written by `sturdy train`")
+    add_source_arguments(p)
     p.add_argument("--eps", default=",".join(str(e) for e in DEFAULT_EPS), help="comma-separated L2 radii")
     p.add_argument("--form", choices=FORMS, default="pairwise")
     p.add_argument("--split", choices=("test", "train"), default="test")

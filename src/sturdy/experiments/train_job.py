@@ -12,15 +12,16 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from sturdy.data import ImageDataset, check_fits_in_memory, load_dataset
+from sturdy.data import ImageDataset, check_fits_in_memory
 from sturdy.errors import CheckpointError, ConfigurationError
+from sturdy.experiments.job_sources import is_registry_model, job_data, job_model
 from sturdy.experiments.jsonio import remove_results, results_path, write_results
-from sturdy.models import create_model
+from sturdy.experiments.resume_identity import JOB_IDENTITY, check_same_run, plain
 from sturdy.training import (
     Objective,
     Plugin,
@@ -62,7 +63,9 @@ class TrainJob:
     """Everything that defines a training run (stored in every checkpoint and ``results.json``).
 
     Attributes:
-        dataset, model, model_kwargs, resize, data_root, download: what is trained on what.
+        dataset, model, model_kwargs, resize, data_root, download, weights, normalize: what is trained on what
+            (sources of :mod:`sturdy.experiments.job_sources`: a registry model or your own, initial weights, a
+            normalisation in front of the model; a data set name or a data spec).
         config: the training hyper-parameters (:class:`sturdy.training.TrainConfig`).
         out: output folder (``model.pt``, ``results.json``).
         options: method-specific settings added by part modules (e.g. ``method``, ``c``, ``nproc``,
@@ -75,6 +78,8 @@ class TrainJob:
     resize: Optional[int] = None
     data_root: Optional[str] = None
     download: bool = False
+    weights: Optional[str] = None
+    normalize: Optional[str] = None
     config: TrainConfig = field(default_factory=TrainConfig)
     out: str = "runs/train"
     options: Dict[str, Any] = field(default_factory=dict)
@@ -158,9 +163,9 @@ class FitResult:
 
 
 def load_job_data(job: TrainJob) -> Tuple[ImageDataset, ImageDataset]:
-    """Train and test split of the job's data set."""
-    kw = dict(root=job.data_root, download=job.download, resize=job.resize)
-    return load_dataset(job.dataset, split="train", **kw), load_dataset(job.dataset, split="test", **kw)
+    """Train and test split of the job's data set (:func:`~sturdy.experiments.job_sources.job_data`)."""
+    kw = dict(resize=job.resize, data_root=job.data_root, download=job.download)
+    return job_data(job.dataset, split="train", **kw), job_data(job.dataset, split="test", **kw)
 
 
 def check_data_matches(path: str | os.PathLike, data: ImageDataset, dataset: str) -> None:
@@ -190,14 +195,16 @@ def build_model(job: TrainJob, in_shape: Sequence[int], num_classes: int, *, see
                          fix="choose smaller --model-arg values")
     if seed is not None:
         torch.manual_seed(seed)
-    return create_model(job.model, in_shape=tuple(in_shape), num_classes=num_classes, **job.model_kwargs)
+    return job_model(job.model, job.model_kwargs, in_shape, num_classes, weights=job.weights, normalize=job.normalize)
 
 
 def _meta_model(job: TrainJob, in_shape: Sequence[int], num_classes: int) -> nn.Module:
     """The job's model on the meta device: settings that ask for huge layers allocate nothing."""
     try:
+        if not is_registry_model(job.model):  # your own model: load_model checks it on the meta device itself
+            return job_model(job.model, job.model_kwargs, in_shape, num_classes, normalize=job.normalize)
         with torch.device("meta"):
-            return create_model(job.model, in_shape=tuple(in_shape), num_classes=num_classes, **job.model_kwargs)
+            return job_model(job.model, job.model_kwargs, in_shape, num_classes, normalize=job.normalize)
     except ConfigurationError:
         raise
     except (TypeError, ValueError) as exc:
@@ -298,7 +305,6 @@ def _drop_stale_results(out: Path) -> None:
         remove_results(out / "results.json", "train")
 
 
-_JOB_IDENTITY = ("dataset", "model", "model_kwargs", "resize")
 
 
 def run_identity(job: TrainJob, *, world_size: int, plugins: Sequence[TrainPlugin] = ()) -> Dict[str, Any]:
@@ -306,7 +312,7 @@ def run_identity(job: TrainJob, *, world_size: int, plugins: Sequence[TrainPlugi
     architecture, the number of workers, and the settings of every method joining it (the plugins'
     ``resume_identity``, see :class:`TrainPlugin`)."""
     job_dict = job.to_dict()
-    identity: Dict[str, Any] = {**{k: job_dict[k] for k in _JOB_IDENTITY}, "world_size": world_size}
+    identity: Dict[str, Any] = {**{k: job_dict[k] for k in JOB_IDENTITY}, "world_size": world_size}
     for plugin in plugins:
         own = dict(getattr(plugin, "resume_identity", None) or {})
         clash = set(identity) & set(own)
@@ -314,7 +320,7 @@ def run_identity(job: TrainJob, *, world_size: int, plugins: Sequence[TrainPlugi
             raise ConfigurationError(f"two methods of this run record resume settings under the same name "
                                      f"{sorted(clash)}")
         identity.update(own)
-    return _plain(identity)
+    return plain(identity)
 
 
 def check_resume(job: TrainJob, *, plugins: Sequence[TrainPlugin] = (), world_size: int = 1) -> None:
@@ -324,65 +330,6 @@ def check_resume(job: TrainJob, *, plugins: Sequence[TrainPlugin] = (), world_si
     if path.is_file():
         check_same_run(load_checkpoint(path, map_location="cpu"), path,
                        run_identity(job, world_size=world_size, plugins=plugins))
-
-
-def check_same_run(ckpt: Mapping[str, Any], path: Path, identity: Mapping[str, Any]) -> None:
-    """The one resume check of a training job: refuse checkpoint ``ckpt`` (read from ``path``) made for another
-    data set or architecture, another number of workers, or other methods (e.g. another compression method or
-    setting), naming every difference. Checkpoints of earlier versions, which record only their job, are
-    compared on the data set and architecture.
-
-    Raises:
-        CheckpointError: one line naming the differences and the fix.
-    """
-    extra = ckpt.get("extra")
-    extra = extra if isinstance(extra, dict) else {}
-    stored = extra.get("identity")
-    if not isinstance(stored, dict):
-        job = extra.get("job")
-        if not isinstance(job, dict):
-            return
-        stored = {k: _plain(job.get(k)) for k in _JOB_IDENTITY}
-        identity = {k: identity.get(k) for k in _JOB_IDENTITY}
-    differ = [_difference(k, stored.get(k), identity.get(k)) for k in _ordered_keys(stored, identity)
-              if stored.get(k) != identity.get(k)]
-    if differ:
-        raise CheckpointError(f"{str(path)!r} was trained with other settings ({'; '.join(differ)}); resume with "
-                              "the same settings, or use a new output folder or --no-resume to start over")
-
-
-def _ordered_keys(*dicts: Mapping[str, Any]) -> List[str]:
-    keys: List[str] = []
-    for d in dicts:
-        keys += [k for k in d if k not in keys]
-    return keys
-
-
-def _difference(key: str, there: Any, here: Any) -> str:
-    """``key: X there, Y here``; for two settings dicts of one method, only their differing entries."""
-    name = key.replace("_", " ")
-    if isinstance(there, dict) and isinstance(here, dict) and there.get("method") == here.get("method"):
-        return "; ".join(_difference(f"{key} {k}", there.get(k), here.get(k)) for k in _ordered_keys(there, here)
-                         if there.get(k) != here.get(k))
-    return f"{name}: {_brief(there)} there, {_brief(here)} here"
-
-
-def _brief(value: Any) -> str:
-    """A setting for a one-line message: ``not used`` when absent, a method's name for a method's settings."""
-    if value is None:
-        return "not used"
-    if isinstance(value, dict) and "method" in value:
-        return str(value["method"])
-    return repr(value)
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists, so settings compare equal after a round trip through a checkpoint."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def run_train_job(job: TrainJob, *, plugins: Sequence[TrainPlugin] = (), resume: bool = True,
@@ -440,7 +387,7 @@ def load_trained_model(
     if bad:
         raise CheckpointError(f"{str(path)!r} holds non-finite (NaN or infinite) weights in {', '.join(bad[:3])}"
                               f"{' and more' if len(bad) > 3 else ''}; the run that wrote it diverged")
-    model = create_model(job.model, in_shape=in_shape, num_classes=num_classes, **job.model_kwargs)
+    model = job_model(job.model, job.model_kwargs, in_shape, num_classes, normalize=job.normalize)
     model.load_state_dict(ckpt["model"])
     model.to(resolve_device(device)).eval()
     return model, job

@@ -1,0 +1,48 @@
+"""The model and the data of a training job, from any source (docs/design.md, "Your own model and data").
+
+* data: a data set name of :func:`sturdy.data.load_dataset` (``digits``, ``synthetic``, and the torchvision names
+  ``mnist``, ``cifar10``, ... read from ``data_root``), or a data spec of :func:`sturdy.datasets.load_data`
+  (``npz:FILE``, ``folder:DIR``, ``cifar10:DIR``, ``mnist:DIR``, ... read by the project's own readers);
+* model: a registry name (:func:`sturdy.models.create_model`) or a model source of
+  :func:`sturdy.model_sources.load_model` (``file.py:FACTORY``, ``package.module:FACTORY``, ``torchvision:NAME``,
+  ``timm:NAME``), with optional initial ``weights`` and a ``normalize`` put in front of the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from sturdy.data import ImageDataset, load_dataset
+from sturdy.datasets import load_data
+from sturdy.model_sources import load_model
+from sturdy.models import available_models, create_model
+
+__all__ = ["job_data", "job_model", "is_registry_model"]
+
+
+def job_data(dataset: str, *, split: str, resize: Optional[int] = None, data_root: Optional[str] = None,
+             download: bool = False) -> ImageDataset:
+    """One split of a job's data (a name of :func:`~sturdy.data.load_dataset` or a spec with ``KIND:PATH``)."""
+    if ":" in dataset:
+        return load_data(dataset, split=split, image_size=resize, root_hint=data_root)
+    return load_dataset(dataset, split=split, root=data_root, download=download, resize=resize)
+
+
+def is_registry_model(spec: str) -> bool:
+    return spec in available_models() or ":" not in spec
+
+
+def job_model(spec: str, model_kwargs: Mapping[str, Any], in_shape: Sequence[int], num_classes: int, *,
+              weights: Optional[str] = None, normalize: Optional[str] = None) -> nn.Module:
+    """The job's model for inputs ``(C, H, W)`` (built where the default device says: ``torch.device("meta")``
+    inside a ``with`` block builds it without memory)."""
+    if is_registry_model(spec) and weights is None and normalize is None:
+        return create_model(spec, in_shape=tuple(in_shape), num_classes=num_classes, **dict(model_kwargs))
+    device = torch.get_default_device()
+    loaded = load_model(spec, model_args=dict(model_kwargs), weights=weights, normalize=normalize,
+                        input_shape=tuple(in_shape), num_classes=num_classes,
+                        device="cpu" if device.type == "meta" else device)
+    return loaded.model
