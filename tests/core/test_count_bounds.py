@@ -137,3 +137,23 @@ def test_check_count_names_the_bound_and_its_reason():
         check_count(4, "n", high=3, why="three of them")
     with pytest.raises(ConfigurationError, match="got 1" + "0" * 29 + r"\.\.\.$"):
         check_count(10**60, "n", high=3, why="three")
+
+
+def test_the_noise_baseline_and_the_combination_attack_bound_their_counts_before_any_work():
+    from sturdy.fourier import fourier_combination_attack, random_noise_baseline
+    from sturdy.fourier.limits import MAX_DRAWS
+
+    model = _Counting()
+    with pytest.raises(ConfigurationError, match=rf"draws must be an integer in \[1, {MAX_DRAWS}\]") as e:
+        random_noise_baseline(model, X, Y, eps=0.5, draws=MAX_DRAWS + 1)
+    _one_line(e)
+    assert model.calls == 0
+    assert random_noise_baseline(model, X, Y, eps=0.5, draws=2).draws == 2
+    # a 4x4 image has 4 * 3 = 12 distinct directions: at most 12 rounds
+    for kwargs, match in (({"rounds": 13}, r"rounds must be an integer in \[0, 12\]"),
+                          ({"pool": 10**12}, r"pool must be an integer in \[1, ")):
+        model = _Counting()
+        with pytest.raises(ConfigurationError, match=match) as e:
+            fourier_combination_attack(model, X, eps=0.5, **kwargs)
+        _one_line(e)
+        assert model.calls == 0

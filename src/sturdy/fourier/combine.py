@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from sturdy.errors import ConfigurationError
 from sturdy.fourier._common import Model, check_batch_size, in_eval_mode, predict_labels
 from sturdy.fourier.attack import UniversalPerturbation, single_fourier_attack
+from sturdy.fourier.limits import check_pool, check_rounds
 from sturdy.fourier.perturbation import Bounds, check_bounds, check_eps, check_images, check_norm
 from sturdy.fourier.search import (
     candidate_deltas,
@@ -158,6 +159,8 @@ def fourier_combination_attack(
         raise ConfigurationError(f"weights must be a non-empty sequence of numbers > 0, got {weights!r}")
     check_images(x, bounds)
     eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=x.shape[1:])
+    check_rounds(rounds, x.shape[2], x.shape[3])  # every count checked against the problem before any work
+    check_pool(pool, len(weights_t), *x.shape[1:])
     device, dtype = model_device_dtype(model, x)
     x = x.to(device=device, dtype=dtype)
     n, channels, height, width = x.shape

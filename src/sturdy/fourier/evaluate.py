@@ -15,9 +15,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from sturdy.errors import ConfigurationError
 from sturdy.fourier._common import Model, call_model, check_batch_size, check_labels, in_eval_mode, predict_labels
-from sturdy.fourier.limits import check_shifts
+from sturdy.fourier.limits import check_draws, check_shifts
 from sturdy.fourier.perturbation import (
     Bounds,
     apply_perturbation,
@@ -208,8 +207,7 @@ def random_noise_baseline(
     """
     eps = check_eps(eps)
     check_norm(norm)
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ConfigurationError(f"draws must be a positive int, got {draws!r}")
+    check_draws(draws)
     bounds = check_bounds(bounds)
     check_images(x, bounds)
     eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=x.shape[1:])

@@ -8,7 +8,11 @@ gives the bound and where it comes from (through :func:`sturdy.validation.check_
 * ``phases`` (SFA phases ``2 pi j / phases``): the candidate table (frequencies x phases x channel sign
   patterns) must fit :data:`~sturdy.validation.MEMORY_BUDGET_BYTES`;
 * ``stride`` (strided heat-map subsets): at most ``max(H, W)``; a larger stride keeps only ``(0, 0)`` too;
-* ``save_every`` (heat-map saves): at most the number of distinct frequencies of the image.
+* ``save_every`` (heat-map saves): at most the number of distinct frequencies of the image;
+* ``draws`` (random-noise baseline): at most :data:`MAX_DRAWS`;
+* ``rounds`` (combination attack): at most the number of distinct frequencies (each round adds at most one atom;
+  more rounds than directions revisit the same ones), ``pool``: the atoms of one round and their weighted
+  mixtures must fit the memory budget.
 
 Example:
     >>> check_shifts(64, 8, 8)
@@ -22,7 +26,10 @@ from typing import Any
 from sturdy.validation import check_count, memory_bound
 
 __all__ = ["check_shifts", "check_phases", "max_phases", "check_stride", "check_save_every", "CANDIDATE_BYTES",
-           "MAX_SIGN_CHANNELS"]
+           "MAX_SIGN_CHANNELS", "check_draws", "check_rounds", "check_pool", "MAX_DRAWS"]
+
+MAX_DRAWS = 4096
+"""Most random-noise draws of the baseline: each draw is one pass of the model over the held-out images."""
 
 CANDIDATE_BYTES = 64
 """Host bytes one SFA candidate costs while the table is built and searched, plus 8 per channel."""
@@ -68,3 +75,23 @@ def check_save_every(save_every: Any, n_freq: int) -> int:
     """``save_every`` in ``[1, n_freq]``: a heat map of an image has ``n_freq`` distinct frequencies."""
     return check_count(save_every, "save_every", high=n_freq,
                        why=f"the images have {n_freq} distinct frequencies to measure")
+
+
+def check_draws(draws: Any) -> int:
+    """``draws`` in ``[1, MAX_DRAWS]``."""
+    return check_count(draws, "draws", high=MAX_DRAWS,
+                       why="each draw is one pass of the model over the held-out images; a few dozen settle the mean")
+
+
+def check_rounds(rounds: Any, height: int, width: int) -> int:
+    """``rounds`` in ``[0, distinct frequencies]``: each round adds at most one Fourier atom to the perturbation."""
+    return check_count(rounds, "rounds", low=0, high=_frequencies(height, width),
+                       why=f"a {height}x{width} image has at most {_frequencies(height, width)} distinct Fourier "
+                       "directions and each round adds at most one")
+
+
+def check_pool(pool: Any, mixtures: int, channels: int, height: int, width: int) -> int:
+    """``pool`` atoms per round: their ``mixtures`` weighted copies (float32 images) must fit the memory budget."""
+    high = memory_bound(4 * max(1, mixtures) * channels * height * width)
+    return check_count(pool, "pool", high=high,
+                       why=f"the {mixtures} weighted mixtures of every atom of a round must fit the memory budget")
