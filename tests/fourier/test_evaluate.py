@@ -80,7 +80,7 @@ def test_random_noise_baseline_with_shifts_and_bad_arguments():
         random_noise_baseline(model, x, y, eps=0.0)
     with pytest.raises(ConfigurationError, match="norm must be one of"):
         random_noise_baseline(model, x, y, eps=1.0, norm="l1")
-    with pytest.raises(ConfigurationError, match="draws must be a positive int"):
+    with pytest.raises(ConfigurationError, match="draws must be an integer in \\[1, "):
         random_noise_baseline(model, x, y, eps=1.0, draws=0)
     with pytest.raises(DataError, match=r"shape \(N, C, H, W\)"):
         random_noise_baseline(model, x[:, 0], y, eps=1.0)
