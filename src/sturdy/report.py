@@ -91,6 +91,12 @@ class Section:
         self.items.append(("figure", (name, buf.getvalue(), caption)))
 
 
+    def png(self, path: str | Path, *, caption: str = "") -> None:
+        """A PNG file already written (by the command the report describes), embedded under its own name."""
+        path = Path(path)
+        self.items.append(("figure", (path.name, path.read_bytes(), caption)))
+
+
 class Report:
     """An HTML report made of sections."""
 

@@ -109,7 +109,8 @@ def test_certify_into_the_training_folder_keeps_the_training_results(tmp_path, c
                  "--no-progress", "--out", str(run)]) == 0
     after = _hashes(run)
     assert {k: after[k] for k in before} == before
-    assert set(after) - set(before) == {"certify.json", "certified_accuracy.png", "radius_histogram.png"}
+    assert set(after) - set(before) == {"certify.json", "certified_accuracy.png", "radius_histogram.png",
+                                        "certify_report.html"}
     assert json.loads((run / "certify.json").read_text())["command"] == "lipschitz certify"
     assert main(["evaluate", "--checkpoint", str(run / "model.pt"), "--device", "cpu"]) == 0
     capsys.readouterr()

@@ -70,3 +70,19 @@ def test_bad_model_sources_are_one_line(tmp_path, capsys, argv, match):
     assert main(["evaluate", *argv, "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err, err
+
+
+def test_every_command_writes_its_own_report_page(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "linear", "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
+    ckpt = ["--checkpoint", str(run / "model.pt")]
+    assert main(["lipschitz", "certify", *ckpt, "--limit", "20", "--out", str(run), "--no-progress"]) == 0
+    assert main(["fourier", "heatmap", *ckpt, "--eps", "1", "--limit", "4", "--out", str(run), "--no-progress"]) == 0
+    assert main(["flatness", "measure", *ckpt, "--measures", "log_spectral_product", "--limit", "20",
+                 "--out", str(run), "--no-progress"]) == 0
+    for page, figure in (("train_report.html", "train_curves.png"), ("certify_report.html", "certified_accuracy.png"),
+                         ("heatmap_report.html", "heatmap.png"), ("measures_report.html", None)):
+        text = (run / page).read_text()
+        assert text.startswith("<!doctype html>") and "Made from" in text
+        if figure is not None:
+            assert f"alt='{figure}'" in text and "data:image/png;base64," in text  # readable without a server

@@ -19,6 +19,7 @@ from torch import nn
 
 from sturdy.errors import ConfigurationError, UnsupportedModuleError
 from sturdy.experiments.argtypes import non_negative_int, positive_float, positive_int, seed_int
+from sturdy.experiments.command_report import write_command_report
 from sturdy.experiments.parts import no_train_arguments, no_training_plugin
 from sturdy.experiments.sources import add_source_arguments, load_sources
 from sturdy.flatness import available_measures, check_rescaling_invariance, compute_measures, rescale_nodes
@@ -184,6 +185,10 @@ def measure_model(model: Any, train_set: Any, test_set: Any, *, job: Any, record
         "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc,
         "gap": train_acc - test_acc, "measures": measured.to_dict(), "seconds": time.perf_counter() - t0,
     }
+    rows = [[name, m["value"]] for name, m in result["measures"].items()]
+    write_command_report(out, "flatness measure", title="sturdy flatness measure",
+                         summary={k: v for k, v in result.items() if k != "measures"},
+                         tables={"measures": (["measure", "value"], rows)})
     write_results(result, results, command="flatness measure")
     return result
 

@@ -48,6 +48,7 @@ from sturdy.experiments.argtypes import (
     positive_int,
     seed_int,
 )
+from sturdy.experiments.command_report import write_command_report
 from sturdy.experiments.jsonio import results_path, write_results
 from sturdy.experiments.parts import no_train_arguments, no_training_plugin
 from sturdy.experiments.sources import Sources, add_source_arguments, load_sources
@@ -256,6 +257,8 @@ def _heatmap(args: argparse.Namespace, device: Optional[torch.device]) -> int:
                    gradient_seconds=grad.seconds, gradient_power_map=grad.full().tolist())
     hm.plot(out / "heatmap.png", title=sources.name)
     _save_figure(plot_fourier_maps([("input-gradient power (mean)", grad.full())]), out / "gradient.png")
+    write_command_report(out, "fourier heatmap", title=f"sturdy fourier heatmap: {sources.name}", summary=summary,
+                         figures=[out / "heatmap.png", out / "gradient.png"])
     write_results(summary, results, command="fourier heatmap")  # last: its presence means the run finished
     keys = ("clean_error", "max_error", "mean_error", "max_fooling", "gradient_rank_correlation_fooling", "seconds",
             "batch_size", "measured_frequencies", "resumed", "world_size")
@@ -333,6 +336,8 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     if combo is not None:
         _save_tensor(combo.delta, out / "delta_combination.pt")
         _save_figure(plot_perturbation(combo.delta, title="Fourier combination"), out / "delta_combination.png")
+    write_command_report(out, "fourier attack", title=f"sturdy fourier attack: {sources.name}", summary=summary,
+                         figures=[out / "delta.png", out / "examples.png", out / "delta_combination.png"])
     write_results(summary, results, command="fourier attack")  # last: its presence means the run finished
     keys = ("heldout_fooling_rate", "shifted_fooling_rate", "attack_fooling_rate", "queries", "seconds")
     print(json.dumps({k: summary[k] for k in keys}))

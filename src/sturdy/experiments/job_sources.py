@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+import hashlib
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from sturdy.datasets import load_data
 from sturdy.model_sources import load_model
 from sturdy.models import available_models, create_model
 
-__all__ = ["job_data", "job_model", "is_registry_model"]
+__all__ = ["job_data", "job_model", "job_record", "is_registry_model"]
 
 
 def job_data(dataset: str, *, split: str, resize: Optional[int] = None, data_root: Optional[str] = None,
@@ -46,3 +47,19 @@ def job_model(spec: str, model_kwargs: Mapping[str, Any], in_shape: Sequence[int
                         input_shape=tuple(in_shape), num_classes=num_classes,
                         device="cpu" if device.type == "meta" else device)
     return loaded.model
+
+
+def job_record(job: Any, *, train_size: int, test_size: int) -> Dict[str, Any]:
+    """What a training job's results were made from: the model source (spec, arguments, initial weights and their
+    sha256, normalisation) and the data source (spec, resize, split sizes)."""
+    sha = None
+    if job.weights is not None:
+        digest = hashlib.sha256()
+        with open(job.weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        sha = digest.hexdigest()
+    return {"model": {"spec": job.model, "model_args": dict(job.model_kwargs), "weights": job.weights,
+                      "weights_sha256": sha, "normalization": job.normalize},
+            "data": {"spec": job.dataset, "image_size": job.resize, "train_size": train_size,
+                     "test_size": test_size}}

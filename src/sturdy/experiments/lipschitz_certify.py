@@ -18,6 +18,7 @@ from torch import nn
 
 from sturdy.errors import ConfigurationError
 from sturdy.experiments.argtypes import positive_int
+from sturdy.experiments.command_report import write_command_report
 from sturdy.experiments.jsonio import results_path, write_results
 from sturdy.experiments.sources import add_source_arguments, load_sources
 from sturdy.lipschitz import Certificate, certify, lipschitz_bound, tightness
@@ -140,6 +141,11 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     name = (Path(args.checkpoint).parent.name if args.checkpoint else sources.name) or "model"
     atomic_save_figure(plot_certified_accuracy({name: cert}, eps=eps), out / "certified_accuracy.png", dpi=120)
     atomic_save_figure(plot_radius_histogram({name: cert}), out / "radius_histogram.png", dpi=120)
+    layers = [[layer["path"], layer["kind"], layer["upper"], layer["estimate"], layer["method"]]
+              for layer in summary["per_layer"]]
+    write_command_report(out, "lipschitz certify", title=f"sturdy lipschitz certify: {name}", summary=summary,
+                         figures=[out / "certified_accuracy.png", out / "radius_histogram.png"],
+                         tables={"per-operator bounds": (["path", "kind", "upper", "estimate", "method"], layers)})
     write_results(summary, results, command="lipschitz certify")  # last: its presence means the run finished
     print(json.dumps({"clean_accuracy": summary["clean_accuracy"], "certified_accuracy": summary["certified_accuracy"],
                       "median_radius": summary["median_radius"], "lipschitz_upper": summary["lipschitz_upper"]}))

@@ -19,9 +19,11 @@ from torch import nn
 
 from sturdy.data import ImageDataset, check_fits_in_memory
 from sturdy.errors import CheckpointError, ConfigurationError
-from sturdy.experiments.job_sources import is_registry_model, job_data, job_model
+from sturdy.experiments.command_report import write_command_report
+from sturdy.experiments.job_sources import is_registry_model, job_data, job_model, job_record
 from sturdy.experiments.jsonio import remove_results, results_path, write_results
 from sturdy.experiments.resume_identity import JOB_IDENTITY, check_same_run, plain
+from sturdy.report import plot_training_curves
 from sturdy.training import (
     Objective,
     Plugin,
@@ -35,7 +37,7 @@ from sturdy.training import (
     train,
     world,
 )
-from sturdy.utils import prepare_output_dir
+from sturdy.utils import atomic_save_figure, prepare_output_dir
 from sturdy.validation import check_input_shape
 
 __all__ = [
@@ -289,11 +291,16 @@ def fit(
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "train_size": len(train_set),
         "test_size": len(test_set),
+        "sources": job_record(job, train_size=len(train_set), test_size=len(test_set)),
         **result.to_dict(),
     }
     if hooks.extra_results is not None:
         results.update(hooks.extra_results())
     if world()[0] == 0:
+        curves = out / "train_curves.png"
+        atomic_save_figure(plot_training_curves({job.model: results["history"]}), curves)
+        write_command_report(out, "train", title=f"sturdy train: {job.model} on {job.dataset}", summary=results,
+                             figures=[curves])
         write_results(results, results_file, command="train")
     return FitResult(model=model, results=results)
 
