@@ -128,8 +128,8 @@ def test_damaged_payloads_fail_alike_and_leave_the_output_unchanged(case, data):
     damaged[data.draw(st.integers(0, payload.numel() - 1))] = data.draw(st.integers(0, 255))
     (ref_status, ref), (fast_status, fast) = _decode_both(damaged, length, boundaries, torch.float32)
     assert ref_status == fast_status
-    if ref_status == "ok":
-        assert torch.equal(ref, fast)
+    if ref_status == "ok":  # a damaged scale may decode to NaN: alike means NaN in the same places
+        torch.testing.assert_close(ref, fast, rtol=0.0, atol=0.0, equal_nan=True)
 
 
 def test_switched_off_by_the_environment(monkeypatch):
