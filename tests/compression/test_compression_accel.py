@@ -161,3 +161,17 @@ def test_falls_back_to_numpy_without_numba_and_warns_when_the_kernels_cannot_loa
     r, v = _case(5, 300)
     selection = variance_select(r, v, alpha=1.0, zeta=0.9, quantize="4bit")  # the numpy path runs
     assert selection.count > 0
+
+
+def test_a_payload_with_a_non_finite_scale_or_value_is_refused():
+    import struct
+
+    codes = torch.tensor([0, 9, 2], dtype=torch.uint8)
+    for fmt, vals, scale in (("4bit", codes, 0.5), ("float32", torch.tensor([0.5, -0.25, 1.0]), 0.0)):
+        payload = codec.encode(torch.tensor([1, 4, 7]), vals, length=10, value_format=fmt, scale=scale)
+        codec.decode(payload, length=10)  # intact: decodes
+        damaged = payload.clone()
+        at = codec.HEADER_BYTES if fmt == "4bit" else payload.numel() - 4  # the scale, or the last value
+        damaged[at : at + 4] = torch.tensor(list(struct.pack("<f", float("nan"))), dtype=torch.uint8)
+        with pytest.raises(DataError, match="NaN or infinite"):
+            codec.decode(damaged, length=10)

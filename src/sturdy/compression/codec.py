@@ -318,8 +318,11 @@ class _Sections:
 
 def _sections(buf: np.ndarray, length: int) -> _Sections:
     h = parse_header(buf[:HEADER_BYTES].tobytes(), buf.size, length)
-    return _Sections(h.value_format, h.delta, h.rice_k, h.count, buf[HEADER_BYTES : h.index_start].copy().view(
-        np.float32), buf[h.index_start : h.value_start], buf[h.value_start :])
+    scales = buf[HEADER_BYTES : h.index_start].copy().view(np.float32)
+    if not bool(np.isfinite(scales).all()):  # an encoder writes max |r| of finite residuals: damaged in transit
+        raise DataError("corrupt payload: its value scales hold NaN or infinite numbers")
+    return _Sections(h.value_format, h.delta, h.rice_k, h.count, scales, buf[h.index_start : h.value_start],
+                     buf[h.value_start :])
 
 
 def _inner_boundaries(num_scales: int, boundaries: Optional[Tensor]) -> Optional[np.ndarray]:
@@ -354,6 +357,8 @@ def _decode_sections(sec: _Sections, length: int, boundaries: Optional[Tensor]) 
             raise DataError(f"corrupt payload: bitmap holds {indices.size} indices, header says {n}")
     if sec.value_format == "float32":
         values = sec.value_section.copy().view(np.float32)
+        if not bool(np.isfinite(values).all()):
+            raise DataError("corrupt payload: its float32 values hold NaN or infinite numbers")
     elif sec.value_format == "4bit":
         codes = np.empty(2 * sec.value_section.size, dtype=np.uint8)
         codes[0::2] = sec.value_section & 0xF
