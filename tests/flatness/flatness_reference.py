@@ -77,31 +77,12 @@ def brute_force_layer(h: Tensor, s: Tensor, variant: str) -> float:
 
 
 def ggn_diagonal_reference(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
-    """Diagonal of the dense GGN (1/N) sum_n J_n^T (diag p_n - p_n p_n^T) J_n from the full logits Jacobian."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-    buffers = dict(model.named_buffers())
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def logits(v: Tensor) -> Tensor:
-        state = {n: t.reshape(s) for n, t, s in zip(names, v.split(sizes), shapes)}
-        state.update(buffers)
-        return functional_call(model, state, (x,))
-
-    was = model.training
-    model.eval()
-    try:
-        jac = torch.autograd.functional.jacobian(logits, flat)  # (N, C, P)
-        p = torch.softmax(logits(flat), dim=1).detach()
-    finally:
-        model.train(was)
-    m = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    ggn = torch.einsum("ncp,ncd,ndp->p", jac, m, jac) / x.shape[0]
+    """Diagonal of the dense GGN (1/N) sum_n J_n^T (diag p_n - p_n p_n^T) J_n (:func:`full_ggn`), per parameter."""
+    diag = full_ggn(model, x, y).diagonal()
     out, start = {}, 0
-    for n, size, shape in zip(names, sizes, shapes):
-        out[n] = ggn[start : start + size].reshape(shape)
-        start += size
+    for n, p in model.named_parameters():
+        out[n] = diag[start : start + p.numel()].reshape(p.shape)
+        start += p.numel()
     return out
 
 
@@ -127,3 +108,9 @@ def full_ggn(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         model.train(was)
     m = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     return torch.einsum("ncp,ncd,ndq->pq", jac, m, jac) / x.shape[0]
+
+
+def tanh_net(seed: int = 0) -> nn.Module:
+    """A tiny tanh network in float64 (31 parameters, an indefinite Hessian)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()

@@ -11,17 +11,12 @@ from sturdy.flatness import hutchpp_diagonal, hutchpp_trace
 from sturdy.flatness.operator import CurvatureOperator
 
 from .conftest import tiny_data, tiny_mlp
-from .flatness_reference import full_ggn, full_hessian
+from .flatness_reference import full_ggn, full_hessian, tanh_net
 
 PRODUCT_TOL = 1e-10  # operator products against the dense matrices (float64 rounding)
 EXACT_TOL = 1e-9  # a sketch spanning every direction leaves nothing to estimate
 Z_MEAN = 4.0  # the mean over seeds lies within 4 standard errors of the exact value
 ENTRY_COVERAGE = 0.9  # entries of the mean diagonal within Z_MEAN standard errors
-
-
-def tanh_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()  # 31 parameters, indefinite H
 
 
 @pytest.fixture(scope="module")

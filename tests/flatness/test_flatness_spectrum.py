@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from sturdy.errors import ConfigurationError
 from sturdy.flatness import hessian_eigenvalues, spectral_density
 from sturdy.flatness.operator import rademacher_matrix
 
 from .conftest import tiny_data, tiny_mlp
-from .flatness_reference import full_ggn, full_hessian
+from .flatness_reference import full_ggn, full_hessian, tanh_net
 
 EIG_TOL = 1e-8  # Ritz values of a full Krylov space against eigvalsh (float64 rounding)
 QUADRATURE_TOL = 1e-8  # Gauss quadrature is exact for polynomials of degree < 2 m (relative)
 DENSITY_MASS_TOL = 1e-3  # the smoothed density integrates to 1 on its grid
 MOMENT_Z = 4.0  # SLQ moments over probes within 4 standard errors of tr(A^j) / P
-
-
-def tanh_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()  # 31 parameters, indefinite H
 
 
 @pytest.fixture(scope="module")
