@@ -86,7 +86,9 @@ def _add_train(subparsers: Any, parts: Sequence[Any]) -> None:
                    help="digits (embedded), synthetic, npz:FILE, folder:DIR, cifar10:DIR, cifar100:DIR, mnist:DIR, "
                         "fashion-mnist:DIR, svhn:DIR (or mnist, fashion-mnist, cifar10, svhn through torchvision)")
     p.add_argument("--data-root", default=None, help="folder holding torchvision data files")
-    p.add_argument("--download", action="store_true", help="let torchvision download missing data (needs internet)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch the official files of --data KIND:DIR (checksums checked), or let torchvision download "
+                        "a name without a folder (needs internet)")
     p.add_argument("--resize", "--image-size", dest="resize", type=bounded_int(1, MAX_IMAGE_SIDE), default=None,
                    help=f"resize images to SIDE x SIDE (at most {MAX_IMAGE_SIDE})")
     p.add_argument("--model", default="cnn",
@@ -187,7 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub, all_parts)
     p = sub.add_parser("evaluate", help="test accuracy of a trained model or of your own")
     add_source_arguments(p)
-    p.add_argument("--download", action="store_true", help="let torchvision download missing data (needs internet)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("demo", help="the main job on the embedded digits data; writes an HTML report")

@@ -86,3 +86,22 @@ def test_every_command_writes_its_own_report_page(tmp_path):
         assert text.startswith("<!doctype html>") and "Made from" in text
         if figure is not None:
             assert f"alt='{figure}'" in text and "data:image/png;base64," in text  # readable without a server
+
+
+def test_download_fetches_a_downloadable_kind_before_reading_it(tmp_path, capsys, monkeypatch):
+    import sturdy.experiments.job_sources as job_sources
+    from sturdy.errors import DataError
+
+    calls = []
+
+    def offline(kind, root):
+        calls.append((kind, str(root)))
+        raise DataError(f"cannot fetch {kind}: no internet")
+
+    monkeypatch.setattr(job_sources, "fetch", offline)
+    folder = tmp_path / "cifar"
+    assert main(["train", "--data", f"cifar10:{folder}", "--download", "--epochs", "1",
+                 "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert calls == [("cifar10", str(folder))] and "no internet" in capsys.readouterr().err
+    assert main(["evaluate", "--model", "linear", "--data", f"mnist:{folder}", "--download", "--device", "cpu"]) == 2
+    assert calls[-1] == ("mnist", str(folder)) and not (tmp_path / "run").exists()

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from sturdy.data import ImageDataset, load_dataset
-from sturdy.datasets import load_data
+from sturdy.datasets import ARCHIVES, load_data
+from sturdy.datasets import download as fetch
 from sturdy.model_sources import load_model
 from sturdy.models import available_models, create_model
 
@@ -26,8 +27,12 @@ __all__ = ["job_data", "job_model", "job_record", "is_registry_model"]
 
 def job_data(dataset: str, *, split: str, resize: Optional[int] = None, data_root: Optional[str] = None,
              download: bool = False) -> ImageDataset:
-    """One split of a job's data (a name of :func:`~sturdy.data.load_dataset` or a spec with ``KIND:PATH``)."""
+    """One split of a job's data (a name of :func:`~sturdy.data.load_dataset` or a spec with ``KIND:PATH``); with
+    ``download``, a downloadable kind's official files are fetched into its folder first (checksums checked)."""
     if ":" in dataset:
+        kind, _, path = dataset.partition(":")
+        if download and kind in ARCHIVES:
+            fetch(kind, path or data_root or "data")
         return load_data(dataset, split=split, image_size=resize, root_hint=data_root)
     return load_dataset(dataset, split=split, root=data_root, download=download, resize=resize)
 

@@ -55,6 +55,8 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input-shape", default=None, metavar="C,H,W", help="input shape of --model when it cannot tell")
     g.add_argument("--data", "--dataset", dest="data_spec", default=None, help=DATA_HELP)
     g.add_argument("--data-root", default=None, help="folder of the data files of a name without a folder")
+    g.add_argument("--download", action="store_true",
+                   help="fetch the official files of a downloadable --data kind first (needs internet)")
     g.add_argument("--image-size", type=bounded_int(1, MAX_IMAGE_SIDE), default=None, metavar="SIDE",
                    help=f"resize images to SIDE x SIDE (at most {MAX_IMAGE_SIDE})")
 
@@ -76,7 +78,7 @@ def load_sources(args: argparse.Namespace, *, device: torch.device) -> Sources:
 
 
 def _data(args: argparse.Namespace, spec: str) -> tuple:
-    kw = dict(resize=args.image_size, data_root=args.data_root)
+    kw = dict(resize=args.image_size, data_root=args.data_root, download=bool(getattr(args, "download", False)))
     return (job_data(spec, split="train", **kw).as_float(), job_data(spec, split="test", **kw).as_float())
 
 
