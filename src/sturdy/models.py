@@ -230,8 +230,33 @@ class BasicBlock(nn.Module):
         return y + self.shortcut(x)
 
 
+class PostActBlock(nn.Module):
+    """Post-activation residual block: conv-BN-ReLU-conv-BN plus a (projected, BN) shortcut, then ReLU. Every
+    BatchNorm directly follows the convolution it normalises, so the certificate and the training-time estimate
+    fold it into that convolution (one operator norm instead of a product of two)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, batchnorm: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        norm = (lambda c: nn.BatchNorm2d(c)) if batchnorm else (lambda c: nn.Identity())
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=not batchnorm)
+        self.bn1 = norm(c_out)
+        self.relu1 = nn.ReLU()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=not batchnorm)
+        self.bn2 = norm(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=not batchnorm), norm(c_out))
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dropout(self.relu1(self.bn1(self.conv1(x))))
+        return self.relu2(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
 class ResNet(nn.Module):
-    """Small pre-activation residual network: stem conv, residual stages, pooled Linear head."""
+    """Small residual network: stem conv, residual stages, pooled Linear head; ``layout="pre"`` (pre-activation
+    blocks, :class:`BasicBlock`) or ``"post"`` (:class:`PostActBlock`, BatchNorm foldable)."""
 
     def __init__(
         self,
@@ -241,20 +266,27 @@ class ResNet(nn.Module):
         blocks_per_stage: int,
         batchnorm: bool,
         dropout: float = 0.0,
+        layout: str = "pre",
     ) -> None:
         super().__init__()
+        if layout not in ("pre", "post"):
+            raise ConfigurationError(f"resnet layout must be 'pre' or 'post', got {layout!r}")
         c = in_shape[0]
-        self.stem = nn.Conv2d(c, widths[0], 3, padding=1, bias=False)
+        post = layout == "post"
+        self.stem: nn.Module = nn.Conv2d(c, widths[0], 3, padding=1, bias=False)
+        if post:  # conv-BN-ReLU stem; the blocks end with their own ReLU, so the head needs no BatchNorm
+            bn = nn.BatchNorm2d(widths[0]) if batchnorm else nn.Identity()
+            self.stem = nn.Sequential(self.stem, bn, nn.ReLU())
         blocks = []
         c = widths[0]
         for i, width in enumerate(widths):
             for j in range(blocks_per_stage):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(BasicBlock(c, width, stride, batchnorm, dropout))
+                blocks.append((PostActBlock if post else BasicBlock)(c, width, stride, batchnorm, dropout))
                 c = width
         self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(c) if batchnorm else nn.Identity()
-        self.relu = nn.ReLU()
+        self.bn = nn.BatchNorm2d(c) if batchnorm and not post else nn.Identity()
+        self.relu: nn.Module = nn.Identity() if post else nn.ReLU()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(c, num_classes)
@@ -273,11 +305,13 @@ def resnet(
     widths: Sequence[int] = (16, 32, 64),
     blocks_per_stage: int = 1,
     batchnorm: bool = True,
+    layout: str = "pre",
 ) -> nn.Module:
-    """Small pre-activation ResNet (one block per stage by default)."""
+    """Small ResNet (one block per stage by default): ``layout="pre"`` pre-activation blocks, ``"post"``
+    post-activation blocks whose BatchNorm folds into the preceding convolution for the certificate."""
     if not widths or min(widths) < 1 or blocks_per_stage < 1:
         raise ConfigurationError("resnet needs non-empty positive widths and blocks_per_stage >= 1")
-    return ResNet(in_shape, num_classes, widths, blocks_per_stage, batchnorm)
+    return ResNet(in_shape, num_classes, widths, blocks_per_stage, batchnorm, layout=layout)
 
 
 @register_model("wrn")

@@ -45,3 +45,25 @@ def test_certified_architectures_get_sound_bounds_and_certificates(name, kwargs)
     assert int(attack.success.sum()) == 0
     if name == "aol":
         assert all(layer.upper <= 1 + SVD_REL for layer in bound.per_layer if layer.kind == "linear")
+
+
+def test_the_post_activation_resnet_folds_every_batchnorm_for_bound_and_tracker():
+    from sturdy.lipschitz import LipschitzTracker
+
+    torch.manual_seed(2)
+    model = create_model("resnet", in_shape=(1, 8, 8), num_classes=10, widths=(4, 8), layout="post").eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_var.uniform_(0.1, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    bound = lipschitz_bound(model, input_shape=(1, 1, 8, 8))
+    kinds = [layer.kind for layer in bound.per_layer]
+    assert "batchnorm" not in kinds and kinds.count("conv2d+bn") == 6  # folded: one norm per conv+BN pair
+    pre = create_model("resnet", in_shape=(1, 8, 8), num_classes=10, widths=(4, 8), layout="pre").eval()
+    assert "batchnorm" in [layer.kind for layer in lipschitz_bound(pre, input_shape=(1, 1, 8, 8)).per_layer]
+    tracker = LipschitzTracker(model, input_shape=(1, 1, 8, 8), warmup_iterations=300)
+    estimate = tracker.current_estimate()
+    assert estimate <= bound.upper * (1 + 1e-6) and estimate >= 0.9 * bound.upper  # the same (folded) constant
+    x = torch.rand(8, 1, 8, 8)
+    assert bound.upper >= float(jacobian_norms(model, x).max()) * (1 - SVD_REL)

@@ -157,3 +157,21 @@ def test_lmt_resnet_with_batchnorm_does_not_collapse(tmp_path):
     test = load_dataset("digits", split="test")
     _, summary = certify_model(model, test.images, test.labels, eps=(0.1,))
     assert summary["clean_accuracy"] > 0.7 and summary["certified_accuracy"]["0.1"] > 0.3  # old rule: 0.49, 0.0
+
+
+def test_an_lmt_run_collapsing_to_chance_warns_once_naming_the_remedy(tmp_path):
+    from sturdy.experiments.lipschitz import LMTCollapseWarning, LMTPlugin
+    from sturdy.experiments.train_job import TrainJob, fit
+    from sturdy.training import TrainConfig
+
+    def run(c, out):
+        job = TrainJob(model="mlp", config=TrainConfig(epochs=3, lr=1e-3, device="cpu"), out=str(tmp_path / out),
+                       options={"method": "lmt"})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(job, plugins=[LMTPlugin(c=c)], resume=False, progress=False)
+        return [w for w in caught if issubclass(w.category, LMTCollapseWarning)]
+
+    collapsed = run(50.0, "collapsed")  # the margin term swamps the loss: accuracy stays at chance
+    assert len(collapsed) == 1 and "lower --c" in str(collapsed[0].message)
+    assert run(0.1, "healthy") == []

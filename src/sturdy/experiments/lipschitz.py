@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -50,6 +51,8 @@ __all__ = [
     "add_train_arguments",
     "LMTPlugin",
     "LMTDriftCheck",
+    "LMTCollapseCheck",
+    "LMTCollapseWarning",
     "training_plugin",
     "register_cli",
     "demo_section",
@@ -108,6 +111,35 @@ class LMTDriftCheck(Plugin):
         return None
 
 
+class LMTCollapseWarning(UserWarning):
+    """An LMT run's training accuracy fell to chance: the added margin dominates the loss."""
+
+
+@dataclass
+class LMTCollapseCheck(Plugin):
+    """Warn, once, when an LMT run's training accuracy sits at chance after ``after_epochs`` epochs (the margin
+    term ``c L`` dominates the cross-entropy), naming the cause and the remedies."""
+
+    num_classes: int
+    c: float
+    tracker: LipschitzTracker
+    after_epochs: int = 2
+    warned: bool = False
+    name: str = "lipschitz_collapse"
+
+    def on_epoch_end(self, ctx: RunContext, metrics: EpochMetrics) -> Optional[bool]:
+        chance = 1.0 / max(self.num_classes, 1)
+        if not self.warned and metrics.epoch >= self.after_epochs and metrics.train_accuracy <= 1.5 * chance:
+            self.warned = True
+            warnings.warn(
+                f"LMT epoch {metrics.epoch}: training accuracy {metrics.train_accuracy:.3f} is at chance "
+                f"({chance:.3f}): the added margin c * L = {self.c:g} * {self.tracker.current_estimate():.4g} "
+                "dominates the loss; lower --c, raise it slowly (--c-warmup-epochs), or use a network whose BatchNorm "
+                "folds (--model-arg layout=post) or none (--model-arg batchnorm=False)",
+                LMTCollapseWarning, stacklevel=2)
+        return None
+
+
 @dataclass(frozen=True)
 class LMTPlugin:
     """Lipschitz-margin training as a training plug-in (picklable: workers receive it).
@@ -150,11 +182,12 @@ class LMTPlugin:
             seed=int(ctx.job.config.seed),
         )
         drift = LMTDriftCheck(objective.tracker, tolerance=self.drift_tolerance)
+        collapse = LMTCollapseCheck(num_classes=ctx.num_classes, c=self.c, tracker=objective.tracker)
 
         def results() -> Dict[str, Any]:
             return {"lipschitz_drift": list(drift.drift)}
 
-        return TrainHooks(objective=objective, extra_state={"lipschitz": objective.tracker}, plugins=(drift,),
+        return TrainHooks(objective=objective, extra_state={"lipschitz": objective.tracker}, plugins=(drift, collapse),
                           extra_results=results)
 
 
