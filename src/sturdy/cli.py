@@ -149,7 +149,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from sturdy.training import evaluate, resolve_device
 
     sources = load_sources(args, device=resolve_device(args.device))
-    test_set = sources.test_set
+    test_set = sources.split(args.split, args.limit)
     logits = _num_logits(sources.model, test_set)
     if test_set.num_classes != logits:
         raise ConfigurationError(f"data set {sources.dataset!r} has {test_set.num_classes} classes, the model "
@@ -157,8 +157,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     loss, acc = evaluate(sources.model, test_set)
     if not math.isfinite(loss):
         raise ConfigurationError(f"the model's test loss is not finite ({loss}); its outputs overflow")
-    print(json.dumps({"checkpoint": args.checkpoint, "dataset": sources.dataset, "test_loss": loss,
-                      "test_accuracy": acc, "test_size": len(test_set), "sources": sources.record}, allow_nan=False))
+    print(json.dumps({"checkpoint": args.checkpoint, "dataset": sources.dataset, "split": args.split,
+                      "test_loss": loss, "test_accuracy": acc, "test_size": len(test_set), "sources": sources.record},
+                     allow_nan=False))
     return 0
 
 
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     all_parts = parts()
     _add_train(sub, all_parts)
     p = sub.add_parser("evaluate", help="test accuracy of a trained model or of your own")
-    add_source_arguments(p)
+    add_source_arguments(p, split=True, limit=True)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("demo", help="the main job on the embedded digits data; writes an HTML report")

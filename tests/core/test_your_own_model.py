@@ -105,3 +105,13 @@ def test_download_fetches_a_downloadable_kind_before_reading_it(tmp_path, capsys
     assert calls == [("cifar10", str(folder))] and "no internet" in capsys.readouterr().err
     assert main(["evaluate", "--model", "linear", "--data", f"mnist:{folder}", "--download", "--device", "cpu"]) == 2
     assert calls[-1] == ("mnist", str(folder)) and not (tmp_path / "run").exists()
+
+
+def test_evaluate_chooses_its_split_and_limit(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "linear", "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(run / "model.pt"), "--split", "train", "--limit", "30",
+                 "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["split"], out["test_size"]) == ("train", 30)

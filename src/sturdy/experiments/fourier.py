@@ -112,7 +112,8 @@ def register_cli(subparsers: Any) -> None:
     p = sub.add_parser("heatmap", help="error/fooling rate per Fourier direction; PNG + JSON")
     _common_arguments(p)
     p.add_argument("--limit", "--images", dest="limit", type=positive_int, default=500, metavar="N",
-                   help="use the first N test images (at most the split)")
+                   help="use the first N images of --split (at most the split)")
+    p.add_argument("--split", choices=("test", "train"), default="test", help="the split measured")
     p.add_argument("--phase", type=phase_arg, default=DEFAULT_PHASE,
                    help="phase of the directions in radians, or 'random' (per image); default -pi/4")
     subset = p.add_mutually_exclusive_group()
@@ -233,7 +234,7 @@ def _heatmap(args: argparse.Namespace, device: Optional[torch.device]) -> int:
     sources = _load(args, device)
     model = sources.model
     analysed, inference = _runtime(args, model)
-    test = sources.test_set
+    test = sources.split(args.split)
     n = min(args.limit, len(test))
     x, y = test.images[:n], test.labels[:n]
     subset = _frequency_subset(args, x.shape[2], x.shape[3])  # every count checked before any work

@@ -15,7 +15,7 @@ from torch import nn
 
 from sturdy.data import MAX_IMAGE_SIDE, ImageDataset
 from sturdy.errors import ConfigurationError
-from sturdy.experiments.argtypes import bounded_int, model_arg
+from sturdy.experiments.argtypes import bounded_int, model_arg, positive_int
 from sturdy.experiments.job_sources import job_data
 from sturdy.experiments.train_job import TrainJob, check_data_matches, load_job_data, load_trained_model
 from sturdy.model_sources import SPEC_FORMS, load_model
@@ -41,9 +41,16 @@ class Sources:
     record: Dict[str, Any]
     job: Optional[TrainJob] = None
 
+    def split(self, name: str = "test", limit: Optional[int] = None) -> ImageDataset:
+        """The ``name`` split, its first ``limit`` images (all without ``limit``)."""
+        data = self.test_set if name == "test" else self.train_set
+        return data if limit is None or limit >= len(data) else data.subset(range(limit))
 
-def add_source_arguments(p: argparse.ArgumentParser) -> None:
-    """``--checkpoint`` or ``--model ...``, and ``--data``, ``--data-root``, ``--image-size``."""
+
+def add_source_arguments(p: argparse.ArgumentParser, *, split: bool = False, limit: bool = False) -> None:
+    """``--checkpoint`` or ``--model ...``, and ``--data``, ``--data-root``, ``--download``, ``--image-size``; with
+    ``split`` and ``limit`` also ``--split`` and ``--limit`` (commands that choose their split or count otherwise
+    keep their own options)."""
     g = p.add_argument_group("model and data")
     g.add_argument("--checkpoint", default=None, help="model.pt written by `sturdy train` (or give --model)")
     g.add_argument("--model", dest="model_spec", default=None, help=MODEL_HELP)
@@ -59,6 +66,10 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
                    help="fetch the official files of a downloadable --data kind first (needs internet)")
     g.add_argument("--image-size", type=bounded_int(1, MAX_IMAGE_SIDE), default=None, metavar="SIDE",
                    help=f"resize images to SIDE x SIDE (at most {MAX_IMAGE_SIDE})")
+    if split:
+        g.add_argument("--split", choices=("test", "train"), default="test", help="the split analysed")
+    if limit:
+        g.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N images")
 
 
 def load_sources(args: argparse.Namespace, *, device: torch.device) -> Sources:
