@@ -6,8 +6,13 @@ import matplotlib
 import pytest
 import torch
 
+from sturdy.distributed import loopback_interface
+
 matplotlib.use("Agg")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# in-process gloo groups bind the loopback interface, as the project's local workers do (no hostname lookup)
+if loopback_interface() is not None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
 
 
 @pytest.fixture(scope="session", autouse=True)

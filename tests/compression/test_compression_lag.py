@@ -4,7 +4,6 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -20,14 +19,6 @@ STEPS = 120  # past the monitor's warm-up (50 compressed steps) with room for th
 LONG_STEPS = 250  # a residual that grows by one gradient per step passes the limit of 100 steps
 NEVER_SENDS = 1e12  # an alpha whose variance test no element passes
 
-
-@pytest.fixture
-def single_process_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _train(model, state, steps, *, lr=0.05):

@@ -4,7 +4,6 @@ import io
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -27,15 +26,6 @@ from sturdy.errors import CheckpointError, ConfigurationError, DistributedError
 
 TIME_TOL = dict(rtol=1e-9, atol=1e-12)
 
-
-@pytest.fixture
-def single_process_group():
-    # an in-memory store: no file for a background thread to find deleted with tmp_path
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 class FakeBucket:
