@@ -129,3 +129,17 @@ def test_lmt_plugin_setup_uses_context(tmp_path):
     loss_half, _ = hooks.objective(model, x, y, epoch=0, step=2)
     with torch.no_grad():
         assert float(loss_half) > float(torch.nn.functional.cross_entropy(model(x), y))
+
+
+def test_resuming_an_lmt_run_with_another_objective_is_refused(tmp_path, capsys):
+    from sturdy.cli import main
+
+    run = tmp_path / "run"
+    base = ["train", "--model", "linear", "--method", "lmt", "--epochs", "1", "--out", str(run), "--no-progress"]
+    assert main([*base, "--c", "0.1"]) == 0
+    before = (run / "model.pt").read_bytes()
+    assert main([*base[:-3], "--epochs", "2", "--out", str(run), "--no-progress", "--c", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "lipschitz c: 0.1 there, 0.3 here" in err and len(err.strip().splitlines()) == 1, err
+    assert (run / "model.pt").read_bytes() == before
+    assert main([*base[:-3], "--epochs", "2", "--out", str(run), "--no-progress", "--c", "0.1"]) == 0

@@ -166,6 +166,13 @@ class LMTPlugin:
             raise ConfigurationError(
                 f"drift_tolerance (--lmt-drift-tolerance) must be >= 0, got {self.drift_tolerance!r}")
 
+    @property
+    def resume_identity(self) -> Dict[str, Any]:
+        """A resumed run keeps the LMT objective: its target radius, warm-up, form, clipping and iterations (the
+        drift tolerance only decides warnings and may change)."""
+        return {"lipschitz": {"method": "lmt", "c": self.c, "warmup_epochs": self.warmup_epochs, "form": self.form,
+                              "clip": self.clip, "iterations": self.iterations}}
+
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> LMTPlugin:
         """The plug-in of a job's options (keys of :func:`add_train_arguments`)."""
