@@ -26,7 +26,7 @@ from sturdy.lipschitz.graph import build_program, check_input_shape
 from sturdy.lipschitz.margins import certified_radius
 from sturdy.lipschitz.proof import SELF_CHECK_POINTS, check_batch_rows, check_lipschitz_pairs, model_fingerprint
 from sturdy.lipschitz.results import LipschitzBound
-from sturdy.lipschitz.tiered import tiered_radii
+from sturdy.lipschitz.tiered import LocalBounds, tiered_radii
 from sturdy.utils import eval_mode, model_device_dtype
 from sturdy.validation import check_finite_output, check_model_inputs, check_number
 
@@ -227,15 +227,14 @@ def _tiered(model: nn.Module, x: torch.Tensor, radius: torch.Tensor, correct: to
     """The tiered radii, batch by batch (:func:`sturdy.lipschitz.tiered.tiered_radii`)."""
     device, dtype = model_device_dtype(model)
     with eval_mode(model):
-        program = build_program(model, shape)
+        local = LocalBounds(build_program(model, shape), bound)
         out = []
         for start in range(0, x.shape[0], batch_size):
             part = slice(start, start + batch_size)
             batch = x[part].to(device=device, dtype=dtype)
             with torch.no_grad():
                 logits = model(batch)
-            out.append(tiered_radii(model, batch, logits, radius[part], correct[part], program=program,
-                                    bound=bound, form=form))
+            out.append(tiered_radii(local, batch, logits, radius[part], correct[part], form=form))
     return torch.cat(out)
 
 

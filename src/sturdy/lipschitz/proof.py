@@ -119,7 +119,7 @@ def check_lipschitz_pairs(model: nn.Module, x: torch.Tensor, bound: LipschitzBou
             fa, fb = model(torch.cat([a, b])).split(n)
         dist = (a - b).double().flatten(1).norm(dim=1)
         _check_pairs(model, fa.double(), fb.double(), dist, pred, bound, w, rounding_slack(base.dtype))
-        v = _secant_direction(model, x, v, h, fa - fb)
+        v = _secant_direction(model, x, v, fa - fb)
 
 
 def _check_pairs(model: nn.Module, fa: torch.Tensor, fb: torch.Tensor, dist: torch.Tensor, pred: torch.Tensor,
@@ -148,8 +148,7 @@ def _refuse_if(bad: torch.Tensor, slope: torch.Tensor, claimed: float, form: str
         )
 
 
-def _secant_direction(model: nn.Module, x: torch.Tensor, v: torch.Tensor, h: float, diff: torch.Tensor
-                      ) -> torch.Tensor:
+def _secant_direction(model: nn.Module, x: torch.Tensor, v: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
     """``J(x)^T (f(x + h v) - f(x - h v))`` per sample: the next power-iteration direction (the old one when the
     model has no gradient)."""
     xg = x.detach().clone().requires_grad_(True)

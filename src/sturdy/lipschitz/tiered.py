@@ -30,7 +30,7 @@ from sturdy.lipschitz.norms import DENSE_SAFETY, dense_spectral_norm, guaranteed
 from sturdy.lipschitz.operators import LinearOp
 from sturdy.lipschitz.results import LipschitzBound
 
-__all__ = ["LocalBounds", "TIERED_ITERATIONS", "TIERED_MAX_DENSE_ENTRIES"]
+__all__ = ["LocalBounds", "tiered_radii", "TIERED_ITERATIONS", "TIERED_MAX_DENSE_ENTRIES"]
 
 TIERED_ITERATIONS = 6  # fixed-point steps R <- r(R) per point
 TIERED_MAX_DENSE_ENTRIES = 1 << 21  # largest operator whose rows are masked (a dense SVD per mask)
@@ -162,10 +162,10 @@ class LocalBounds:
         return self._dense[step.name]
 
 
-def tiered_radii(model: Any, x: torch.Tensor, logits: torch.Tensor, radius: torch.Tensor, correct: torch.Tensor,
-                 *, program: Program, bound: LipschitzBound, form: str) -> torch.Tensor:
-    """Tiered radii of every correctly predicted point (others keep 0), at least the global ``radius``."""
-    local = LocalBounds(program, bound)
+def tiered_radii(local: LocalBounds, x: torch.Tensor, logits: torch.Tensor, radius: torch.Tensor,
+                 correct: torch.Tensor, *, form: str) -> torch.Tensor:
+    """Tiered radii of every correctly predicted point of the batch ``x`` (others keep 0), at least the global
+    ``radius``; ``local`` is built once per model and bound (its operator norms and dense matrices are reused)."""
     out = radius.clone()
     todo: List[int] = [int(i) for i in correct.nonzero().flatten()]
     if not todo:
