@@ -257,6 +257,14 @@ def test_npz_refusals(tmp_path, arrays, message):
         load_data(f"npz:{tmp_path / 'bad.npz'}", split="train")
 
 
+def test_npz_refusal_is_not_wrapped_as_unreadable(tmp_path):
+    np.savez(tmp_path / "bad.npz", train_images=np.zeros((2, 4, 4), np.uint8), train_labels=np.array([0, 1]))
+    with pytest.raises(DataError) as exc:
+        load_data(f"npz:{tmp_path / 'bad.npz'}", split="test")
+    assert str(exc.value).startswith(f"{tmp_path / 'bad.npz'} holds no 'test_images' array")
+    assert "could not be read" not in str(exc.value)
+
+
 def test_npz_not_an_npz_file(tmp_path):
     (tmp_path / "x.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match=r"x\.npz could not be read as an \.npz file"):

@@ -64,6 +64,8 @@ def _load(path: Path, split: str, *, with_images: bool) -> Tuple[Optional[np.nda
             count = _count(npz["num_classes"], path) if "num_classes" in keys else None
             images = npz[prefix + "images"] if with_images else None
             return images, npz[prefix + "labels"], count
+    except DataError:  # a ValueError: the checks above already name the file
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path} could not be read as an .npz file: {exc}") from exc
 
