@@ -141,10 +141,10 @@ def load_model(
     reference = shell if shell is not None else model
     assert reference is not None
     shape = shape or _shape_from_model(reference, kind, spec)
-    if norm is not None:
-        norm.check_channels(shape[1])
     if state is not None:
         state, norm = _match_state(reference, state, norm, str(weights))
+    if norm is not None:  # after the weights: a normalisation saved with them is checked too
+        norm.check_channels(shape[1])
     count = _probe(shell, shape, spec, classes, meta=True) if shell is not None else None
     model = model if model is not None else _build(make, spec)
     count = count if count is not None else _probe(model, shape, spec, classes, meta=False)

@@ -301,6 +301,16 @@ def test_normalisation_with_the_wrong_number_of_channels(tmp_path):
     assert load_model("mlp", input_shape=(1, 8, 8), num_classes=10, normalize="0.5,0.5").normalization is not None
 
 
+def test_normalisation_saved_with_the_weights_for_the_wrong_number_of_channels(tmp_path):
+    plain = load_model("mlp", input_shape=(1, 8, 8), num_classes=10)
+    state = {"normalize.mean": torch.tensor([0.5, 0.5]), "normalize.std": torch.tensor([1.0, 1.0]),
+             **{f"model.{k}": v for k, v in plain.model.state_dict().items()}}
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(ConfigurationError) as exc:
+        load_model("mlp", input_shape=(1, 8, 8), num_classes=10, weights=tmp_path / "w.pt")
+    assert "2 channels" in _one_line(exc) and "input has 1" in str(exc.value)
+
+
 def test_per_sample_engine_skips_the_parameter_free_normalisation():
     torch.manual_seed(0)
     model = load_model("cnn", model_args={"channels": (3,), "width": 6}, input_shape=(3, 4, 4), num_classes=3,
