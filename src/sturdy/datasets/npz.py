@@ -86,8 +86,7 @@ def _check_labels(path: Path, labels: np.ndarray, num_classes: Optional[int]) ->
         raise DataError(f"{path} holds no labels (and so no images)")
     labels = labels.astype(np.int64)
     if num_classes is None:
-        check_labels_in_range(labels, int(np.iinfo(np.int64).max), where=f"{path} 'labels'")
-        num_classes = max(int(labels.max()) + 1, 2)
+        num_classes = max(int(labels.max()) + 1, 2)  # a negative label is refused below, as any other
     check_labels_in_range(labels, num_classes, where=f"{path} 'labels'")
     return labels, num_classes
 
