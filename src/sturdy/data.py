@@ -36,9 +36,11 @@ from torch.utils.data import Dataset
 from sturdy.errors import ConfigurationError, DataError, MissingDependencyError
 from sturdy.validation import check_input_shape, check_int
 
-__all__ = ["ImageDataset", "load_dataset", "available_datasets", "apply_label_noise", "MAX_IMAGE_SIDE"]
+__all__ = ["ImageDataset", "load_dataset", "available_datasets", "apply_label_noise", "MAX_IMAGE_SIDE", "SPLITS",
+           "check_split", "check_side"]
 
 MAX_IMAGE_SIDE = 4096  # largest side length ``resize`` accepts
+SPLITS = ("train", "test")
 
 DIGITS_TEST_SIZE = 497  # fixed held-out size of the digits split (1797 images in total)
 DIGITS_SPLIT_SEED = 0  # the split never changes with the user's seed: results stay comparable
@@ -116,17 +118,21 @@ class ImageDataset(Dataset):
         return ImageDataset(self.images, labels.to(torch.long), self.num_classes, self.name, self.split)
 
 
-def _check_split(split: str) -> None:
-    if split not in ("train", "test"):
+def check_split(split: object) -> str:
+    """``split`` if it is ``"train"`` or ``"test"``; else :class:`ConfigurationError`."""
+    if split not in SPLITS:
         raise ConfigurationError(f"split must be 'train' or 'test', got {split!r}")
+    return str(split)
 
 
-def _check_resize(resize: Optional[int]) -> None:
-    if resize is None:
-        return
-    if isinstance(resize, bool) or not isinstance(resize, int) or not 1 <= resize <= MAX_IMAGE_SIDE:
-        raise ConfigurationError(f"resize must be a positive integer side length, at most {MAX_IMAGE_SIDE} (e.g. 16 "
-                                 f"or 32), got {resize!r}")
+def check_side(side: object, name: str = "resize") -> Optional[int]:
+    """``None`` or a square side length in ``[1, MAX_IMAGE_SIDE]``; else :class:`ConfigurationError` naming ``name``."""
+    if side is None:
+        return None
+    if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= MAX_IMAGE_SIDE:
+        raise ConfigurationError(f"{name} must be a positive integer side length, at most {MAX_IMAGE_SIDE} (e.g. 16 "
+                                 f"or 32), got {side!r}")
+    return side
 
 
 def _memory_bytes() -> Optional[int]:
@@ -152,7 +158,7 @@ def check_fits_in_memory(shape: Sequence[int], *, what: str, fix: str, element_b
 def _resize(images: torch.Tensor, resize: Optional[int]) -> torch.Tensor:
     if resize is None:
         return images
-    _check_resize(resize)
+    check_side(resize)
     if images.shape[-1] == resize and images.shape[-2] == resize:
         return images
     check_fits_in_memory((images.shape[0], images.shape[1], resize, resize),
@@ -282,8 +288,8 @@ def load_dataset(
     key = name.lower() if isinstance(name, str) else name
     if not isinstance(key, str) or key not in _LOADERS:
         raise DataError(f"unknown data set {name!r}; known data sets: {', '.join(available_datasets())}")
-    _check_split(split)
-    _check_resize(resize)
+    check_split(split)
+    check_side(resize)
     if kwargs and key != "synthetic":
         raise ConfigurationError(f"data set {key!r} takes no option(s) {', '.join(sorted(kwargs))}; only 'synthetic' "
                                  "takes num_samples, image_shape and num_classes")

@@ -10,22 +10,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sturdy.data import MAX_IMAGE_SIDE, ImageDataset, check_fits_in_memory
+from sturdy.data import SPLITS, ImageDataset, check_fits_in_memory, check_side, check_split
 from sturdy.errors import ConfigurationError, DataError
 
 __all__ = ["SPLITS", "LIMIT_SEED", "check_split", "check_limit", "check_image_size", "check_labels_in_range",
            "find_file", "to_dataset", "resize_uint8", "limit_indices"]
 
-SPLITS = ("train", "test")
 LIMIT_SEED = 0  # ``limit`` keeps a fixed random subset: the same images on every run, whatever the user's seed
 RESIZE_CHUNK = 1024  # images resized per interpolation call (bounds the float32 working memory)
-
-
-def check_split(split: object) -> str:
-    """``split`` if it is ``"train"`` or ``"test"``; else :class:`ConfigurationError`."""
-    if split not in SPLITS:
-        raise ConfigurationError(f"split must be 'train' or 'test', got {split!r}")
-    return str(split)
 
 
 def check_limit(limit: object) -> Optional[int]:
@@ -38,13 +30,8 @@ def check_limit(limit: object) -> Optional[int]:
 
 
 def check_image_size(image_size: object) -> Optional[int]:
-    """``None`` or a square side length in ``[1, MAX_IMAGE_SIDE]``; else :class:`ConfigurationError`."""
-    if image_size is None:
-        return None
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIDE:
-        raise ConfigurationError(f"image size must be a positive side length, at most {MAX_IMAGE_SIDE} (e.g. 32), "
-                                 f"got {image_size!r}")
-    return image_size
+    """``None`` or a square side length in ``[1, MAX_IMAGE_SIDE]`` (:func:`sturdy.data.check_side`)."""
+    return check_side(image_size, "image size")
 
 
 def check_labels_in_range(labels: np.ndarray, num_classes: int, *, where: str) -> None:
