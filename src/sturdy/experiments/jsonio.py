@@ -110,10 +110,14 @@ def check_results_owner(path: str | os.PathLike, command: str) -> None:
                                  "replaces; choose another --out folder (or move that file)")
 
 
-def results_path(folder: str | os.PathLike, command: str) -> Path:
-    """Where ``command`` writes its results in ``folder``, checked before any work (:func:`check_results_owner`)."""
+def _check_command(command: str) -> None:
     if command not in RESULTS_FILES:
         raise ConfigurationError(f"unknown command {command!r}; expected one of {sorted(RESULTS_FILES)}")
+
+
+def results_path(folder: str | os.PathLike, command: str) -> Path:
+    """Where ``command`` writes its results in ``folder``, checked before any work (:func:`check_results_owner`)."""
+    _check_command(command)
     path = Path(folder) / RESULTS_FILES[command]
     check_results_owner(path, command)
     return path
@@ -125,8 +129,7 @@ def write_results(data: Mapping[str, Any], path: str | os.PathLike, *, command: 
     Raises:
         ConfigurationError: ``path`` holds another command's results (it is left as it is).
     """
-    if command not in RESULTS_FILES:
-        raise ConfigurationError(f"unknown command {command!r}; expected one of {sorted(RESULTS_FILES)}")
+    _check_command(command)
     check_results_owner(path, command)
     return write_json({"command": command, **{k: v for k, v in data.items() if k != "command"}}, path)
 
