@@ -250,6 +250,7 @@ def test_npz_float_images_kept_exact_and_per_split_keys(tmp_path):
     ({"images": np.zeros((3, 4, 4), np.uint8), "labels": np.array([0, 1])}, r"3 images and 2 labels"),
     ({"images": np.full((2, 4, 4), 1.5), "labels": np.array([0, 1])}, r"outside \[0, 1\]"),
     ({"images": np.zeros((2, 5, 4, 7), np.uint8), "labels": np.array([0, 1])}, r"no channel axis"),
+    ({"images": np.zeros((2, 3, 0, 4), np.uint8), "labels": np.array([0, 1])}, r"images of no pixels"),
 ])
 def test_npz_refusals(tmp_path, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)

@@ -95,6 +95,8 @@ def _check_images(path: Path, images: np.ndarray, count: int) -> np.ndarray:
     images = to_nchw(images, where=str(path))
     if images.shape[0] != count:
         raise DataError(f"{path} holds {images.shape[0]} images and {count} labels; expected one label per image")
+    if 0 in images.shape[2:]:
+        raise DataError(f"{path} 'images' have shape {images.shape} (N, C, H, W): images of no pixels")
     if images.dtype == np.uint8:
         return images
     if not (np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1):
