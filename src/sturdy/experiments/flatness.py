@@ -151,7 +151,7 @@ def measure_checkpoint(
     results_path(out, "flatness measure")  # checked before any work
     model, job = load_trained_model(checkpoint, device=resolve_device(device))
     train_set, test_set = load_job_data(job)
-    check_data_matches(checkpoint, train_set, job.dataset)
+    check_data_matches(model, train_set, job.dataset)
     record = {"model": {"checkpoint": str(checkpoint), "job": job.to_dict()}, "data": {"spec": job.dataset}}
     return measure_model(model, train_set, test_set, job=job, record=record, out=out, measures=measures, limit=limit,
                          device=device, seed=seed, progress=progress)

@@ -102,7 +102,7 @@ def _from_checkpoint(args: argparse.Namespace, path: str, device: torch.device) 
     else:
         dataset = args.data_spec or job.dataset
         train_set, test_set = _data(args, dataset)
-    check_data_matches(path, test_set, dataset)
+    check_data_matches(model, test_set, dataset)
     record = {"model": {"checkpoint": path, "job": job.to_dict()}, "data": _data_record(dataset, args, test_set)}
     return Sources(model.eval(), train_set.as_float(), test_set.as_float(), dataset, job.model, record, job)
 

@@ -170,14 +170,14 @@ def load_job_data(job: TrainJob) -> Tuple[ImageDataset, ImageDataset]:
     return job_data(job.dataset, split="train", **kw), job_data(job.dataset, split="test", **kw)
 
 
-def check_data_matches(path: str | os.PathLike, data: ImageDataset, dataset: str) -> None:
-    """Refuse ``data`` (named ``dataset``) when its images differ in shape from those the model in the
-    checkpoint ``path`` was trained on (its stored input shape; checkpoints without one are not checked).
+def check_data_matches(model: nn.Module, data: ImageDataset, dataset: str) -> None:
+    """Refuse ``data`` (named ``dataset``) when its images differ in shape from those ``model`` (from
+    :func:`load_trained_model`, which records the checkpoint's input shape on it) was trained on.
 
     Raises:
         ConfigurationError: naming both shapes.
     """
-    expected = tuple(load_checkpoint(path)["extra"].get("input_shape", (1, *data.image_shape))[1:])
+    expected = tuple(getattr(model, "input_shape", data.image_shape))
     if data.image_shape != expected:
         raise ConfigurationError(f"data set {dataset!r} has images of shape {data.image_shape}, the model "
                                  f"was trained on {expected}; choose a data set of the same shape")
@@ -396,6 +396,7 @@ def load_trained_model(
                               f"{' and more' if len(bad) > 3 else ''}; the run that wrote it diverged")
     model = job_model(job.model, job.model_kwargs, in_shape, num_classes, normalize=job.normalize)
     model.load_state_dict(ckpt["model"])
+    model.input_shape = tuple(in_shape)  # (C, H, W) it was trained on: check_data_matches reads it, no second load
     model.to(resolve_device(device)).eval()
     return model, job
 
