@@ -24,6 +24,7 @@ from sturdy.utils import atomic_writer
 from sturdy.validation import check_state_tensors
 
 __all__ = [
+    "file_sha256",
     "CHECKPOINT_FORMAT",
     "save_checkpoint",
     "load_checkpoint",
@@ -128,14 +129,15 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Tens
     if bad:
         raise CheckpointError(f"{where} holds NaN or infinite values in {', '.join(bad[:3])}"
                               f"{' and more' if len(bad) > 3 else ''}; the run that wrote it diverged")
-    return state, _sha256(path)
+    return state, file_sha256(path)
 
 
 def _is_state(obj: Mapping[Any, Any]) -> bool:
     return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _sha256(path: Union[str, os.PathLike]) -> str:
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -10,17 +10,17 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
+from sturdy.checkpoints import file_sha256
 from sturdy.data import ImageDataset, load_dataset
 from sturdy.datasets import ARCHIVES, load_data
 from sturdy.datasets import download as fetch
 from sturdy.model_sources import load_model
-from sturdy.models import available_models, create_model
+from sturdy.models import create_model
 
 __all__ = ["job_data", "job_model", "job_record", "is_registry_model"]
 
@@ -38,7 +38,8 @@ def job_data(dataset: str, *, split: str, resize: Optional[int] = None, data_roo
 
 
 def is_registry_model(spec: str) -> bool:
-    return spec in available_models() or ":" not in spec
+    """A registry name (every other model source is written ``KIND:NAME`` or ``PATH:FACTORY``)."""
+    return ":" not in spec
 
 
 def job_model(spec: str, model_kwargs: Mapping[str, Any], in_shape: Sequence[int], num_classes: int, *,
@@ -57,13 +58,7 @@ def job_model(spec: str, model_kwargs: Mapping[str, Any], in_shape: Sequence[int
 def job_record(job: Any, *, train_size: int, test_size: int) -> Dict[str, Any]:
     """What a training job's results were made from: the model source (spec, arguments, initial weights and their
     sha256, normalisation) and the data source (spec, resize, split sizes)."""
-    sha = None
-    if job.weights is not None:
-        digest = hashlib.sha256()
-        with open(job.weights, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        sha = digest.hexdigest()
+    sha = file_sha256(job.weights) if job.weights is not None else None
     return {"model": {"spec": job.model, "model_args": dict(job.model_kwargs), "weights": job.weights,
                       "weights_sha256": sha, "normalization": job.normalize},
             "data": {"spec": job.dataset, "image_size": job.resize, "train_size": train_size,
