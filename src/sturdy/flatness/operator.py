@@ -26,6 +26,7 @@ from sturdy.errors import ConfigurationError
 from sturdy.flatness._data import LossFn, default_loss, loss_batches, trainable_parameters
 from sturdy.flatness.hvp import batch_gradient, hvp
 from sturdy.utils import model_device_dtype
+from sturdy.validation import check_int, check_model
 
 __all__ = ["CURVATURES", "CurvatureOperator", "rademacher_matrix"]
 
@@ -42,11 +43,14 @@ class CurvatureOperator:
     """Products of the Hessian or GGN of the mean training loss with flattened parameter vectors.
 
     Vectors are float64 on the CPU outside (the estimators' linear algebra); products run in the model's
-    dtype on its device. ``products`` counts the matrix-vector products applied so far.
+    dtype on its device. ``products`` counts the matrix-vector products applied so far. The model, the batch
+    size, the curvature and the loss are checked here, before the pass that collects the batches.
     """
 
     def __init__(self, model: nn.Module, data: Any, *, curvature: str, batch_size: int,
                  loss_fn: Optional[LossFn]) -> None:
+        check_model(model)
+        check_int(batch_size, "batch_size", low=1)
         if curvature not in CURVATURES:
             raise ConfigurationError(f"curvature must be one of {', '.join(CURVATURES)}, got {curvature!r}")
         if curvature == "ggn" and loss_fn is not None:

@@ -31,7 +31,7 @@ from sturdy.errors import ConfigurationError
 from sturdy.flatness._data import LossFn, trainable_parameters
 from sturdy.flatness.operator import CurvatureOperator, rademacher_matrix
 from sturdy.utils import eval_mode
-from sturdy.validation import check_count, check_int, check_model, check_seed
+from sturdy.validation import check_count, check_int, check_seed
 
 __all__ = ["TraceSketch", "DiagonalSketch", "hutchpp_trace", "hutchpp_diagonal", "SKETCH_METHODS"]
 
@@ -126,13 +126,6 @@ def _probe_terms(op: CurvatureOperator, q: Tensor, aq: Tensor, probes: int, seed
     return g * (op.matmat(g) - q @ (aq.t() @ g))
 
 
-def _operator(model: nn.Module, data: Any, curvature: str, batch_size: int,
-              loss_fn: Optional[LossFn]) -> CurvatureOperator:
-    check_model(model)
-    check_int(batch_size, "batch_size", low=1)
-    return CurvatureOperator(model, data, curvature=curvature, batch_size=batch_size, loss_fn=loss_fn)
-
-
 def hutchpp_trace(
     model: nn.Module,
     data: Any,
@@ -174,7 +167,7 @@ def hutchpp_trace(
     """
     check_seed(seed)
     with eval_mode(model):
-        op = _operator(model, data, curvature, batch_size, loss_fn)
+        op = CurvatureOperator(model, data, curvature=curvature, batch_size=batch_size, loss_fn=loss_fn)
         k, s = _split_budget(method, matvecs, sketch, op.size)
         q, aq = _sketch_basis(op, k, seed)
         z = _probe_terms(op, q, aq, s, seed).sum(0)
@@ -205,7 +198,7 @@ def hutchpp_diagonal(
     """
     check_seed(seed)
     with eval_mode(model):
-        op = _operator(model, data, curvature, batch_size, loss_fn)
+        op = CurvatureOperator(model, data, curvature=curvature, batch_size=batch_size, loss_fn=loss_fn)
         k, s = _split_budget(method, matvecs, sketch, op.size)
         q, aq = _sketch_basis(op, k, seed)
         z = _probe_terms(op, q, aq, s, seed)

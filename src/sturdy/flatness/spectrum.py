@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from sturdy.flatness._data import LossFn
 from sturdy.flatness.operator import CurvatureOperator, rademacher_matrix
 from sturdy.utils import eval_mode
-from sturdy.validation import check_count, check_int, check_model, check_number, check_seed
+from sturdy.validation import check_count, check_number, check_seed
 
 __all__ = ["Eigenvalues", "SpectralDensity", "hessian_eigenvalues", "spectral_density", "lanczos"]
 
@@ -180,10 +180,8 @@ def hessian_eigenvalues(
     Returns:
         :class:`Eigenvalues`, largest first.
     """
-    check_model(model)
     check_seed(seed)
     check_number(tol, "tol", low=0, low_open=True)
-    check_int(batch_size, "batch_size", low=1)
     with eval_mode(model):
         op = CurvatureOperator(model, data, curvature=curvature, batch_size=batch_size, loss_fn=loss_fn)
         check_count(k, "k", high=op.size, why=f"the model has {op.size} trainable parameters")
@@ -234,9 +232,7 @@ def spectral_density(
     Returns:
         :class:`SpectralDensity` (``iterations * probes`` products at most).
     """
-    check_model(model)
     check_seed(seed)
-    check_int(batch_size, "batch_size", low=1)
     check_count(probes, "probes", high=4096, why="probes run side by side, one vector each per step")
     check_count(points, "points", low=2, high=1_000_000, why="a grid of the density")
     if sigma is not None:
