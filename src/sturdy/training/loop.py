@@ -153,12 +153,12 @@ class _Run:
         for p in self.plugins:
             p.on_epoch_start(self.ctx, epoch)
         sums, lr, diverged = self._train_epoch(epoch, first=first)
-        self._stop_if_diverged(epoch, sums, diverged)
+        train_loss, train_acc = sums.means()  # the epoch's host reads
+        self._stop_if_diverged(epoch, sums, train_loss, diverged)
         test_loss = test_acc = None
         if self.test_set is not None:
             test_loss, test_acc = evaluate(self.ctx.model, self.test_set, batch_size=self.config.eval_batch_size,
                                            device=self.ctx.device, workers=self.config.workers)
-        train_loss, train_acc = sums.means()
         return EpochMetrics(epoch + 1, train_loss, train_acc, test_loss, test_acc, time.perf_counter() - t0, lr)
 
     def _train_epoch(self, epoch: int, *, first: bool) -> Tuple[EpochSums, float, Optional[str]]:
@@ -188,11 +188,10 @@ class _Run:
         if self.ctx.world == 1:  # before any update NaN logits are the model's, not a divergence
             check_finite_output(logits, name="the model's logits on the first training batch")
 
-    def _stop_if_diverged(self, epoch: int, sums: EpochSums, diverged: Optional[str]) -> None:
+    def _stop_if_diverged(self, epoch: int, sums: EpochSums, mean_loss: float, diverged: Optional[str]) -> None:
         if diverged is None and sums.non_finite():
             diverged = f"epoch {epoch + 1} (a loss was not finite)"
         diverged = diverged or _non_finite_weights(self.ctx.model, epoch)
-        mean_loss = sums.means()[0]
         if diverged is None and self.objective is cross_entropy_loss and mean_loss > DIVERGED_CROSS_ENTROPY:
             k = num_classes_of(self.train_set) or 2
             diverged = f"epoch {epoch + 1} (mean cross-entropy {mean_loss:.3g}; chance level is {math.log(k):.3g})"
@@ -251,10 +250,12 @@ def _lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
 
 
 def _non_finite_weights(model: nn.Module, epoch: int) -> Optional[str]:
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
-            return f"epoch {epoch + 1} (parameter {name} holds NaN or infinite values)"
-    return None
+    """Where the weights hold NaN or inf (one host read when they are all finite)."""
+    params = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
+    if not params or bool(torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).all()):
+        return None
+    name = next(n for n, p in params if not bool(torch.isfinite(p.detach()).all()))
+    return f"epoch {epoch + 1} (parameter {name} holds NaN or infinite values)"
 
 
 def _diverged_error(where: str, config: TrainConfig, path: Optional[str | os.PathLike], epoch: int
