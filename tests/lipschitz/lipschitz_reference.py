@@ -70,3 +70,14 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                     m.weight.copy_(torch.randn(c, generator=gen) * 1.5)
                     m.bias.copy_(torch.randn(c, generator=gen))
     return model
+
+
+class Fn(nn.Module):
+    """A module computing ``fn(x)`` (functional forms inside a traced forward)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)

@@ -14,21 +14,10 @@ from sturdy.errors import ConfigurationError, DataError, SturdyError, Unsupporte
 from sturdy.lipschitz import LipschitzTracker, certify, lipschitz_bound, operator_norm
 from sturdy.models import create_model
 
-from .lipschitz_reference import exact_norm
+from .lipschitz_reference import Fn, exact_norm
 
 REL_TOL = 1e-6  # dense path vs. exact SVD
 SOUND_REL = 1e-6  # structured bounds >= exact up to rounding of the reference
-
-
-class Fn(nn.Module):
-    """A module computing ``fn(x)`` (functional forms inside a traced forward)."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 def _split_sum(x):

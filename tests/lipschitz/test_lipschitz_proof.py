@@ -7,6 +7,7 @@ negative ``alpha``, a bound from other weights. Each must now be refused or give
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import types
@@ -20,7 +21,7 @@ from sturdy.errors import ConfigurationError, SoundnessError, SturdyError, Unsup
 from sturdy.lipschitz import Factor, certify, lipschitz_bound, register_bound, tightness
 from sturdy.lipschitz.registry import includes_batch_dim, unregister_bound
 
-from .lipschitz_reference import exact_norm, jacobian_norms
+from .lipschitz_reference import Fn, exact_norm, jacobian_norms
 
 SOUND_REL = 1e-6  # bound >= true constant * (1 - SOUND_REL)
 
@@ -189,16 +190,23 @@ class _BatchCenter(nn.Module):
         return x - x.mean(0, keepdim=True)
 
 
-def test_a_batch_mixing_layer_behind_a_registered_rule_is_caught_by_behaviour():
-    register_bound(_BatchCenter)(lambda call: Factor(1.0, "custom"))
+@contextlib.contextmanager
+def _lying_rule(cls: type, factor: float):
+    """A user-registered rule for ``cls`` claiming ``factor``, removed afterwards."""
+    register_bound(cls)(lambda call: Factor(factor, "custom"))
     try:
+        yield
+    finally:
+        unregister_bound(cls)
+
+
+def test_a_batch_mixing_layer_behind_a_registered_rule_is_caught_by_behaviour():
+    with _lying_rule(_BatchCenter, 1.0):
         net = nn.Sequential(_BatchCenter(), _mlp())
         x = _data(10)
         with pytest.raises(UnsupportedModuleError, match="mixes the samples of a batch"):
             certify(net, x, torch.zeros(10, dtype=torch.long))
         certify(net, x[:1], torch.zeros(1, dtype=torch.long))  # alone, the sample is what the bound describes
-    finally:
-        unregister_bound(_BatchCenter)
 
 
 @pytest.mark.parametrize("dims,ndim,expected", [
@@ -222,31 +230,22 @@ def _brute_slope(fn, lo: float = -30.0, hi: float = 30.0, n: int = 600001) -> fl
 _PARAMS = [-3.0, -1.7, -1.0, -0.5, -0.01, 0.0, 0.3, 1.0, 2.5]
 ACTIVATIONS = {
     **{f"ELU({a})": (lambda a=a: nn.ELU(alpha=a)) for a in _PARAMS},
-    **{f"F.elu({a})": (lambda a=a: _Fn(lambda x, a=a: F.elu(x, a))) for a in _PARAMS},
-    **{f"F.elu(alpha={a})": (lambda a=a: _Fn(lambda x, a=a: F.elu(x, alpha=a))) for a in _PARAMS},
+    **{f"F.elu({a})": (lambda a=a: Fn(lambda x, a=a: F.elu(x, a))) for a in _PARAMS},
+    **{f"F.elu(alpha={a})": (lambda a=a: Fn(lambda x, a=a: F.elu(x, alpha=a))) for a in _PARAMS},
     **{f"LeakyReLU({a})": (lambda a=a: nn.LeakyReLU(a)) for a in _PARAMS},
-    **{f"F.leaky_relu({a})": (lambda a=a: _Fn(lambda x, a=a: F.leaky_relu(x, a))) for a in _PARAMS},
+    **{f"F.leaky_relu({a})": (lambda a=a: Fn(lambda x, a=a: F.leaky_relu(x, a))) for a in _PARAMS},
     **{f"CELU({a})": (lambda a=a: nn.CELU(a)) for a in _PARAMS if a > 0},
     **{f"RReLU({lo},{lo + 0.5})": (lambda lo=lo: nn.RReLU(lo, lo + 0.5)) for lo in _PARAMS},
     **{f"PReLU({a})": (lambda a=a: nn.PReLU(init=a)) for a in _PARAMS},
     **{f"Softplus({b})": (lambda b=b: nn.Softplus(beta=b)) for b in _PARAMS if b != 0},
     **{f"Hardtanh({lo})": (lambda lo=lo: nn.Hardtanh(lo, lo + 2)) for lo in _PARAMS},
     **{f"Softshrink({a})": (lambda a=a: nn.Softshrink(a)) for a in _PARAMS if a >= 0},
-    **{f"clamp({lo})": (lambda lo=lo: _Fn(lambda x, lo=lo: x.clamp(lo, lo + 1))) for lo in _PARAMS},
+    **{f"clamp({lo})": (lambda lo=lo: Fn(lambda x, lo=lo: x.clamp(lo, lo + 1))) for lo in _PARAMS},
     "GELU": nn.GELU, "GELU(tanh)": lambda: nn.GELU(approximate="tanh"), "SiLU": nn.SiLU, "Mish": nn.Mish,
     "SELU": nn.SELU, "Hardswish": nn.Hardswish, "Hardsigmoid": nn.Hardsigmoid, "Sigmoid": nn.Sigmoid,
     "Tanh": nn.Tanh, "Softsign": nn.Softsign, "Tanhshrink": nn.Tanhshrink, "LogSigmoid": nn.LogSigmoid,
     "ReLU6": nn.ReLU6,
 }
-
-
-class _Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
@@ -322,15 +321,12 @@ class _Amplifier(nn.Module):
 
 
 def test_a_lying_rule_is_caught_by_the_self_check():
-    register_bound(_Amplifier)(lambda call: Factor(0.1, "custom"))
-    try:
+    with _lying_rule(_Amplifier, 0.1):
         net = nn.Sequential(_mlp(), _Amplifier())
         x = _data(8)
         with pytest.raises(SoundnessError, match="disproved"):
             certify(net, x, net(x).argmax(1), form="global")
         certify(net, x, net(x).argmax(1), form="global", self_check=False)  # the check is what refuses
-    finally:
-        unregister_bound(_Amplifier)
 
 
 def test_a_tampered_bound_with_its_fingerprint_is_caught_by_the_self_check():
