@@ -24,13 +24,17 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Union
+
+from torch import Tensor
 
 __all__ = ["CompressionLagWarning", "LagMonitor", "LagReport"]
 
 LAG_LIMIT = 100.0  # sqrt(EMA |r|^2 / EMA |g|^2): steps' worth of gradient held in the residual
 WARMUP_STEPS = 50  # compressed steps before the monitor may warn
 EMA_STEPS = 50  # the averages' time constant, in steps
+
+Number = Union[float, Tensor]
 
 
 class CompressionLagWarning(RuntimeWarning):
@@ -65,21 +69,25 @@ class LagMonitor:
         self.steps = 0
         self.warned = False
         self._step = -1
-        self._r2 = 0.0  # current step's sums
-        self._g2 = 0.0
+        self._r2: Number = 0.0  # current step's sums
+        self._g2: Number = 0.0
         self._avg_r2 = 0.0
         self._avg_g2 = 0.0
 
-    def observe(self, step: int, *, residual_sq: float, gradient_sq: float) -> None:
-        """Add one bucket of compressed step ``step``; a new step closes the previous one."""
+    def observe(self, step: int, *, residual_sq: Number, gradient_sq: Number) -> None:
+        """Add one bucket of compressed step ``step``; a new step closes the previous one.
+
+        The squares may be 0-d tensors on the gradients' device: they are summed there and read back once,
+        when the next step closes this one (not once per bucket).
+        """
         if step != self._step:
             self._close()
             self._step = step
-        self._r2 += residual_sq
-        self._g2 += gradient_sq
+        self._r2 = self._r2 + residual_sq
+        self._g2 = self._g2 + gradient_sq
 
     def _close(self) -> None:
-        r2, g2 = self._r2, self._g2
+        r2, g2 = float(self._r2), float(self._g2)
         self._r2 = self._g2 = 0.0
         if self._step < 0:
             return

@@ -112,7 +112,7 @@ class VarianceCompressionState(ResidualState):
         self.lag = LagMonitor()
 
     def lag_report(self) -> LagReport:
-        """Starved elements and residual lag of this rank, averaged over compressed steps."""
+        """Residual lag of this rank, averaged over compressed steps."""
         return self.lag.report()
 
     def config(self) -> Dict[str, Any]:
@@ -184,8 +184,8 @@ class VarianceCompressionState(ResidualState):
             boundaries=view.boundaries,
             max_bytes=max_bytes,
         )
-        self.lag.observe(self.iter, residual_sq=float(residual.square().sum()),
-                         gradient_sq=float(view.gradient.square().sum()))
+        self.lag.observe(self.iter, residual_sq=residual.square().sum().double(),
+                         gradient_sq=view.gradient.square().sum().double())
         return selection
 
 
