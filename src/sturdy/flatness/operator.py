@@ -93,9 +93,10 @@ class CurvatureOperator:
         if self.curvature == "hessian":
             grads = batch_gradient(self.model, x, y, self.params, self.loss_fn)
             return [hvp(grads, self.params, v, retain=j < len(cols) - 1) for j, v in enumerate(cols)]
-        return [self._ggn_product(x, v) for v in cols]
+        return self._ggn_products(x, cols)
 
-    def _ggn_product(self, x: Tensor, v: List[Tensor]) -> List[Tensor]:
+    def _ggn_products(self, x: Tensor, cols: Sequence[List[Tensor]]) -> List[List[Tensor]]:
+        """One forward pass and one vector-Jacobian graph for every column of the batch."""
         with torch.enable_grad():
             logits = self.model(x)
             if logits.dim() != 2:
@@ -105,10 +106,13 @@ class CurvatureOperator:
             vjp = torch.autograd.grad(logits, self.params, grad_outputs=dummy, create_graph=True,
                                       allow_unused=True, materialize_grads=True)
             live = [i for i, g in enumerate(vjp) if g.requires_grad]
-            jv = torch.autograd.grad([vjp[i] for i in live], dummy, grad_outputs=[v[i] for i in live],
-                                     retain_graph=True)[0] if live else torch.zeros_like(logits)
             p = torch.softmax(logits.detach(), dim=1)
-            u = p * jv - p * (p * jv).sum(1, keepdim=True)  # (diag p - p p^T) J v, per sample
-            out = torch.autograd.grad(logits, self.params, grad_outputs=u, allow_unused=True)
-        return [torch.zeros_like(q) if o is None else o.detach() for o, q in zip(out, self.params)]
-
+            products = []
+            for j, v in enumerate(cols):
+                jv = torch.autograd.grad([vjp[i] for i in live], dummy, grad_outputs=[v[i] for i in live],
+                                         retain_graph=True)[0] if live else torch.zeros_like(logits)
+                u = p * jv - p * (p * jv).sum(1, keepdim=True)  # (diag p - p p^T) J v, per sample
+                out = torch.autograd.grad(logits, self.params, grad_outputs=u, allow_unused=True,
+                                          retain_graph=j < len(cols) - 1)
+                products.append([torch.zeros_like(q) if o is None else o.detach() for o, q in zip(out, self.params)])
+        return products
