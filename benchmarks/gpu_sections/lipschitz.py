@@ -5,7 +5,10 @@ Both steps: forward, loss, backward, Adam step, on the same model and batch; the
 objective of ``sturdy train --method lmt`` (tracker with one power iteration per operator, same-shape
 convolutions batched into grouped convolutions, BatchNorm batch statistics recorded during the forward).
 Steps are interleaved after a warm-up, each timed between ``torch.cuda.synchronize`` calls; the ratio of the
-medians is reported, and the same ratio with the per-layer (unbatched) power iterations for comparison.
+medians is reported, and the same ratio with the per-layer (unbatched) power iterations for comparison, and
+with the tracker's step under ``torch.compile`` (its compile time reported apart). A profile of one step of
+each kind counts the kernel launches and names the operators that cost the most device time, so the figure
+says where the LMT overhead goes.
 ``smoke=True`` runs tiny sizes on any device in seconds.
 """
 
@@ -40,6 +43,45 @@ def _interleaved(fns: Dict[str, Callable[[], None]], *, warmup: int, steps: int,
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _compiled_objective(model: torch.nn.Module, shape: tuple, device: torch.device) -> Dict[str, Any]:
+    """An LMT objective whose tracker step runs under ``torch.compile`` (first calls compile: timed apart)."""
+    try:
+        obj = lmt_objective(model, input_shape=(1, *shape), steps_per_epoch=10 ** 6, c=0.3)
+        obj.tracker.forward = torch.compile(obj.tracker.forward)  # type: ignore[method-assign]
+        x = torch.rand(2, *shape, device=device)
+        y = torch.zeros(2, dtype=torch.long, device=device)
+        t0 = time.perf_counter()
+        for _ in range(2):  # with and without recorded batch statistics
+            loss, _ = obj(model, x, y, epoch=0, step=0)
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        _sync(device)
+        return {"objective": obj, "compile_seconds": time.perf_counter() - t0}
+    except Exception as exc:  # noqa: BLE001 - the compiled variant is informative; its failure is reported
+        return {"error": " ".join(f"{type(exc).__name__}: {exc}".split())[:300]}
+
+
+def _profile(fn: Callable[[], None], device: torch.device) -> Dict[str, Any]:
+    """Kernel launches of one step and the operators with the most device (or host) self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    _sync(device)
+    with profile(activities=acts) as prof:
+        fn()
+        _sync(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    top = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:12]
+    return {
+        "host_ops": int(sum(e.count for e in events if e.key.startswith("aten::"))),
+        "launches": int(sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                 "cudaLaunchKernelExC", "cuLaunchKernelEx"))),
+        "top": [{"op": e.key[:80], "count": int(e.count), "self_ms": getattr(e, key, 0.0) / 1e3} for e in top],
+    }
 
 
 def run(*, device: torch.device, smoke: bool) -> Dict[str, Any]:
@@ -79,9 +121,14 @@ def run(*, device: torch.device, smoke: bool) -> Dict[str, Any]:
 
         return step
 
-    med = _interleaved({"standard": standard, "lmt": lmt_step("lmt"), "lmt_unbatched": lmt_step("lmt_unbatched")},
-                       warmup=warmup, steps=steps, device=device)
+    fns = {"standard": standard, "lmt": lmt_step("lmt"), "lmt_unbatched": lmt_step("lmt_unbatched")}
+    compiled = _compiled_objective(model, shape, device)
+    if "error" not in compiled:
+        objectives["lmt_compiled"] = compiled.pop("objective")
+        fns["lmt_compiled"] = lmt_step("lmt_compiled")
+    med = _interleaved(fns, warmup=warmup, steps=steps, device=device)
     ratio = med["lmt"] / med["standard"]
+    profiles = {name: _profile(fns[name], device) for name in ("standard", "lmt")}
     model.eval()
     _sync(device)
     t0 = time.perf_counter()
@@ -94,6 +141,9 @@ def run(*, device: torch.device, smoke: bool) -> Dict[str, Any]:
         "median_step_seconds": med,
         "ratio_lmt_over_standard": ratio,
         "ratio_unbatched_over_standard": med["lmt_unbatched"] / med["standard"],
+        "ratio_compiled_over_standard": med["lmt_compiled"] / med["standard"] if "lmt_compiled" in med else None,
+        "compiled": compiled,
+        "profiles": profiles,
         "bound_seconds": bound_seconds,
         "bound_upper": bound.upper,
         "bound_estimate": bound.estimate,
