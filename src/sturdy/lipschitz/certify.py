@@ -13,13 +13,15 @@ pass itself is not accounted for).
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from sturdy.datasource import data_source
 from sturdy.errors import ConfigurationError, DataError
 from sturdy.lipschitz.bounds import lipschitz_bound
 from sturdy.lipschitz.graph import build_program, check_input_shape
@@ -28,7 +30,7 @@ from sturdy.lipschitz.proof import SELF_CHECK_POINTS, check_batch_rows, check_li
 from sturdy.lipschitz.results import LipschitzBound
 from sturdy.lipschitz.tiered import LocalBounds, tiered_radii
 from sturdy.utils import eval_mode, model_device_dtype
-from sturdy.validation import check_finite_output, check_model_inputs, check_number
+from sturdy.validation import check_finite_output, check_model, check_model_inputs, check_number
 
 __all__ = ["Certificate", "certify", "certified_radius"]
 
@@ -120,8 +122,8 @@ def _check_labels(y: torch.Tensor, logits: torch.Tensor, n: int) -> None:
 
 def certify(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x: Any,
+    y: Optional[torch.Tensor] = None,
     *,
     input_shape: Optional[Sequence[int]] = None,
     form: str = "pairwise",
@@ -130,6 +132,7 @@ def certify(
     self_check: bool = True,
     seed: int = 0,
     tiered: bool = False,
+    count: Optional[int] = None,
 ) -> Certificate:
     """Certify the predictions of ``model`` (in eval mode) on ``x`` against L2 perturbations.
 
@@ -141,8 +144,11 @@ def certify(
 
     Args:
         model: a traceable classifier.
-        x: inputs ``(N, ...)`` (images in ``[0, 1]`` by the project's convention).
-        y: int64 labels ``(N,)``.
+        x: inputs ``(N, ...)`` (images in ``[0, 1]`` by the project's convention) with labels ``y``; or, without
+            ``y``, any data of the contract of :mod:`sturdy.datasource` (an ``ImageDataset``, a ``Dataset`` of
+            ``(x, y)`` pairs, a ``DataLoader`` or another iterable of batches), read once, one batch on the
+            device at a time; the radii equal those of the same samples given as tensors in the same batches.
+        y: int64 labels ``(N,)`` of tensor inputs ``x``.
         input_shape: shape of one input batch for the bound; must match ``x`` (default ``(1, *x.shape[1:])``).
         form: ``"pairwise"`` (default) or ``"global"``.
         bound: a precomputed :func:`lipschitz_bound` of this model with its current weights (computed when
@@ -152,7 +158,8 @@ def certify(
         seed: seed of the sampled checks.
         tiered: for every correctly predicted point, also a local bound over the L2 ball around it
             (:mod:`sturdy.lipschitz.tiered`: ReLUs that stay inactive on the ball are removed); the radius is the
-            larger of the two, ``global_radius`` keeps the global one.
+            larger of the two, ``global_radius`` keeps the global one. Computed batch by batch in the same pass.
+        count: the number of samples of streamed data, when known (a pass of another count is refused).
 
     Returns:
         A :class:`Certificate`; radius 0 for wrong predictions.
@@ -161,7 +168,8 @@ def certify(
         ConfigurationError: a model on the meta device, labels not integers or out of range, ``input_shape``
             or the bound's shape differing from ``x``, a bound computed for other weights or another model.
         DataError: ``x`` holds no inputs, is not floating point (e.g. uint8 images in 0..255) or not
-            finite, or the model's logits are not finite (:mod:`sturdy.validation`).
+            finite, or the model's logits are not finite (:mod:`sturdy.validation`); a streamed batch that breaks
+            the contract (named by its index), or a sample count other than ``count``.
         UnsupportedModuleError: the model has an operator without a sound rule (named with the reason), or its
             logits for a sample depend on the other samples of the batch.
         SoundnessError: the self-check found inputs that disprove the bound.
@@ -176,60 +184,97 @@ def certify(
         >>> round(float(cert.radius[0]), 6)  # (1 - 0) / ||(1, -1)||
         0.707107
     """
-    check_model_inputs(model, x, name="x")
-    _check_data(x, y)
+    if isinstance(x, torch.Tensor) or y is not None:
+        check_model_inputs(model, x, name="x")
+        _check_data(x, y)
+    else:
+        check_model(model)
     if batch_size < 1:
         raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
-    shape = _input_shape(x, input_shape)
+    device, dtype = model_device_dtype(model)
+    batches = data_source(x, y, batch_size=batch_size, count=count).batches(device=device, dtype=dtype,
+                                                                           model=model)
+    first = next(batches)  # the sample shape of a stream: its first batch, read before the bound is computed
+    shape = _input_shape(first[0], input_shape)
     if bound is None:
         bound = lipschitz_bound(model, input_shape=shape)
     else:
         _check_bound(bound, model, shape)
-    device, dtype = model_device_dtype(model)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    t0 = time.perf_counter()
-    preds, radii = [], []
     with eval_mode(model):
-        with torch.no_grad():
-            for start in range(0, x.shape[0], batch_size):
-                batch = x[start : start + batch_size].to(device=device, dtype=dtype)
-                logits = check_finite_output(model(batch))  # before the rows are compared
-                if start == 0:
-                    _check_labels(y, logits, batch.shape[0])
-                check_batch_rows(model, batch, logits, generator=gen)
-                radii.append(certified_radius(logits, bound=bound, form=form))
-                preds.append(logits.argmax(dim=1))
+        passed = _certify_pass(model, itertools.chain([first], batches), shape=shape, bound=bound, form=form,
+                               seed=seed, tiered=tiered)
+        radius, predicted, correct, local, seconds, points = passed
         if self_check:
-            picks = torch.randperm(x.shape[0], generator=gen)[:SELF_CHECK_POINTS]
-            check_lipschitz_pairs(model, x[picks].to(device=device, dtype=dtype), bound, seed=seed)
-    radius, predicted = torch.cat(radii).cpu(), torch.cat(preds).cpu()
-    correct = predicted == y.cpu()
-    radius = torch.where(correct, radius, torch.zeros_like(radius))
-    seconds = {"global": time.perf_counter() - t0}
+            t0 = time.perf_counter()
+            check_lipschitz_pairs(model, points, bound, seed=seed)
+            seconds["global"] += time.perf_counter() - t0
     if not tiered:
         return Certificate(radius=radius, predicted=predicted, correct=correct, bound=bound, form=form,
                            seconds=seconds)
-    t1 = time.perf_counter()
-    local = _tiered(model, x, radius, correct, shape=shape, bound=bound, form=form, batch_size=batch_size)
-    seconds["tiered"] = time.perf_counter() - t1
     return Certificate(radius=local, predicted=predicted, correct=correct, bound=bound, form=form,
                        global_radius=radius, seconds=seconds)
 
 
-def _tiered(model: nn.Module, x: torch.Tensor, radius: torch.Tensor, correct: torch.Tensor, *,
-            shape: Tuple[int, ...], bound: LipschitzBound, form: str, batch_size: int) -> torch.Tensor:
-    """The tiered radii, batch by batch (:func:`sturdy.lipschitz.tiered.tiered_radii`)."""
-    device, dtype = model_device_dtype(model)
-    with eval_mode(model):
-        local = LocalBounds(build_program(model, shape), bound)
-        out = []
-        for start in range(0, x.shape[0], batch_size):
-            part = slice(start, start + batch_size)
-            batch = x[part].to(device=device, dtype=dtype)
-            with torch.no_grad():
-                logits = model(batch)
-            out.append(tiered_radii(local, batch, logits, radius[part], correct[part], form=form))
-    return torch.cat(out)
+def _certify_pass(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], *,
+                  shape: Tuple[int, ...], bound: LipschitzBound, form: str, seed: int, tiered: bool) -> tuple:
+    """One pass over the batches (one on the device at a time): global radii, predictions, with ``tiered`` the
+    tiered radii, the time of each tier, and :data:`SELF_CHECK_POINTS` points drawn uniformly for the
+    self-check (:class:`_Reservoir`)."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    points = _Reservoir(SELF_CHECK_POINTS, torch.Generator(device="cpu").manual_seed(int(seed) + 1))
+    seconds = {"global": 0.0, **({"tiered": 0.0} if tiered else {})}
+    t0 = time.perf_counter()
+    local_bounds = LocalBounds(build_program(model, shape), bound) if tiered else None
+    if tiered:
+        seconds["tiered"] += time.perf_counter() - t0
+    preds, radii, labels, local = [], [], [], []
+    for batch, yb in batches:
+        t0 = time.perf_counter()
+        if tuple(batch.shape[1:]) != shape[1:]:
+            raise DataError(f"a batch holds samples of shape {tuple(batch.shape[1:])} after {shape[1:]}; every "
+                            "sample of the data must have one shape (resize them)")
+        with torch.no_grad():
+            logits = check_finite_output(model(batch))  # before the rows are compared
+            _check_labels(yb, logits, batch.shape[0])
+            check_batch_rows(model, batch, logits, generator=gen)
+            r = certified_radius(logits, bound=bound, form=form)
+            pred = logits.argmax(dim=1)
+        points.offer(batch)
+        right = pred == yb
+        r = torch.where(right, r, torch.zeros_like(r))
+        radii.append(r.cpu())
+        preds.append(pred.cpu())
+        labels.append(right.cpu())
+        t1 = time.perf_counter()
+        seconds["global"] += t1 - t0
+        if local_bounds is not None:
+            local.append(tiered_radii(local_bounds, batch, logits, r, right, form=form).cpu())
+            seconds["tiered"] += time.perf_counter() - t1
+    radius, predicted, correct = torch.cat(radii), torch.cat(preds), torch.cat(labels)
+    return radius, predicted, correct, torch.cat(local) if tiered else None, seconds, points.stacked()
+
+
+class _Reservoir:
+    """``k`` samples drawn uniformly from a stream of batches of unknown length (Vitter's algorithm R, one
+    random number per sample after the first ``k``, drawn from ``generator``)."""
+
+    def __init__(self, k: int, generator: torch.Generator) -> None:
+        self.k, self.generator, self.seen = k, generator, 0
+        self.items: List[torch.Tensor] = []
+
+    def offer(self, batch: torch.Tensor) -> None:
+        n = int(batch.shape[0])
+        fill = min(n, self.k - len(self.items))
+        self.items.extend(batch[i].clone() for i in range(fill))
+        if fill < n:
+            index = torch.arange(self.seen + fill, self.seen + n, dtype=torch.float64)
+            slot = (torch.rand(n - fill, generator=self.generator, dtype=torch.float64) * (index + 1)).long()
+            for i in (slot < self.k).nonzero().flatten().tolist():
+                self.items[int(slot[i])] = batch[fill + i].clone()
+        self.seen += n
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack(self.items)
 
 
 def _input_shape(x: torch.Tensor, input_shape: Optional[Sequence[int]]) -> Tuple[int, ...]:
