@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sturdy.compression import METHODS, accel, create_compression, warm_up
+from sturdy.compression.sharded import install_sharded_compression
 from sturdy.compression.timing import StepClock
 from sturdy.distributed import run_local_workers
 from sturdy.errors import ConfigurationError
@@ -47,6 +49,7 @@ __all__ = [
     "demo_section",
     "compression_options",
     "plot_speedup",
+    "SHARDED_METHODS",
 ]
 
 DEFAULTS: Dict[str, Any] = {
@@ -61,6 +64,7 @@ DEFAULTS: Dict[str, Any] = {
     "gather": "exact",
     "gather_slack": 1.25,
 }
+SHARDED_METHODS = ("vgc", "strom", "topk", "none")  # with --shard (FSDP2); none: FSDP2's own reduce-scatter
 # Upper bounds of the count options (value, reason), checked with the rest before any worker starts.
 _COUNT_LIMITS: Dict[str, Tuple[int, str]] = {
     "powersgd_rank": (2**16, "PowerSGD compresses an n x m gradient only when rank * (n + m) < n * m"),
@@ -153,6 +157,10 @@ class CompressionPlugin:
             slack=opts["gather_slack"],
         )
         clock = StepClock(hook)
+        if ctx.job.options.get("shard"):  # FSDP2: the same hook reduces each sharded group as one bucket
+            return TrainHooks(shard_hook=partial(install_sharded_compression, state=state, hook=clock.hook),
+                              extra_state={"compression": state},
+                              extra_results=lambda: _compression_results(state, opts, clock))
         return TrainHooks(comm_hook=(state, clock.hook), extra_state={"compression": state},
                           extra_results=lambda: _compression_results(state, opts, clock))
 
@@ -216,6 +224,9 @@ def training_plugin(job: TrainJob) -> Optional[CompressionPlugin]:
     if world_size(job) < 2:
         raise ConfigurationError(f"--compress {opts['compress']} needs at least 2 workers; add --nproc 2 (or more), "
                                  "or launch with torchrun")
+    if job.options.get("shard") and opts["compress"] not in SHARDED_METHODS:
+        raise ConfigurationError(f"--compress {opts['compress']} has no sharded form; with --shard use one of "
+                                 f"{', '.join(SHARDED_METHODS)}, or drop --shard (DDP)")
     explicit = job.options.get("explicit_options")
     adam = job.config.optimizer == "adam" and (explicit is None or "optimizer" in explicit)
     if adam and os.environ.get("RANK", "0") == "0":

@@ -10,6 +10,9 @@ data-parallel run only through its plugin (e.g. compression's communication hook
 Data-parallel defaults: a job from the command line that runs in several processes trains with
 :data:`sturdy.training.config.DATA_PARALLEL_DEFAULTS` for every training option the command line did not set
 (``job.options["explicit_options"]`` lists what was typed; a job built in code is left as it is).
+
+``--shard`` trains the same job sharded by FSDP2 instead of DDP (:mod:`sturdy.training.sharding`); a method joins
+it through its plugin's ``shard_hook`` (e.g. compression's reduce-scatter), and a resume must keep the choice.
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ from sturdy.experiments import train_job
 from sturdy.experiments.train_job import TrainJob, TrainPlugin, check_resume, fit
 from sturdy.training import resolve_device
 from sturdy.training.config import DATA_PARALLEL_DEFAULTS
+from sturdy.training.sharding import check_shardable
 
 __all__ = ["add_train_arguments", "world_size", "apply_data_parallel_defaults", "run_job",
            "run_distributed_training", "parallel_options", "TRAIN_DEADLINE_S"]
 
 TRAIN_DEADLINE_S = 7 * 24 * 3600.0  # a whole training run; hangs are bounded by dist_timeout per collective
-DEFAULTS: Dict[str, Any] = {"nproc": 1, "dist_timeout": 300.0}
+DEFAULTS: Dict[str, Any] = {"nproc": 1, "dist_timeout": 300.0, "shard": False}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,10 +49,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "to momentum SGD 0.9, lr 0.05, 40 epochs and a batch of 64 split over the workers")
     g.add_argument("--dist-timeout", type=float, default=DEFAULTS["dist_timeout"],
                    help="seconds a collective may wait before the run fails (a dead worker)")
+    g.add_argument("--shard", action="store_true",
+                   help="shard weights, gradients and optimizer state over the workers (PyTorch FSDP2 over the "
+                        "model's blocks) instead of replicating the model (DDP); needs 2 or more workers")
 
 
 def parallel_options(job: TrainJob) -> Dict[str, Any]:
-    """``nproc`` and ``dist_timeout`` of ``job``, validated (before any worker starts)."""
+    """``nproc``, ``dist_timeout`` and ``shard`` of ``job``, validated (before any worker starts)."""
     opts = {k: job.options.get(k, v) for k, v in DEFAULTS.items()}
     limit = max_local_workers()
     nproc = opts["nproc"]
@@ -59,6 +66,10 @@ def parallel_options(job: TrainJob) -> Dict[str, Any]:
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not (
             math.isfinite(timeout) and timeout > 0):
         raise ConfigurationError(f"--dist-timeout must be a finite number of seconds > 0, got {timeout!r}")
+    if not isinstance(opts["shard"], bool):
+        raise ConfigurationError(f"--shard is on or off (True or False), got {opts['shard']!r}")
+    if opts["shard"]:
+        check_shardable(int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else nproc)
     return opts
 
 

@@ -37,6 +37,7 @@ from sturdy.training import (
     train,
     world,
 )
+from sturdy.training.sharding import ShardGroup, Sharding
 from sturdy.utils import atomic_save_figure, prepare_output_dir
 from sturdy.validation import check_input_shape
 
@@ -133,6 +134,8 @@ class TrainHooks:
         objective: replaces mean cross-entropy (at most one plugin of a run may set it).
         extra_state: checkpointed objects (``state_dict()``/``load_state_dict()``), by unique name.
         comm_hook: ``(state, hook)`` registered on DDP when a process group is initialised.
+        shard_hook: called with the model's FSDP2 groups when the run shards (``--shard``; see
+            :class:`sturdy.training.sharding.Sharding`), e.g. to install a custom reduce-scatter.
         plugins: hooks around the step and the epoch (:class:`sturdy.training.Plugin`).
         extra_results: called after training; its dict is merged into ``results.json``.
     """
@@ -140,6 +143,7 @@ class TrainHooks:
     objective: Optional[Objective] = None
     extra_state: Mapping[str, Stateful] = field(default_factory=dict)
     comm_hook: Optional[Tuple[Any, Callable[..., Any]]] = None
+    shard_hook: Optional[Callable[[Sequence[ShardGroup]], None]] = None
     plugins: Sequence[Plugin] = ()
     extra_results: Optional[Callable[[], Mapping[str, Any]]] = None
 
@@ -217,7 +221,8 @@ def _meta_model(job: TrainJob, in_shape: Sequence[int], num_classes: int) -> nn.
 def _combine(hooks: Sequence[TrainHooks]) -> TrainHooks:
     objectives = [h.objective for h in hooks if h.objective is not None]
     comm_hooks = [h.comm_hook for h in hooks if h.comm_hook is not None]
-    if len(objectives) > 1 or len(comm_hooks) > 1:
+    shard_hooks = [h.shard_hook for h in hooks if h.shard_hook is not None]
+    if len(objectives) > 1 or len(comm_hooks) > 1 or len(shard_hooks) > 1:
         raise ConfigurationError("two methods of this run both replace the training objective or the DDP "
                                  "communication hook; combine at most one of each")
     state: Dict[str, Stateful] = {}
@@ -236,6 +241,7 @@ def _combine(hooks: Sequence[TrainHooks]) -> TrainHooks:
 
     return TrainHooks(objective=objectives[0] if objectives else None, extra_state=state,
                       comm_hook=comm_hooks[0] if comm_hooks else None,
+                      shard_hook=shard_hooks[0] if shard_hooks else None,
                       plugins=tuple(p for h in hooks for p in h.plugins),
                       extra_results=extra_results if extras else None)
 
@@ -277,6 +283,7 @@ def fit(
         plugins=hooks.plugins,
         extra_state=hooks.extra_state,
         comm_hook=hooks.comm_hook,
+        sharding=Sharding(install=hooks.shard_hook) if job.options.get("shard") else None,
         checkpoint_path=out / "model.pt",
         checkpoint_extra={"job": job.to_dict(), "input_shape": list(ctx.input_shape),
                           "num_classes": ctx.num_classes, "identity": identity},
@@ -316,10 +323,12 @@ def _drop_stale_results(out: Path) -> None:
 
 def run_identity(job: TrainJob, *, world_size: int, plugins: Sequence[TrainPlugin] = ()) -> Dict[str, Any]:
     """What a resumed run must share with its checkpoint besides the training configuration: the data set and
-    architecture, the number of workers, and the settings of every method joining it (the plugins'
-    ``resume_identity``, see :class:`TrainPlugin`)."""
+    architecture, the number of workers, whether the model is sharded (``--shard``), and the settings of every
+    method joining it (the plugins' ``resume_identity``, see :class:`TrainPlugin`)."""
     job_dict = job.to_dict()
     identity: Dict[str, Any] = {**{k: job_dict[k] for k in JOB_IDENTITY}, "world_size": world_size}
+    if job.options.get("shard"):  # absent for DDP, as in the checkpoints written before sharding existed
+        identity["sharding"] = "fsdp2"
     for plugin in plugins:
         own = dict(getattr(plugin, "resume_identity", None) or {})
         clash = set(identity) & set(own)

@@ -3,8 +3,9 @@
 :func:`train` sets up the run, resumes it from its checkpoint, then per epoch: starts the plugins, trains the
 epoch, stops if it diverged, evaluates, ends the plugins' epoch, saves the checkpoint and calls the caller's
 ``on_epoch_end``. The loop knows no method: objectives, plugins, extra state and a DDP communication hook come
-from the caller (:mod:`.plugins`). Under ``torch.distributed`` the model trains as DDP; every rank takes an equal
-share of one seeded permutation per epoch (:mod:`.batches`), so every rank runs the same number of steps.
+from the caller (:mod:`.plugins`). Under ``torch.distributed`` the model trains as DDP, or sharded by FSDP2
+(``sharding``, :mod:`.sharding`); every rank takes an equal share of one seeded permutation per epoch
+(:mod:`.batches`), so every rank runs the same number of steps.
 
 A run whose loss or weights blow up stops with one line, keeping the last good checkpoint: a non-finite loss is
 seen within ``sync_every`` steps (one process) or at the epoch's end (every rank decides together under DDP).
@@ -30,6 +31,7 @@ from sturdy.training.config import EpochMetrics, TrainConfig, TrainResult
 from sturdy.training.devices import autocast_dtype, resolve_device, world
 from sturdy.training.evaluation import check_in_memory, check_logits, cross_entropy_loss, evaluate
 from sturdy.training.plugins import GradientClipping, Objective, Plugin, RunContext, Stateful
+from sturdy.training.sharding import Sharding, check_shardable, local_tensor, shard_model
 from sturdy.training.state import RunState
 from sturdy.training.step import EpochSums, Stepper
 from sturdy.utils import model_device_dtype
@@ -50,6 +52,7 @@ def train(
     plugins: Sequence[Plugin] = (),
     extra_state: Optional[Mapping[str, Stateful]] = None,
     comm_hook: Optional[Tuple[Any, Callable[..., Any]]] = None,
+    sharding: Optional[Sharding] = None,
     checkpoint_path: Optional[str | os.PathLike] = None,
     checkpoint_extra: Optional[Mapping[str, Any]] = None,
     resume: bool = True,
@@ -74,6 +77,8 @@ def train(
             objects with ``per_rank_state = True``).
         comm_hook: ``(state, hook)`` for ``DistributedDataParallel.register_comm_hook`` when a process group is
             initialised (ignored otherwise).
+        sharding: shard the model with FSDP2 instead of DDP (:class:`~sturdy.training.sharding.Sharding`; needs a
+            process group of at least 2 ranks); the checkpoint then holds the gathered full state.
         checkpoint_path: written after every epoch (by rank 0); when it exists and ``resume`` is true, training
             continues from it. Give it on every rank (or none): gathering per-rank extra state is a collective.
         checkpoint_extra: plain data stored in the checkpoint as ``checkpoint["extra"]``.
@@ -87,8 +92,8 @@ def train(
         A :class:`TrainResult`; the model is left in eval mode.
     """
     run = _Run(model, train_set, test_set, config=config, objective=objective or cross_entropy_loss,
-               plugins=plugins, extra_state=extra_state or {}, comm_hook=comm_hook, path=checkpoint_path,
-               checkpoint_extra=checkpoint_extra)
+               plugins=plugins, extra_state=extra_state or {}, comm_hook=comm_hook, sharding=sharding,
+               path=checkpoint_path, checkpoint_extra=checkpoint_extra)
     start = run.state.restore(check_resume) if resume else 0
     last = config.epochs if until_epoch is None else min(until_epoch, config.epochs)
     t_start, stopped = time.perf_counter(), False
@@ -114,7 +119,8 @@ class _Run:
 
     def __init__(self, model: nn.Module, train_set: Any, test_set: Optional[Any], *, config: TrainConfig,
                  objective: Objective, plugins: Sequence[Plugin], extra_state: Mapping[str, Stateful],
-                 comm_hook: Optional[Tuple[Any, Callable[..., Any]]], path: Optional[str | os.PathLike],
+                 comm_hook: Optional[Tuple[Any, Callable[..., Any]]], sharding: Optional[Sharding],
+                 path: Optional[str | os.PathLike],
                  checkpoint_extra: Optional[Mapping[str, Any]]) -> None:
         device = resolve_device(config.device)
         amp_dtype = autocast_dtype(config.amp, device)
@@ -128,15 +134,20 @@ class _Run:
         self.train_set, self.test_set = train_set, test_set
         self.batches = _training_batches(train_set, test_set, config, device, model_device_dtype(model)[1],
                                          rank, size)
-        optimizer = _make_optimizer(model, config)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _lr_factor(config.schedule, config.epochs * self.batches.steps))
         net: nn.Module = model
-        if size > 1:
+        if sharding is not None:  # FSDP2 replaces the parameters: the optimizer is built afterwards
+            check_shardable(size)
+            groups = shard_model(model, blocks=None if sharding.blocks is None else sharding.blocks(model))
+            if sharding.install is not None:
+                sharding.install(groups)
+        elif size > 1:
             ids = [device.index] if device.type == "cuda" else None
             net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
             if comm_hook is not None:
                 net.register_comm_hook(*comm_hook)
+        optimizer = _make_optimizer(model, config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_factor(config.schedule, config.epochs * self.batches.steps))
         self.ctx = RunContext(model=model, net=net, optimizer=optimizer, config=config, device=device, rank=rank,
                               world=size, steps_per_epoch=self.batches.steps)
         self.stepper = Stepper(self.ctx, objective=objective, scheduler=scheduler, plugins=self.plugins,
@@ -251,10 +262,10 @@ def _lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
 
 def _non_finite_weights(model: nn.Module, epoch: int) -> Optional[str]:
     """Where the weights hold NaN or inf (one host read when they are all finite)."""
-    params = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
-    if not params or bool(torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).all()):
+    params = [(name, local_tensor(p.detach())) for name, p in model.named_parameters() if p.is_floating_point()]
+    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
         return None
-    name = next(n for n, p in params if not bool(torch.isfinite(p.detach()).all()))
+    name = next(n for n, p in params if not bool(torch.isfinite(p).all()))
     return f"epoch {epoch + 1} (parameter {name} holds NaN or infinite values)"
 
 

@@ -4,7 +4,8 @@ A checkpoint holds the model, optimizer, scheduler, gradient scaler, global RNG 
 state (plugins, objectives' state such as power-iteration vectors, compression residuals). State that differs
 between ranks (an object with ``per_rank_state = True``) is gathered from every rank into rank 0's one file as
 ``{"per_rank": [rank 0, rank 1, ...]}`` and each rank resumes from its own entry; a checkpoint of another world
-size is refused. Checkpoints are written atomically and read with ``weights_only=True``
+size is refused. A sharded model's (FSDP2) weights and optimizer state are gathered in full (:mod:`.sharding`).
+Checkpoints are written atomically and read with ``weights_only=True``
 (:mod:`sturdy.checkpoints`).
 """
 
@@ -30,6 +31,12 @@ from sturdy.distributed import gather_to_rank0
 from sturdy.errors import CheckpointError
 from sturdy.training.config import EpochMetrics, TrainConfig, resume_key
 from sturdy.training.plugins import Stateful
+from sturdy.training.sharding import (
+    load_model_state_dict,
+    load_optimizer_state_dict,
+    model_state_dict,
+    optimizer_state_dict,
+)
 
 __all__ = ["RunState", "saved_extra_state", "rng_state", "set_rng_state"]
 
@@ -102,12 +109,12 @@ class RunState:
             check_resume(ckpt)
         self._check_config(ckpt)
         check_state_dict_shapes(self.model, ckpt["model"], source=str(path))
-        self.model.load_state_dict(ckpt["model"])
+        load_model_state_dict(self.model, ckpt["model"])
         for name in self.extra_state:
             if name not in ckpt["state"]:
                 raise CheckpointError(f"checkpoint {str(path)!r} holds no state for {name!r}")
         try:  # the file is checked as far as the loop relies on it; what remains is the objects' own format
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state_dict(self.model, self.optimizer, ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             if self.scaler is not None and ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
@@ -140,6 +147,8 @@ class RunState:
         if self.path is None:
             return
         saved_state = saved_extra_state(self.extra_state, self.rank, self.world, self.device)
+        # sharded (FSDP2): gathering the full state is a collective
+        model, optimizer = model_state_dict(self.model), optimizer_state_dict(self.model, self.optimizer)
         if self.rank != 0:
             return
         save_checkpoint(
@@ -147,8 +156,8 @@ class RunState:
                 "format": CHECKPOINT_FORMAT,
                 "epoch": epoch,
                 "config": asdict(self.config),
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "model": model,
+                "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "state": saved_state,
