@@ -31,7 +31,6 @@ from torch import Tensor
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
 from sturdy.errors import DistributedError
-from sturdy.training.sharding import ShardGroup
 
 __all__ = ["ShardBucket", "ShardedReduceScatter", "ShardLayout", "shard_layout", "install_sharded_compression"]
 
@@ -121,9 +120,10 @@ class _Steps:
 
 
 class ShardedReduceScatter(ReduceScatter):
-    """FSDP2's reduce-scatter of one group through a compression hook (see the module docstring)."""
+    """FSDP2's reduce-scatter of one group (a :class:`sturdy.training.sharding.ShardGroup`) through a compression
+    hook (see the module docstring)."""
 
-    def __init__(self, group: ShardGroup, *, state: Any, hook: Callable[..., Any], steps: _Steps) -> None:
+    def __init__(self, group: Any, *, state: Any, hook: Callable[..., Any], steps: _Steps) -> None:
         self.group, self.state, self.hook, self.steps = group, state, hook, steps
         self._layouts: Dict[Tuple[int, int, str], ShardLayout] = {}
 
@@ -156,8 +156,12 @@ class ShardedReduceScatter(ReduceScatter):
         return None
 
 
-def install_sharded_compression(groups: Sequence[ShardGroup], *, state: Any, hook: Callable[..., Any]) -> None:
-    """Reduce every group's gradients through ``hook(state, bucket)`` (a compression method's DDP hook)."""
+def install_sharded_compression(groups: Sequence[Any], *, state: Any, hook: Callable[..., Any]) -> None:
+    """Reduce every group's gradients through ``hook(state, bucket)`` (a compression method's DDP hook).
+
+    ``groups``: the sharded groups (:class:`sturdy.training.sharding.ShardGroup`: ``index``, ``module``,
+    ``params`` as they were before sharding, their ``shapes``).
+    """
     steps = _Steps(len(groups))
     for g in groups:
         g.module.set_custom_reduce_scatter(  # type: ignore[operator]
