@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from typing import Any, Dict, List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sturdy.compression import VarianceCompressionState, attach_squared_gradient_statistics, variance_hook
+from sturdy.compression import (
+    CompressionLagWarning,
+    VarianceCompressionState,
+    attach_squared_gradient_statistics,
+    variance_hook,
+)
 from sturdy.data import load_dataset
 from sturdy.distributed import run_local_workers
 from sturdy.experiments.jsonio import write_json
@@ -78,9 +84,28 @@ def _mlp() -> nn.Module:
 
 
 MODELS = {"tokens": Tokens, "rowbin": RowBin, "tokmlp": TokMLP, "mlp": _mlp}
-# name -> (alpha, quantize); None: plain DDP
-METHODS: Dict[str, Any] = {"none": None, "vgc a=5": (5.0, "4bit"), "f32 a=5": (5.0, None),
-                           "vgc a=1": (1.0, "4bit")}
+# name -> VarianceCompressionState settings ("momentum": True takes over the SGD momentum); None: plain DDP
+METHODS: Dict[str, Any] = {
+    "none": None,
+    "vgc a=5": {"alpha": 5.0, "quantize": "4bit"},
+    "f32 a=5": {"alpha": 5.0, "quantize": None},
+    "vgc a=1": {"alpha": 1.0, "quantize": "4bit"},
+    "mc a=5": {"alpha": 5.0, "quantize": "4bit", "momentum": True},
+    "mc nomask a=5": {"alpha": 5.0, "quantize": "4bit", "momentum": True, "momentum_masking": False},
+    "warm a=5": {"alpha": 5.0, "quantize": "4bit", "warmup_epochs": 4},
+    "mc warm a=5": {"alpha": 5.0, "quantize": "4bit", "momentum": True, "warmup_epochs": 4},
+    "unsent a=5": {"alpha": 5.0, "quantize": "4bit", "feedback": "unsent"},
+    "mc unsent a=5": {"alpha": 5.0, "quantize": "4bit", "momentum": True, "feedback": "unsent"},
+}
+MOMENTUM = 0.9
+
+
+def _state(model: nn.Module, method: Dict[str, Any], *, sgd: bool, steps_per_epoch: int) -> VarianceCompressionState:
+    return VarianceCompressionState(
+        statistics=attach_squared_gradient_statistics(model), alpha=method["alpha"], quantize=method["quantize"],
+        momentum=MOMENTUM if method.get("momentum") and sgd else 0.0,
+        momentum_masking=method.get("momentum_masking", True),
+        warmup_steps=int(method.get("warmup_epochs", 0) * steps_per_epoch), feedback=method.get("feedback", "all"))
 
 
 def _worker(rank: int, world: int, jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -91,33 +116,43 @@ def _worker(rank: int, world: int, jobs: List[Dict[str, Any]]) -> List[Dict[str,
         torch.manual_seed(job["seed"])
         model = MODELS[job["model"]]()
         method = METHODS[job["method"]]
-        state = None
-        if method is not None:
-            state = VarianceCompressionState(statistics=attach_squared_gradient_statistics(model), alpha=method[0],
-                                             quantize=method[1])
+        b = job["batch"]
+        steps_per_epoch = (train.images.shape[0] // world) // b
+        state = None if method is None else _state(model, method, sgd=job["opt"] == "sgd",
+                                                   steps_per_epoch=steps_per_epoch)
         ddp = nn.parallel.DistributedDataParallel(model)
         if state is not None:
             ddp.register_comm_hook(state, variance_hook)
         opt: torch.optim.Optimizer
         if job["opt"] == "adam":
             opt = torch.optim.Adam(model.parameters(), lr=job["lr"])
-        else:
-            opt = torch.optim.SGD(model.parameters(), lr=job["lr"], momentum=0.9)
+        else:  # momentum correction applies the momentum in the hook
+            opt = torch.optim.SGD(model.parameters(), lr=job["lr"],
+                                  momentum=0.0 if state is not None and state.momentum else MOMENTUM)
         g = torch.Generator().manual_seed(job["seed"])
-        b = job["batch"]
-        for _ in range(job["epochs"]):
-            mine = torch.randperm(train.images.shape[0], generator=g)[rank::world]
-            for i in range(0, len(mine) - b + 1, b):
-                idx = mine[i:i + b]
-                opt.zero_grad()
-                F.cross_entropy(ddp(train.images[idx]), train.labels[idx]).backward()
-                opt.step()
+        losses = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CompressionLagWarning)
+            for _ in range(job["epochs"]):
+                mine = torch.randperm(train.images.shape[0], generator=g)[rank::world]
+                total = torch.zeros(())
+                for i in range(0, len(mine) - b + 1, b):
+                    idx = mine[i:i + b]
+                    opt.zero_grad()
+                    loss = F.cross_entropy(ddp(train.images[idx]), train.labels[idx])
+                    loss.backward()
+                    total += loss.detach()
+                    if state is not None:
+                        state.observe_loss(loss.detach())
+                    opt.step()
+                losses.append(float(total) / steps_per_epoch)
         with torch.no_grad():
             acc = float((model(test.images).argmax(1) == test.labels).float().mean())
-        row = dict(job, accuracy=acc)
+        row = dict(job, accuracy=acc, train_loss=losses)
         if state is not None:
             row["compression_ratio"] = state.statistics().compression_ratio
             row["residual_lag"] = state.lag_report().residual_lag
+            row["warnings"] = [str(w.message)[:60] for w in caught if issubclass(w.category, CompressionLagWarning)]
         out.append(row)
     return out
 
@@ -125,7 +160,7 @@ def _worker(rank: int, world: int, jobs: List[Dict[str, Any]]) -> List[Dict[str,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tokens,rowbin,tokmlp,mlp")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default="none,vgc a=5,f32 a=5,vgc a=1")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--opt", choices=("sgd", "adam"), default="sgd")
     ap.add_argument("--lr", type=float, default=0.05)
@@ -140,8 +175,11 @@ def main() -> None:
     for row in rows:
         extra = ""
         if "compression_ratio" in row:
-            extra = f"  {row['compression_ratio']:.1f}x  lag {row['residual_lag']:.1f}"
-        print(f"{row['model']:8s} {row['method']:8s} seed {row['seed']}: {100 * row['accuracy']:.1f}%{extra}")
+            extra = (f"  {row['compression_ratio']:.1f}x  lag {row['residual_lag']:.1f}  "
+                     f"warned {'yes' if row['warnings'] else 'no'}")
+        curve = " ".join(f"{x:.2f}" for x in row["train_loss"])
+        print(f"{row['model']:8s} {row['method']:14s} seed {row['seed']}: {100 * row['accuracy']:.1f}%{extra}  "
+              f"loss {curve}", flush=True)
     write_json({"rows": rows, "seconds": time.perf_counter() - start, "args": vars(args)}, args.out)
 
 

@@ -1,7 +1,8 @@
 """The exchange of sparse selections: the body of every error-feedback hook (variance, Strom, top-k).
 
 Per bucket and step, after ``state.start_iter`` (plain allreduce before it): add the gradient to the
-residual, let the state :meth:`~sturdy.compression.residual.ResidualState.select` what to send,
+residual (:meth:`~sturdy.compression.residual.ResidualState.accumulate`; with momentum correction its
+velocity), let the state :meth:`~sturdy.compression.residual.ResidualState.select` what to send,
 all-gather the payloads (:mod:`sturdy.compression.collective`, mode ``state.gather``), and write the
 sum of every rank's decoded update, divided by the world size, into the bucket. This rank's own
 payload is not decoded: its selection holds exactly the decoded values. Every rank sums in rank
@@ -40,7 +41,7 @@ def sparse_exchange(state: ResidualState, bucket: dist.GradBucket) -> torch.futu
     rank, world = state.rank_and_world()
     view = state.bucket_view(bucket)
     buffer = view.gradient
-    view.buffers["residual"].add_(buffer)
+    state.accumulate(view)
     if state.gather == "bounded":
         return _bounded_exchange(state, bucket, view, rank, world)
     selection = state.select(view)

@@ -38,6 +38,10 @@ def create_compression(
     start_iter: int = 2,
     gather: str = "capacity",
     slack: float = 1.25,
+    momentum: float = 0.0,
+    momentum_masking: bool = True,
+    warmup_steps: int = 0,
+    feedback: str = "all",
 ) -> Tuple[Any, Hook]:
     """Build ``(state, hook)`` for a method of :data:`METHODS` by name.
 
@@ -45,6 +49,8 @@ def create_compression(
     parameter names from it. Without ``model`` the state is built unbound: call
     ``state.bind_model(model)`` once the model exists (before training). ``slack`` applies to the
     sparse methods (``vgc``, ``strom``, ``topk``), like ``gather``: see :class:`VarianceCompressionState`.
+    ``momentum``, ``momentum_masking``, ``warmup_steps`` and ``feedback`` are ``vgc``'s convergence remedies
+    (momentum correction: the optimizer must then run without momentum).
     """
     if method not in METHODS:
         raise ConfigurationError(f"unknown compression method {method!r}; expected one of {METHODS}")
@@ -53,7 +59,8 @@ def create_compression(
     if method == "vgc":
         vgc = VarianceCompressionState(
             process_group=process_group, alpha=alpha, zeta=zeta, quantize=quantize, start_iter=start_iter,
-            defer_statistics=True, gather=gather, slack=slack,
+            defer_statistics=True, gather=gather, slack=slack, momentum=momentum, momentum_masking=momentum_masking,
+            warmup_steps=warmup_steps, feedback=feedback,
         )
         if model is not None:
             vgc.bind_model(model)

@@ -213,6 +213,10 @@ class ResidualState(TrafficMeter):
         self._pending = {k: {n: t.clone() for n, t in buffers[k].items()} for k in self.buffer_kinds}
         self._drop_buffers()
 
+    def accumulate(self, view: BucketView) -> None:
+        """Add this step's gradient to the residual (error feedback; momentum correction overrides it)."""
+        view.buffers["residual"].add_(view.gradient)
+
     def select(self, view: BucketView, *, max_bytes: Optional[int] = None) -> Selection:
         """Choose what this rank sends for the bucket; updates its buffers (``view.buffers``) in place.
 

@@ -17,7 +17,7 @@ plain allreduce. Residuals and accumulated variances follow parameters
 """
 
 import math
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,8 @@ from sturdy.compression.statistics import SquaredGradientStatistics, attach_squa
 from sturdy.errors import ConfigurationError, DistributedError, UnsupportedModuleError
 
 __all__ = ["VarianceCompressionState", "variance_hook"]
+
+FEEDBACK_MODES = ("all", "unsent")
 
 
 class VarianceCompressionState(ResidualState):
@@ -58,6 +60,17 @@ class VarianceCompressionState(ResidualState):
             elements that do not fit stay in the residual (sends at most ``slack`` times the last
             step's largest wanted payload; not bit-identical across bucket layouts).
         slack: slot growth factor of ``"capacity"`` and ``"bounded"``, ``>= 1``.
+        momentum: momentum correction (Deep Gradient Compression; docs/design.md section 4): ``0`` (off),
+            or the SGD momentum ``m`` in ``[0, 1)`` that the state then applies itself: a local velocity
+            ``u = m u + g`` is accumulated and the residual sums ``u`` instead of ``g`` (the variance test
+            is unchanged). The optimizer must then run **without** momentum (``SGD(momentum=0)``), or the
+            update gets momentum twice; ``sturdy train`` does this itself.
+        momentum_masking: with ``momentum > 0``, reset the velocity of every element sent (``u_i = 0``), so a
+            sent element's momentum does not keep pushing it after its update landed.
+        warmup_steps: ramp the threshold over the first compressed steps: compressed step ``c`` (from 0)
+            uses ``alpha * min(1, (c + 1) / warmup_steps)``; ``0``: no ramp.
+        feedback: what error feedback keeps of a sent element: ``"all"`` (``r_i - q(r_i)``, the rounding
+            error of the 4-bit value) or ``"unsent"`` (``r_i = 0``: the rounding error is dropped).
 
     The state watches whether the run keeps up with its gradients (:mod:`sturdy.compression.lag`):
     :meth:`lag_report` gives the residual lag (steps' worth of gradient held back), and a
@@ -80,8 +93,23 @@ class VarianceCompressionState(ResidualState):
         defer_statistics: bool = False,
         gather: str = "capacity",
         slack: float = 1.25,
+        momentum: float = 0.0,
+        momentum_masking: bool = True,
+        warmup_steps: int = 0,
+        feedback: str = "all",
     ) -> None:
         self.alpha = validate_rate("alpha", alpha, low=0.0, high=math.inf, hint="typical values are 1 to 8")
+        self.momentum = validate_rate("momentum", momentum, low=0.0, high=1.0, hint="the SGD momentum, e.g. 0.9")
+        if self.momentum >= 1.0:
+            raise ConfigurationError(f"momentum must lie in [0, 1), got {momentum}; the SGD momentum, e.g. 0.9")
+        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+            raise ConfigurationError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if feedback not in FEEDBACK_MODES:
+            raise ConfigurationError(f"feedback must be one of {FEEDBACK_MODES}, got {feedback!r}")
+        self.momentum_masking = bool(momentum_masking)
+        self.warmup_steps = warmup_steps
+        self.feedback = feedback
+        self.buffer_kinds = VarianceCompressionState.buffer_kinds + (("velocity",) if self.momentum else ())
         self.zeta = validate_rate("zeta", zeta, low=0.0, high=1.0, hint="typical value 0.999")
         if quantize not in ("4bit", None):
             raise ConfigurationError(f"quantize must be '4bit' or None, got {quantize!r}")
@@ -112,11 +140,48 @@ class VarianceCompressionState(ResidualState):
         self.lag = LagMonitor()
 
     def lag_report(self) -> LagReport:
-        """Residual lag of this rank, averaged over compressed steps."""
+        """Residual lag of this rank, averaged over compressed steps, and the loss watch's windows."""
         return self.lag.report()
 
+    def observe_loss(self, loss: Union[float, Tensor]) -> None:
+        """Give the watch this step's training loss (a float or a 0-d tensor, read once per window): a
+        :class:`~sturdy.compression.lag.CompressionLagWarning` is emitted once when the loss climbs back
+        (:mod:`sturdy.compression.lag`). Optional; call it after ``backward``."""
+        self.lag.observe_loss(loss)
+
+    def current_alpha(self) -> float:
+        """The threshold factor of the current step (``alpha``, ramped over ``warmup_steps``)."""
+        if not self.warmup_steps:
+            return self.alpha
+        done = max(0, self.iter - self.start_iter)
+        return self.alpha * min(1.0, (done + 1) / self.warmup_steps)
+
     def config(self) -> Dict[str, Any]:
-        return {"start_iter": self.start_iter, "alpha": self.alpha, "zeta": self.zeta, "quantize": self.quantize}
+        return {"start_iter": self.start_iter, "alpha": self.alpha, "zeta": self.zeta, "quantize": self.quantize,
+                "momentum": self.momentum, "momentum_masking": self.momentum_masking,
+                "warmup_steps": self.warmup_steps, "feedback": self.feedback}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Residuals, variances (and velocities), counters, and the lag monitor's state."""
+        out = super().state_dict()
+        out["lag"] = self.lag.state_dict()
+        return out
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a state saved before the monitor was checkpointed starts it afresh)."""
+        super().load_state_dict(state)
+        self.lag = LagMonitor(warmup=self.lag.warmup, lag_limit=self.lag.lag_limit, loss_window=self.lag.loss_window)
+        if "lag" in state:
+            self.lag.load_state_dict(state["lag"])
+
+    def accumulate(self, view: BucketView) -> None:
+        """``r += g``; with momentum correction ``u = m u + g`` and ``r += u``."""
+        if not self.momentum:
+            view.buffers["residual"].add_(view.gradient)
+            return
+        velocity = view.buffers["velocity"]
+        velocity.mul_(self.momentum).add_(view.gradient)
+        view.buffers["residual"].add_(velocity)
 
     def bind_model(self, model: nn.Module) -> None:
         """Attach squared-gradient statistics to ``model`` (the module DDP wraps) and take its names."""
@@ -178,15 +243,29 @@ class VarianceCompressionState(ResidualState):
         selection = variance_select(
             residual,
             variance,
-            alpha=self.alpha,
+            alpha=self.current_alpha(),
             zeta=self.zeta,
             quantize=self.quantize,
             boundaries=view.boundaries,
             max_bytes=max_bytes,
         )
+        if selection.count:
+            if self.feedback == "unsent":
+                _zero_at(residual, selection.indices)
+            if self.momentum and self.momentum_masking:
+                _zero_at(view.buffers["velocity"], selection.indices)
+        step_update = view.buffers["velocity"] if self.momentum else view.gradient
         self.lag.observe(self.iter, residual_sq=residual.square().sum().double(),
-                         gradient_sq=view.gradient.square().sum().double())
+                         gradient_sq=step_update.square().sum().double())
         return selection
+
+
+def _zero_at(flat: Tensor, indices: Tensor) -> None:
+    """``flat[indices] = 0`` (a numpy view on the CPU: a fraction of torch's per-call cost)."""
+    if flat.device.type == "cpu" and indices.device.type == "cpu":
+        flat.numpy()[indices.numpy()] = 0
+    else:
+        flat.index_fill_(0, indices.to(flat.device), 0.0)
 
 
 def variance_hook(state: VarianceCompressionState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:

@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch.distributed as dist
 from torch import nn
 
-from sturdy.compression import METHODS, accel, create_compression, warm_up
+from sturdy.compression import METHODS, VarianceCompressionState, accel, create_compression, warm_up
+from sturdy.compression.lag import LagMonitor
 from sturdy.compression.sharded import install_sharded_compression
 from sturdy.compression.timing import StepClock
 from sturdy.distributed import run_local_workers
@@ -38,6 +39,8 @@ from sturdy.experiments.train_job import (
     TrainPlugin,
     fit,
 )
+from sturdy.training.config import EpochMetrics
+from sturdy.training.plugins import Plugin, RunContext
 from sturdy.validation import check_count, check_number
 
 __all__ = [
@@ -63,6 +66,10 @@ DEFAULTS: Dict[str, Any] = {
     "start_iter": 2,
     "gather": "exact",
     "gather_slack": 1.25,
+    "momentum_correction": "off",
+    "momentum_masking": "on",
+    "alpha_warmup_epochs": 0.0,
+    "feedback": "all",
 }
 SHARDED_METHODS = ("vgc", "strom", "topk", "none")  # with --shard (FSDP2); none: FSDP2's own reduce-scatter
 # Upper bounds of the count options (value, reason), checked with the rest before any worker starts.
@@ -91,6 +98,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "fit stays in the residual)")
     g.add_argument("--gather-slack", type=float, default=DEFAULTS["gather_slack"],
                    help="slot size as a multiple of the last step's largest payload")
+    g.add_argument("--momentum-correction", choices=("on", "off"), default=DEFAULTS["momentum_correction"],
+                   help="vgc with momentum SGD: the hook accumulates the velocity and the optimizer runs without "
+                        "momentum (Deep Gradient Compression)")
+    g.add_argument("--momentum-masking", choices=("on", "off"), default=DEFAULTS["momentum_masking"],
+                   help="vgc with momentum correction: reset the velocity of the elements sent")
+    g.add_argument("--alpha-warmup-epochs", type=float, default=DEFAULTS["alpha_warmup_epochs"],
+                   help="vgc: ramp alpha linearly from 0 over this many epochs")
+    g.add_argument("--feedback", choices=("all", "unsent"), default=DEFAULTS["feedback"],
+                   help="vgc: error feedback keeps the 4-bit rounding error of sent elements (all) or drops it")
 
 
 def _option_error(key: str, message: str) -> ConfigurationError:
@@ -116,13 +132,16 @@ def compression_options(job: TrainJob) -> Dict[str, Any]:
     _check_number(opts, "topk_ratio", low=0.0, high=1.0, low_open=True, hint="e.g. 0.01 sends 1% per step")
     _check_number(opts, "strom_tau", low=0.0, low_open=True, hint="a gradient magnitude such as 1e-3")
     _check_number(opts, "gather_slack", low=1.0, hint="e.g. 1.25")
+    _check_number(opts, "alpha_warmup_epochs", low=0.0, high=1e6, hint="e.g. 0 (no ramp) or 4")
     for key, low in (("powersgd_rank", 1), ("start_iter", 2 if opts["compress"] == "powersgd" else 0)):
         value = opts[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             why = " (PowerSGD starts after DDP has rebuilt its buckets)" if key == "start_iter" and low == 2 else ""
             raise _option_error(key, f"must be an integer >= {low}{why}, got {value!r}")
         check_count(value, f"--{key.replace('_', '-')}", low=low, high=_COUNT_LIMITS[key][0], why=_COUNT_LIMITS[key][1])
-    for key, choices in (("quantize", ("4bit", "float32")), ("gather", ("exact", "capacity", "bounded"))):
+    for key, choices in (("quantize", ("4bit", "float32")), ("gather", ("exact", "capacity", "bounded")),
+                         ("momentum_correction", ("on", "off")), ("momentum_masking", ("on", "off")),
+                         ("feedback", ("all", "unsent"))):
         if opts[key] not in choices:
             raise _option_error(key, f"must be one of {choices}, got {opts[key]!r}")
     if opts["gather"] == "bounded" and opts["compress"] != "vgc":
@@ -143,6 +162,7 @@ class CompressionPlugin:
     def setup(self, model: nn.Module, ctx: TrainContext) -> TrainHooks:
         """Attach the statistics to ``model`` (the module DDP wraps) and build the state and its hook."""
         opts = self.options
+        momentum = hook_momentum(opts, ctx.job)
         state, hook = create_compression(
             opts["compress"],
             model=model,
@@ -155,13 +175,21 @@ class CompressionPlugin:
             start_iter=opts["start_iter"],
             gather=opts["gather"],
             slack=opts["gather_slack"],
+            momentum=momentum,
+            momentum_masking=opts["momentum_masking"] == "on",
+            warmup_steps=round(opts["alpha_warmup_epochs"] * ctx.steps_per_epoch),
+            feedback=opts["feedback"],
         )
+        plugins: List[Plugin] = []
+        if opts["compress"] == "vgc":
+            state.lag = LagMonitor(loss_window=1)  # the watch sees epoch means (EpochMetrics.train_loss)
+            plugins.append(_CompressionWatch(state, momentum))
         clock = StepClock(hook)
         if ctx.job.options.get("shard"):  # FSDP2: the same hook reduces each sharded group as one bucket
             return TrainHooks(shard_hook=partial(install_sharded_compression, state=state, hook=clock.hook),
-                              extra_state={"compression": state},
+                              extra_state={"compression": state}, plugins=plugins,
                               extra_results=lambda: _compression_results(state, opts, clock))
-        return TrainHooks(comm_hook=(state, clock.hook), extra_state={"compression": state},
+        return TrainHooks(comm_hook=(state, clock.hook), extra_state={"compression": state}, plugins=plugins,
                           extra_results=lambda: _compression_results(state, opts, clock))
 
     @property
@@ -170,8 +198,38 @@ class CompressionPlugin:
         return {"compression": resume_settings(self.options)}
 
 
+def hook_momentum(opts: Dict[str, Any], job: TrainJob) -> float:
+    """The momentum the vgc hook applies itself (momentum correction): the job's SGD momentum when
+    ``--momentum-correction on`` and the run trains with momentum SGD, else 0 (the optimizer keeps it)."""
+    config = job.config
+    if opts["compress"] != "vgc" or opts["momentum_correction"] != "on" or config.optimizer != "sgd":
+        return 0.0
+    return float(config.momentum)
+
+
+class _CompressionWatch(Plugin):
+    """Hands the SGD momentum to the hook (momentum correction: the optimizer runs without it) and the epochs'
+    training losses to the lag monitor's loss watch."""
+
+    name = "compression_watch"
+
+    def __init__(self, state: Any, momentum: float) -> None:
+        self.state, self.momentum = state, momentum
+
+    def on_epoch_start(self, ctx: RunContext, epoch: int) -> None:
+        if self.momentum:
+            for group in ctx.optimizer.param_groups:
+                group["momentum"] = 0.0
+
+    def on_epoch_end(self, ctx: RunContext, metrics: EpochMetrics) -> Optional[bool]:
+        self.state.observe_loss(metrics.train_loss)
+        return None
+
+
 # The options each method reads (every method but ``none`` also reads ``start_iter``).
-_METHOD_SETTINGS: Dict[str, Tuple[str, ...]] = {"vgc": ("alpha", "zeta", "quantize", "gather", "gather_slack"),
+_METHOD_SETTINGS: Dict[str, Tuple[str, ...]] = {"vgc": ("alpha", "zeta", "quantize", "gather", "gather_slack",
+                                                         "momentum_correction", "momentum_masking",
+                                                         "alpha_warmup_epochs", "feedback"),
                                       "strom": ("strom_tau", "gather", "gather_slack"),
                                       "topk": ("topk_ratio", "gather", "gather_slack"),
                                       "powersgd": ("powersgd_rank",), "fp16": (), "none": ()}
@@ -208,8 +266,16 @@ def _compression_results(state: Any, opts: Dict[str, Any], clock: StepClock) -> 
             "elements_sent_per_step": [x / world for x in total.elements_sent_per_step],
             "bytes_sent_per_step_history": [x / world for x in total.wire_bytes_per_step],
             "step_time_s": step_s,
+            **_vgc_results(state),
         }
     }
+
+
+def _vgc_results(state: Any) -> Dict[str, Any]:
+    """vgc only: the momentum the hook applied, the threshold ramp, and the lag monitor (this rank's)."""
+    if not isinstance(state, VarianceCompressionState):
+        return {}
+    return {"hook_momentum": state.momentum, "warmup_steps": state.warmup_steps, "lag": state.lag_report().to_dict()}
 
 
 def training_plugin(job: TrainJob) -> Optional[CompressionPlugin]:
