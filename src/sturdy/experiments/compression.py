@@ -81,7 +81,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``sturdy train`` for data-parallel training and gradient compression."""
     g = parser.add_argument_group("gradient compression (with --nproc N > 1 or torchrun)")
     g.add_argument("--compress", choices=METHODS, default=DEFAULTS["compress"],
-                   help="DDP communication hook: vgc (variance-based), strom, topk, fp16, powersgd, none")
+                   help="DDP communication hook: vgc (variance-based), strom, topk, fp16, powersgd, none; with "
+                        "--shard FSDP2's reduce-scatter: vgc, strom, topk, none")
     g.add_argument("--alpha", type=float, default=DEFAULTS["alpha"],
                    help="vgc: send an element when r^2 > alpha * v (larger sends less)")
     g.add_argument("--zeta", type=float, default=DEFAULTS["zeta"], help="vgc: decay of v for unsent elements")
@@ -162,6 +163,11 @@ class CompressionPlugin:
     def setup(self, model: nn.Module, ctx: TrainContext) -> TrainHooks:
         """Attach the statistics to ``model`` (the module DDP wraps) and build the state and its hook."""
         opts = self.options
+        shard = bool(ctx.job.options.get("shard"))
+        if shard and opts["compress"] not in SHARDED_METHODS:
+            raise ConfigurationError(f"--compress {opts['compress']} has no sharded form (--shard)")
+        if shard and opts["compress"] == "none":
+            return TrainHooks()  # FSDP2's own reduce-scatter
         momentum = hook_momentum(opts, ctx.job)
         state, hook = create_compression(
             opts["compress"],
@@ -185,7 +191,7 @@ class CompressionPlugin:
             state.lag = LagMonitor(loss_window=1)  # the watch sees epoch means (EpochMetrics.train_loss)
             plugins.append(_CompressionWatch(state, momentum))
         clock = StepClock(hook)
-        if ctx.job.options.get("shard"):  # FSDP2: the same hook reduces each sharded group as one bucket
+        if shard:  # FSDP2: the same hook reduces each sharded group as one bucket
             return TrainHooks(shard_hook=partial(install_sharded_compression, state=state, hook=clock.hook),
                               extra_state={"compression": state}, plugins=plugins,
                               extra_results=lambda: _compression_results(state, opts, clock))
