@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -103,7 +104,16 @@ METHODS: Dict[str, Any] = {
     "topk 1%": ({"compress": "topk", "topk_ratio": 0.01}, "few"),
     "fp16": ({"compress": "fp16"}, "few"),
     "powersgd r=1": ({"compress": "powersgd", "powersgd_rank": 1}, "few"),
+    # convergence remedies (Deep Gradient Compression), each alone and combined
+    "vgc mc off": ({"compress": "vgc", "momentum_correction": "off"}, "many"),
+    "vgc mc": ({"compress": "vgc", "momentum_correction": "on"}, "many"),
+    "vgc mc nomask": ({"compress": "vgc", "momentum_correction": "on", "momentum_masking": "off"}, "many"),
+    "vgc warm4": ({"compress": "vgc", "alpha_warmup_epochs": 4.0}, "many"),
+    "vgc unsent": ({"compress": "vgc", "feedback": "unsent"}, "many"),
+    "vgc mc warm4": ({"compress": "vgc", "momentum_correction": "on", "alpha_warmup_epochs": 4.0}, "many"),
+    "vgc mc unsent": ({"compress": "vgc", "momentum_correction": "on", "feedback": "unsent"}, "many"),
 }
+TARGET_DROP = 0.01  # epochs to reach the uncompressed runs' mean final accuracy minus one point
 
 
 def _worker(rank: int, world: int, jobs: List[Dict[str, Any]]) -> Any:
@@ -124,8 +134,16 @@ def _worker(rank: int, world: int, jobs: List[Dict[str, Any]]) -> Any:
             "elements_sent_per_epoch": [statistics.mean(sent[i : i + res["steps_per_epoch"]])
                                         for i in range(0, len(sent), res["steps_per_epoch"])],
             "step_time_s": comp["step_time_s"], "seconds": time.perf_counter() - t0,
+            "test_accuracy_history": [h["test_accuracy"] for h in res["history"]],
+            "train_loss_history": [h["train_loss"] for h in res["history"]],
+            "lag_warned": bool(comp.get("lag", {}).get("loss_warned")),
         })
     return out if rank == 0 else None
+
+
+def epochs_to_target(history: List[float], target: float) -> float:
+    """1-based epoch at which ``history`` first reaches ``target`` (inf: never)."""
+    return next((i + 1 for i, acc in enumerate(history) if acc >= target), math.inf)
 
 
 def cli_job(world: int, model: str, seed: int, options: Dict[str, Any], out: str, epochs: Any) -> TrainJob:
@@ -144,6 +162,8 @@ def summarize(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows = []
     ref = [r["test_accuracy"] for r in runs if r["method"] == "none"]
     ref_mean = statistics.mean(ref) if ref else float("nan")
+    target = ref_mean - TARGET_DROP
+    ref_epochs = [epochs_to_target(r["test_accuracy_history"], target) for r in runs if r["method"] == "none"]
     for name in dict.fromkeys(r["method"] for r in runs):
         rs = [r for r in runs if r["method"] == name]
         acc = [r["test_accuracy"] for r in rs]
@@ -155,6 +175,10 @@ def summarize(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "payload_compression_ratio_mean": statistics.mean(r["payload_compression_ratio"] for r in rs),
             "never_sent_fraction_mean": statistics.mean(r["never_sent_fraction"] for r in rs),
             "elements_sent_per_epoch_seed0": rs[0]["elements_sent_per_epoch"],
+            "epochs_to_target": [epochs_to_target(r["test_accuracy_history"], target) for r in rs],
+            "epochs_ratio_vs_none": (statistics.mean(epochs_to_target(r["test_accuracy_history"], target) for r in rs)
+                                     / statistics.mean(ref_epochs)) if ref_epochs else float("nan"),
+            "loss_warned": sum(bool(r.get("lag_warned")) for r in rs),
         })
     return rows
 
@@ -246,7 +270,8 @@ def main() -> None:
                           f"{100 * row['test_accuracy_std']:.2f} ({row['delta_points_vs_none']:+.2f} pts, "
                           f"{row['seeds']} seeds)  ratio {row['compression_ratio_mean']:.1f}x wire, "
                           f"{row['payload_compression_ratio_mean']:.1f}x payload, never sent "
-                          f"{100 * row['never_sent_fraction_mean']:.1f}%", flush=True)
+                          f"{100 * row['never_sent_fraction_mean']:.1f}%, epochs to target {row['epochs_to_target']} "
+                          f"({row['epochs_ratio_vs_none']:.2f}x none), loss warnings {row['loss_warned']}", flush=True)
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

@@ -75,7 +75,10 @@ class LagReport:
     Attributes:
         steps: compressed steps seen.
         residual_lag: ``sqrt(EMA |r|^2 / EMA |g|^2)`` with ``r`` the residual after sending and ``g`` one
-            step's local gradient (all buckets).
+            step's local gradient (all buckets; with momentum correction the velocity).
+        loss_windows: loss windows closed (:meth:`LagMonitor.observe_loss`).
+        best_loss, last_loss: the best and the last window's mean loss (``None`` before the first window).
+        lag_warned, loss_warned: whether the residual lag or the loss watch warned.
     """
 
     steps: int
@@ -83,6 +86,8 @@ class LagReport:
     loss_windows: int = 0
     best_loss: Optional[float] = None
     last_loss: Optional[float] = None
+    lag_warned: bool = False
+    loss_warned: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-able dict."""
@@ -171,7 +176,7 @@ class LagMonitor:
     def report(self) -> LagReport:
         """The averages so far (the current step counts once the next one closes it)."""
         lag = math.sqrt(self._avg_r2 / self._avg_g2) if self._avg_g2 > 0 else (math.inf if self._avg_r2 > 0 else 0.0)
-        return LagReport(self.steps, lag, self._windows, self._best, self._last)
+        return LagReport(self.steps, lag, self._windows, self._best, self._last, self.warned, self.loss_warned)
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything a resumed run needs to warn exactly when an uninterrupted one would (the step being summed
