@@ -155,7 +155,7 @@ def cli_job(world: int, model: str, seed: int, options: Dict[str, Any], out: str
         argv += ["--epochs", str(epochs)]
     for key, value in options.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    return apply_data_parallel_defaults(_job_from_args(build_parser().parse_args(argv)), warn=False)
+    return apply_data_parallel_defaults(_job_from_args(build_parser().parse_args(argv)))
 
 
 def summarize(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:

@@ -67,7 +67,7 @@ class FakeBucket:
         (lambda: StromState(tau=0.0), "tau must be > 0"),
         (lambda: TopKState(ratio=0.0), "ratio must be > 0"),
         (lambda: TopKState(ratio=2.0), r"ratio must lie in \[0.0, 1.0\]"),
-        (lambda: TorchHookState("int8"), "wraps 'none', 'fp16' or 'powersgd'"),
+        (lambda: TorchHookState("int8"), "wraps 'none', 'fp16', 'bf16' or 'powersgd'"),
         (lambda: TorchHookState("powersgd", rank=0), "rank must be a positive int"),
         (lambda: TorchHookState("powersgd", start_iter=1), "PowerSGD needs start_iter >= 2"),
         (lambda: create_compression("gzip"), "unknown compression method 'gzip'"),
@@ -155,7 +155,7 @@ def test_deferred_statistics_must_be_bound(single_process_group):
 
 
 def test_torch_hooks_run_and_count_bytes(single_process_group):
-    for method, ratio in [("none", 1.0), ("fp16", 2.0)]:
+    for method, ratio in [("none", 1.0), ("fp16", 2.0), ("bf16", 2.0)]:
         model = nn.Sequential(nn.Linear(5, 3))
         state, hook = create_compression(method, model=model, start_iter=0)
         _train(model, state, hook, steps=3)

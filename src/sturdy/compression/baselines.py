@@ -3,7 +3,7 @@
 * :class:`StromState` / :func:`strom_hook` (Strom 2015): send ``+-tau`` where ``|r_i| > tau``, error feedback.
 * :class:`TopKState` / :func:`topk_hook`: send the ``ceil(ratio * n)`` largest ``|r_i|`` per bucket,
   error feedback.
-* :class:`TorchHookState` / :func:`torch_hook`: PyTorch's allreduce, fp16 and PowerSGD hooks, with
+* :class:`TorchHookState` / :func:`torch_hook`: PyTorch's allreduce, fp16, bf16 and PowerSGD hooks, with
   their traffic counted.
 
 The error-feedback baselines share the variance method's residual state and exchange
@@ -28,7 +28,7 @@ from sturdy.errors import CheckpointError, ConfigurationError, DistributedError
 
 __all__ = ["StromState", "TopKState", "TorchHookState", "strom_hook", "topk_hook", "torch_hook", "TORCH_METHODS"]
 
-TORCH_METHODS = ("none", "fp16", "powersgd")
+TORCH_METHODS = ("none", "fp16", "bf16", "powersgd")
 
 
 class StromState(ResidualState):
@@ -160,14 +160,14 @@ def _from_saved(field: str, value: Any) -> Any:
 
 
 class TorchHookState(TrafficMeter):
-    """Wraps PyTorch's own hooks (``none``: allreduce, ``fp16``, ``powersgd``) to count their traffic.
+    """Wraps PyTorch's own hooks (``none``: allreduce, ``fp16``, ``bf16``, ``powersgd``) to count their traffic.
 
-    Bytes are counted analytically: float32 for allreduce, 2 bytes per element for fp16, and for
+    Bytes are counted analytically: float32 for allreduce, 2 bytes per element for fp16 and bf16, and for
     PowerSGD ``(rows + cols) * rank`` float32 per compressed matrix (PyTorch's own rule for which
     tensors it compresses) and float32 for the rest.
 
     Args:
-        method: ``"none"``, ``"fp16"`` or ``"powersgd"``.
+        method: ``"none"``, ``"fp16"``, ``"bf16"`` or ``"powersgd"``.
         process_group: the group (default: the world).
         rank: PowerSGD's matrix approximation rank.
         start_iter: PowerSGD's ``start_powerSGD_iter`` (plain allreduce before it; ``>= 2`` for PowerSGD).
@@ -190,7 +190,7 @@ class TorchHookState(TrafficMeter):
         start_iter: int = 2,
     ) -> None:
         if method not in TORCH_METHODS:
-            raise ConfigurationError(f"TorchHookState wraps 'none', 'fp16' or 'powersgd', got {method!r}")
+            raise ConfigurationError(f"TorchHookState wraps 'none', 'fp16', 'bf16' or 'powersgd', got {method!r}")
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ConfigurationError(f"PowerSGD rank must be a positive int, got {rank!r}")
         super().__init__(process_group=process_group, start_iter=start_iter)
@@ -313,7 +313,7 @@ class TorchHookState(TrafficMeter):
         n = bucket.buffer().numel()
         if self.kind == "none" or self.iter < self.start_iter:
             return 4 * n
-        if self.kind == "fp16":
+        if self.kind in ("fp16", "bf16"):
             return 2 * n
         total = 0
         for grad in bucket.gradients():
@@ -359,7 +359,7 @@ class TorchHookState(TrafficMeter):
 
 
 def torch_hook(state: TorchHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Run PyTorch's allreduce / fp16 / PowerSGD hook on ``bucket`` and count its traffic."""
+    """Run PyTorch's allreduce / fp16 / bf16 / PowerSGD hook on ``bucket`` and count its traffic."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     n = bucket.buffer().numel()
@@ -367,6 +367,8 @@ def torch_hook(state: TorchHookState, bucket: dist.GradBucket) -> torch.futures.
     state.count_bucket(bucket, elements=n, sent=n, payload=nbytes, wire=nbytes)
     if state.kind == "fp16":
         return default_hooks.fp16_compress_hook(state.process_group, bucket)
+    if state.kind == "bf16":
+        return default_hooks.bf16_compress_hook(state.process_group, bucket)
     if state.kind == "powersgd":
         if state.inner.iter >= state.inner.start_powerSGD_iter:
             state.follow_layout(bucket)

@@ -14,7 +14,7 @@ for both methods alike):
 * time to accuracy (:func:`predict_time_to_accuracy`): the epochs a method needs to reach a target
   accuracy (measured: compression changes *how many* steps, the model only how long each takes) times
   the steps per epoch times its predicted step, plus the per-epoch time outside the steps (evaluation,
-  checkpoint). Allreduce-based methods (``none``, ``fp16``, ``powersgd``) reduce ``n / ratio`` bytes with a
+  checkpoint). Allreduce-based methods (``none``, ``fp16``, ``bf16``, ``powersgd``) reduce ``n / ratio`` bytes with a
   ring; the sparse ones (``vgc``, ``strom``, ``topk``) all-gather ``n / ratio`` bytes per worker.
 
 Bandwidth is in Gbit/s (``1 Gbit/s = 1.25e8 bytes/s``).
@@ -40,7 +40,7 @@ __all__ = [
     "MAX_MODEL_WORKERS",
 ]
 
-ALLREDUCE_METHODS = ("none", "fp16", "powersgd")
+ALLREDUCE_METHODS = ("none", "fp16", "bf16", "powersgd")
 
 BYTES_PER_GBIT = 1.25e8
 SIZE_BYTES = 8

@@ -20,7 +20,7 @@ from sturdy.validation import check_model
 
 __all__ = ["METHODS", "Hook", "create_compression"]
 
-METHODS = ("vgc", "strom", "topk", "fp16", "powersgd", "none")
+METHODS = ("vgc", "strom", "topk", "fp16", "bf16", "powersgd", "none")
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 
 

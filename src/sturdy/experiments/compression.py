@@ -81,7 +81,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``sturdy train`` for data-parallel training and gradient compression."""
     g = parser.add_argument_group("gradient compression (with --nproc N > 1 or torchrun)")
     g.add_argument("--compress", choices=METHODS, default=DEFAULTS["compress"],
-                   help="DDP communication hook: vgc (variance-based), strom, topk, fp16, powersgd, none; with "
+                   help="DDP communication hook: vgc (variance-based), strom, topk, fp16, bf16, powersgd, none; with "
                         "--shard FSDP2's reduce-scatter: vgc, strom, topk, none")
     g.add_argument("--alpha", type=float, default=DEFAULTS["alpha"],
                    help="vgc: send an element when r^2 > alpha * v (larger sends less)")
@@ -238,7 +238,7 @@ _METHOD_SETTINGS: Dict[str, Tuple[str, ...]] = {"vgc": ("alpha", "zeta", "quanti
                                                          "alpha_warmup_epochs", "feedback"),
                                       "strom": ("strom_tau", "gather", "gather_slack"),
                                       "topk": ("topk_ratio", "gather", "gather_slack"),
-                                      "powersgd": ("powersgd_rank",), "fp16": (), "none": ()}
+                                      "powersgd": ("powersgd_rank",), "fp16": (), "bf16": (), "none": ()}
 
 
 def resume_settings(opts: Dict[str, Any]) -> Dict[str, Any]:
