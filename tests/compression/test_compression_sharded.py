@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.fsdp  # noqa: F401 - registers torch.ops.fsdp.chunk_cat, FSDP2's copy-in
 from torch import nn
 
 from sturdy.compression import attach_squared_gradient_statistics
@@ -25,8 +26,6 @@ STATS_RTOL, STATS_ATOL = 1e-5, 1e-7  # float32 sums of per-sample products in an
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_the_layout_reads_torchs_reduce_scatter_input_back_in_parameter_order(world):
-    import torch.distributed.fsdp  # noqa: F401 - registers torch.ops.fsdp.chunk_cat
-
     g = torch.Generator().manual_seed(world)
     shapes = [torch.Size([5, 3]), torch.Size([7]), torch.Size([2, 2, 3]), torch.Size([world * 2, 1])]
     grads = [torch.randn(s, generator=g) for s in shapes]
@@ -118,3 +117,28 @@ def test_a_ddp_checkpoint_is_refused_with_shard_and_the_reverse(tmp_path):
     with pytest.raises(CheckpointError, match="world size: 2 there, 4 here"):
         check_same_run({"extra": {"identity": sharded}}, tmp_path / "model.pt",
                        run_identity(_job(nproc=4, shard=True), world_size=4))
+
+
+def test_a_bf16_group_is_reduced_through_the_hook_with_float32_residuals(one_rank_group):
+    """The whole reduce-scatter path on one rank: FSDP2's input (bf16, padded) read back, top-k selected from a
+    float32 residual, this rank's shard of the average written out in FSDP2's layout."""
+    from sturdy.compression import TopKState, topk_hook
+    from sturdy.compression.sharded import ShardedReduceScatter, _Steps
+    from sturdy.training.sharding import ShardGroup
+
+    params = (torch.zeros(3, 2), torch.zeros(5))
+    state = TopKState(ratio=0.25, start_iter=0, named_parameters=[("w", params[0]), ("b", params[1])])
+    group = ShardGroup(0, nn.Identity(), ("w", "b"), params, tuple(p.shape for p in params))
+    comm = ShardedReduceScatter(group, state=state, hook=topk_hook, steps=_Steps(1))
+    grad = torch.tensor([0.5, -4.0, 0.25, 1.0, 3.0, -0.125, 2.0, 0.0, -1.5, 0.75, 6.0], dtype=torch.bfloat16)
+    fsdp_input = comm.allocate((11,), dtype=torch.bfloat16, device=torch.device("cpu"))
+    torch.ops.fsdp.chunk_cat([grad[:6].view(3, 2), grad[6:]], dim=0, num_chunks=1, out=fsdp_input.view(1, -1))
+    out = comm.allocate((11,), dtype=torch.bfloat16, device=torch.device("cpu"))
+    comm(out, fsdp_input, dist.group.WORLD, dist.ReduceOp.AVG)
+    sent = torch.zeros(11, dtype=torch.bfloat16)
+    sent[[1, 4, 10]] = grad[[1, 4, 10]]  # ceil(0.25 * 11) = 3 largest magnitudes
+    assert torch.equal(out, sent)
+    residual = state.residual(0)
+    assert residual.dtype == torch.float32
+    assert torch.equal(residual, (grad.float() - sent.float()))
+    assert state.statistics().elements_sent == 3 and state.iter == 1

@@ -137,7 +137,8 @@ class _Run:
         net: nn.Module = model
         if sharding is not None:  # FSDP2 replaces the parameters: the optimizer is built afterwards
             check_shardable(size)
-            groups = shard_model(model, blocks=None if sharding.blocks is None else sharding.blocks(model))
+            groups = shard_model(model, blocks=None if sharding.blocks is None else sharding.blocks(model),
+                                 mixed_precision=sharding.mixed_precision)
             if sharding.install is not None:
                 sharding.install(groups)
         elif size > 1:

@@ -57,10 +57,13 @@ class Sharding:
         install: called once with the :class:`ShardGroup` s right after sharding, before the optimizer is built
             (a method's custom reduce-scatter, e.g. gradient compression).
         blocks: the modules sharded before the whole model (default :func:`shard_blocks`).
+        mixed_precision: FSDP2's ``MixedPrecisionPolicy`` (e.g. bf16 parameters in forward and backward, or a
+            bf16 reduce-scatter); ``None``: everything in the parameters' dtype.
     """
 
     install: Optional[Callable[[Sequence[ShardGroup]], None]] = None
     blocks: Optional[Callable[[nn.Module], Sequence[nn.Module]]] = None
+    mixed_precision: Optional[Any] = None
 
 
 def _has_params(module: nn.Module) -> bool:
@@ -80,18 +83,21 @@ def shard_blocks(model: nn.Module) -> List[nn.Module]:
         return children
 
 
-def shard_model(model: nn.Module, *, blocks: Optional[Sequence[nn.Module]] = None) -> Tuple[ShardGroup, ...]:
+def shard_model(model: nn.Module, *, blocks: Optional[Sequence[nn.Module]] = None,
+                mixed_precision: Optional[Any] = None) -> Tuple[ShardGroup, ...]:
     """``fully_shard`` every block (default :func:`shard_blocks`), then ``model``; its groups.
 
-    Needs an initialised process group (every rank calls it). Parameters are sharded along their first dimension.
+    Needs an initialised process group (every rank calls it). Parameters are sharded along their first dimension;
+    ``mixed_precision`` is FSDP2's ``MixedPrecisionPolicy``.
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     originals = {(id(m), n): p for m in model.modules() for n, p in m.named_parameters(recurse=False)}
     names = {id(p): n for n, p in model.named_parameters()}
+    kw = {} if mixed_precision is None else {"mp_policy": mixed_precision}
     for block in shard_blocks(model) if blocks is None else blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
     groups: List[ShardGroup] = []
     for module in model.modules():
         if not isinstance(module, FSDPModule):
