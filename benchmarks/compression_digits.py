@@ -112,6 +112,11 @@ METHODS: Dict[str, Any] = {
     "vgc unsent": ({"compress": "vgc", "feedback": "unsent"}, "many"),
     "vgc mc warm4": ({"compress": "vgc", "momentum_correction": "on", "alpha_warmup_epochs": 4.0}, "many"),
     "vgc mc unsent": ({"compress": "vgc", "momentum_correction": "on", "feedback": "unsent"}, "many"),
+    "vgc mc a=25": ({"compress": "vgc", "momentum_correction": "on", "alpha": 25.0}, "many"),
+    "vgc mc a=100": ({"compress": "vgc", "momentum_correction": "on", "alpha": 100.0}, "many"),
+    "vgc mc a=500": ({"compress": "vgc", "momentum_correction": "on", "alpha": 500.0}, "many"),
+    "vgc mc unsent a=100": ({"compress": "vgc", "momentum_correction": "on", "feedback": "unsent", "alpha": 100.0},
+                            "many"),
 }
 TARGET_DROP = 0.01  # epochs to reach the uncompressed runs' mean final accuracy minus one point
 

@@ -74,7 +74,8 @@ def _reference(gs, ss, *, alpha, zeta, momentum=0.0, momentum_masking=True, warm
     r, v, u = [0.0] * N, [0.0] * N, [0.0] * N
     sent = []
     for t, (g, s) in enumerate(zip(gs, ss)):
-        a = alpha * min(1.0, (t + 1) / warmup_steps) if warmup_steps else alpha
+        a = alpha / (1 - momentum * momentum)  # the velocity's variance: s / (1 - m^2) per step
+        a = a * min(1.0, (t + 1) / warmup_steps) if warmup_steps else a
         out = {}
         for i in range(N):
             v[i] += float(s[i])

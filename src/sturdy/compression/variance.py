@@ -62,9 +62,10 @@ class VarianceCompressionState(ResidualState):
         slack: slot growth factor of ``"capacity"`` and ``"bounded"``, ``>= 1``.
         momentum: momentum correction (Deep Gradient Compression; docs/design.md section 4): ``0`` (off),
             or the SGD momentum ``m`` in ``[0, 1)`` that the state then applies itself: a local velocity
-            ``u = m u + g`` is accumulated and the residual sums ``u`` instead of ``g`` (the variance test
-            is unchanged). The optimizer must then run **without** momentum (``SGD(momentum=0)``), or the
-            update gets momentum twice; ``sturdy train`` does this itself.
+            ``u = m u + g`` is accumulated and the residual sums ``u`` instead of ``g``; the variance test
+            compares it with the velocity's variance, ``r_i^2 > alpha * v_i / (1 - m^2)`` (``s / (1 - m^2)``
+            is the variance of ``u`` for independent steps). The optimizer must then run **without**
+            momentum (``SGD(momentum=0)``), or the update gets momentum twice; ``sturdy train`` does this.
         momentum_masking: with ``momentum > 0``, reset the velocity of every element sent (``u_i = 0``), so a
             sent element's momentum does not keep pushing it after its update landed.
         warmup_steps: ramp the threshold over the first compressed steps: compressed step ``c`` (from 0)
@@ -150,11 +151,13 @@ class VarianceCompressionState(ResidualState):
         self.lag.observe_loss(loss)
 
     def current_alpha(self) -> float:
-        """The threshold factor of the current step (``alpha``, ramped over ``warmup_steps``)."""
+        """The factor of ``v`` in the current step's test: ``alpha``, over ``1 - m^2`` with momentum correction,
+        ramped over ``warmup_steps``."""
+        alpha = self.alpha / (1.0 - self.momentum**2) if self.momentum else self.alpha
         if not self.warmup_steps:
-            return self.alpha
+            return alpha
         done = max(0, self.iter - self.start_iter)
-        return self.alpha * min(1.0, (done + 1) / self.warmup_steps)
+        return alpha * min(1.0, (done + 1) / self.warmup_steps)
 
     def config(self) -> Dict[str, Any]:
         return {"start_iter": self.start_iter, "alpha": self.alpha, "zeta": self.zeta, "quantize": self.quantize,
@@ -255,8 +258,8 @@ class VarianceCompressionState(ResidualState):
             if self.momentum and self.momentum_masking:
                 _zero_at(view.buffers["velocity"], selection.indices)
         step_update = view.buffers["velocity"] if self.momentum else view.gradient
-        self.lag.observe(self.iter, residual_sq=residual.square().sum().double(),
-                         gradient_sq=step_update.square().sum().double())
+        self.lag.observe(self.iter, residual_sq=torch.dot(residual, residual).double(),  # no bucket-sized temporary
+                         gradient_sq=torch.dot(step_update, step_update).double())
         return selection
 
 
