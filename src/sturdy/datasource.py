@@ -139,7 +139,7 @@ class DataSource:
             num_classes: the class count the targets must lie under, or a function of the first batch's inputs
                 (on ``device``) that returns it (e.g. the model's output width), or ``None`` (unchecked).
             model: the model the inputs are for (integer token indices pass when it embeds them).
-            check_x: an extra check of each batch's inputs (on the source's device), called as
+            check_x: an extra check of each batch's inputs (on ``device``, in ``dtype``), called as
                 ``check_x(x, name)``; a :class:`DataError` it raises is named with the batch.
 
         Raises:
@@ -157,13 +157,13 @@ class DataSource:
             try:
                 if not (self.pixels and x.dtype == torch.uint8):
                     check_inputs(x, model=model, name="inputs")
-                if check_x is not None:
-                    check_x(x, "inputs")
                 if classes:
                     check_labels(y, name="targets")
+                x, y = self._move(x, device, dtype), y.to(device)
+                if check_x is not None:
+                    check_x(x, "inputs")
             except DataError as exc:
                 raise DataError(f"{where}: {exc}") from None
-            x, y = self._move(x, device, dtype), y.to(device)
             if callable(k):
                 k = int(k(x))
             if classes and k is not None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import sturdy.compression as compression
+import sturdy.datasource as datasource
 import sturdy.flatness as flatness
 import sturdy.fourier as fourier
 import sturdy.lipschitz as lipschitz
@@ -28,7 +29,7 @@ from sturdy.errors import CheckpointError, ConfigurationError, DataError, Sturdy
 from sturdy.training import TrainConfig
 
 PARTS = {"lipschitz": lipschitz, "fourier": fourier, "flatness": flatness, "compression": compression,
-         "training": training}
+         "training": training, "datasource": datasource}
 
 X = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 Y = torch.arange(8) % 10
@@ -115,6 +116,9 @@ TABLE: Dict[str, Tuple[Callable[[nn.Module, torch.Tensor], Any], Tuple[str, ...]
     "lipschitz.operator_norm": (lambda m, x: lipschitz.operator_norm(m[1], input_shape=(1, 64)), ("meta-model",)),
     "lipschitz.LipschitzTracker": (_tracker, ("meta-model",)),
     "lipschitz.certify": (lambda m, x: lipschitz.certify(m, x, Y), ALL_CASES),
+    # the data contract every analysis reads: the batches of a pass, checked, on the model's device
+    "datasource.data_source": (lambda m, x: list(datasource.data_source(x, Y, batch_size=4).batches(
+        device=torch.device("cpu"), dtype=torch.float32, model=m)), IMAGE_CASES),
     "lipschitz.certified_radius": (_certified_radius, ("nan-logits",)),
     "lipschitz.pgd_l2": (lambda m, x: lipschitz.pgd_l2(m, x, Y, eps=0.5, steps=2, restarts=1), ALL_CASES),
     "lipschitz.minimal_adversarial_radius": (
@@ -213,6 +217,8 @@ NOT_APPLICABLE = {
         "CHECKPOINT_FORMAT", "Plugin", "RunContext", "GradientClipping", "WeightAverage", "world",
         "config_from_dict", "Batches")],
         "no model or images (plugins run inside train's step; Batches iterates data train and evaluate check)"),
+    # the data contract: DataSource is what data_source returns (its reading is data_source's row)
+    "datasource.DataSource": "no model or images (built by data_source, whose batches are tested above)",
 }
 
 

@@ -107,10 +107,10 @@ def test_every_entry_point_checks_the_labels(entry, case, y, error, match):
 
 
 def test_labels_out_of_range_are_refused_before_the_map_is_measured(monkeypatch):
-    from sturdy.fourier import heatmap
+    from sturdy.fourier import heatmap_measure
 
     calls = []
-    monkeypatch.setattr(heatmap, "_measure", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(heatmap_measure, "measure_rows", lambda *a, **k: calls.append(1))
     with pytest.raises(DataError, match="for 4 classes"):
         fourier_heatmap(_model(), X, torch.full((8,), 7), eps=1.0)
     assert calls == []

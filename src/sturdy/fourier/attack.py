@@ -37,15 +37,14 @@ from tqdm.auto import tqdm
 
 from sturdy.errors import ConfigurationError
 from sturdy.fourier._common import Model, check_batch_size, in_eval_mode
-from sturdy.fourier.batching import ModelRunner, work_dtype
-from sturdy.fourier.perturbation import Bounds, check_bounds, check_eps, check_images, check_norm
+from sturdy.fourier.batching import BatchSizer, ModelRunner
+from sturdy.fourier.images import AnalysisImages
+from sturdy.fourier.perturbation import Bounds, check_bounds, check_eps, check_norm
 from sturdy.fourier.search import (
     Candidates,
     candidate_deltas,
-    count_fooled,
     enumerate_candidates,
     halving_schedule,
-    make_sizer,
     plan_queries,
     successive_halving,
 )
@@ -58,7 +57,6 @@ from sturdy.fourier.staged import (
     random_search,
     staged_search,
 )
-from sturdy.utils import model_device_dtype
 
 __all__ = ["SEARCHES", "UniversalPerturbation", "single_fourier_attack"]
 
@@ -127,7 +125,7 @@ class UniversalPerturbation:
 @torch.no_grad()
 def single_fourier_attack(
     model: Model,
-    x: Tensor,
+    x: Any,
     *,
     eps: float,
     norm: str = "l2",
@@ -147,6 +145,7 @@ def single_fourier_attack(
     autocast: Optional[torch.dtype] = None,
     channels_last: bool = False,
     progress: bool = False,
+    count: Optional[int] = None,
 ) -> UniversalPerturbation:
     """Find the single Fourier perturbation that fools ``model`` on the most images of ``x``.
 
@@ -157,7 +156,11 @@ def single_fourier_attack(
     Args:
         model: classifier on ``(N, C, H, W)`` images; an ``nn.Module`` is put in eval mode for the
             search and its training flags restored after.
-        x: attack images in ``bounds``.
+        x: attack images in ``bounds``; or any data of the contract of :mod:`sturdy.datasource` (a ``Dataset``, a
+            ``DataLoader`` or another iterable of ``(images, labels)`` batches; the labels are not read), streamed
+            one batch on the device at a time. The search reads the images once per round (every halving round, the
+            screen's groups): such data must be readable again (a generator is refused); the counts equal those of
+            the same images held as tensors.
         eps: budget (> 0) in ``norm``, at most the farthest two images in ``bounds`` can be
             (:func:`~sturdy.fourier.perturbation.largest_eps`).
         norm: ``"l2"`` or ``"linf"``.
@@ -182,6 +185,7 @@ def single_fourier_attack(
             (perturbations stay float32, counts exact).
         channels_last: hand the model ``channels_last`` images.
         progress: show a tqdm bar over halving rounds.
+        count: the number of images of an iterable of batches without a length (needed before the search).
 
     Returns:
         A :class:`UniversalPerturbation` whose ``fooling_rate`` is measured on all of ``x``.
@@ -190,12 +194,12 @@ def single_fourier_attack(
     eps, bounds = _check_arguments(eps, norm=norm, wave=wave, bounds=bounds, batch_size=batch_size, search=search,
                                    sizes=(initial_images, eta, screen_images, keep_frequencies, screen_configs),
                                    max_queries=max_queries)
-    check_images(x, bounds)
-    eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=x.shape[1:])
-    device, model_dtype = model_device_dtype(model, x)
-    dtype = work_dtype(model_dtype if model_dtype.is_floating_point else x.dtype)
-    x = x.to(device=device, dtype=dtype)
-    n, channels, height, width = x.shape
+    data = AnalysisImages(model, x, bounds=bounds, labels=False, what="the Single Fourier Attack", count=count,
+                          batch_size=batch_size)
+    data.require_passes(2)  # the clean predictions, then every round of the search
+    eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=data.shape[1:])
+    device, model_dtype, dtype = data.device, data.model_dtype, data.dtype
+    n, channels, height, width = data.shape
     cands = enumerate_candidates(channels, height, width, phases=phases, search_signs=search_signs)
     n_cand = len(cands)
     exhaustive_queries = n + n_cand * n
@@ -211,15 +215,16 @@ def single_fourier_attack(
     total = plan_queries(plan) if plan is not None else (budget or staged.queries)
     runner = ModelRunner(model, device=device, model_dtype=model_dtype, autocast=autocast,
                          channels_last=channels_last)
-    sizer = make_sizer(batch_size, x, total + n)
-    clean = runner.predict(x, batch_size=sizer.next(n))
+    sizer = BatchSizer(batch_size, device=device, total=max(1, total + n),
+                       item_bytes=channels * height * width * torch.empty((), dtype=dtype).element_size())
+    clean = data.labels(lambda xb: runner.predict(xb, batch_size=sizer.next(len(xb))))
 
     def deltas(idx: Tensor) -> Tensor:
         return candidate_deltas(cands, idx, height, width, eps=eps, norm=norm, wave=wave, dtype=dtype, device=device)
 
     def count(idx: Tensor, images: Tensor) -> Tensor:
-        return count_fooled(model, x, clean, lambda c0, c1: deltas(idx[c0:c1]), len(idx), images, bounds=bounds,
-                            batch_size=sizer, runner=runner)
+        return data.count_fooled(model, clean, lambda c0, c1: deltas(idx[c0:c1]), len(idx), images, bounds=bounds,
+                                 batch_size=sizer, runner=runner)
 
     best, best_count, queries = _run_search(search, count, cands, order, plan=plan, staged=staged, budget=budget,
                                             screen_configs=screen_configs, eta=eta, generator=gen, progress=progress)

@@ -23,16 +23,15 @@ from tqdm.auto import tqdm
 from sturdy.errors import ConfigurationError
 from sturdy.fourier._common import Model, check_batch_size, in_eval_mode, predict_labels
 from sturdy.fourier.attack import UniversalPerturbation, single_fourier_attack
+from sturdy.fourier.images import AnalysisImages
 from sturdy.fourier.limits import check_pool, check_rounds
-from sturdy.fourier.perturbation import Bounds, check_bounds, check_eps, check_images, check_norm
+from sturdy.fourier.perturbation import Bounds, check_bounds, check_eps, check_norm
 from sturdy.fourier.search import (
     candidate_deltas,
-    count_fooled,
     enumerate_candidates,
     halving_schedule,
     successive_halving,
 )
-from sturdy.utils import model_device_dtype
 
 __all__ = ["FourierCombination", "fourier_combination_attack", "project_budget"]
 
@@ -91,18 +90,18 @@ class FourierCombination:
         }
 
 
-def _count(model: Model, x: Tensor, clean: Tensor, deltas: Tensor, images: Tensor, *, bounds: Bounds,
+def _count(model: Model, data: AnalysisImages, clean: Tensor, deltas: Tensor, images: Tensor, *, bounds: Bounds,
            batch_size: int) -> Tensor:
     """Fooled counts ``(B,)`` of perturbations ``deltas`` on the images with indices ``images``."""
-    return count_fooled(model, x, clean, lambda c0, c1: deltas[c0:c1], deltas.shape[0], images, bounds=bounds,
-                        batch_size=batch_size)
+    return data.count_fooled(model, clean, lambda c0, c1: deltas[c0:c1], deltas.shape[0], images, bounds=bounds,
+                             batch_size=batch_size)
 
 
 @in_eval_mode
 @torch.no_grad()
 def fourier_combination_attack(
     model: Model,
-    x: Tensor,
+    x: Any,
     *,
     eps: float,
     norm: str = "l2",
@@ -119,13 +118,15 @@ def fourier_combination_attack(
     batch_size: int = 2048,
     seed: int = 0,
     progress: bool = False,
+    count: Optional[int] = None,
 ) -> FourierCombination:
     """Grow the SFA perturbation into a mixture of a few Fourier directions (black-box, universal).
 
     Args:
         model: classifier on ``(N, C, H, W)`` images; an ``nn.Module`` is put in eval mode for the
             search and its training flags restored after.
-        x: attack images in ``bounds``.
+        x: attack images in ``bounds``, or data of the contract of :mod:`sturdy.datasource` that can be read again
+            (as for :func:`single_fourier_attack`; the counts equal those of the same images as tensors).
         eps: budget (> 0) in ``norm``, at most the farthest two images in ``bounds`` can be
             (:func:`~sturdy.fourier.perturbation.largest_eps`).
         norm: ``"l2"`` or ``"linf"``.
@@ -143,6 +144,7 @@ def fourier_combination_attack(
         batch_size: perturbed images per model call.
         seed: seeds the image subsets.
         progress: show a tqdm bar over rounds.
+        count: the number of images of an iterable of batches without a length.
     """
     start = time.perf_counter()
     eps = check_eps(eps)
@@ -157,24 +159,25 @@ def fourier_combination_attack(
     weights_t = torch.as_tensor(list(weights), dtype=torch.float64)
     if weights_t.dim() != 1 or len(weights_t) == 0 or not bool((weights_t > 0).all()):
         raise ConfigurationError(f"weights must be a non-empty sequence of numbers > 0, got {weights!r}")
-    check_images(x, bounds)
-    eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=x.shape[1:])
-    check_rounds(rounds, x.shape[2], x.shape[3])  # every count checked against the problem before any work
-    check_pool(pool, len(weights_t), *x.shape[1:])
-    device, dtype = model_device_dtype(model, x)
-    x = x.to(device=device, dtype=dtype)
-    n, channels, height, width = x.shape
+    data = AnalysisImages(model, x, bounds=bounds, labels=False, what="the Fourier combination attack",
+                          count=count, batch_size=batch_size, work=False)
+    data.require_passes(2)  # the clean predictions, the scan, then every halving round
+    n, channels, height, width = data.shape
+    eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=data.shape[1:])
+    check_rounds(rounds, height, width)  # every count checked against the problem before any work
+    check_pool(pool, len(weights_t), channels, height, width)
+    device, dtype = data.device, data.dtype
     given_seconds = 0.0 if initial is None else initial.seconds
     if initial is None:
-        initial = single_fourier_attack(model, x, eps=eps, norm=norm, wave=wave, bounds=bounds,
-                                        batch_size=batch_size, seed=seed)
-    elif initial.delta.shape != x.shape[1:] or initial.eps != eps or initial.norm != norm:
+        initial = single_fourier_attack(model, x if data.streamed else data.tensor, eps=eps, norm=norm, wave=wave,
+                                        bounds=bounds, batch_size=batch_size, seed=seed, count=count)
+    elif tuple(initial.delta.shape) != data.shape[1:] or initial.eps != eps or initial.norm != norm:
         raise ConfigurationError(
-            f"initial must be a single_fourier_attack result for images {tuple(x.shape[1:])}, eps={eps}, "
+            f"initial must be a single_fourier_attack result for images {data.shape[1:]}, eps={eps}, "
             f"norm={norm!r}; got delta {tuple(initial.delta.shape)}, eps={initial.eps}, norm={initial.norm!r}"
         )
     queries = initial.queries + n  # the clean predictions below are queries of this search too
-    clean = predict_labels(model, x, batch_size=batch_size)
+    clean = data.labels(lambda xb: predict_labels(model, xb, batch_size=batch_size))
     gen = torch.Generator().manual_seed(seed + 1)
     cands = enumerate_candidates(channels, height, width)
     scan = torch.randperm(n, generator=gen)[: min(scan_images, n)]
@@ -182,13 +185,13 @@ def fourier_combination_attack(
     def make_atoms(idx: Tensor) -> Tensor:
         return candidate_deltas(cands, idx, height, width, eps=eps, norm=norm, wave=wave, dtype=dtype, device=device)
 
-    scores = count_fooled(model, x, clean, lambda c0, c1: make_atoms(torch.arange(c0, c1)), len(cands), scan,
-                          bounds=bounds, batch_size=batch_size)
+    scores = data.count_fooled(model, clean, lambda c0, c1: make_atoms(torch.arange(c0, c1)), len(cands), scan,
+                               bounds=bounds, batch_size=batch_size)
     queries += len(cands) * len(scan)
     top = torch.argsort(scores, descending=True, stable=True)[: min(pool, len(cands))]
     atoms = make_atoms(top)  # (pool, C, H, W)
     delta = initial.delta.to(device=device, dtype=dtype)
-    best = int(_count(model, x, clean, delta[None], torch.arange(n), bounds=bounds, batch_size=batch_size)[0])
+    best = int(_count(model, data, clean, delta[None], torch.arange(n), bounds=bounds, batch_size=batch_size)[0])
     queries += n
     steps = []
     w = weights_t.to(device=device, dtype=dtype)
@@ -201,7 +204,7 @@ def fourier_combination_attack(
         order = torch.randperm(n, generator=gen)
 
         def count(idx: Tensor, images: Tensor, mix: Tensor = mix) -> Tensor:
-            return _count(model, x, clean, mix[idx], images, bounds=bounds, batch_size=batch_size)
+            return _count(model, data, clean, mix[idx], images, bounds=bounds, batch_size=batch_size)
 
         winner, counts, spent = successive_halving(count, mix.shape[0], plan, order)
         queries += spent

@@ -32,22 +32,22 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sturdy.errors import ConfigurationError, DataError
-from sturdy.fourier._common import Model, check_labels, in_eval_mode
-from sturdy.fourier.basis import DEFAULT_PHASE, check_phase, fourier_basis_batch, half_plane, to_full_map
-from sturdy.fourier.batching import BatchSizer, ModelRunner, work_dtype
+from sturdy.fourier._common import Model, in_eval_mode
+from sturdy.fourier.basis import DEFAULT_PHASE, check_phase, half_plane, to_full_map
+from sturdy.fourier.batching import BatchSizer, ModelRunner
 from sturdy.fourier.frequencies import FrequencyList, canonical_rows
+from sturdy.fourier.heatmap_measure import HeatmapWork, heatmap_draws
+from sturdy.fourier.images import AnalysisImages
 from sturdy.fourier.limits import check_save_every
 from sturdy.fourier.partial import HeatmapCounts, fingerprint, load_partial, save_partial
 from sturdy.fourier.perturbation import (
     Bounds,
     check_bounds,
     check_eps,
-    check_images,
     check_norm,
-    shape_directions,
 )
 from sturdy.fourier.plots import plot_fourier_maps
-from sturdy.utils import atomic_save_figure, model_device_dtype
+from sturdy.utils import atomic_save_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -56,21 +56,9 @@ __all__ = ["FourierHeatmap", "fourier_heatmap", "heatmap_draws"]
 
 _MAPS = ("error", "fooling", "applied")
 SAVES_PER_RUN = 20
+DRAWS_BYTES = 1 << 28
+"""Streamed images: the random draws one pass over the data holds (frequencies x images), at most this many bytes."""
 """With partial results and no ``save_every``, the state is saved about this many times per run."""
-
-
-def heatmap_draws(
-    seed: int, index: int, n_images: int, channels: int, *, random_phase: bool
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """The random channel signs ``(N, C)`` and (optionally) phases ``(N,)`` used for frequency ``index``.
-
-    Drawn on the CPU from a generator seeded by ``(seed, index)`` so that any evaluation order (batched
-    or one frequency at a time, any subset, any shard) sees the same draws.
-    """
-    gen = torch.Generator().manual_seed((seed % 2**31) * 2**32 + index)
-    signs = 1.0 - 2.0 * torch.randint(0, 2, (n_images, channels), generator=gen).float()
-    phases = torch.rand(n_images, generator=gen, dtype=torch.float64) * 2 * math.pi if random_phase else None
-    return signs, phases
 
 
 @dataclass(frozen=True, eq=False)
@@ -195,76 +183,18 @@ class FourierHeatmap:
         atomic_save_figure(self.figure(which, title=title), path, dpi=120, bbox_inches="tight")
 
 
-class _Draws:
-    """The draws of the frequencies of the current slice, cached while a frequency spans several slices."""
-
-    def __init__(self, seed: int, n: int, channels: int, random_phase: bool, device: torch.device,
-                 dtype: torch.dtype) -> None:
-        self.args = (seed, n, channels, random_phase, device, dtype)
-        self.cache: Dict[int, Tuple[Tensor, Optional[Tensor]]] = {}
-
-    def get(self, rows: Sequence[int]) -> Tuple[Tensor, Optional[Tensor]]:
-        seed, n, channels, random_phase, device, dtype = self.args
-        self.cache = {r: self.cache[r] for r in rows if r in self.cache}
-        for r in rows:
-            if r not in self.cache:
-                signs, phases = heatmap_draws(seed, r, n, channels, random_phase=random_phase)
-                self.cache[r] = (signs.to(device=device, dtype=dtype), None if phases is None else phases.to(device))
-        signs = torch.stack([self.cache[r][0] for r in rows])
-        phases = torch.stack([self.cache[r][1] for r in rows]) if random_phase else None  # type: ignore[misc]
-        return signs, phases
-
-
-def _measure(
-    runner: ModelRunner, sizer: BatchSizer, x: Tensor, y: Tensor, clean: Tensor, freqs: Tensor, rows: Tensor,
-    counts: HeatmapCounts, *, eps: float, norm: str, wave: str, phase: Optional[float], bounds: Bounds,
-    draws: _Draws, bar: Any,
-) -> int:
-    """Measure the canonical frequencies ``rows`` on every image into ``counts``; returns the evaluations."""
-    n, channels, height, width = x.shape
-    device, dtype = x.device, x.dtype
-    total = len(rows) * n
-    pos = 0
-    while pos < total:
-        b = sizer.next(total - pos)
-        sizer.start()
-        f0, f1 = pos // n, (pos + b - 1) // n + 1
-        slice_rows = rows[f0:f1].tolist()
-        pair = torch.arange(pos, pos + b, device=device)
-        local, img = pair // n - f0, pair % n
-        signs, phases = draws.get(slice_rows)  # (f, N, C), (f, N)
-        pair_signs = signs[local, img]
-        xs = x[img]
-        if phase is None:
-            u = fourier_basis_batch(height, width, freqs[rows[f0:f1]][local.cpu()], phases[local, img],
-                                    dtype=dtype, device=device)
-            images = shape_directions(u, pair_signs, eps=eps, norm=norm, wave=wave).add_(xs)
-        else:
-            basis = fourier_basis_batch(height, width, freqs[rows[f0:f1]], phase, dtype=dtype, device=device)
-            ones = torch.ones(len(slice_rows), channels, dtype=dtype, device=device)
-            scaled = shape_directions(basis, ones, eps=eps, norm=norm, wave=wave)[:, :1]  # (f, 1, H, W)
-            images = torch.addcmul(xs, pair_signs[:, :, None, None], scaled[local])
-        if bounds is not None:
-            images.clamp_(bounds[0], bounds[1])
-        diff = (images - xs).flatten(1)
-        budget = torch.linalg.vector_norm(diff, dim=1) if norm == "l2" else diff.abs().amax(dim=1)
-        try:
-            pred = runner.labels(images)
-        except torch.cuda.OutOfMemoryError:
-            del images, diff, xs
-            if not sizer.shrink():
-                raise
-            torch.cuda.empty_cache()
-            continue
-        target = rows.to(device)[f0:f1][local]
-        counts.errors.index_add_(0, target, (pred != y[img]).long())
-        counts.fooled.index_add_(0, target, (pred != clean[img]).long())
-        counts.applied.index_add_(0, target, budget.double())
-        sizer.stop(b)
-        done_before, pos = pos // n, pos + b
-        bar.update(pos // n - done_before)
-    counts.measured[rows.to(device)] = True
-    return total
+def _group_size(data: AnalysisImages, per_rank: int, *, saving: bool, save_every: Optional[int]) -> int:
+    """Frequencies measured between two saves of the partial results (all without them); for streamed images at
+    most as many as keep the draws of a pass within :data:`DRAWS_BYTES`."""
+    if not saving:
+        chunk = max(1, per_rank)
+    else:
+        chunk = save_every if save_every is not None else max(1, -(-per_rank // SAVES_PER_RUN))
+    if data.streamed:
+        n, channels = data.shape[:2]
+        per_frequency = n * (channels + 2) * torch.empty((), dtype=data.dtype).element_size()
+        chunk = min(chunk, max(1, DRAWS_BYTES // per_frequency))
+    return chunk
 
 
 def _world(distributed: bool) -> Tuple[int, int]:
@@ -284,8 +214,8 @@ def _world(distributed: bool) -> Tuple[int, int]:
 @torch.no_grad()
 def fourier_heatmap(
     model: Model,
-    x: Tensor,
-    y: Tensor,
+    x: Any,
+    y: Optional[Tensor] = None,
     *,
     eps: float,
     norm: str = "l2",
@@ -301,6 +231,7 @@ def fourier_heatmap(
     partial: Optional[os.PathLike] = None,
     save_every: Optional[int] = None,
     progress: bool = False,
+    count: Optional[int] = None,
 ) -> FourierHeatmap:
     """Error and fooling rate of ``model`` under every Fourier direction (or a subset) at budget ``eps``.
 
@@ -311,8 +242,13 @@ def fourier_heatmap(
         model: classifier taking ``(N, C, H, W)`` images and returning ``(N, classes)`` logits; an
             ``nn.Module`` is evaluated in eval mode and its training flags restored after. A
             ``torch.compile``d module or function is called as given.
-        x: images ``(N, C, H, W)`` in ``bounds`` (pixel space); any H, W; grayscale or RGB.
-        y: integer labels ``(N,)`` in the model's class range.
+        x: images ``(N, C, H, W)`` in ``bounds`` (pixel space); any H, W; grayscale or RGB. Or, without ``y``,
+            any data of the contract of :mod:`sturdy.datasource` (an ``ImageDataset``, a ``Dataset`` of
+            ``(image, label)`` pairs, a ``DataLoader``, an iterable of batches): streamed batch by batch, one
+            on the device at a time, read once per group of frequencies whose random draws fit
+            :data:`DRAWS_BYTES` (more than one pass, or ``partial``, needs data that can be read again); the
+            counts equal those of the same images as tensors.
+        y: integer labels ``(N,)`` in the model's class range, with tensor images ``x``.
         eps: budget (> 0) in ``norm``, at most the farthest two images in ``bounds`` can be
             (:func:`~sturdy.fourier.perturbation.largest_eps`).
         norm: ``"l2"`` or ``"linf"`` (see :mod:`sturdy.fourier.perturbation`).
@@ -339,6 +275,8 @@ def fourier_heatmap(
         save_every: frequencies per rank between saves of ``partial`` (default: about
             :data:`SAVES_PER_RUN` saves per run).
         progress: show a tqdm bar over frequencies (rank 0).
+        count: the number of images of an iterable of batches (needed before the first pass: the draws depend on
+            it; known for tensors, datasets and ``DataLoader``\\ s).
 
     Returns:
         A :class:`FourierHeatmap`; rates are means over the N images.
@@ -354,15 +292,12 @@ def fourier_heatmap(
     check_norm(norm, wave)
     bounds = check_bounds(bounds)
     phase = check_phase(phase, allow_random=True)
-    check_images(x, bounds)
-    eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=x.shape[1:])
-    y = check_labels(y, x.shape[0])
+    data = AnalysisImages(model, x, y, bounds=bounds, labels=True, what="the Fourier heat map", count=count,
+                          batch_size=batch_size)
+    eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=data.shape[1:])
     rank, world = _world(distributed)
-    device, model_dtype = model_device_dtype(model, x)
-    dtype = work_dtype(model_dtype if model_dtype.is_floating_point else x.dtype)
-    x = x.to(device=device, dtype=dtype)
-    y = y.to(device)
-    n, channels, height, width = x.shape
+    device, model_dtype, dtype = data.device, data.model_dtype, data.dtype
+    n, channels, height, width = data.shape
     freqs = half_plane(height, width)
     n_freq = freqs.shape[0]
     if save_every is not None:
@@ -376,10 +311,11 @@ def fourier_heatmap(
     settings: Dict[str, Any] = {}
     resumed = 0
     if partial is not None:
+        data.require_passes(2)
         settings = {"eps": eps, "norm": norm, "wave": wave, "phase": phase,
                     "bounds": None if bounds is None else list(bounds), "seed": seed,
                     "shape": [n, channels, height, width], "autocast": str(autocast),
-                    **fingerprint(model, x, y)}
+                    **fingerprint(model, ((xb, yb) for _, xb, yb in data.passes()), data.shape, dtype)}
         loaded = load_partial(partial, n_freq, settings, device)
         if loaded is not None:
             counts.add(loaded)
@@ -387,27 +323,26 @@ def fourier_heatmap(
     pending = requested[~counts.measured.cpu()[requested]]
     mine = pending[rank::world]
     per_rank = -(-len(pending) // world)
-    if partial is None:
-        chunk = max(1, per_rank)
-    else:
-        chunk = save_every if save_every is not None else max(1, -(-per_rank // SAVES_PER_RUN))
+    chunk = _group_size(data, per_rank, saving=partial is not None, save_every=save_every)
+    chunks = -(-per_rank // chunk) if per_rank else 0
+    data.require_passes(max(chunks, 1))
     sizer = BatchSizer(batch_size, device=device, total=max(1, per_rank * n),
-                       item_bytes=channels * height * width * x.element_size())
-    clean = runner.predict(x, batch_size=sizer.next(n), y=y)
-    clean_error = float((clean != y).double().mean())
-    draws = _Draws(seed, n, channels, phase is None, device, dtype)
-    spent = n
+                       item_bytes=channels * height * width * torch.empty((), dtype=dtype).element_size())
     bar = tqdm(total=len(mine), desc="fourier heatmap", unit="freq", disable=not progress or rank != 0, leave=False)
-    for r in range(-(-per_rank // chunk) if per_rank else 0):
-        part = HeatmapCounts(n_freq, device)
-        spent += _measure(runner, sizer, x, y, clean, freqs, mine[r * chunk : (r + 1) * chunk], part, eps=eps,
-                          norm=norm, wave=wave, phase=phase, bounds=bounds, draws=draws, bar=bar)
+    work = HeatmapWork(data, runner, sizer, freqs, eps=eps, norm=norm, wave=wave, phase=phase, bounds=bounds,
+                       seed=seed)
+    for r in range(max(chunks, 1)):
+        rows = mine[r * chunk : (r + 1) * chunk]
+        part = work.run(rows, HeatmapCounts(n_freq, device), bar=bar)
+        if not chunks:
+            break
         if world > 1:
             part.all_reduce()
         counts.add(part)
         if partial is not None and rank == 0:
             save_partial(partial, counts, settings)
     bar.close()
+    clean_error, spent = work.wrong / n, work.spent
     if world > 1:
         from sturdy.distributed import all_reduce_sum
 

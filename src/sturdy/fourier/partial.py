@@ -15,7 +15,7 @@ import hashlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -69,12 +69,16 @@ def _tensor_bytes(t: Tensor) -> bytes:
     return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
-def fingerprint(model: Any, x: Tensor, y: Tensor) -> Dict[str, Optional[str]]:
-    """SHA-256 digests of the images, the labels and (for an ``nn.Module``) the weights and buffers."""
+def fingerprint(model: Any, batches: Iterable[Tuple[Tensor, Tensor]], shape: Sequence[int],
+                dtype: torch.dtype) -> Dict[str, Optional[str]]:
+    """SHA-256 digests of the images (all ``shape``, in ``dtype``), the labels and (for an ``nn.Module``) the weights
+    and buffers. ``batches``: the images and labels in order, whole or in batches (the digests are the same)."""
     data = hashlib.sha256()
-    data.update(str((tuple(x.shape), str(x.dtype))).encode())
-    data.update(_tensor_bytes(x))
-    labels = hashlib.sha256(_tensor_bytes(y.long()))
+    data.update(str((tuple(int(s) for s in shape), str(dtype))).encode())
+    labels = hashlib.sha256()
+    for x, y in batches:
+        data.update(_tensor_bytes(x))
+        labels.update(_tensor_bytes(y.long()))
     weights: Optional[str] = None
     if isinstance(model, nn.Module):
         h = hashlib.sha256()
