@@ -154,6 +154,7 @@ class DataSource:
             if n == 0:
                 continue
             where = f"batch {index} (samples {seen} to {seen + n - 1})"
+            _check_finite_samples(x, seen, where)
             try:
                 if not (self.pixels and x.dtype == torch.uint8):
                     check_inputs(x, model=model, name="inputs")
@@ -185,13 +186,28 @@ class DataSource:
             raise DataError(f"batch {index}: inputs and targets must be tensors ({exc})") from None
         if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
             raise DataError(f"batch {index} (from sample {seen}): inputs and targets must have the same number of "
-                            f"samples, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+                            f"samples, got {_count_of(x)} and {_count_of(y)} (shapes {tuple(x.shape)} and "
+                            f"{tuple(y.shape)})")
         return x, y
 
     def _move(self, x: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
         if self.pixels and x.dtype == torch.uint8:
             return x.to(device).to(dtype).div_(255.0)
         return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+
+
+def _count_of(t: Tensor) -> str:
+    return str(int(t.shape[0])) if t.dim() else "a scalar"
+
+
+def _check_finite_samples(x: Tensor, first: int, where: str) -> None:
+    """Refuse NaN or infinite inputs, naming the first sample that holds one (``first``: the batch's first sample)."""
+    if x.is_floating_point() or x.is_complex():
+        finite = torch.isfinite(x).reshape(x.shape[0], -1).all(1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero()
+            raise DataError(f"{where}: inputs hold NaN or inf values in {len(bad)} sample(s), the first is sample "
+                            f"{int(bad[0, 0]) + first}; remove or repair them (e.g. torch.nan_to_num) first")
 
 
 def _check_range(y: Tensor, k: int, where: str) -> None:
@@ -233,8 +249,8 @@ def data_source(data: Any, y: Optional[Tensor] = None, *, batch_size: int = 256,
     if pair is not None:
         x, labels = pair
         if x.dim() == 0 or labels.dim() == 0 or x.shape[0] != labels.shape[0]:
-            raise DataError(f"inputs and targets must have the same number of samples, got shapes {tuple(x.shape)} "
-                            f"and {tuple(labels.shape)}")
+            raise DataError(f"inputs and targets must have the same number of samples, got {_count_of(x)} and "
+                            f"{_count_of(labels)} (shapes {tuple(x.shape)} and {tuple(labels.shape)})")
         pixels = x.dtype == torch.uint8 and getattr(data, "images", None) is x
         source, known = pair, int(x.shape[0])
     elif isinstance(data, Dataset) and hasattr(data, "__len__"):

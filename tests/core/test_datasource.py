@@ -53,7 +53,8 @@ def test_counts_are_known_checked_and_refused_when_wrong():
 def test_a_bad_batch_is_named_by_its_index():
     bad = X.clone()
     bad[5, 0, 1, 1] = float("nan")
-    with pytest.raises(DataError, match=r"batch 1 \(samples 4 to 7\): inputs: 1 of 64 values are NaN"):
+    with pytest.raises(DataError, match=r"batch 1 \(samples 4 to 7\): inputs hold NaN or inf values in 1 sample\(s\), "
+                                        r"the first is sample 5"):
         _read(data_source(bad, Y, batch_size=4))
     with pytest.raises(DataError, match=r"batch 2 \(samples 8 to 9\): targets must be class indices in \[0, 2\]"):
         _read(data_source(X, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 5]), batch_size=4), num_classes=3)

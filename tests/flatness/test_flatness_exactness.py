@@ -191,13 +191,13 @@ def _bad_data():
     return {
         "out of range": ((x, y + 5), r"class indices in \[0, 2\] for a model with 3 outputs, got values in \[5, 7\]"),
         "negative": ((x, y - 3), r"class indices in \[0, 2\].*got values in \[-3,"),
-        "float labels": ((x, y.double()), "integer class indices .*got dtype torch.float64.*targets.long()"),
-        "bool labels": ((x, y > 0), "integer class indices .*torch.bool"),
-        "2-D labels": ((x, y[:, None]), r"one class index per sample, shape \(N,\), got \(6, 1\)"),
+        "float labels": ((x, y.double()), "integer class indices, got dtype torch.float64; convert with y.long()"),
+        "bool labels": ((x, y > 0), "integer class indices, got dtype torch.bool"),
+        "2-D labels": ((x, y[:, None]), r"shape \(N,\), one class index per sample, got shape \(6, 1\)"),
         "lengths": ((x, y[:4]), "same number of samples, got 6 and 4"),
         "nan": ((nan_x, y), "NaN or inf values .*the first is sample 4"),
         "inf": ((inf_x, y), "NaN or inf values .*the first is sample 2"),
-        "loader nan": ([(x[:3], y[:3]), (nan_x[3:], y[3:])], "batch starting at sample 3, the first is sample 4"),
+        "loader nan": ([(x[:3], y[:3]), (nan_x[3:], y[3:])], r"batch 1 \(samples 3 to 5\).*the first is sample 4"),
     }
 
 

@@ -1,4 +1,5 @@
-"""Shared helpers of :mod:`sturdy.flatness`: data batching, loss, parameter selection.
+"""Shared helpers of :mod:`sturdy.flatness`: data batching (the contract of :mod:`sturdy.datasource`), loss,
+parameter selection.
 
 Conventions used by every function of the subpackage:
     * the *training loss* is the **mean** over all samples of ``data`` of ``loss_fn(outputs, targets)``
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sturdy.datasource import data_source
 from sturdy.errors import ConfigurationError, DataError
 from sturdy.utils import eval_mode
 from sturdy.validation import check_finite_output, check_inputs
@@ -44,74 +46,20 @@ def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
 
 
 def iter_batches(
-    data: Any, *, batch_size: int, device: torch.device, dtype: torch.dtype, classes: bool = False
+    data: Any, *, batch_size: int, device: torch.device, dtype: torch.dtype, classes: bool = False,
+    model: Optional[nn.Module] = None,
 ) -> Iterator[Tuple[Tensor, Tensor]]:
-    """Yield ``(inputs, targets)`` batches of ``data`` on ``device`` (inputs cast to ``dtype``).
+    """Yield the non-empty ``(inputs, targets)`` batches of ``data`` on ``device`` (inputs cast to ``dtype``).
 
-    ``data`` may be a pair ``(inputs, targets)`` of tensors, an object with ``images`` and ``labels``
-    tensors (a :class:`sturdy.data.ImageDataset`), a map-style dataset of ``(x, y)`` pairs, or an
-    iterable of ``(inputs, targets)`` batches (e.g. a ``DataLoader``), which is used as given.
-    Every batch is checked (:func:`check_batch`); with ``classes`` its targets must be class indices.
+    ``data`` is read through the contract of :mod:`sturdy.datasource`: a pair ``(inputs, targets)`` of tensors, an
+    :class:`sturdy.data.ImageDataset`, a map-style dataset of ``(x, y)`` pairs, or an iterable of
+    ``(inputs, targets)`` batches (e.g. a ``DataLoader``), used as given. Every batch is checked as it is read
+    (a :class:`DataError` naming it); with ``classes`` its targets must be class indices; integer inputs pass as
+    token indices of a ``model`` that embeds them.
     """
     check_positive_int("batch_size", batch_size)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise DataError(
-                f"inputs and targets must have the same number of samples, got {x.shape[0]} and {y.shape[0]}"
-            )
-        for start in range(0, x.shape[0], batch_size):
-            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-            check_batch(xb, yb, start, classes=classes)
-            yield _cast(xb, device, dtype), yb.to(device)
-        return
-    if isinstance(getattr(data, "images", None), Tensor) and isinstance(getattr(data, "labels", None), Tensor):
-        yield from iter_batches((data.images, data.labels), batch_size=batch_size, device=device, dtype=dtype,
-                                classes=classes)
-        return
-    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
-        loader: Iterable = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-    elif isinstance(data, Iterable):
-        loader = data
-    else:
-        raise DataError(
-            f"cannot read samples from a {type(data).__name__}; pass (inputs, targets) tensors, an ImageDataset, "
-            "a map-style Dataset of (x, y) pairs, or an iterable of (inputs, targets) batches"
-        )
-    seen = 0
-    for batch in loader:
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise DataError(f"each batch must be an (inputs, targets) pair, got a {type(batch).__name__}")
-        x, y = torch.as_tensor(batch[0]), torch.as_tensor(batch[1])
-        check_batch(x, y, seen, classes=classes)
-        seen += int(x.shape[0]) if x.dim() else 0
-        yield _cast(x, device, dtype), y.to(device)
-
-
-def check_batch(x: Tensor, y: Tensor, first: int, *, classes: bool) -> None:
-    """Refuse a batch whose sizes differ or whose floating inputs hold NaN/inf; with ``classes``, targets
-    that are not one integer class index per sample (the range is checked by :func:`check_class_range`)."""
-    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
-        raise DataError(
-            f"inputs and targets must have the same number of samples, got shapes {tuple(x.shape)} and "
-            f"{tuple(y.shape)} (batch starting at sample {first})"
-        )
-    if x.is_floating_point() or x.is_complex():
-        finite = torch.isfinite(x).reshape(x.shape[0], -1).all(1)
-        if not bool(finite.all()):
-            bad = int((~finite).nonzero()[0, 0]) + first
-            raise DataError(
-                f"inputs hold NaN or inf values ({int((~finite).sum())} sample(s) of the batch starting at sample "
-                f"{first}, the first is sample {bad}); remove or repair them before measuring"
-            )
-    if classes:
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise DataError(
-                f"targets must be integer class indices for the cross-entropy loss, got dtype {y.dtype} "
-                "(convert with targets.long(), or pass loss_fn=... for other targets)"
-            )
-        if y.dim() != 1:
-            raise DataError(f"targets must be one class index per sample, shape (N,), got {tuple(y.shape)}")
+    yield from data_source(data, batch_size=batch_size).batches(device=device, dtype=dtype, classes=classes,
+                                                                model=model)
 
 
 def check_class_range(batches: List[Tuple[Tensor, Tensor]], num_classes: int) -> None:
@@ -150,7 +98,7 @@ def classification_batches(
 
     Returns the batches and the number of classes. The model should already be in eval mode.
     """
-    batches = collect_batches(data, batch_size=batch_size, device=device, dtype=dtype, classes=True)
+    batches = collect_batches(data, batch_size=batch_size, device=device, dtype=dtype, classes=True, model=model)
     num_classes = output_width(model, batches[0][0])
     check_class_range(batches, num_classes)
     return batches, num_classes
@@ -169,55 +117,43 @@ def stream_classification_batches(
 
     Returns:
         The batches (non-empty ones only), the number of classes (the model's output width on the first
-        batch), and the number of samples when known before the pass (``None`` for an iterable).
+        batch), and the number of samples when known before the pass (``None`` for an iterable without a length).
 
     Raises:
         DataError: no samples, or targets that are not class indices of the model's outputs.
     """
-    pair = data if isinstance(data, (tuple, list)) and len(data) == 2 else None
-    if pair is None and isinstance(getattr(data, "images", None), Tensor):
-        pair = (data.images, getattr(data, "labels", None))
-    if pair is not None and all(isinstance(t, Tensor) for t in pair):
+    check_positive_int("batch_size", batch_size)
+    source = data_source(data, batch_size=batch_size)
+    pair = source.tensors
+    if pair is not None:
         x, y = pair
-        # every batch checked before any work, where the data lies: views of it, nothing is copied
-        views = [b for b in iter_batches(pair, batch_size=batch_size, device=x.device, dtype=x.dtype, classes=True)
-                 if b[0].shape[0]]
-        if not views:
-            raise DataError("the data holds no samples; pass at least one (input, target) pair")
-        num_classes = output_width(model, _cast(views[0][0], device, dtype))
-        check_class_range(views, num_classes)
-        return ((_cast(xb, device, dtype), yb.to(device)) for xb, yb in views), num_classes, int(y.shape[0])
-    total = len(data) if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__") else None
-    batches = (b for b in iter_batches(data, batch_size=batch_size, device=device, dtype=dtype, classes=True)
-               if b[0].shape[0])
-    first = next(batches, None)
-    if first is None:
-        raise DataError("the data holds no samples; pass at least one (input, target) pair")
-    num_classes = output_width(model, first[0])
+        # every batch checked before any work, where the data lies: views of it, nothing is kept
+        for _ in source.batches(device=x.device, dtype=x.dtype if x.is_floating_point() else dtype, model=model):
+            pass
+        first = next(source.batches(device=device, dtype=dtype, model=model))
+        num_classes = output_width(model, first[0])
+        check_class_range([(x, y)], num_classes)
+        return source.batches(device=device, dtype=dtype, model=model), num_classes, source.count
+    widths: List[int] = []
 
-    def checked() -> Iterator[Tuple[Tensor, Tensor]]:
-        for xb, yb in itertools.chain([first], batches):
-            check_class_range([(xb, yb)], num_classes)
-            yield xb, yb
+    def width(xb: Tensor) -> int:
+        widths.append(output_width(model, xb))
+        return widths[0]
 
-    return checked(), num_classes, total
-
-
-def _cast(x: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+    batches = source.batches(device=device, dtype=dtype, model=model, num_classes=width)
+    first = next(batches)
+    return itertools.chain([first], batches), widths[0], source.count
 
 
 def collect_batches(
-    data: Any, *, batch_size: int, device: torch.device, dtype: torch.dtype, classes: bool = False
+    data: Any, *, batch_size: int, device: torch.device, dtype: torch.dtype, classes: bool = False,
+    model: Optional[nn.Module] = None,
 ) -> List[Tuple[Tensor, Tensor]]:
     """All batches of ``data`` as a list (so that several passes see identical batches); refuses empty data.
 
-    With ``classes`` the targets must be integer class indices (:func:`check_batch`).
+    With ``classes`` the targets must be integer class indices (:func:`iter_batches`).
     """
-    batches = list(iter_batches(data, batch_size=batch_size, device=device, dtype=dtype, classes=classes))
-    if sum(int(x.shape[0]) for x, _ in batches) == 0:
-        raise DataError("the data holds no samples; pass at least one (input, target) pair")
-    return batches
+    return list(iter_batches(data, batch_size=batch_size, device=device, dtype=dtype, classes=classes, model=model))
 
 
 def trainable_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
@@ -288,8 +224,7 @@ def loss_batches(
     """The batches of ``data`` for ``loss_fn``: checked as class indices (:func:`classification_batches`,
     the model in eval mode for that one forward pass) when ``loss_fn`` is ``None`` (the cross-entropy)."""
     if loss_fn is not None:
-        batches = collect_batches(data, batch_size=batch_size, device=device, dtype=dtype)
-        check_inputs(batches[0][0], model=model)
+        batches = collect_batches(data, batch_size=batch_size, device=device, dtype=dtype, model=model)
         return batches
     with eval_mode(model):
         return classification_batches(model, data, batch_size=batch_size, device=device, dtype=dtype)[0]
