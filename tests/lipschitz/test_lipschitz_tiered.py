@@ -117,3 +117,24 @@ def test_random_relu_networks_keep_tiered_certificates(seed, width, depth, scale
     with torch.no_grad():
         y = model(x).argmax(1)
     _assert_sound(model, x, y, certify(model, x, y, tiered=True))
+
+
+MASKED_NORM_TOL = 1e-5  # relative: the Cholesky certificate tests the power estimate raised by 1e-6
+MASKED_NORM_ABS = 1e-5  # times the operator's norm: the rounding slack is added under the square root
+
+
+@pytest.mark.parametrize("shape, inactive", [((12, 40), 0.3), ((40, 12), 0.1), ((40, 12), 0.7), ((30, 30), 1.0)],
+                         ids=["row-side", "column-downdate", "column-direct", "all-inactive"])
+def test_masked_operator_norms_bound_the_dense_svd_of_the_kept_rows(shape, inactive):
+    from sturdy.lipschitz.tiered import _MaskedNorm
+
+    gen = torch.Generator().manual_seed(3)
+    dense = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    norm = float(torch.linalg.matrix_norm(dense, ord=2)) * (1 + 1e-9)
+    active = torch.rand(16, shape[0], generator=gen) >= inactive
+    active[0] = True  # one point keeps every row: the operator's own norm
+    got = _MaskedNorm(dense, norm)(active)
+    exact = torch.tensor([float(torch.linalg.matrix_norm(dense[a], ord=2)) if a.any() else 0.0 for a in active],
+                         dtype=torch.float64)
+    assert bool((got >= exact).all()), (got - exact).min()
+    assert bool((got <= exact * (1 + MASKED_NORM_TOL) + MASKED_NORM_ABS * norm).all()), (got - exact).max()
