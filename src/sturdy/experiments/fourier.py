@@ -234,12 +234,12 @@ def _heatmap(args: argparse.Namespace, device: Optional[torch.device]) -> int:
     sources = _load(args, device)
     model = sources.model
     analysed, inference = _runtime(args, model)
-    test = sources.split(args.split)
-    n = min(args.limit, len(test))
-    x, y = test.images[:n], test.labels[:n]
-    subset = _frequency_subset(args, x.shape[2], x.shape[3])  # every count checked before any work
+    test = sources.analysis_data(args.split, args.limit)  # streamed when it is large (uint8 pixels, mapped)
+    x, y = (test.images, test.labels) if test.images.is_floating_point() else (test, None)
+    height, width = test.image_shape[1:]
+    subset = _frequency_subset(args, height, width)  # every count checked before any work
     if args.save_every is not None:
-        check_save_every(args.save_every, len(half_plane(x.shape[2], x.shape[3])))
+        check_save_every(args.save_every, len(half_plane(height, width)))
     partial = out / "heatmap.partial.json"
     if args.no_resume and rank == 0:
         partial.unlink(missing_ok=True)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from sturdy.datasource import data_source
 from sturdy.errors import ConfigurationError
 from sturdy.experiments.argtypes import positive_int
 from sturdy.experiments.command_report import write_command_report
@@ -25,7 +26,7 @@ from sturdy.lipschitz import Certificate, certify, lipschitz_bound, tightness
 from sturdy.lipschitz.losses import FORMS
 from sturdy.report import new_figure
 from sturdy.training import resolve_device
-from sturdy.utils import atomic_save_figure, eval_mode, prepare_output_dir
+from sturdy.utils import atomic_save_figure, eval_mode, model_device_dtype, prepare_output_dir
 
 __all__ = ["certify_model", "plot_certified_accuracy", "plot_radius_histogram", "add_certify_arguments",
            "DEFAULT_EPS", "MAX_EPS", "CERTIFY_HELP", "CERTIFY_DESCRIPTION"]
@@ -36,8 +37,8 @@ MAX_EPS = 1e6  # far beyond any image's diameter (sqrt(C*H*W) in pixel units); l
 
 def certify_model(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x: Any,
+    y: Optional[torch.Tensor] = None,
     *,
     eps: Sequence[float] = DEFAULT_EPS,
     form: str = "pairwise",
@@ -45,10 +46,12 @@ def certify_model(
 ) -> Tuple[Certificate, Dict[str, Any]]:
     """Bound + certificate + JSON-able summary (with timings: bound, certification).
 
-    ``eps`` are the L2 radii at which certified accuracy is reported.
+    ``x``, ``y``: images and labels, or (without ``y``) an ``ImageDataset`` or other data of the contract of
+    :mod:`sturdy.datasource`, streamed. ``eps`` are the L2 radii at which certified accuracy is reported.
     """
+    shape = tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else tuple(x.image_shape)
     t0 = time.perf_counter()
-    bound = lipschitz_bound(model, input_shape=(1, *x.shape[1:]))
+    bound = lipschitz_bound(model, input_shape=(1, *shape))
     t_bound = time.perf_counter() - t0
     t1 = time.perf_counter()
     cert = certify(model, x, y, bound=bound, form=form, tiered=tiered)
@@ -117,25 +120,23 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     results = results_path(args.out, "lipschitz certify")  # checked before any work
     sources = load_sources(args, device=resolve_device(args.device))
     model = sources.model
-    data = sources.test_set if args.split == "test" else sources.train_set
-    x, y = data.images, data.labels
-    if args.limit is not None:
-        x, y = x[: args.limit], y[: args.limit]
-    cert, summary = certify_model(model, x, y, eps=eps, form=args.form, tiered=args.tiered)
-    device = next(model.parameters()).device
+    data = sources.analysis_data(args.split, args.limit)  # streamed when it is large (uint8 pixels, mapped)
+    cert, summary = certify_model(model, data, eps=eps, form=args.form, tiered=args.tiered)
+    device, dtype = model_device_dtype(model)
     t0 = time.perf_counter()
     with eval_mode(model), torch.no_grad():
-        for start in range(0, x.shape[0], 1024):
-            model(x[start : start + 1024].to(device))
+        for xb, _ in data_source(data, batch_size=1024).batches(device=device, dtype=dtype, model=model):
+            model(xb)
     summary["seconds"]["inference"] = time.perf_counter() - t0
     job = sources.job
     summary.update({"checkpoint": args.checkpoint, "split": args.split, "dataset": sources.dataset,
                     "method": job.options.get("method", "standard") if job else None,
                     "c": job.options.get("c") if job else None, "sources": sources.record})
     if args.tightness:
-        n = min(args.tightness_points, x.shape[0])
+        points = data.subset(range(min(args.tightness_points, len(data)))).as_float()
         # raises SoundnessError (one line, exit status 2) when an attack beats a certified radius
-        t = tightness(model, x[:n], y[:n], bound=cert.bound, form=args.form, progress=not args.no_progress)
+        t = tightness(model, points.images, points.labels, bound=cert.bound, form=args.form,
+                      progress=not args.no_progress)
         summary["tightness"] = t.to_dict()
     out = prepare_output_dir(args.out)
     name = (Path(args.checkpoint).parent.name if args.checkpoint else sources.name) or "model"

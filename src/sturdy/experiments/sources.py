@@ -7,6 +7,7 @@ your own model (``--model``, ``--model-arg``, ``--weights``, ``--normalize``, ``
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -28,23 +29,49 @@ MODEL_HELP = (f"your own model instead of --checkpoint: {SPEC_FORMS} (a file or 
               "like any Python import)")
 
 
+STREAM_BYTES = 1 << 30
+"""A split stored as ``uint8`` pixels (the memory-mapped caches of :mod:`sturdy.datasets`) whose ``float32`` copy would
+take more than this is handed as read to the analyses that stream (:meth:`Sources.analysis_data`)."""
+
+
 @dataclass(frozen=True)
 class Sources:
-    """A command's model (eval mode, on its device), both splits of its data (images in [0, 1]), what they were
-    made from (``record``), and the training job when the model comes from a checkpoint."""
+    """A command's model (eval mode, on its device), both splits of its data as read (``train_data``, ``test_data``:
+    ``uint8`` pixels stay as the readers return them, memory-mapped), what they were made from (``record``), and the
+    training job when the model comes from a checkpoint. ``train_set`` and ``test_set`` are the splits with images in
+    [0, 1], converted when first asked for."""
 
     model: nn.Module
-    train_set: ImageDataset
-    test_set: ImageDataset
+    train_data: ImageDataset
+    test_data: ImageDataset
     dataset: str
     name: str
     record: Dict[str, Any]
     job: Optional[TrainJob] = None
 
+    @functools.cached_property
+    def train_set(self) -> ImageDataset:
+        return self.train_data.as_float()
+
+    @functools.cached_property
+    def test_set(self) -> ImageDataset:
+        return self.test_data.as_float()
+
     def split(self, name: str = "test", limit: Optional[int] = None) -> ImageDataset:
         """The ``name`` split, its first ``limit`` images (all without ``limit``)."""
         data = self.test_set if name == "test" else self.train_set
         return data if limit is None or limit >= len(data) else data.subset(range(limit))
+
+    def analysis_data(self, name: str = "test", limit: Optional[int] = None) -> ImageDataset:
+        """The first ``limit`` images of the ``name`` split for an analysis that reads the data contract of
+        :mod:`sturdy.datasource`: with images in [0, 1], except a split of ``uint8`` pixels whose float copy would
+        exceed :data:`STREAM_BYTES`, which is returned as read (a view; the analysis converts it batch by batch)."""
+        data = self.test_data if name == "test" else self.train_data
+        if limit is not None and limit < len(data):
+            data = ImageDataset(data.images[:limit], data.labels[:limit], data.num_classes, data.name, data.split)
+        if data.images.is_floating_point() or data.images.numel() * 4 <= STREAM_BYTES:
+            return data.as_float()
+        return data
 
 
 def add_source_arguments(p: argparse.ArgumentParser, *, split: bool = False, limit: bool = False) -> None:
@@ -90,7 +117,7 @@ def load_sources(args: argparse.Namespace, *, device: torch.device) -> Sources:
 
 def _data(args: argparse.Namespace, spec: str) -> tuple:
     kw = dict(resize=args.image_size, data_root=args.data_root, download=bool(getattr(args, "download", False)))
-    return (job_data(spec, split="train", **kw).as_float(), job_data(spec, split="test", **kw).as_float())
+    return job_data(spec, split="train", **kw), job_data(spec, split="test", **kw)
 
 
 def _from_checkpoint(args: argparse.Namespace, path: str, device: torch.device) -> Sources:
@@ -104,7 +131,7 @@ def _from_checkpoint(args: argparse.Namespace, path: str, device: torch.device) 
         train_set, test_set = _data(args, dataset)
     check_data_matches(model, test_set, dataset)
     record = {"model": {"checkpoint": path, "job": job.to_dict()}, "data": _data_record(dataset, args, test_set)}
-    return Sources(model.eval(), train_set.as_float(), test_set.as_float(), dataset, job.model, record, job)
+    return Sources(model.eval(), train_set, test_set, dataset, job.model, record, job)
 
 
 def _from_model_source(args: argparse.Namespace, spec: str, device: torch.device) -> Sources:

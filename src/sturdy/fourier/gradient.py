@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sturdy.datasource import data_source
 from sturdy.errors import ConfigurationError
 from sturdy.fourier._common import Model, call_model, check_batch_size, check_label_range, check_labels, in_eval_mode
 from sturdy.fourier.basis import half_plane, to_full_map
@@ -58,36 +59,49 @@ class GradientSpectrum:
 
 @in_eval_mode
 def gradient_spectrum(
-    model: Model, x: Tensor, y: Tensor, *, batch_size: int = 256, bounds: Bounds = (0.0, 1.0)
+    model: Model, x: Any, y: Optional[Tensor] = None, *, batch_size: int = 256, bounds: Bounds = (0.0, 1.0)
 ) -> GradientSpectrum:
     """Average power spectrum of ``grad_x CE(model(x), y)`` per canonical frequency.
 
     Args:
         model: differentiable classifier on ``(N, C, H, W)`` images; an ``nn.Module`` is evaluated in eval
             mode and its training flags restored after (its parameters get no gradients).
-        x: images ``(N, C, H, W)`` in ``bounds``.
+        x: images ``(N, C, H, W)`` in ``bounds``; or, without ``y``, any data of the contract of
+            :mod:`sturdy.datasource` (an ``ImageDataset``, a ``Dataset``, a ``DataLoader``, an iterable of batches),
+            read once, one batch on the device at a time (the spectrum is a sum over images).
         y: integer labels ``(N,)`` in the model's class range (checked on the first batch's logits).
         batch_size: images per backward pass (per-image gradients: the loss is summed over images).
         bounds: valid range checked on ``x``.
     """
     start = time.perf_counter()
     batch_size = check_batch_size(batch_size)
-    check_images(x, bounds)
-    y = check_labels(y, x.shape[0])
-    device, dtype = model_device_dtype(model, x)
-    n, _, height, width = x.shape
-    freqs = half_plane(height, width)
-    power = torch.zeros(height, width // 2 + 1, dtype=torch.float64, device=device)
-    for i0 in range(0, n, batch_size):
-        xs = x[i0 : i0 + batch_size].to(device=device, dtype=dtype).requires_grad_(True)
+    if isinstance(x, Tensor):
+        check_images(x, bounds)
+        y = check_labels(y, x.shape[0])
+        device, dtype = model_device_dtype(model, x)
+        batches: Iterator[Tuple[Tensor, Tensor]] = ((x[i : i + batch_size], y[i : i + batch_size])
+                                                    for i in range(0, x.shape[0], batch_size))
+    else:  # the contract of sturdy.datasource: checked batch by batch, one on the device at a time
+        device, dtype = model_device_dtype(model)
+        batches = data_source(x, batch_size=batch_size).batches(
+            device=device, dtype=dtype, check_x=lambda xb, name: check_images(xb, bounds, name=name))
+    power: Optional[Tensor] = None
+    n = 0
+    for xb, yb in batches:
+        xs = xb.to(device=device, dtype=dtype).requires_grad_(True)
         with torch.enable_grad():
             logits = call_model(model, xs)
-            if i0 == 0:
-                check_label_range(y, logits)
-            loss = F.cross_entropy(logits, y[i0 : i0 + batch_size].to(device), reduction="sum")
+            if n == 0 or not isinstance(x, Tensor):
+                check_label_range(y if isinstance(x, Tensor) else yb, logits)
+            loss = F.cross_entropy(logits, yb.to(device), reduction="sum")
             (grad,) = torch.autograd.grad(loss, xs)
         spec = torch.fft.rfft2(grad.double())
-        power += (spec.real**2 + spec.imag**2).sum(dim=(0, 1))
+        batch_power = (spec.real**2 + spec.imag**2).sum(dim=(0, 1))
+        power = batch_power if power is None else power + batch_power
+        n += int(xs.shape[0])
+    assert power is not None  # tensors hold images (check_images), a stream at least one batch (data_source)
+    height, width = int(power.shape[0]), int(xs.shape[-1])
+    freqs = half_plane(height, width)
     power = (power / n)[freqs[:, 0].to(device), freqs[:, 1].to(device)]
     return GradientSpectrum(
         frequencies=freqs, power=power.cpu(), height=height, width=width, n_images=n,
