@@ -18,24 +18,27 @@ __all__ = ["EpochSums", "Stepper"]
 
 
 class EpochSums:
-    """Running sums of one epoch on the device: loss x samples, correct predictions, samples, non-finite flag."""
+    """Running sums of one epoch on the device: loss x samples, correct predictions, samples.
+
+    The loss sum doubles as the non-finite flag: a NaN or infinite step loss makes it NaN or infinite for the rest
+    of the epoch (inf + finite = inf, inf - inf = NaN, NaN + anything = NaN), and finite float32 losses times a batch
+    size cannot overflow a float64 sum, so no flag is kept per step.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
-        self.bad = torch.zeros((), dtype=torch.bool, device=device)
         self.seen = 0
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        loss = loss.detach()
-        self.bad |= ~torch.isfinite(loss)
-        self.loss += loss.double() * len(targets)
+        n = len(targets)
+        self.loss += loss.detach().double() * n
         self.correct += (logits.detach().argmax(1) == targets).sum()
-        self.seen += len(targets)
+        self.seen += n
 
     def non_finite(self) -> bool:
         """Whether a step's loss was NaN or infinite (a host read)."""
-        return bool(self.bad)
+        return not bool(torch.isfinite(self.loss))
 
     def means(self) -> Tuple[float, float]:
         """``(mean loss, accuracy)`` of the epoch so far (host reads)."""
