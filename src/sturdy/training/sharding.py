@@ -87,14 +87,21 @@ def shard_model(model: nn.Module, *, blocks: Optional[Sequence[nn.Module]] = Non
                 mixed_precision: Optional[Any] = None) -> Tuple[ShardGroup, ...]:
     """``fully_shard`` every block (default :func:`shard_blocks`), then ``model``; its groups.
 
-    Needs an initialised process group (every rank calls it). Parameters are sharded along their first dimension;
-    ``mixed_precision`` is FSDP2's ``MixedPrecisionPolicy``.
+    Needs an initialised process group (every rank calls it), over which the parameters are sharded along their
+    first dimension, on the model's device; ``mixed_precision`` is FSDP2's ``MixedPrecisionPolicy``.
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     originals = {(id(m), n): p for m in model.modules() for n, p in m.named_parameters(recurse=False)}
     names = {id(p): n for n, p in model.named_parameters()}
-    kw = {} if mixed_precision is None else {"mp_policy": mixed_precision}
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # on the model's device: FSDP2's default mesh is the GPU whenever there is one
+    kw: Dict[str, Any] = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
+    if mixed_precision is not None:
+        kw["mp_policy"] = mixed_precision
     for block in shard_blocks(model) if blocks is None else blocks:
         fully_shard(block, **kw)
     fully_shard(model, **kw)
@@ -102,12 +109,22 @@ def shard_model(model: nn.Module, *, blocks: Optional[Sequence[nn.Module]] = Non
     for module in model.modules():
         if not isinstance(module, FSDPModule):
             continue
-        for param_group in module._get_fsdp_state()._fsdp_param_groups:  # torch 2.13's FSDP2 layout
+        for param_group in _param_groups(module):
             params = tuple(originals[(id(fp._module_info.module), fp._module_info.param_name)]
                            for fp in param_group.fsdp_params)
             groups.append(ShardGroup(len(groups), module, tuple(names[id(p)] for p in params), params,
                                      tuple(p.shape for p in params)))
     return tuple(groups)
+
+
+def _param_groups(module: nn.Module) -> List[Any]:
+    """An FSDP2 module's parameter groups (a list since torch 2.12, one group or none before)."""
+    state = module._get_fsdp_state()  # type: ignore[operator]
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        one = getattr(state, "_fsdp_param_group", None)
+        groups = [] if one is None else [one]
+    return list(groups)
 
 
 def is_sharded(model: nn.Module) -> bool:
