@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sturdy.errors import UnsupportedModuleError
+from sturdy.errors import ConfigurationError, UnsupportedModuleError
 from sturdy.persample import (
     CallRecorder,
     SquaredGradientHooks,
@@ -186,6 +186,25 @@ def test_each_column_rule_equals_the_sum_of_its_columns(case, budget):
     for name in result:
         torch.testing.assert_close(result[name], sum(r[name] for r in references), rtol=REL_TOL, atol=ABS_TOL,
                                    msg=name)
+
+
+@pytest.mark.parametrize("case", sorted(RULE_CASES))
+def test_each_column_rule_keeps_groups_of_columns_apart(case):
+    """``groups=2`` of 4 columns: each group's result is the sum of its two columns' (per-sample loop)."""
+    make, shape = RULE_CASES[case]
+    torch.manual_seed(13)
+    module = make().double()
+    a = torch.randn(4, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        deltas = torch.randn(4, *module(a).shape, dtype=torch.float64)
+    tracked = next(t for t in trainable_modules(module) if t.module is module)
+    result = column_squared_gradients(tracked, a, deltas, BIG_BUDGET, groups=2)
+    references = [_rule_reference(module, a, d) for d in deltas]
+    for name in result:
+        expected = torch.stack([references[0][name] + references[1][name], references[2][name] + references[3][name]])
+        torch.testing.assert_close(result[name], expected, rtol=REL_TOL, atol=ABS_TOL, msg=name)
+    with pytest.raises(ConfigurationError, match="cannot be split into 3 equal groups"):
+        column_squared_gradients(tracked, a, deltas, BIG_BUDGET, groups=3)
 
 
 def test_column_rules_are_registered_for_the_rules_that_share_work():

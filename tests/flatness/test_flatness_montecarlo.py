@@ -19,6 +19,7 @@ SQRT_RATIO_RANGE = (2.5, 6.5)  # 16x the samples: error shrinks by sqrt(16) = 4 
 Z_COVERAGE = (3.5, 0.9)  # at least 90% of entries within 3.5 reported standard errors (t with 7 dof)
 NS_Z = 4.0  # exact normalized sharpness within 4 reported standard errors of the Monte-Carlo value
 SPREAD_RATIO_RANGE = (0.3, 3.0)  # std over repeats / mean reported standard error
+BLOCK_RTOL, BLOCK_ATOL = 1e-10, 1e-14  # float64: blocks and mixed class gradients change rounding only
 
 
 def _many_class_mlp() -> nn.Module:
@@ -104,6 +105,17 @@ def test_monte_carlo_is_reproducible_and_groups_divide_the_samples(problem):
     assert hessian_diagonal(model, data, method="ggn-mc", mc_samples=5).replicates["3.bias"].shape[0] == 5
 
 
+def test_monte_carlo_chunking_and_blocks_do_not_change_the_estimate(problem):
+    """Blocks of one column (one backward pass per draw) and one block of all columns (the draws' output
+    gradients mixed from the classes'): the same draws give the same groups."""
+    model, data, _ = problem
+    whole = hessian_diagonal(model, data, method="ggn-mc", mc_samples=32, seed=2, chunk_size=24)  # 32 > 20 classes
+    split = hessian_diagonal(model, data, method="ggn-mc", mc_samples=32, seed=2, chunk_size=24, memory_budget=64)
+    for name, d in whole.diagonal.items():
+        torch.testing.assert_close(split.diagonal[name], d, rtol=BLOCK_RTOL, atol=0)
+        torch.testing.assert_close(split.replicates[name], whole.replicates[name], rtol=BLOCK_RTOL, atol=BLOCK_ATOL)
+
+
 # ------------------------------------------------- the interval of the Monte-Carlo normalized sharpness
 COVERAGE_CLASSES = 60  # 16 samples x 24 inputs: each class drawn ~6 times; the plug-in is 1.8 se low here
 LIGHT_SEEDS = 12
@@ -161,3 +173,45 @@ def test_t_quantile_and_the_reported_interval():
     assert (high - low) / 2 == pytest.approx(t_quantile_975(7) * ns.stderr)
     assert ns.value == pytest.approx(sum(r.value for r in ns.per_layer.values()))
     assert ns.to_dict()["plug_in_value"] == ns.plug_in_value
+
+
+# ------------------------------------------ calibration of the entry and sum standard errors over seeds
+CALIBRATION_LIGHT = dict(classes=5, samples=64, seeds=8)
+CALIBRATION_SLOW = dict(classes=20, samples=200, seeds=40)
+ENTRY_COVERAGE_LIGHT = (0.88, 0.99)  # nominal 95% t-intervals (7 dof); measured 0.94 over 20 seeds
+ENTRY_COVERAGE_SLOW = (0.92, 0.975)  # measured 0.93 over 20 seeds; entries of a seed are correlated
+SUM_COVERAGE_MIN = (0.8, 0.88)  # per-parameter sums, light and slow (4 parameters per seed)
+
+
+def _calibration(classes: int, samples: int, seeds: int):
+    from sturdy.flatness.jackknife import t_quantile_975
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, classes)).double()
+    data = tiny_data((1, 3, 4), n=samples, classes=classes)
+    exact = hessian_diagonal(model, data, method="ggn-exact")
+    hits = total = sum_hits = sums = 0
+    for seed in range(seeds):
+        mc = hessian_diagonal(model, data, method="ggn-mc", mc_samples=16, seed=seed)
+        t = t_quantile_975(mc.replicates["1.weight"].shape[0] - 1)
+        for name, d in exact.diagonal.items():
+            live = mc.stderr[name] > 0  # entries of dead units are exactly 0 in every group
+            hits += int(((mc.diagonal[name] - d).abs()[live] <= t * mc.stderr[name][live]).sum())
+            total += int(live.sum())
+            sum_hits += abs(float(mc.diagonal[name].sum() - d.sum())) <= t * mc.sum_stderr[name]
+            sums += 1
+    return hits / total, sum_hits / sums
+
+
+def test_entry_standard_errors_are_calibrated_over_seeds():
+    """About 95% of the 95% t-intervals (groups - 1 degrees of freedom) cover the exact diagonal."""
+    entries, sums = _calibration(**CALIBRATION_LIGHT)
+    assert ENTRY_COVERAGE_LIGHT[0] <= entries <= ENTRY_COVERAGE_LIGHT[1], entries
+    assert sums >= SUM_COVERAGE_MIN[0], sums
+
+
+@pytest.mark.slow
+def test_entry_standard_errors_are_calibrated_over_many_seeds():
+    entries, sums = _calibration(**CALIBRATION_SLOW)
+    assert ENTRY_COVERAGE_SLOW[0] <= entries <= ENTRY_COVERAGE_SLOW[1], entries
+    assert sums >= SUM_COVERAGE_MIN[1], sums

@@ -230,11 +230,14 @@ def hessian_diagonal(
             networks, see ``is_hessian``), ``"ggn-mc"`` (its Monte-Carlo estimate) or ``"hutchinson"``
             (stochastic Hessian diagonal, any loss).
         probes: Rademacher probes of ``"hutchinson"`` (>= 2, for the standard error).
-        mc_samples: labels drawn per input by ``"ggn-mc"`` (>= 2); its cost is ``mc_samples`` backward
-            passes, as the exact diagonal of ``mc_samples`` classes, plus one per-sample rule evaluation per
-            group (docs/design.md section 3; measured ratios in BENCHMARKS.md).
+        mc_samples: labels drawn per input by ``"ggn-mc"`` (>= 2); its cost is at most that of the exact
+            diagonal of ``mc_samples`` classes: ``min(mc_samples, classes)`` backward passes (fewer classes
+            than draws: the output gradients of the draws are combinations of the classes') and one
+            evaluation of the per-sample rules for all draws that keeps the groups apart; a Linear layer
+            with 2-D input takes one product with its squared input per group (docs/design.md section 3;
+            measured ratios in BENCHMARKS.md).
         mc_groups: groups the draws are split into for standard errors (the largest divisor of
-            ``mc_samples`` not above it is used; at least 2).
+            ``mc_samples`` not above it is used; at least 2); intervals have ``groups - 1`` degrees of freedom.
         seed: seed of the probes and of the sampled labels (drawn on the CPU: identical on CPU and CUDA).
         parameters: names (as in ``named_parameters``) to restrict to; default every trainable one.
         batch_size: samples per forward pass of ``"hutchinson"`` and per read of ``data`` (memory only).

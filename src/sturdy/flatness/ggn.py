@@ -15,9 +15,12 @@ apply. Two column sets:
   the diagonal, by the jackknife over groups).
 
 Columns are processed in blocks: the output gradients of a block of columns are stacked along a leading
-column dimension and handed to each layer's column rule at once (a convolution unfolds its input once per
-block, not once per column). The samples per forward pass and the block size follow one memory budget
-(see :func:`plan_memory`); the rules' per-sample chunks take at most :data:`RULE_CHUNK_BYTES`.
+column dimension and handed to each layer's column rule at once, which keeps the groups of the block apart
+(a convolution unfolds its input once per block, not once per column or group). A block of more columns
+than classes takes its output gradients from those of the ``C`` unit columns: per sample they are linear
+in the column, ``delta(v) = sum_c v_c delta(e_c)``, so ``C`` backward passes serve any number of draws.
+The samples per forward pass and the block size follow one memory budget (see :func:`plan_memory`); the
+rules' per-sample chunks take at most :data:`RULE_CHUNK_BYTES`.
 
 A module called more than once per forward pass, a weight tied across modules and a module whose call
 does not follow the batch (a positional embedding of shared indices, a layer applied to a learned query,
@@ -238,7 +241,7 @@ def ggn_columns(
                 calls, fallback = _split_calls(recorder.calls, params, int(x.shape[0]), followers)
                 with torch.no_grad():
                     v = columns(torch.softmax(logits.detach(), dim=1), chunk_index)
-                block = _accumulate_chunk(model, x, logits, calls, fallback, v, acc, name_of, groups, memory_budget)
+                block = _accumulate_chunk(model, x, logits, calls, fallback, v, acc, name_of, memory_budget)
                 chunk_index += 1
                 num_samples += int(x.shape[0])
                 bar.update(int(x.shape[0]))
@@ -271,27 +274,41 @@ def _accumulate_chunk(
     v: Tensor,
     acc: Dict[str, Tensor],
     name_of: Dict[int, str],
-    groups: int,
     budget: int,
 ) -> int:
-    """Add one chunk's squares to ``acc``; returns the columns per block used."""
+    """Add one chunk's squares to ``acc`` ``(groups, *shape)``; returns the columns per block used.
+
+    A block holds whole groups when one group fits the budget (the rules then keep the groups apart in one
+    evaluation: a convolution unfolds its input once for all of them), else part of one group. When a block
+    has more columns than there are classes, the output gradients of the ``C`` unit columns ``e_c`` are taken
+    once (``C`` backward passes) and each block's are their per-sample combinations (:func:`_mixed_deltas`):
+    the output gradients are linear in the column.
+    """
+    groups = next(iter(acc.values())).shape[0]
     total = v.shape[0]
     if total % groups:
         raise ConfigurationError(f"{total} columns cannot be split into {groups} equal groups")
     per_group = total // groups
     outputs = [call.output for call in calls]
     column_bytes = sum(o.numel() * o.element_size() for o in outputs)
-    block = max(1, min(per_group, budget // max(1, 4 * column_bytes)))
+    block = max(1, min(total, budget // max(1, 4 * column_bytes)))
+    if block >= per_group:
+        block -= block % per_group  # whole groups
+        blocks = [range(f, min(f + block, total)) for f in range(0, total, block)]
+    else:
+        blocks = [range(f, min(f + block, (g + 1) * per_group)) for g in range(groups)
+                  for f in range(g * per_group, (g + 1) * per_group, block)]
     rule_budget = min(budget, RULE_CHUNK_BYTES)
     constants = _constants(model, fallback) if fallback else {}
-    for g in range(groups):
-        for first in range(g * per_group, (g + 1) * per_group, block):
-            cols = range(first, min(first + block, (g + 1) * per_group))
-            if calls:
-                _add_rule_block(acc, g, calls, _column_deltas(logits, outputs, v, cols), name_of, rule_budget)
-            if fallback:
-                for c in cols:
-                    _add(acc, g, func_squared_gradients(model, fallback, x, v[c], rule_budget, constants=constants))
+    basis = _basis_deltas(logits, outputs) if calls and v.shape[2] < block else None
+    for cols in blocks:
+        where = (cols.start // per_group, max(1, len(cols) // per_group))  # (first group, groups in the block)
+        if calls:
+            stacked = _mixed_deltas(basis, v, cols) if basis is not None else _column_deltas(logits, outputs, v, cols)
+            _add_rule_block(acc, where, calls, stacked, name_of, rule_budget)
+        for c in cols if fallback else ():
+            squares = func_squared_gradients(model, fallback, x, v[c], rule_budget, constants=constants)
+            _add(acc, (c // per_group, 1), {n: t[None] for n, t in squares.items()})
     return block
 
 
@@ -316,24 +333,49 @@ def _column_deltas(logits: Tensor, outputs: List[Tensor], v: Tensor, cols: range
     return stacked
 
 
+def _basis_deltas(logits: Tensor, outputs: List[Tensor]) -> List[Optional[Tensor]]:
+    """The output gradients of the unit columns ``e_c`` (every sample's class ``c``), ``(n, C, ...)`` per output."""
+    n, classes = logits.shape
+    units = torch.eye(classes, dtype=logits.dtype, device=logits.device)[:, None, :].expand(classes, n, classes)
+    return _column_deltas(logits, outputs, units, range(classes))
+
+
+def _mixed_deltas(basis: List[Optional[Tensor]], v: Tensor, cols: range) -> List[Optional[Tensor]]:
+    """The output gradients of the columns ``cols`` of ``v`` from those of the unit columns: per sample,
+    ``delta(v_k) = sum_c v_{k,c} delta(e_c)`` (``(n, len(cols), ...)`` per output)."""
+    weights = v[cols.start : cols.stop].transpose(0, 1)  # (n, k, C)
+    out: List[Optional[Tensor]] = []
+    for b in basis:
+        if b is None:
+            out.append(None)
+            continue
+        mixed = torch.bmm(weights.to(b.dtype), b.reshape(b.shape[0], b.shape[1], -1))
+        out.append(mixed.view(b.shape[0], len(cols), *b.shape[2:]))
+    return out
+
+
 def _add_rule_block(
     acc: Dict[str, Tensor],
-    group: int,
+    where: Tuple[int, int],
     calls: List[Call],
     stacked: List[Optional[Tensor]],
     name_of: Dict[int, str],
     rule_budget: int,
 ) -> None:
-    """Add the squared gradients of one block of columns, by each call's rule, to ``acc[...][group]``."""
+    """Add the squared gradients of one block of columns, by each call's rule, to ``acc[...][first : first + count]``
+    (``where``: ``count`` whole groups from ``first`` on, or part of group ``first`` when ``count`` is 1)."""
     for call, block_deltas in zip(calls, stacked):
         if block_deltas is not None:
-            squares = column_squared_gradients(call.tracked, call.args[0], block_deltas.transpose(0, 1), rule_budget)
-            _add(acc, group, {name_of.get(id(call.tracked.params[a])): s for a, s in squares.items()})
+            squares = column_squared_gradients(call.tracked, call.args[0], block_deltas.transpose(0, 1), rule_budget,
+                                               groups=where[1])
+            _add(acc, where, {name_of.get(id(call.tracked.params[a])): s for a, s in squares.items()})
 
 
-def _add(acc: Dict[str, Tensor], group: int, squares: Dict[Optional[str], Tensor]) -> None:
-    """``acc[name][group] += value`` for every selected parameter name (``None``: not selected)."""
+def _add(acc: Dict[str, Tensor], where: Tuple[int, int], squares: Dict[Optional[str], Tensor]) -> None:
+    """``acc[name][first : first + count] += value`` (``(count, *shape)``) for every selected parameter name
+    (``None``: not selected)."""
+    first, count = where
     with torch.no_grad():
         for name, value in squares.items():
             if name is not None:
-                acc[name][group] += value
+                acc[name][first : first + count] += value

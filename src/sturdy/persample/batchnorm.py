@@ -15,7 +15,7 @@ from typing import Dict
 import torch
 from torch import Tensor, nn
 
-from sturdy.persample.registry import register_column_rule, register_squared_grad
+from sturdy.persample.registry import check_groups, register_column_rule, register_squared_grad
 
 __all__ = ["batchnorm_rule", "batchnorm_column_rule", "uses_batch_statistics"]
 
@@ -27,8 +27,9 @@ def uses_batch_statistics(module: nn.Module) -> bool:
     )
 
 
-def _batchnorm_squares(module: nn.Module, a: Tensor, delta: Tensor, lead: int) -> Dict[str, Tensor]:
-    """The squares for ``delta`` with ``lead`` leading dimensions (batch, or columns and batch)."""
+def _batchnorm_squares(module: nn.Module, a: Tensor, delta: Tensor, lead: int, sets: int = 1) -> Dict[str, Tensor]:
+    """The squares for ``delta`` with ``lead`` leading dimensions (batch, or columns and batch); with columns,
+    per each of ``sets`` equal consecutive sets of them: ``(sets, *shape)``."""
     out: Dict[str, Tensor] = {}
     reduce_dims = [0] + list(range(2, a.dim()))
     shape = [1, -1] + [1] * (a.dim() - 2)
@@ -38,14 +39,18 @@ def _batchnorm_squares(module: nn.Module, a: Tensor, delta: Tensor, lead: int) -
     else:
         mean, var = module.running_mean, module.running_var
     spatial = list(range(lead + 1, delta.dim()))
-    leading = tuple(range(lead))
+
+    def total(per_sample: Tensor) -> Tensor:
+        squares = per_sample * per_sample
+        if lead == 1:
+            return squares.sum(0)
+        return squares.reshape(sets, -1, squares.shape[-1]).sum(1)  # (K, n, C) -> (sets, C)
+
     if module.weight is not None and module.weight.requires_grad:
         xhat = (a - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
-        per_sample = (delta * xhat).sum(spatial) if spatial else delta * xhat
-        out["weight"] = (per_sample * per_sample).sum(leading)
+        out["weight"] = total((delta * xhat).sum(spatial) if spatial else delta * xhat)
     if module.bias is not None and module.bias.requires_grad:
-        per_sample = delta.sum(spatial) if spatial else delta
-        out["bias"] = (per_sample * per_sample).sum(leading)
+        out["bias"] = total(delta.sum(spatial) if spatial else delta)
     return out
 
 
@@ -56,6 +61,8 @@ def batchnorm_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> 
 
 
 @register_column_rule(nn.modules.batchnorm._BatchNorm)
-def batchnorm_column_rule(module: nn.Module, a: Tensor, deltas: Tensor, budget: int) -> Dict[str, Tensor]:
-    """:func:`batchnorm_rule` summed over the leading column dimension of ``deltas``."""
-    return _batchnorm_squares(module, a, deltas, 2)
+def batchnorm_column_rule(module: nn.Module, a: Tensor, deltas: Tensor, budget: int,
+                          groups: int = 1) -> Dict[str, Tensor]:
+    """:func:`batchnorm_rule` summed over each of ``groups`` equal groups of the columns of ``deltas``."""
+    check_groups(deltas.shape[0], groups)
+    return _batchnorm_squares(module, a, deltas, 2, groups)

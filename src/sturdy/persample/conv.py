@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sturdy.persample.chunking import sum_of_squared_products
-from sturdy.persample.registry import register_column_rule, register_squared_grad
+from sturdy.persample.registry import check_groups, register_column_rule, register_squared_grad
 
 __all__ = ["conv_rule", "conv_column_rule"]
 
@@ -68,15 +68,17 @@ def _unfold_channels_last(
     return patches.reshape(c * groups, oh * ow, kh * kw * cg)
 
 
-def _conv_squares(module: nn.Module, a: Tensor, deltas: Tensor, budget: int) -> Dict[str, Tensor]:
-    """``sum_{k, x} g_{k,x}^2`` for output gradients ``deltas`` ``(K, n, C_out, *spatial)``."""
+def _conv_squares(module: nn.Module, a: Tensor, deltas: Tensor, budget: int, sets: int = 1) -> Dict[str, Tensor]:
+    """``sum_{k, x} g_{k,x}^2`` for output gradients ``deltas`` ``(K, n, C_out, *spatial)``, per each of ``sets``
+    equal consecutive sets of the columns: ``(sets, *shape)``."""
     out: Dict[str, Tensor] = {}
     columns, n = deltas.shape[0], deltas.shape[1]
+    per_set = check_groups(columns, sets)
     groups = module.groups
     c_out = module.out_channels
     spatial = tuple(range(3, deltas.dim()))
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = deltas.sum(spatial).square_().sum((0, 1))
+        out["bias"] = deltas.sum(spatial).square_().reshape(sets, per_set * n, c_out).sum(1)
     if not module.weight.requires_grad:
         return out
     padded, padding = _padded_input(module, a)
@@ -95,24 +97,26 @@ def _conv_squares(module: nn.Module, a: Tensor, deltas: Tensor, budget: int) -> 
 
     extra = groups * k * positions + padded_pixels + (columns * c_out * positions if columns > 1 else 0)
     weight = sum_of_squared_products(pairs, n, (rows, k), budget, a, groups=groups, extra_per_sample=extra)
-    weight = weight.view(groups, columns, c_out // groups, k)
-    weight = weight[:, 0] if columns == 1 else weight.sum(1)
+    weight = weight.view(groups, sets, per_set, c_out // groups, k)
+    weight = weight[:, :, 0] if per_set == 1 else weight.sum(2)  # (G, sets, Cout/G, k)
     # columns are ordered (kh, kw, Cin/G); the weight is (Cout, Cin/G, kh, kw) or (Cout, Cin/G, kw)
     kh, kw = _pair(module, "kernel_size")
-    out["weight"] = weight.reshape(c_out, kh, kw, k // (kh * kw)).permute(0, 3, 1, 2).reshape(module.weight.shape)
+    weight = weight.transpose(0, 1).reshape(sets, c_out, kh, kw, k // (kh * kw)).permute(0, 1, 4, 2, 3)
+    out["weight"] = weight.reshape(sets, *module.weight.shape)
     return out
 
 
 @register_squared_grad(nn.Conv1d, nn.Conv2d)
 def conv_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> Dict[str, Tensor]:
     """Squared per-sample gradients of a Conv1d/Conv2d layer, chunked to ``budget`` bytes."""
-    return _conv_squares(module, a, delta.unsqueeze(0), budget)
+    return {name: value[0] for name, value in _conv_squares(module, a, delta.unsqueeze(0), budget).items()}
 
 
 @register_column_rule(nn.Conv1d, nn.Conv2d)
-def conv_column_rule(module: nn.Module, a: Tensor, deltas: Tensor, budget: int) -> Dict[str, Tensor]:
-    """:func:`conv_rule` summed over the leading column dimension of ``deltas`` (one unfold per chunk)."""
-    return _conv_squares(module, a, deltas, budget)
+def conv_column_rule(module: nn.Module, a: Tensor, deltas: Tensor, budget: int, groups: int = 1) -> Dict[str, Tensor]:
+    """:func:`conv_rule` summed over each of ``groups`` equal groups of the columns of ``deltas`` (one unfold per
+    chunk of samples for all columns): ``(groups, *shape)``."""
+    return _conv_squares(module, a, deltas, budget, groups)
 
 
 conv2d_rule = conv_rule  # the name of the Conv2d-only rule before Conv1d shared it

@@ -1,8 +1,8 @@
 """``nn.Linear``: ``(delta^2)^T (a^2)`` for 2-D inputs; chunked per-sample products over extra dimensions.
 
-Its column rule adds the squared output gradients of the columns first for 2-D inputs (the per-sample
-gradient is an outer product, so ``sum_k (delta_k^2)^T a^2 = (sum_k delta_k^2)^T a^2``) and stacks the
-columns along the output features otherwise.
+Its column rule adds the squared output gradients of a group's columns first for 2-D inputs (the per-sample
+gradient is an outer product, so ``sum_k (delta_k^2)^T a^2 = (sum_k delta_k^2)^T a^2``; every group shares
+one product) and stacks the columns along the output features otherwise.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Dict, Iterator, Tuple
 from torch import Tensor, nn
 
 from sturdy.persample.chunking import sum_of_squared_products
-from sturdy.persample.registry import register_column_rule, register_squared_grad
+from sturdy.persample.registry import check_groups, register_column_rule, register_squared_grad
 
 __all__ = ["linear_rule", "linear_column_rule"]
 
@@ -46,18 +46,34 @@ def linear_rule(module: nn.Module, a: Tensor, delta: Tensor, budget: int) -> Dic
     return out
 
 
+def _group_squares(d: Tensor) -> Tensor:
+    """``sum_j d[:, :, j]^2`` of ``(n, groups, per_group, out)``, one fused multiply-add per column (a reduction
+    over the small middle dimension is several times slower). ``d`` is a view of the columns stacked per
+    sample when they arrive so."""
+    total = d[:, :, 0].square()
+    for j in range(1, d.shape[2]):
+        total.addcmul_(d[:, :, j], d[:, :, j])
+    return total
+
+
 @register_column_rule(nn.Linear)
-def linear_column_rule(module: nn.Module, a: Tensor, deltas: Tensor, budget: int) -> Dict[str, Tensor]:
-    """:func:`linear_rule` summed over the leading column dimension of ``deltas``."""
+def linear_column_rule(module: nn.Module, a: Tensor, deltas: Tensor, budget: int, groups: int = 1) -> Dict[str, Tensor]:
+    """:func:`linear_rule` summed over ``groups`` equal groups of the columns in ``deltas``: ``(groups, *shape)``.
+
+    For 2-D inputs the squared output gradients of a group's columns are added first and all groups share
+    one product with the squared input (``(n, groups * out)^T (n, in)``).
+    """
     out: Dict[str, Tensor] = {}
+    columns, n = deltas.shape[0], a.shape[0]
+    per_group = check_groups(columns, groups)
+    want_bias = module.bias is not None and module.bias.requires_grad
     if a.dim() == 2:
-        d2 = deltas.square().sum(0)
+        d2 = _group_squares(deltas.transpose(0, 1).reshape(n, groups, per_group, -1))  # (n, groups, out)
         if module.weight.requires_grad:
-            out["weight"] = d2.t().mm(a.square())
-        if module.bias is not None and module.bias.requires_grad:
+            out["weight"] = d2.reshape(n, -1).t().mm(a.square()).view(groups, *module.weight.shape)
+        if want_bias:
             out["bias"] = d2.sum(0)
         return out
-    columns, n = deltas.shape[0], a.shape[0]
     a3 = a.reshape(n, -1, a.shape[-1])
     d4 = deltas.reshape(columns, n, -1, deltas.shape[-1])  # (K, n, t, out)
     width = d4.shape[-1]
@@ -70,7 +86,7 @@ def linear_column_rule(module: nn.Module, a: Tensor, deltas: Tensor, budget: int
 
         total = sum_of_squared_products(pairs, n, (columns * width, a3.shape[-1]), budget, a,
                                         extra_per_sample=columns * d4.shape[2] * width)
-        out["weight"] = total.view(columns, width, -1).sum(0).view_as(module.weight)
-    if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = d4.sum(2).square_().sum((0, 1))
+        out["weight"] = total.view(groups, per_group, width, -1).sum(1).view(groups, *module.weight.shape)
+    if want_bias:
+        out["bias"] = d4.sum(2).square_().reshape(groups, per_group * n, width).sum(1)
     return out

@@ -76,11 +76,13 @@ def squared_gradients(tracked: TrackedModule, a: Tensor, delta: Tensor, budget: 
 
 
 def column_squared_gradients(
-    tracked: TrackedModule, a: Tensor, deltas: Tensor, budget: int
+    tracked: TrackedModule, a: Tensor, deltas: Tensor, budget: int, groups: Optional[int] = None
 ) -> Dict[str, Tensor]:
-    """:func:`squared_gradients` summed over the leading column dimension of ``deltas`` (``(K, *output.shape)``)."""
+    """:func:`squared_gradients` summed over the leading column dimension of ``deltas`` (``(K, *output.shape)``);
+    with ``groups``, summed over each of that many equal consecutive groups of the columns: ``(groups, *shape)``."""
     with torch.no_grad():
-        return column_rule_for(tracked.module)(tracked.module, a, deltas.detach(), budget)
+        result = column_rule_for(tracked.module)(tracked.module, a, deltas.detach(), budget, groups or 1)
+    return result if groups is not None else {name: value[0] for name, value in result.items()}
 
 
 def _refuse_arguments(tracked: TrackedModule, args: Tuple[Any, ...]) -> None:

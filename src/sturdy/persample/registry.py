@@ -7,10 +7,12 @@ A rule ``rule(module, a, delta, budget) -> {param_name: sum_x g_x^2}`` receives 
 gradient that flows through sample ``x``). ``budget`` bounds the bytes of one chunk of per-sample
 tensors the rule may allocate (see :func:`~sturdy.persample.chunking.samples_per_chunk`).
 
-A *column rule* ``column_rule(module, a, deltas, budget)`` takes ``K`` output gradients of the same
-input at once (``deltas`` has a leading column dimension, ``(K, *output.shape)``) and returns the sum of
-the ``K`` rules' results; a layer registers one when sharing work between columns pays (the Conv rule
-unfolds its input once for all columns). Layers without one loop over the columns.
+A *column rule* ``column_rule(module, a, deltas, budget, groups)`` takes ``K`` output gradients of the
+same input at once (``deltas`` has a leading column dimension, ``(K, *output.shape)``), splits them into
+``groups`` equal consecutive groups and returns, per parameter, the ``(groups, *shape)`` sums of the
+rules' results over each group's columns; a layer registers one when sharing work between columns pays
+(the Conv rule unfolds its input once for all columns; the Linear rule squares the output gradients of a
+group before one product with the squared input). Layers without one loop over the columns.
 """
 
 from __future__ import annotations
@@ -19,21 +21,26 @@ from typing import Callable, Dict
 
 from torch import Tensor, nn
 
+from sturdy.errors import ConfigurationError
 from sturdy.persample.generic import generic_rule
 
 __all__ = [
     "SquaredGradRule",
+    "ColumnRule",
     "register_squared_grad",
     "register_column_rule",
     "squared_grad_rules",
     "rule_for",
     "column_rule_for",
     "looped_columns",
+    "check_groups",
 ]
 
 SquaredGradRule = Callable[[nn.Module, Tensor, Tensor, int], Dict[str, Tensor]]
+ColumnRule = Callable[[nn.Module, Tensor, Tensor, int, int], Dict[str, Tensor]]
+"""``column_rule(module, a, deltas, budget, groups) -> {param_name: (groups, *shape)}`` (module docstring)."""
 _RULES: Dict[type, SquaredGradRule] = {}
-_COLUMN_RULES: Dict[type, SquaredGradRule] = {}
+_COLUMN_RULES: Dict[type, ColumnRule] = {}
 
 
 def register_squared_grad(*module_types: type) -> Callable[[SquaredGradRule], SquaredGradRule]:
@@ -53,10 +60,10 @@ def register_squared_grad(*module_types: type) -> Callable[[SquaredGradRule], Sq
     return decorator
 
 
-def register_column_rule(*module_types: type) -> Callable[[SquaredGradRule], SquaredGradRule]:
+def register_column_rule(*module_types: type) -> Callable[[ColumnRule], ColumnRule]:
     """Register the column rule of module types that already have a rule (see the module docstring)."""
 
-    def decorator(rule: SquaredGradRule) -> SquaredGradRule:
+    def decorator(rule: ColumnRule) -> ColumnRule:
         for module_type in module_types:
             _COLUMN_RULES[module_type] = rule
         return rule
@@ -81,20 +88,30 @@ def rule_for(module: nn.Module) -> SquaredGradRule:
     return generic_rule
 
 
-def looped_columns(rule: SquaredGradRule) -> SquaredGradRule:
-    """The column rule that applies ``rule`` to each column in turn and adds the results."""
+def check_groups(columns: int, groups: int) -> int:
+    """Columns per group; ``groups`` must divide ``columns``."""
+    if groups < 1 or columns % groups:
+        raise ConfigurationError(f"{columns} columns cannot be split into {groups} equal groups")
+    return columns // groups
 
-    def column_rule(module: nn.Module, a: Tensor, deltas: Tensor, budget: int) -> Dict[str, Tensor]:
+
+def looped_columns(rule: SquaredGradRule) -> ColumnRule:
+    """The column rule that applies ``rule`` to each column in turn and adds the results per group."""
+
+    def column_rule(module: nn.Module, a: Tensor, deltas: Tensor, budget: int, groups: int = 1) -> Dict[str, Tensor]:
+        per_group = check_groups(deltas.shape[0], groups)
         total: Dict[str, Tensor] = {}
-        for delta in deltas.unbind(0):
+        for k, delta in enumerate(deltas.unbind(0)):
             for name, value in rule(module, a, delta, budget).items():
-                total[name] = total[name].add_(value) if name in total else value
+                if name not in total:
+                    total[name] = value.new_zeros((groups, *value.shape))
+                total[name][k // per_group].add_(value)
         return total
 
     return column_rule
 
 
-def column_rule_for(module: nn.Module) -> SquaredGradRule:
+def column_rule_for(module: nn.Module) -> ColumnRule:
     """The column rule of the class whose rule :func:`rule_for` picks (a loop over columns when it has none)."""
     for klass in type(module).__mro__:
         rule = _RULES.get(klass)
