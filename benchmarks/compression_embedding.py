@@ -96,6 +96,7 @@ METHODS: Dict[str, Any] = {
     "mc warm a=5": {"alpha": 5.0, "quantize": "4bit", "momentum": True, "warmup_epochs": 4},
     "unsent a=5": {"alpha": 5.0, "quantize": "4bit", "feedback": "unsent"},
     "mc unsent a=5": {"alpha": 5.0, "quantize": "4bit", "momentum": True, "feedback": "unsent"},
+    "unsent warm a=5": {"alpha": 5.0, "quantize": "4bit", "warmup_epochs": 4, "feedback": "unsent"},
     "mc a=25": {"alpha": 25.0, "quantize": "4bit", "momentum": True},
     "mc a=100": {"alpha": 100.0, "quantize": "4bit", "momentum": True},
     "mc a=500": {"alpha": 500.0, "quantize": "4bit", "momentum": True},

@@ -23,6 +23,14 @@ test accuracy minus one point, next to the cost model's prediction
 unthrottled step plus its predicted communication at ``rate / P``, plus its unthrottled per-epoch overhead):
 
     python benchmarks/compression_throttled_link.py --time-to-accuracy --workers 4 --rates-mbit 100,1000
+
+The table of every method (none, fp16, bf16, PowerSGD, top-k, vgc), worker count and model, with the cost
+model's prediction beside each measurement and the rate below which the cost model puts vgc ahead of each
+other method (the crossover, from the unthrottled runs' epochs, ratios and steps). The first run of each seed
+(uncompressed, unthrottled) sets that seed's target; every later run stops once it reaches the target:
+
+    python benchmarks/compression_throttled_link.py --time-to-accuracy --models mlp,cnn --workers 2,4 \
+        --rates-mbit 30,100,300,1000 --seeds 3
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -141,13 +150,37 @@ def predict(rows: List[Dict[str, Any]], *, workers: int, dense_bytes: int) -> No
 
 
 TTA_METHODS: Dict[str, Dict[str, Any]] = {
-    "none": {"compress": "none"}, "fp16": {"compress": "fp16"}, "powersgd r=1": {"compress": "powersgd"},
-    "topk 1%": {"compress": "topk"}, "vgc": {"compress": "vgc"},
+    "none": {"compress": "none"}, "fp16": {"compress": "fp16"}, "bf16": {"compress": "bf16"},
+    "powersgd r=1": {"compress": "powersgd"}, "topk 1%": {"compress": "topk"}, "vgc": {"compress": "vgc"},
 }
 TARGET_DROP = 0.01  # time to reach (uncompressed final accuracy - 1 point)
 
 
+@dataclass(frozen=True)
+class StopAtAccuracy:
+    """A training plugin that ends a run at the first epoch whose test accuracy reaches ``target`` (every rank
+    evaluates the same replica, so every rank stops at the same epoch)."""
+
+    target: float
+
+    def setup(self, model: Any, ctx: Any) -> Any:
+        from sturdy.experiments.train_job import TrainHooks
+        from sturdy.training.plugins import Plugin
+
+        target = self.target
+
+        class _Stop(Plugin):
+            name = "stop_at_accuracy"
+
+            def on_epoch_end(self, ctx: Any, metrics: Any) -> Optional[bool]:
+                return metrics.test_accuracy is not None and metrics.test_accuracy >= target
+
+        return TrainHooks(plugins=[_Stop()])
+
+
 def _tta_worker(rank: int, world: int, plan: List[Dict[str, Any]]) -> Any:
+    """Runs the plan in order; the unthrottled uncompressed run of a seed (first in the plan) sets that seed's
+    target, and every later run of the seed stops once it reaches it."""
     import torch.distributed as dist
 
     from sturdy.experiments.compression import CompressionPlugin, compression_options
@@ -155,20 +188,95 @@ def _tta_worker(rank: int, world: int, plan: List[Dict[str, Any]]) -> Any:
 
     torch.set_num_threads(1)
     out = []
+    targets: Dict[int, float] = {}
     for item in plan:
         if rank == 0:
             shape_loopback(item["rate_mbit"])
         dist.barrier()
         job = TrainJob.from_dict(item["job"])
-        res = fit(job, plugins=[CompressionPlugin(compression_options(job))], resume=False, progress=False).results
-        out.append({"method": item["method"], "rate_mbit": item["rate_mbit"], "steps_per_epoch": res["steps_per_epoch"],
-                    "test_accuracy": [h["test_accuracy"] for h in res["history"]],
+        plugins: List[Any] = [CompressionPlugin(compression_options(job))]
+        if item["seed"] in targets:
+            plugins.append(StopAtAccuracy(targets[item["seed"]]))
+        res = fit(job, plugins=plugins, resume=False, progress=False).results
+        history = [h["test_accuracy"] for h in res["history"]]
+        if item["seed"] not in targets:
+            targets[item["seed"]] = history[-1] - TARGET_DROP
+        out.append({"method": item["method"], "rate_mbit": item["rate_mbit"], "seed": item["seed"],
+                    "steps_per_epoch": res["steps_per_epoch"], "test_accuracy": history,
+                    "target_accuracy": targets[item["seed"]],
                     "epoch_seconds": [h["seconds"] for h in res["history"]],
                     "step_time_s": res["compression"]["step_time_s"],
                     "compression_ratio": res["compression"]["compression_ratio"]})
     if rank == 0:
         shape_loopback(None)
     return out if rank == 0 else None
+
+
+def _predict_seconds(method: str, *, epochs: float, base: Dict[str, Any], rate_mbit: Optional[float], workers: int,
+                     dense_bytes: int, compression_ratio: float) -> float:
+    """The cost model's time to the target: measured epochs and unthrottled step, predicted communication."""
+    overhead = statistics.mean(base["epoch_seconds"]) - base["steps_per_epoch"] * base["step_time_s"]
+    comm = 0.0 if rate_mbit is None else method_comm_seconds(
+        method.split()[0], dense_bytes=dense_bytes, compression_ratio=compression_ratio, workers=workers,
+        bandwidth_gbps=rate_mbit / 1000 / workers, latency_s=0.0)
+    return predict_time_to_accuracy(epochs=epochs, steps_per_epoch=base["steps_per_epoch"],
+                                    compute_codec_s=base["step_time_s"], comm_s=comm,
+                                    epoch_overhead_s=max(0.0, overhead))
+
+
+def crossover_mbit(predict: Any, other: Any, *, low: float = 1.0, high: float = 1e5) -> Optional[float]:
+    """The rate (Mbit/s) where ``predict(rate) == other(rate)`` on a log scale (bisection), or ``None`` when one
+    method is ahead over the whole range."""
+    def diff(rate: float) -> float:
+        return predict(rate) - other(rate)
+
+    lo, hi = math.log(low), math.log(high)
+    if diff(low) * diff(high) > 0 or not (math.isfinite(diff(low)) and math.isfinite(diff(high))):
+        return None
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if diff(math.exp(lo)) * diff(math.exp(mid)) <= 0:
+            hi = mid
+        else:
+            lo = mid
+    return math.exp((lo + hi) / 2)
+
+
+def _summarise(runs: List[Dict[str, Any]], *, workers: int, dense_bytes: int) -> Dict[str, Any]:
+    base = {(r["method"], r["seed"]): r for r in runs if r["rate_mbit"] is None}
+    rows = []
+    for r in runs:
+        target = r["target_accuracy"]
+        reached = [i for i, acc in enumerate(r["test_accuracy"]) if acc >= target]
+        epochs = reached[0] + 1 if reached else math.inf
+        b = base[(r["method"], r["seed"])]
+        rows.append({**r, "epochs_to_target": epochs,
+                     "seconds_to_target": sum(r["epoch_seconds"][:epochs]) if reached else math.inf,
+                     "predicted_seconds_to_target": _predict_seconds(
+                         r["method"], epochs=epochs, base=b, rate_mbit=r["rate_mbit"], workers=workers,
+                         dense_bytes=dense_bytes, compression_ratio=r["compression_ratio"])})
+    keys = ("seconds_to_target", "predicted_seconds_to_target", "epochs_to_target", "compression_ratio")
+    table: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for rate in dict.fromkeys(str(r["rate_mbit"]) for r in rows):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = [r for r in rows if str(r["rate_mbit"]) == rate and r["method"] == method]
+            table.setdefault(rate, {})[method] = {k: statistics.mean(r[k] for r in mine) for k in keys}
+    crossovers = {}
+    unthrottled = [r for r in rows if r["rate_mbit"] is None]
+
+    def model_of(method: str) -> Any:
+        mine = [r for r in unthrottled if r["method"] == method]
+        epochs = statistics.mean(r["epochs_to_target"] for r in mine)
+        ratio = statistics.mean(r["compression_ratio"] for r in mine)
+        return lambda rate: statistics.mean(
+            _predict_seconds(method, epochs=epochs, base=r, rate_mbit=rate, workers=workers, dense_bytes=dense_bytes,
+                             compression_ratio=ratio) for r in mine)
+
+    vgc = model_of("vgc")
+    for method in dict.fromkeys(r["method"] for r in unthrottled):
+        if method != "vgc":
+            crossovers[method] = crossover_mbit(vgc, model_of(method))
+    return {"rows": rows, "table": table, "crossover_mbit": crossovers}
 
 
 def time_to_accuracy(args: argparse.Namespace) -> None:
@@ -179,46 +287,41 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
     from compression_digits import cli_job
 
     rates: List[Optional[float]] = [None] + [float(r) for r in args.rates_mbit.split(",")]
-    with tempfile.TemporaryDirectory(prefix="sturdy-tta-") as tmp:
-        plan = [{"method": name, "rate_mbit": rate,
-                 "job": cli_job(args.workers, args.model, 0, options, f"{tmp}/{name}-{rate}".replace(" ", "_"),
-                                None).to_dict()}
-                for rate in rates for name, options in TTA_METHODS.items()]
-        runs = run_local_workers(_tta_worker, nproc=args.workers, args=(plan,), timeout_s=6 * 3600)[0]
+    methods = {name: TTA_METHODS[name] for name in args.methods.split(",")}
     out = Path(args.out).with_name(Path(args.out).stem + "_tta.json")
-    write_json({"raw_runs": runs}, out)  # kept if the summary below fails
-    train = load_dataset("digits")
-    model = create_model(args.model, in_shape=train.image_shape, num_classes=train.num_classes)
-    dense_bytes = 4 * sum(p.numel() for p in model.parameters())
-    base = {r["method"]: r for r in runs if r["rate_mbit"] is None}
-    target = base["none"]["test_accuracy"][-1] - TARGET_DROP
-    rows = []
-    for r in runs:
-        reached = [i for i, acc in enumerate(r["test_accuracy"]) if acc >= target]
-        epochs = reached[0] + 1 if reached else math.inf
-        measured = sum(r["epoch_seconds"][:epochs]) if reached else math.inf
-        b = base[r["method"]]
-        overhead = statistics.mean(b["epoch_seconds"]) - b["steps_per_epoch"] * b["step_time_s"]
-        comm = 0.0 if r["rate_mbit"] is None else method_comm_seconds(
-            r["method"].split()[0], dense_bytes=dense_bytes, compression_ratio=r["compression_ratio"],
-            workers=args.workers, bandwidth_gbps=r["rate_mbit"] / 1000 / args.workers, latency_s=0.0)
-        predicted = predict_time_to_accuracy(epochs=epochs, steps_per_epoch=r["steps_per_epoch"],
-                                             compute_codec_s=b["step_time_s"], comm_s=comm,
-                                             epoch_overhead_s=max(0.0, overhead))
-        rows.append({**r, "target_accuracy": target, "epochs_to_target": epochs, "seconds_to_target": measured,
-                     "predicted_seconds_to_target": predicted, "final_accuracy": r["test_accuracy"][-1]})
-    report = {"hardware": "2-core CPU shared with other jobs, loopback shaped by tc tbf in a private network "
-                          "namespace", "settings": {"workers": args.workers, "model": args.model,
-                                                    "dense_bytes": dense_bytes, "target_drop": TARGET_DROP},
-              "rows": rows}
-    write_json(report, out)
-    print(f"{args.workers} workers, model {args.model}, target accuracy {target:.4f}")
-    print("rate Mbit/s | method | final acc | ratio | epochs to target | seconds to target meas / pred")
-    for row in rows:
-        rate = "unlimited" if row["rate_mbit"] is None else f"{row['rate_mbit']:.0f}"
-        print(f"{rate:>11} | {row['method']:>12} | {row['final_accuracy']:.4f} | {row['compression_ratio']:7.1f}x | "
-              f"{row['epochs_to_target']} | {row['seconds_to_target']:.1f} / {row['predicted_seconds_to_target']:.1f}")
+    report: Dict[str, Any] = {
+        "hardware": "2-core CPU shared with other jobs, loopback shaped by tc tbf in a private network namespace",
+        "settings": {"target_drop": TARGET_DROP, "seeds": args.seeds, "rates_mbit": rates}, "results": {}}
+    for model_name in args.models.split(","):
+        for workers in [int(w) for w in str(args.workers).split(",")]:
+            with tempfile.TemporaryDirectory(prefix="sturdy-tta-") as tmp:
+                plan = [{"method": name, "rate_mbit": rate, "seed": seed,
+                         "job": cli_job(workers, model_name, seed, options,
+                                        f"{tmp}/{name}-{rate}-{seed}".replace(" ", "_"), None).to_dict()}
+                        for seed in range(args.seeds) for rate in rates for name, options in methods.items()]
+                runs = run_local_workers(_tta_worker, nproc=workers, args=(plan,), timeout_s=6 * 3600)[0]
+            train = load_dataset("digits")
+            model = create_model(model_name, in_shape=train.image_shape, num_classes=train.num_classes)
+            dense_bytes = 4 * sum(p.numel() for p in model.parameters())
+            summary = _summarise(runs, workers=workers, dense_bytes=dense_bytes)
+            report["results"][f"{model_name} {workers}"] = {"dense_bytes": dense_bytes, **summary}
+            write_json(report, out)
+            _print_table(model_name, workers, summary)
     print(f"wrote {out}")
+
+
+def _print_table(model_name: str, workers: int, summary: Dict[str, Any]) -> None:
+    table = summary["table"]
+    methods = list(next(iter(table.values())))
+    print(f"== {model_name}, {workers} workers: seconds to target, measured / predicted (epochs; ratio)")
+    print("| link | " + " | ".join(methods) + " |")
+    for rate, cells in table.items():
+        label = "unlimited" if rate == "None" else f"{float(rate):.0f} Mbit/s"
+        print(f"| {label} | " + " | ".join(
+            f"{c['seconds_to_target']:.1f} / {c['predicted_seconds_to_target']:.1f} ({c['epochs_to_target']:.1f}; "
+            f"{c['compression_ratio']:.0f}x)" for c in cells.values()) + " |")
+    print("vgc faster below (Mbit/s, cost model): " + ", ".join(
+        f"{m} {'-' if x is None else f'{x:.0f}'}" for m, x in summary["crossover_mbit"].items()))
 
 
 def _reexec_in_namespace() -> int:
@@ -232,8 +335,11 @@ def _reexec_in_namespace() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", default="2", help="worker counts, comma-separated (--time-to-accuracy: several)")
     ap.add_argument("--model", default="mlp")
+    ap.add_argument("--models", default="mlp", help="--time-to-accuracy: models, comma-separated")
+    ap.add_argument("--methods", default=",".join(TTA_METHODS), help="--time-to-accuracy: methods")
+    ap.add_argument("--seeds", type=int, default=1, help="--time-to-accuracy: seeds 0..N-1")
     ap.add_argument("--global-batch", type=int, default=64)
     ap.add_argument("--alpha", type=float, default=4.0)
     ap.add_argument("--rates-mbit", default="10,30,100,300,1000")
@@ -246,8 +352,10 @@ def main() -> None:
     args = ap.parse_args()
     if not getattr(args, INSIDE_FLAG[2:].replace("-", "_")):
         raise SystemExit(_reexec_in_namespace())
-    if args.global_batch % args.workers:
-        raise SystemExit(f"--global-batch {args.global_batch} is not divisible by {args.workers} workers")
+    if not args.time_to_accuracy:
+        args.workers = int(args.workers)
+        if args.global_batch % args.workers:
+            raise SystemExit(f"--global-batch {args.global_batch} is not divisible by {args.workers} workers")
     try:
         subprocess.run(["ip", "link", "set", "lo", "up", "mtu", str(MTU)], check=True, capture_output=True, text=True)
         shape_loopback(1000.0)
