@@ -4,14 +4,22 @@
 CIFAR, the checksums torchvision and the authors publish for MNIST, Fashion-MNIST and SVHN). :func:`download`
 streams each file to a temporary ``.NAME.*.part`` in the target folder while hashing it, renames it to ``NAME``
 only when the checksum matches, and removes it on any failure (a checksum mismatch, a broken connection, an
-interrupt), so a failed download leaves no partial archive. A file already present with the right checksum is not
-fetched again. CIFAR's ``.tar.gz`` archives are unpacked in place (members checked: regular files and folders only,
+interrupt, a connection closed before the announced ``Content-Length``), so a failed download leaves no partial
+archive. A file already present with the right checksum is not fetched again.
+
+A mirror (an argument of :func:`download`, or the environment variable :data:`MIRROR_ENV`, ``STURDY_DATA_MIRROR``)
+replaces the official hosts: each file is then fetched from ``MIRROR/KIND/FILE`` (``MIRROR/cifar10/
+cifar-10-binary.tar.gz``, ``MIRROR/mnist/train-images-idx3-ubyte.gz``, ``MIRROR/fashion-mnist/...``: MNIST and
+Fashion-MNIST share their file names), over ``http://``, ``https://`` or ``file://``, and checked against the same
+published MD5s. Proxies are taken from the usual ``https_proxy``/``http_proxy``/``no_proxy`` variables (urllib's
+own handling). CIFAR's ``.tar.gz`` archives are unpacked in place (members checked: regular files and folders only,
 no absolute path, no ``..``); the IDX ``.gz`` files and SVHN's ``.mat`` files are read as they are.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
@@ -24,10 +32,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from sturdy.errors import ConfigurationError, DataError
 
-__all__ = ["Archive", "ARCHIVES", "download", "file_md5"]
+__all__ = ["Archive", "ARCHIVES", "MIRROR_ENV", "download", "file_md5"]
 
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60.0  # per network read: a stalled connection fails instead of hanging
+MIRROR_ENV = "STURDY_DATA_MIRROR"  # a base URL replacing the official hosts (module docstring)
 
 
 @dataclass(frozen=True)
@@ -77,25 +86,50 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fetch(archive: Archive, target: Path) -> None:
-    """Stream ``archive`` into ``target`` through a temporary file, renamed only when the checksum matches."""
+def _announced_length(src: Any) -> Optional[int]:
+    """The ``Content-Length`` a response announced (``None``: none, e.g. a chunked transfer or a plain file)."""
+    headers = getattr(src, "headers", None)
+    value = headers.get("Content-Length") if headers is not None else None
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _fetch(archive: Archive, target: Path, url: str) -> None:
+    """Stream ``url`` into ``target`` through a temporary file, renamed only when the transfer is complete and the
+    checksum matches."""
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     tmp = Path(name)
     try:
         digest = hashlib.md5(usedforsecurity=False)
-        with os.fdopen(fd, "wb") as out, urlopen(archive.url, timeout=TIMEOUT_S) as src:
+        received = 0
+        with os.fdopen(fd, "wb") as out, urlopen(url, timeout=TIMEOUT_S) as src:
+            expected = _announced_length(src)
             for chunk in iter(lambda: src.read(CHUNK_BYTES), b""):
                 digest.update(chunk)
                 out.write(chunk)
+                received += len(chunk)
+        if expected is not None and received != expected:
+            raise DataError(f"the download of {url} was cut off after {received} of {expected} bytes; nothing was "
+                            "kept, try again")
         if digest.hexdigest() != archive.md5:
-            raise DataError(f"{archive.url} has MD5 {digest.hexdigest()}, not the published {archive.md5}: the "
+            raise DataError(f"{url} has MD5 {digest.hexdigest()}, not the published {archive.md5}: the "
                             "download is damaged or the file changed; nothing was kept")
         os.replace(tmp, target)
-    except (urllib.error.URLError, OSError) as exc:
-        raise DataError(f"could not download {archive.url} ({exc}); without internet, put the official files in "
-                        f"{target.parent} yourself") from exc
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"could not download {url} ({reason}); without internet, put the official files in "
+                        f"{target.parent} yourself, or set {MIRROR_ENV} to a mirror") from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _url(kind: str, archive: Archive, mirror: Optional[str]) -> str:
+    """Where ``archive`` is fetched from: its official URL, or ``MIRROR/KIND/FILE``."""
+    if not mirror:
+        return archive.url
+    return f"{mirror.rstrip('/')}/{kind}/{archive.filename}"
 
 
 def _check_members(archive_path: Path, members: List[tarfile.TarInfo]) -> None:
@@ -125,10 +159,13 @@ def _unpack(archive_path: Path, folder: Path, unpacks_to: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def download(kind: str, root: str | os.PathLike) -> Path:
+def download(kind: str, root: str | os.PathLike, *, mirror: Optional[str] = None) -> Path:
     """Fetch the official files of ``kind`` (``cifar10``, ``cifar100``, ``mnist``, ``fashion-mnist``, ``svhn``) into
     ``root`` (created), check their MD5 against :data:`ARCHIVES`, unpack the tar archives; returns ``root``, the
     folder to read them from (``KIND:ROOT``). Files already there with the right checksum are kept.
+
+    ``mirror`` (default: the environment variable ``STURDY_DATA_MIRROR``, else the official hosts) is a base URL
+    holding ``KIND/FILE`` for each file (module docstring).
 
     Raises:
         ConfigurationError: a kind without official archives.
@@ -137,6 +174,11 @@ def download(kind: str, root: str | os.PathLike) -> Path:
     """
     if kind not in ARCHIVES:
         raise ConfigurationError(f"there is nothing to download for {kind!r}; downloadable: {', '.join(ARCHIVES)}")
+    if mirror is None:
+        mirror = os.environ.get(MIRROR_ENV, "").strip() or None
+    if mirror is not None and not mirror.startswith(("http://", "https://", "file://")):
+        raise ConfigurationError(f"the data mirror {mirror!r} is not a URL (http://, https:// or file://); it is the "
+                                 f"base URL holding KIND/FILE for each file (set by {MIRROR_ENV} or mirror=)")
     folder = Path(root).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -145,7 +187,7 @@ def download(kind: str, root: str | os.PathLike) -> Path:
     for archive in ARCHIVES[kind]:
         target = folder / archive.filename
         if not (target.is_file() and file_md5(target) == archive.md5):
-            _fetch(archive, target)
+            _fetch(archive, target, _url(kind, archive, mirror))
         if archive.unpacks_to is not None and not (folder / archive.unpacks_to).is_dir():
             _unpack(target, folder, archive.unpacks_to)
     return folder
