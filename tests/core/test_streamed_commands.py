@@ -1,5 +1,6 @@
-"""`sturdy lipschitz certify` and `sturdy fourier heatmap` stream a large data set (uint8 pixels as the readers map
-them) through the data contract instead of converting it whole; their results equal those of the in-memory run."""
+"""`sturdy lipschitz certify`, `sturdy fourier heatmap` and `sturdy fourier attack` (its held-out set) stream a large
+data set (uint8 pixels as the readers map them) through the data contract instead of converting it whole; their
+results equal those of the in-memory run."""
 
 import json
 from pathlib import Path
@@ -53,9 +54,13 @@ def test_large_data_is_streamed_with_the_results_of_the_in_memory_run(tmp_path, 
         out = tmp_path / name
         assert main(["lipschitz", "certify", *own, "--out", str(out)]) == 0
         assert main(["fourier", "heatmap", *own, "--eps", "1.0", "--out", str(out)]) == 0
-        runs[name] = (json.loads((out / "certify.json").read_text()), json.loads((out / "heatmap.json").read_text()))
-    assert [str(d) for d in seen] == ["torch.float32"] * 2 + ["torch.uint8"] * 2
-    (cert_mem, map_mem), (cert_stream, map_stream) = runs["memory"], runs["streamed"]
+        assert main(["fourier", "attack", *own, "--eps", "1.0", "--attack-images", "6", "--shifts", "2", "--out",
+                     str(out)]) == 0
+        runs[name] = tuple(json.loads((out / f"{f}.json").read_text()) for f in ("certify", "heatmap", "attack"))
+    assert [str(d) for d in seen] == ["torch.float32"] * 3 + ["torch.uint8"] * 3
+    (cert_mem, map_mem, attack_mem), (cert_stream, map_stream, attack_stream) = runs["memory"], runs["streamed"]
+    for key in ("heldout_fooling_rate", "shifted_fooling_rate", "random_noise_fooling_rate", "attack_fooling_rate"):
+        assert attack_stream[key] == attack_mem[key], key
     for key in ("n", "clean_accuracy", "certified_accuracy", "radius_quantiles", "median_radius", "lipschitz_upper"):
         assert cert_stream[key] == cert_mem[key], key
     for key in ("n_images", "clean_error", "error_map", "fooling_map", "gradient_power_map"):

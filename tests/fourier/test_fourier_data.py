@@ -132,3 +132,25 @@ def test_a_dataloader_gives_the_combination_of_tensors():
     streamed = fourier_combination_attack(model, DataLoader(TensorDataset(X, Y), batch_size=5), **kw)
     assert streamed.fooling_rate == whole.fooling_rate and streamed.queries == whole.queries
     assert streamed.steps == whole.steps and torch.equal(streamed.delta, whole.delta)
+
+
+@pytest.mark.parametrize("shifts", [0, 3])
+def test_a_dataloader_gives_the_held_out_rates_of_tensors(shifts):
+    from sturdy.fourier import evaluate_perturbation, random_noise_baseline, single_fourier_attack
+
+    model = tiny_cnn(SHAPE)
+    delta = single_fourier_attack(model, X, eps=1.5, phases=2, batch_size=32).delta
+    whole = evaluate_perturbation(model, delta, X, Y, shifts=shifts, batch_size=4, seed=3)
+    assert 0 < whole.fooling_rate < 1
+    for data in (DataLoader(TensorDataset(X, Y), batch_size=5), ImageDataset(X, Y, 4)):
+        streamed = evaluate_perturbation(model, delta, data, shifts=shifts, batch_size=4, seed=3)
+        for key in ("fooling_rate", "error_rate", "clean_error_rate", "shifted_fooling_rate", "shifted_error_rate",
+                    "n_images"):
+            assert getattr(streamed, key) == getattr(whole, key), key
+        assert streamed.mean_l2 == pytest.approx(whole.mean_l2, rel=APPLIED_TOL)
+    noise = random_noise_baseline(model, X, Y, eps=1.0, draws=2, shifts=shifts, batch_size=4)
+    streamed_noise = random_noise_baseline(model, DataLoader(TensorDataset(X, Y), batch_size=5), eps=1.0, draws=2,
+                                           shifts=shifts, batch_size=4)
+    assert streamed_noise.fooling_rates == noise.fooling_rates
+    with pytest.raises(ConfigurationError, match="random_noise_baseline reads the data several times"):
+        random_noise_baseline(model, iter([(X, Y)]), count=13, eps=1.0, draws=2)

@@ -296,7 +296,7 @@ def local_sharded_heatmap(model: Any, x: Tensor, y: Tensor, *, nproc: int, devic
 
 def _split_attack_set(train: ImageDataset, n: int, seed: int) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return train.images[torch.randperm(len(train), generator=gen)[: min(n, len(train))]]
+    return train.subset(torch.randperm(len(train), generator=gen)[: min(n, len(train))]).as_float().images
 
 
 def _cmd_attack(args: argparse.Namespace) -> int:
@@ -305,18 +305,19 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     sources = _load(args)
     model = sources.model
     analysed, inference = _runtime(args, model)
-    train, test = sources.train_set, sources.test_set
-    x_attack = _split_attack_set(train, args.attack_images, args.seed)
+    x_attack = _split_attack_set(sources.train_data, args.attack_images, args.seed)  # a few images, as floats
+    test = sources.analysis_data("test")  # streamed when it is large (uint8 pixels, mapped)
+    held_out = (test.images, test.labels) if test.images.is_floating_point() else (test,)
     check_phases(args.phases, *x_attack.shape[1:])  # every count checked before any work
-    check_shifts(args.shifts, test.images.shape[2], test.images.shape[3])
+    check_shifts(args.shifts, *test.image_shape[1:])
     sfa = single_fourier_attack(analysed, x_attack, eps=args.eps, norm=args.norm, wave=args.wave,
                                 search=args.search, phases=args.phases, max_queries=args.max_queries,
                                 batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
                                 **inference)
     eval_batch = args.batch_size or 2048
-    held = evaluate_perturbation(model, sfa.delta, test.images, test.labels, shifts=args.shifts,
+    held = evaluate_perturbation(model, sfa.delta, *held_out, shifts=args.shifts,
                                  batch_size=eval_batch, seed=args.seed)
-    noise = random_noise_baseline(model, test.images, test.labels, eps=args.eps, norm=args.norm,
+    noise = random_noise_baseline(model, *held_out, eps=args.eps, norm=args.norm,
                                   batch_size=eval_batch, seed=args.seed)
     summary = _attack_summary(sfa, held)
     summary.update(checkpoint=args.checkpoint, dataset=sources.dataset, sources=sources.record,
@@ -327,13 +328,14 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         combo = fourier_combination_attack(model, x_attack, eps=args.eps, norm=args.norm, wave=args.wave,
                                            initial=sfa, batch_size=eval_batch, seed=args.seed,
                                            progress=not args.no_progress)
-        combo_held = evaluate_perturbation(model, combo.delta, test.images, test.labels, shifts=args.shifts,
+        combo_held = evaluate_perturbation(model, combo.delta, *held_out, shifts=args.shifts,
                                            batch_size=eval_batch, seed=args.seed)
         summary["combination"] = {**combo.to_dict(), "heldout_fooling_rate": combo_held.fooling_rate,
                                   "shifted_fooling_rate": combo_held.shifted_fooling_rate}
     _save_tensor(sfa.delta, out / "delta.pt")
     _save_figure(plot_perturbation(sfa.delta, title=f"SFA (k,l)={sfa.frequency}"), out / "delta.png")
-    _save_figure(plot_examples(model, sfa.delta, test.images), out / "examples.png")
+    _save_figure(plot_examples(model, sfa.delta, test.subset(range(min(6, len(test)))).as_float().images),
+                 out / "examples.png")
     if combo is not None:
         _save_tensor(combo.delta, out / "delta_combination.pt")
         _save_figure(plot_perturbation(combo.delta, title="Fourier combination"), out / "delta_combination.png")

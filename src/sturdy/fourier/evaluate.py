@@ -15,7 +15,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from sturdy.fourier._common import Model, call_model, check_batch_size, check_labels, in_eval_mode, predict_labels
+from sturdy.fourier._common import Model, call_model, check_batch_size, in_eval_mode, predict_labels
+from sturdy.fourier.images import AnalysisImages
 from sturdy.fourier.limits import check_draws, check_shifts
 from sturdy.fourier.perturbation import (
     Bounds,
@@ -23,11 +24,9 @@ from sturdy.fourier.perturbation import (
     check_bounds,
     check_delta,
     check_eps,
-    check_images,
     check_norm,
 )
 from sturdy.fourier.shift import circular_shift, random_shifts
-from sturdy.utils import model_device_dtype
 
 __all__ = ["PerturbationReport", "evaluate_perturbation", "RandomNoiseBaseline", "random_noise_baseline"]
 
@@ -68,13 +67,14 @@ class PerturbationReport:
 def evaluate_perturbation(
     model: Model,
     delta: Tensor,
-    x: Tensor,
-    y: Tensor,
+    x: Any,
+    y: Optional[Tensor] = None,
     *,
     shifts: int = 0,
     bounds: Bounds = (0.0, 1.0),
     batch_size: int = 2048,
     seed: int = 0,
+    count: Optional[int] = None,
 ) -> PerturbationReport:
     """Fooling and error rates of ``clip(x + delta)`` on (held-out) images, optionally under shifts.
 
@@ -83,51 +83,52 @@ def evaluate_perturbation(
             training flags restored after.
         delta: universal perturbation ``(C, H, W)`` (any attack's), finite, with an L2 norm at most the
             farthest two images in ``bounds`` can be (:func:`~sturdy.fourier.perturbation.largest_eps`).
-        x: images ``(N, C, H, W)`` in ``bounds``.
+        x: images ``(N, C, H, W)`` in ``bounds``; or, without ``y``, any data of the contract of
+            :mod:`sturdy.datasource` (an ``ImageDataset``, a ``Dataset``, a ``DataLoader``, an iterable of batches),
+            read once, one batch on the device at a time (the rates are counts over images).
         y: integer labels ``(N,)`` in the model's class range.
         shifts: number of random circular shifts of ``delta`` per image (uniform over all ``H x W``
             shifts, seeded); their mean fooling rate is ``shifted_fooling_rate``.
         bounds: valid pixel range (``None``: no clipping).
         batch_size: images per model call.
         seed: seeds the shifts.
+        count: the number of images of an iterable of batches without a length.
     """
     bounds = check_bounds(bounds)
     batch_size = check_batch_size(batch_size)
-    check_images(x, bounds)
-    shifts = check_shifts(shifts, x.shape[2], x.shape[3])
-    device, dtype = model_device_dtype(model, x)
-    check_delta(delta, x.shape[1:], bounds, dtype)
-    y = check_labels(y, x.shape[0])
-    x = x.to(device=device, dtype=dtype)
-    n, channels, height, width = x.shape
-    y = y.to(device)
-    delta = delta.to(device=device, dtype=dtype)
-    clean = predict_labels(model, x, batch_size=batch_size, y=y)
-    fooled = errors = 0
-    l2 = linf = 0.0
-    for i0 in range(0, n, batch_size):
-        xs = x[i0 : i0 + batch_size]
-        out = apply_perturbation(xs, delta, bounds=bounds)
-        pred = call_model(model, out.images).argmax(dim=1)
-        fooled += int((pred != clean[i0 : i0 + batch_size]).sum())
-        errors += int((pred != y[i0 : i0 + batch_size]).sum())
-        l2 += float(out.l2.sum())
-        linf += float(out.linf.sum())
-    shifted_fooled = shifted_errors = 0
+    data = AnalysisImages(model, x, y, bounds=bounds, labels=True, what="evaluate_perturbation", count=count,
+                          batch_size=batch_size, work=False)
+    n, channels, height, width = data.shape
+    shifts = check_shifts(shifts, height, width)
+    check_delta(delta, data.shape[1:], bounds, data.dtype)
+    delta = delta.to(device=data.device, dtype=data.dtype)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(shifts):
-        moves = random_shifts(n, height, width, generator=gen)
-        for i0 in range(0, n, batch_size):
-            xs = x[i0 : i0 + batch_size]
-            rolled = circular_shift(delta, moves[i0 : i0 + batch_size])
-            images = apply_perturbation(xs, rolled, bounds=bounds).images
-            pred = call_model(model, images).argmax(dim=1)
-            shifted_fooled += int((pred != clean[i0 : i0 + batch_size]).sum())
-            shifted_errors += int((pred != y[i0 : i0 + batch_size]).sum())
+    moves = [random_shifts(n, height, width, generator=gen) for _ in range(shifts)]  # the draws of every image
+    clean_errors = fooled = errors = shifted_fooled = shifted_errors = 0
+    l2 = linf = 0.0
+    for offset, xb, yb in data.passes():
+        assert yb is not None
+        clean = predict_labels(model, xb, batch_size=batch_size, y=yb)
+        clean_errors += int((clean != yb).sum())
+        for i0 in range(0, len(xb), batch_size):
+            xs, ys, cs = xb[i0 : i0 + batch_size], yb[i0 : i0 + batch_size], clean[i0 : i0 + batch_size]
+            out = apply_perturbation(xs, delta, bounds=bounds)
+            pred = call_model(model, out.images).argmax(dim=1)
+            fooled += int((pred != cs).sum())
+            errors += int((pred != ys).sum())
+            l2 += float(out.l2.sum())
+            linf += float(out.linf.sum())
+        for move in moves:
+            for i0 in range(0, len(xb), batch_size):
+                xs = xb[i0 : i0 + batch_size]
+                rolled = circular_shift(delta, move[offset + i0 : offset + i0 + len(xs)])
+                pred = call_model(model, apply_perturbation(xs, rolled, bounds=bounds).images).argmax(dim=1)
+                shifted_fooled += int((pred != clean[i0 : i0 + batch_size]).sum())
+                shifted_errors += int((pred != yb[i0 : i0 + batch_size]).sum())
     return PerturbationReport(
         fooling_rate=fooled / n,
         error_rate=errors / n,
-        clean_error_rate=float((clean != y).double().mean()),
+        clean_error_rate=clean_errors / n,
         shifted_fooling_rate=shifted_fooled / (n * shifts) if shifts else None,
         shifted_error_rate=shifted_errors / (n * shifts) if shifts else None,
         mean_l2=l2 / n,
@@ -172,8 +173,8 @@ class RandomNoiseBaseline:
 @torch.no_grad()
 def random_noise_baseline(
     model: Model,
-    x: Tensor,
-    y: Tensor,
+    x: Any,
+    y: Optional[Tensor] = None,
     *,
     eps: float,
     norm: str = "l2",
@@ -182,6 +183,7 @@ def random_noise_baseline(
     bounds: Bounds = (0.0, 1.0),
     batch_size: int = 2048,
     seed: int = 0,
+    count: Optional[int] = None,
 ) -> RandomNoiseBaseline:
     """Held-out fooling rate of ``draws`` random Gaussian universal perturbations of budget ``eps``.
 
@@ -204,21 +206,24 @@ def random_noise_baseline(
         bounds: valid pixel range (``None``: no clipping).
         batch_size: images per model call.
         seed: seeds the noise and the shifts.
+        count: the number of images of an iterable of batches without a length (one pass per draw: such data must
+            be readable again).
     """
     eps = check_eps(eps)
     check_norm(norm)
     check_draws(draws)
     bounds = check_bounds(bounds)
-    check_images(x, bounds)
-    eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=x.shape[1:])
-    check_labels(y, x.shape[0])
+    data = AnalysisImages(model, x, y, bounds=bounds, labels=True, what="random_noise_baseline", count=count,
+                          batch_size=batch_size, work=False)
+    data.require_passes(draws)
+    eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=data.shape[1:])
     gen = torch.Generator().manual_seed(seed)
     reports = []
     for _ in range(draws):
-        noise = torch.randn(x.shape[1:], generator=gen, dtype=torch.float64)
+        noise = torch.randn(data.shape[1:], generator=gen, dtype=torch.float64)
         noise = eps * noise / (noise.norm() if norm == "l2" else noise.abs().max())
         reports.append(evaluate_perturbation(model, noise, x, y, shifts=shifts, bounds=bounds,
-                                             batch_size=batch_size, seed=seed))
+                                             batch_size=batch_size, seed=seed, count=count))
     rates = tuple(r.fooling_rate for r in reports)
     shifted = [r.shifted_fooling_rate for r in reports if r.shifted_fooling_rate is not None]
     return RandomNoiseBaseline(
@@ -228,6 +233,6 @@ def random_noise_baseline(
         eps=eps,
         norm=norm,
         draws=draws,
-        n_images=int(x.shape[0]),
+        n_images=data.n,
         shifts=shifts,
     )

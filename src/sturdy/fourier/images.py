@@ -7,7 +7,8 @@ the perturbation dtype on the model's device. Their results are sums over images
 budget sums added in another order), so a streamed run gives the counts of the same images held as tensors.
 A streamed source needs its number of images before the first pass (the random draws of a heat map are made
 for all of them; the attacks' image orders too): it is known for tensors, datasets and ``DataLoader``\\ s, and
-given as ``count`` for other iterables.
+given as ``count`` for other iterables. Streamed batches go to the device and dtype of the model's parameters (a
+plain function, which has none, gets them on the CPU in float32; tensors keep their own).
 """
 
 from __future__ import annotations
