@@ -158,6 +158,7 @@ def max_singular_value_upper(
     bound = math.sqrt(max(t, 0.0) * (1.0 + CHOLESKY_MARGIN) * (1.0 + r) / (1.0 - r))
     if not return_vector:
         return bound
+    best_index = max(best_index, 0)  # every block is zero (e.g. a zero-initialised BatchNorm): any vector is top
     return bound, (best_index, _top_right_vector(b, grams, best_index, left=left))
 
 
@@ -189,7 +190,12 @@ def _top_right_vector(b: torch.Tensor, grams: List[Tuple[int, torch.Tensor]], in
     top = vec[:, -1]
     if left:  # right singular vector from the left one: B^H u / ||B^H u||
         top = b[index].mH @ top
-        top = top / top.norm().clamp_min(1e-300)
+        norm = top.norm()
+        if float(norm) == 0.0:  # a zero block: every unit vector is a top singular vector
+            top = torch.zeros_like(top)
+            top[0] = 1.0
+            return top
+        top = top / norm
     return top
 
 
