@@ -64,12 +64,12 @@ DEFAULTS: Dict[str, Any] = {
     "strom_tau": 1e-3,
     "powersgd_rank": 1,
     "start_iter": 2,
-    "gather": "exact",
+    "gather": "capacity",
     "gather_slack": 1.25,
     "momentum_correction": "off",
     "momentum_masking": "on",
     "alpha_warmup_epochs": 0.0,
-    "feedback": "all",
+    "feedback": "unsent",
 }
 SHARDED_METHODS = ("vgc", "strom", "topk", "none")  # with --shard (FSDP2); none: FSDP2's own reduce-scatter
 # Upper bounds of the count options (value, reason), checked with the rest before any worker starts.
