@@ -15,6 +15,22 @@ estimate of the deflated matrix), and exact when the sketch spans the whole spac
 removes the few large eigenvalues that dominate plain Hutchinson's variance; the standard errors
 reported are those of the probe part over its ``s`` probes, given the sketch. ``method="hutchinson"``
 spends the same ``m`` products on plain Rademacher probes (the comparison in BENCHMARKS.md).
+
+**XTrace / XDiag** (Epperly, Tropp and Webber 2024; ``method="xtrace"`` / ``"xdiag"``) use every product
+both ways (exchangeable): ``m / 2`` Rademacher vectors ``Omega``, ``Y = A Omega``, ``Q R = Y`` and
+``Z = A Q``. Estimate ``i`` deflates by ``Q_(i)``, an orthonormal basis of ``Y`` without column ``i``
+(``P_i = Q Q^T - q_i q_i^T`` with ``q_i = Q s_i``, ``s_i`` the normalised column ``i`` of ``R^{-T}``), and
+probes the rest with ``omega_i``, which ``Q_(i)`` does not depend on:
+
+* XTrace: ``t_i = tr(Q^T A Q) - q_i^T A q_i + r_i^T A r_i`` with ``r_i = (I - P_i) omega_i``;
+* XDiag: ``d_i = diag(P_i A) + omega_i * ((I - P_i) A omega_i)``.
+
+Each ``t_i``/``d_i`` is unbiased, so their mean is; all the products with ``q_i`` and ``r_i`` are
+combinations of the columns of ``Y`` and ``Z`` (no further products). The standard error is the spread of
+the ``m / 2`` estimates over ``sqrt(m / 2)`` (they are exchangeable, not independent: an indication). When
+the sketch captures the range of ``A`` (a diagonal entry of ``R`` below :data:`RANK_TOL` of the largest:
+``A`` has rank below ``m / 2``), ``Q Q^T A = A`` to that rounding and the estimate is the sketch's exact
+``tr(Q^T A Q)`` / ``diag(Q Q^T A)``, standard error 0.
 Memory: ``O(P m)`` float64 values on the CPU.
 """
 
@@ -33,9 +49,16 @@ from sturdy.flatness.operator import CurvatureOperator, rademacher_matrix
 from sturdy.utils import eval_mode
 from sturdy.validation import check_count, check_int, check_seed
 
-__all__ = ["TraceSketch", "DiagonalSketch", "hutchpp_trace", "hutchpp_diagonal", "SKETCH_METHODS"]
+__all__ = ["TraceSketch", "DiagonalSketch", "hutchpp_trace", "hutchpp_diagonal", "SKETCH_METHODS", "TRACE_METHODS",
+           "DIAGONAL_METHODS"]
 
 SKETCH_METHODS = ("hutch++", "hutchinson")
+TRACE_METHODS = ("hutch++", "xtrace", "hutchinson")
+"""Methods of :func:`hutchpp_trace`."""
+DIAGONAL_METHODS = ("hutch++", "xdiag", "hutchinson")
+"""Methods of :func:`hutchpp_diagonal` (``"hutch++"`` is Diag++)."""
+RANK_TOL = 1e-8
+"""Relative size of a diagonal entry of ``R`` below which XTrace/XDiag take the sketch as exact."""
 MAX_MATVECS = 100_000
 """Upper bound of ``matvecs`` (each product is a pass over the data)."""
 
@@ -45,10 +68,11 @@ class TraceSketch:
     """A stochastic trace of the Hessian or GGN of the mean training loss.
 
     Attributes:
-        value: the estimate. stderr: standard error of its probe part over ``probes`` (given the sketch).
-        method: ``"hutch++"`` or ``"hutchinson"``. curvature: ``"hessian"`` or ``"ggn"``.
+        value: the estimate. stderr: standard error of its probe part over ``probes`` (given the sketch;
+            XTrace: the spread of its exchangeable estimates, an indication).
+        method: ``"hutch++"``, ``"xtrace"`` or ``"hutchinson"``. curvature: ``"hessian"`` or ``"ggn"``.
         matvecs: matrix-vector products used; sketch: columns of the sketch (0 for Hutchinson);
-        probes: Rademacher probes of the probe part.
+        probes: Rademacher probes of the probe part (XTrace/XDiag: the same ``matvecs / 2`` vectors as the sketch).
     """
 
     value: float
@@ -70,9 +94,10 @@ class DiagonalSketch:
 
     Attributes:
         diagonal: parameter name -> tensor of the parameter's shape (float64, CPU).
-        stderr: parameter name -> standard error of each entry's probe part (given the sketch).
-        method: ``"hutch++"`` (Diag++) or ``"hutchinson"``; curvature, matvecs, sketch, probes: as in
-            :class:`TraceSketch`.
+        stderr: parameter name -> standard error of each entry's probe part (given the sketch; XDiag: the
+            spread of its exchangeable estimates, an indication).
+        method: ``"hutch++"`` (Diag++), ``"xdiag"`` or ``"hutchinson"``; curvature, matvecs, sketch, probes: as
+            in :class:`TraceSketch`.
     """
 
     diagonal: Dict[str, Tensor]
@@ -96,9 +121,14 @@ class DiagonalSketch:
 
 
 def _split_budget(method: str, matvecs: int, sketch: Optional[int], size: int) -> Tuple[int, int]:
-    """``(k, s)``: sketch columns and probes for a budget of ``matvecs`` products."""
-    if method not in SKETCH_METHODS:
-        raise ConfigurationError(f"method must be one of {', '.join(SKETCH_METHODS)}, got {method!r}")
+    """``(k, s)``: sketch columns and probes for a budget of ``matvecs`` products (XTrace/XDiag: ``k = s``)."""
+    if method in ("xtrace", "xdiag"):
+        if sketch is not None:
+            raise ConfigurationError(f"sketch applies to method='hutch++' only ({method} uses matvecs / 2 vectors "
+                                     "both ways)")
+        check_int(matvecs, "matvecs", low=4, high=MAX_MATVECS)
+        m = min(matvecs // 2, size)  # more vectors than directions would add nothing
+        return m, m
     if method == "hutchinson":
         if sketch not in (None, 0):
             raise ConfigurationError("sketch applies to method='hutch++' only")
@@ -126,6 +156,41 @@ def _probe_terms(op: CurvatureOperator, q: Tensor, aq: Tensor, probes: int, seed
     return g * (op.matmat(g) - q @ (aq.t() @ g))
 
 
+def _check_method(method: str, methods: Tuple[str, ...]) -> None:
+    if method not in methods:
+        raise ConfigurationError(f"method must be one of {', '.join(methods)}, got {method!r}")
+
+
+def _spread(estimates: Tensor) -> Tensor:
+    """Standard error of the mean of the columns of ``estimates`` ``(rows, m)``, row by row."""
+    return estimates.std(1) / math.sqrt(estimates.shape[1])
+
+
+def _exchangeable(op: CurvatureOperator, m: int, seed: int, *, trace: bool) -> Tensor:
+    """The ``m`` XTrace estimates ``(m,)`` or XDiag estimates ``(P, m)`` (module docstring); ``2 m`` products."""
+    omega = rademacher_matrix(op.size, m, seed=seed)
+    y = op.matmat(omega)
+    q, r = torch.linalg.qr(y)
+    z = op.matmat(q)
+    h = q.t() @ z  # Q^T A Q
+    scale = r.diagonal().abs()
+    if bool((scale <= RANK_TOL * scale.max()).any()):  # the sketch holds the range of A: Q Q^T A = A
+        exact = h.trace().reshape(1) if trace else (q * z).sum(1, keepdim=True)
+        return exact.expand(m) if trace else exact.expand(-1, m)
+    s = torch.linalg.solve_triangular(r, torch.eye(m, dtype=r.dtype), upper=True).t()  # R^{-T}
+    s = s / s.norm(dim=0, keepdim=True)  # q_i = Q s_i: unit, orthogonal to every other column of Y
+    qs, zs = q @ s, z @ s  # q_i and A q_i as columns
+    if trace:
+        w = q.t() @ omega  # Q^T omega_i
+        dsw = (s * w).sum(0)  # s_i^T Q^T omega_i
+        resid = omega - q @ w + qs * dsw  # r_i = (I - P_i) omega_i
+        a_resid = y - z @ w + zs * dsw  # A r_i
+        return h.trace() - (s * (h @ s)).sum(0) + (resid * a_resid).sum(0)
+    t = q.t() @ y  # Q^T A omega_i
+    dst = (s * t).sum(0)
+    return (q * z).sum(1, keepdim=True) - qs * zs + omega * (y - q @ t + qs * dst)
+
+
 def hutchpp_trace(
     model: nn.Module,
     data: Any,
@@ -143,8 +208,9 @@ def hutchpp_trace(
     Args:
         model: the network (evaluated in eval mode); data: as for
             :func:`~sturdy.flatness.curvature.hessian_diagonal`.
-        method: ``"hutch++"`` (default) or ``"hutchinson"`` (plain probes at the same budget).
-        matvecs: matrix-vector products in all (>= 4 for Hutch++, >= 2 for Hutchinson).
+        method: ``"hutch++"`` (default), ``"xtrace"`` (exchangeable, module docstring) or ``"hutchinson"``
+            (plain probes at the same budget).
+        matvecs: matrix-vector products in all (>= 4 for Hutch++ and XTrace, >= 2 for Hutchinson).
         sketch: sketch columns ``k`` (default ``matvecs // 3``; ``matvecs - 2 k`` probes remain).
         seed: seed of the sketch and probes (drawn on the CPU). curvature: ``"hessian"`` or ``"ggn"``
             (cross-entropy only). batch_size: samples per pass. loss_fn: ``loss_fn(outputs, targets) ->
@@ -166,9 +232,14 @@ def hutchpp_trace(
         (True, 60)
     """
     check_seed(seed)
+    _check_method(method, TRACE_METHODS)
     with eval_mode(model):
         op = CurvatureOperator(model, data, curvature=curvature, batch_size=batch_size, loss_fn=loss_fn)
         k, s = _split_budget(method, matvecs, sketch, op.size)
+        if method == "xtrace":
+            estimates = _exchangeable(op, k, seed, trace=True)
+            return TraceSketch(value=float(estimates.mean()), stderr=_spread(estimates.unsqueeze(0))[0].item(),
+                               method=method, curvature=curvature, matvecs=op.products, sketch=k, probes=k)
         q, aq = _sketch_basis(op, k, seed)
         z = _probe_terms(op, q, aq, s, seed).sum(0)
     value = float((q * aq).sum()) + float(z.mean())
@@ -190,20 +261,24 @@ def hutchpp_diagonal(
 ) -> DiagonalSketch:
     """Diag++ estimate of the diagonal of the Hessian (or GGN) of the mean training loss (module docstring).
 
-    Arguments as for :func:`hutchpp_trace`; ``method="hutch++"`` is Diag++, ``"hutchinson"`` plain
-    ``mean_j g_j * (A g_j)`` at the same budget.
+    Arguments as for :func:`hutchpp_trace`; ``method="hutch++"`` is Diag++, ``"xdiag"`` XDiag (module
+    docstring), ``"hutchinson"`` plain ``mean_j g_j * (A g_j)`` at the same budget.
 
     Returns:
         A :class:`DiagonalSketch` over every trainable parameter.
     """
     check_seed(seed)
+    _check_method(method, DIAGONAL_METHODS)
     with eval_mode(model):
         op = CurvatureOperator(model, data, curvature=curvature, batch_size=batch_size, loss_fn=loss_fn)
         k, s = _split_budget(method, matvecs, sketch, op.size)
-        q, aq = _sketch_basis(op, k, seed)
-        z = _probe_terms(op, q, aq, s, seed)
-    flat = (q * aq).sum(1) + z.mean(1)
-    err = z.std(1) / math.sqrt(s)
+        if method == "xdiag":
+            estimates = _exchangeable(op, k, seed, trace=False)
+            flat, err = estimates.mean(1), _spread(estimates)
+        else:
+            q, aq = _sketch_basis(op, k, seed)
+            z = _probe_terms(op, q, aq, s, seed)
+            flat, err = (q * aq).sum(1) + z.mean(1), z.std(1) / math.sqrt(s)
     diag: Dict[str, Tensor] = {}
     stderr: Dict[str, Tensor] = {}
     start = 0
