@@ -1,6 +1,6 @@
 """Error of the randomised curvature estimators at equal numbers of Hessian-vector products.
 
-Hutch++ against plain Hutchinson (trace) and Diag++ against plain Hutchinson (diagonal), at budgets of
+Hutch++ and XTrace against plain Hutchinson (trace), Diag++ and XDiag against plain Hutchinson (diagonal), at budgets of
 ``--matvecs`` products, over ``--seeds`` seeds, on a small digits MLP trained for ``--epochs`` epochs, for the
 Hessian or the GGN (``--curvature``). The reference is the dense matrix of the mean loss
 over the training digits, built column by column from the same operator. Reported: the root mean square
@@ -45,18 +45,24 @@ def _errors(model: torch.nn.Module, data: Any, dense: torch.Tensor, budgets: Lis
     rows: Dict[str, Any] = {}
     for m in budgets:
         row: Dict[str, float] = {}
-        for method in ("hutch++", "hutchinson"):
+        for method, diag_method in (("hutch++", "hutch++"), ("xtrace", "xdiag"), ("hutchinson", "hutchinson")):
             t_err, d_err = [], []
             for s in range(seeds):
                 value = hutchpp_trace(model, data, method=method, matvecs=m, seed=s, curvature=curvature).value
                 t_err.append((value - trace) / trace)
-                est = hutchpp_diagonal(model, data, method=method, matvecs=m, seed=s, curvature=curvature)
+                est = hutchpp_diagonal(model, data, method=diag_method, matvecs=m, seed=s, curvature=curvature)
                 flat = torch.cat([d.reshape(-1) for d in est.diagonal.values()])
                 d_err.append(float((flat - diag).norm() / diag.norm()))
             row[f"{method}_trace_rel_rms"] = math.sqrt(sum(e * e for e in t_err) / seeds)
-            row[f"{method}_diag_rel_rms"] = math.sqrt(sum(e * e for e in d_err) / seeds)
+            row[f"{diag_method}_diag_rel_rms"] = math.sqrt(sum(e * e for e in d_err) / seeds)
         row["trace_error_ratio"] = row["hutchinson_trace_rel_rms"] / row["hutch++_trace_rel_rms"]
         row["diag_error_ratio"] = row["hutchinson_diag_rel_rms"] / row["hutch++_diag_rel_rms"]
+        row["xdiag_to_diagpp_error_ratio"] = row["xdiag_diag_rel_rms"] / row["hutch++_diag_rel_rms"]
+        rows[str(m)] = row
+        print(f"matvecs {m:4d}  trace rel rms: hutch++ {row['hutch++_trace_rel_rms']:.4f}  xtrace "
+              f"{row['xtrace_trace_rel_rms']:.4f}  hutchinson {row['hutchinson_trace_rel_rms']:.4f}   diag rel rms: "
+              f"diag++ {row['hutch++_diag_rel_rms']:.4f}  xdiag {row['xdiag_diag_rel_rms']:.4f}  hutchinson "
+              f"{row['hutchinson_diag_rel_rms']:.4f}", flush=True)
         rows[str(m)] = row
         print(f"matvecs {m:4d}  trace rel rms: hutch++ {row['hutch++_trace_rel_rms']:.4f}  hutchinson "
               f"{row['hutchinson_trace_rel_rms']:.4f}  ({row['trace_error_ratio']:.1f}x)   diag rel rms: diag++ "
