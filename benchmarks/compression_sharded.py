@@ -11,9 +11,10 @@ defaults, 40 epochs); test accuracy, compression ratio on the wire and in payloa
 
     python benchmarks/compression_sharded.py --accuracy --workers 2,4 --models mlp,cnn --seeds 3
 
-``--overhead``: per worker count and model, a fresh launch per method (FSDP2 float32 reduce-scatter, FSDP2 bf16
-reduce-scatter, vgc), ``--epochs`` epochs of the same job; median step time (optimizer step to optimizer step,
-after the first epoch), each rank's peak resident memory (``VmHWM``) and the bytes of its training state:
+``--overhead``: per worker count and model, one launch runs ``--repeats`` rounds of FSDP2 float32 reduce-scatter,
+FSDP2 bf16 reduce-scatter and vgc (``--epochs`` epochs each, interleaved so that the machine's load hits all
+alike): median step time (optimizer step to optimizer step, after the first epoch); then a fresh launch per
+method gives each rank's peak resident memory (``VmHWM``) and the bytes of its training state:
 parameter, gradient and optimizer shards and, for vgc, the compression state (residual, accumulated variance,
 ever-sent flags: whole-model size on every rank). Targets: step time and peak memory with the compressor at
 most 1.5x FSDP2 without it.
@@ -157,8 +158,9 @@ class _StepTimes(Plugin):
         self.marks.append((self.epoch, time.perf_counter()))
 
     def median_step_s(self) -> float:
-        gaps = [b - a for (ea, a), (eb, b) in zip(self.marks, self.marks[1:]) if ea == eb and ea > 0]
-        return statistics.median(gaps)
+        gaps = [b - a for (ea, a), (eb, b) in zip(self.marks, self.marks[1:]) if ea == eb]
+        later = [b - a for (ea, a), (eb, b) in zip(self.marks, self.marks[1:]) if ea == eb and ea > 0]
+        return statistics.median(later or gaps)
 
 
 def _state_bytes(model: torch.nn.Module, optimizer_state: Dict[str, Any], compression: Any) -> Dict[str, int]:
@@ -173,7 +175,13 @@ def _state_bytes(model: torch.nn.Module, optimizer_state: Dict[str, Any], compre
     return {"parameters": params, "gradients": params, "optimizer": moments, "compression": comp}
 
 
-def _overhead_worker(rank: int, world: int, method: str, model_name: str, epochs: int) -> Any:
+def _overhead_worker(rank: int, world: int, methods: List[str], model_name: str, epochs: int) -> Any:
+    """Each of ``methods`` in turn (one fresh model each); the step times, the peak memory of the process."""
+    runs = [_overhead_run(rank, world, method, model_name, epochs) for method in methods]
+    return {"runs": runs, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _overhead_run(rank: int, world: int, method: str, model_name: str, epochs: int) -> Any:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from sturdy.compression import create_compression
@@ -200,40 +208,42 @@ def _overhead_worker(rank: int, world: int, method: str, model_name: str, epochs
     train(model, data, config=config, sharding=Sharding(install=install, mixed_precision=mp), plugins=[timer],
           progress=False)
     optimizer_state = {id(k): v for k, v in timer.optimizer.state.items()}
-    return {"rank": rank, "step_s": timer.median_step_s(), "peak_rss_mb": _peak_rss_mb(),
-            "state_bytes": _state_bytes(model, optimizer_state, state)}
+    return {"method": method, "step_s": timer.median_step_s(), "state_bytes": _state_bytes(model, optimizer_state,
+                                                                                              state)}
 
 
 def overhead(args: argparse.Namespace) -> Dict[str, Any]:
-    rows = []
-    for world in args.workers:
-        for model in args.models:
-            for repeat in range(args.repeats):
-                for method in ("none", "none-bf16", "vgc"):
-                    per_rank = run_local_workers(_overhead_worker, nproc=world, args=(method, model, args.epochs),
-                                                 timeout_s=3600.0, collective_timeout_s=600.0)
-                    rows.append({"workers": world, "model": model, "method": method, "repeat": repeat,
-                                 "step_s": statistics.mean(r["step_s"] for r in per_rank),
-                                 "peak_rss_mb": max(r["peak_rss_mb"] for r in per_rank),
-                                 "state_bytes": per_rank[0]["state_bytes"]})
-                    print(rows[-1], flush=True)
+    """Step times interleaved in one launch (rounds of none, none-bf16, vgc: the machine's load hits all alike);
+    peak memory from one fresh launch per method."""
+    methods = ("none", "none-bf16", "vgc")
     summary = []
     for world in args.workers:
         for model in args.models:
-            rs = [r for r in rows if r["workers"] == world and r["model"] == model]
-            for repeat in range(args.repeats):
-                by = {r["method"]: r for r in rs if r["repeat"] == repeat}
-                summary.append({"workers": world, "model": model, "repeat": repeat,
-                                "step_ratio_vs_fp32": by["vgc"]["step_s"] / by["none"]["step_s"],
-                                "step_ratio_vs_bf16": by["vgc"]["step_s"] / by["none-bf16"]["step_s"],
-                                "rss_ratio": by["vgc"]["peak_rss_mb"] / by["none"]["peak_rss_mb"],
-                                "state_ratio": sum(by["vgc"]["state_bytes"].values())
-                                / sum(by["none"]["state_bytes"].values())})
-    print("model | workers | repeat | step vgc / fp32 | step vgc / bf16 | peak RSS ratio | state bytes ratio")
-    for s in summary:
-        print(f"{s['model']} | {s['workers']} | {s['repeat']} | {s['step_ratio_vs_fp32']:.2f} | "
-              f"{s['step_ratio_vs_bf16']:.2f} | {s['rss_ratio']:.3f} | {s['state_ratio']:.2f}")
-    return {"rows": rows, "summary": summary}
+            per_rank = run_local_workers(_overhead_worker, nproc=world, args=(list(methods) * args.repeats, model,
+                                                                              args.epochs),
+                                         timeout_s=3600.0, collective_timeout_s=600.0)
+            runs = per_rank[0]["runs"]
+            steps = {m: [statistics.mean(p["runs"][i]["step_s"] for p in per_rank) for i, r in enumerate(runs)
+                         if r["method"] == m] for m in methods}
+            rss, state = {}, {}
+            for m in methods:
+                fresh = run_local_workers(_overhead_worker, nproc=world, args=([m], model, 1), timeout_s=3600.0,
+                                          collective_timeout_s=600.0)
+                rss[m] = max(p["peak_rss_mb"] for p in fresh)
+                state[m] = fresh[0]["runs"][0]["state_bytes"]
+            row = {"workers": world, "model": model, "step_s": steps, "peak_rss_mb": rss, "state_bytes": state,
+                   "step_ratio_vs_fp32": [v / n for v, n in zip(steps["vgc"], steps["none"])],
+                   "step_ratio_vs_bf16": [v / n for v, n in zip(steps["vgc"], steps["none-bf16"])],
+                   "rss_ratio": rss["vgc"] / rss["none"],
+                   "state_ratio": sum(state["vgc"].values()) / sum(state["none"].values())}
+            summary.append(row)
+            print(row, flush=True)
+    print("model | workers | step vgc / fp32 (rounds) | step vgc / bf16 | peak RSS MB none, vgc | state bytes ratio")
+    for r in summary:
+        print(f"{r['model']} | {r['workers']} | {', '.join(f'{x:.2f}' for x in r['step_ratio_vs_fp32'])} | "
+              f"{', '.join(f'{x:.2f}' for x in r['step_ratio_vs_bf16'])} | {r['peak_rss_mb']['none']:.0f}, "
+              f"{r['peak_rss_mb']['vgc']:.0f} | {r['state_ratio']:.2f}")
+    return {"summary": summary}
 
 
 # ----------------------------------------------------------------------------- time to accuracy
