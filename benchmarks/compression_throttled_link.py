@@ -78,13 +78,13 @@ def shape_loopback(rate_mbit: Optional[float]) -> None:
         "limit", str(limit))
 
 
-def _build(method: str, model_name: str, alpha: float):
+def _build(method: str, model_name: str, alpha: float, gather: str = "exact", feedback: str = "all"):
     torch.manual_seed(0)
     train = load_dataset("digits")
     model = create_model(model_name, in_shape=train.image_shape, num_classes=train.num_classes)
     state = hook = None
     if method == "vgc":
-        state, hook = create_compression("vgc", model=model, alpha=alpha, gather="exact")
+        state, hook = create_compression("vgc", model=model, alpha=alpha, gather=gather, feedback=feedback)
     ddp = nn.parallel.DistributedDataParallel(model)
     if hook is not None:
         ddp.register_comm_hook(state, hook)
@@ -97,7 +97,8 @@ def _worker(rank: int, world: int, settings: Dict[str, Any]) -> Any:
 
     torch.set_num_threads(1)
     batch = settings["global_batch"] // world
-    built = {m: _build(m, settings["model"], settings["alpha"]) for m in ("none", "vgc")}
+    built = {m: _build(m, settings["model"], settings["alpha"], settings["gather"], settings["feedback"])
+             for m in ("none", "vgc")}
     g = torch.Generator().manual_seed(rank)
 
     def step(method: str) -> float:
@@ -344,6 +345,8 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=4.0)
     ap.add_argument("--rates-mbit", default="10,30,100,300,1000")
     ap.add_argument("--warmup-steps", type=int, default=400, help="unthrottled compressed steps before measuring")
+    ap.add_argument("--gather", default="exact", choices=("exact", "capacity", "bounded"), help="vgc's all-gather")
+    ap.add_argument("--feedback", default="all", choices=("all", "unsent"), help="vgc's error feedback")
     ap.add_argument("--steps", type=int, default=30, help="measured steps per method and rate")
     ap.add_argument("--out", default="runs/bench/compression_throttled_link.json")
     ap.add_argument("--time-to-accuracy", action="store_true",
@@ -369,7 +372,7 @@ def main() -> None:
         return
     settings = {"model": args.model, "global_batch": args.global_batch, "alpha": args.alpha,
                 "rates_mbit": [float(r) for r in args.rates_mbit.split(",")], "warmup_steps": args.warmup_steps,
-                "steps": args.steps}
+                "steps": args.steps, "gather": args.gather, "feedback": args.feedback}
     rows = run_local_workers(_worker, nproc=args.workers, args=(settings,), timeout_s=3 * 3600)[0]
     train = load_dataset("digits")
     model = create_model(args.model, in_shape=train.image_shape, num_classes=train.num_classes)
