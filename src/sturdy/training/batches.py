@@ -124,9 +124,11 @@ class Batches:
         # the order moves to the data once per epoch: indexing device tensors with host indices would copy (and
         # wait) at every step
         on_images, on_labels = order.to(images.device), order.to(labels.device)
+        shared = on_images is on_labels  # one slice of the order per step when both lie on one device
         for start in range(0, len(order), self.batch_size):
             stop = start + self.batch_size
-            yield images[on_images[start:stop]], labels[on_labels[start:stop]]
+            idx = on_images[start:stop]
+            yield images[idx], labels[idx if shared else on_labels[start:stop]]
 
     def _streamed(self, order: torch.Tensor, gen: torch.Generator) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         loader = DataLoader(self.data, batch_size=self.batch_size, sampler=_Order(order), num_workers=self.workers,
