@@ -167,6 +167,10 @@ TABLE: Dict[str, Tuple[Callable[[nn.Module, torch.Tensor], Any], Tuple[str, ...]
         lambda m, x: flatness.pacbayes_flatness(m, (x, Y), samples=2, steps=2), ALL_CASES),
     "flatness.adaptive_average_sharpness": (
         lambda m, x: flatness.adaptive_average_sharpness(m, (x, Y), samples=2), ALL_CASES),
+    "flatness.balanced_normalized_sharpness": (
+        lambda m, x: flatness.balanced_normalized_sharpness(m, (x, Y)), ALL_CASES),
+    "flatness.balance_attention": (lambda m, x: flatness.balance_attention(m), ("meta-model",)),
+    "flatness.transform_attention": (lambda m, x: flatness.transform_attention(m), ("meta-model",)),
     # compression
     "compression.SquaredGradientStatistics": (lambda m, x: compression.SquaredGradientStatistics(m), ("meta-model",)),
     "compression.attach_squared_gradient_statistics": (
@@ -201,7 +205,8 @@ NOT_APPLICABLE = {
         "aggregate_layer", "solve_layer", "RescalingInvariance", "InvarianceRow", "Measure", "MeasureSet",
         "MeasureSpec", "register_measure", "available_measures", "kendall_tau", "granulated_tau",
         "MeasureCorrelation", "correlate_measures", "SignErrors", "sign_errors", "TauDifference",
-        "tau_difference", "TraceSketch", "DiagonalSketch", "Eigenvalues", "SpectralDensity")], "no model or images"),
+        "tau_difference", "TraceSketch", "DiagonalSketch", "Eigenvalues", "SpectralDensity", "BalancedSharpness",
+        "register_attention", "linear_heads", "AttentionBlock")], "no model or images"),
     # compression: hooks run inside DDP on gradient buckets; states are built without a model (their saved
     # state is tested below); results
     **dict.fromkeys(["compression." + n for n in (

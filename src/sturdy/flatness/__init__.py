@@ -31,6 +31,15 @@ from sturdy.flatness.rescale import rescale_nodes
 from sturdy.flatness.robustness import SignErrors, TauDifference, sign_errors, tau_difference
 from sturdy.flatness.sketching import DiagonalSketch, TraceSketch, hutchpp_diagonal, hutchpp_trace
 from sturdy.flatness.spectrum import Eigenvalues, SpectralDensity, hessian_eigenvalues, spectral_density
+from sturdy.flatness.symmetry import (
+    AttentionBlock,
+    BalancedSharpness,
+    balance_attention,
+    balanced_normalized_sharpness,
+    linear_heads,
+    register_attention,
+    transform_attention,
+)
 
 __all__ = [
     "HessianDiagonal",
@@ -74,4 +83,11 @@ __all__ = [
     "sign_errors",
     "TauDifference",
     "tau_difference",
+    "BalancedSharpness",
+    "balanced_normalized_sharpness",
+    "balance_attention",
+    "transform_attention",
+    "register_attention",
+    "linear_heads",
+    "AttentionBlock",
 ]

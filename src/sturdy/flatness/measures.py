@@ -21,13 +21,18 @@ Registered measures (see :func:`available_measures`), in this order:
 ``adaptive_average_sharpness``   ``E[L(w + rho |w| * z)] - L(w)``, ``z ~ N(0, I)``
 ===============================  ==============================================================
 
+and ``balanced_normalized_sharpness``: normalized sharpness of the attention-balanced model, invariant under
+the query-key and value-output symmetries of attention (:mod:`sturdy.flatness.symmetry`; on a network
+without attention it equals ``normalized_sharpness``).
+
 Curvature measures name their curvature in their details (``curvature``/``quantity``, ``is_hessian``
 decided from the traced operators, :mod:`sturdy.flatness.exactness`): the GGN diagonal is the
 Hessian's only for piecewise-linear networks. ``normalized_sharpness`` accepts ``require_hessian=True``
 (in ``settings``) to refuse otherwise, and ``strict=True`` to refuse uncovered weight matrices.
 
 The functions themselves live in :mod:`sturdy.flatness.normalized`, :mod:`sturdy.flatness.curvature`,
-:mod:`sturdy.flatness.norms` and :mod:`sturdy.flatness.perturbation`; this module only registers them.
+:mod:`sturdy.flatness.norms`, :mod:`sturdy.flatness.perturbation` and :mod:`sturdy.flatness.symmetry`; this
+module only registers them.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from sturdy.flatness.registry import (
     measure_spec,
     register_measure,
 )
+from sturdy.flatness.symmetry import balanced_normalized_sharpness
 from sturdy.utils import model_device_dtype
 from sturdy.validation import check_model
 
@@ -201,3 +207,20 @@ def _pb_mag(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_siz
 def _aas(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_size: int, hessian: Any = None,
          **options: Any) -> Measure:
     return adaptive_average_sharpness(model, data, seed=seed, batch_size=batch_size, **options)
+
+
+# ----------------------------------------------------------------------------- attention symmetries
+
+
+@register_measure("balanced_normalized_sharpness",
+                  description="normalized sharpness of the attention-balanced model (attention-symmetry invariant)",
+                  uses_hessian=True, settings_of=balanced_normalized_sharpness)
+def _balanced(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_size: int,
+              hessian: Optional[HessianDiagonal], **options: Any) -> Measure:
+    bs = balanced_normalized_sharpness(model, data, hessian=hessian, batch_size=batch_size, progress=progress,
+                                       **options)
+    return Measure("balanced_normalized_sharpness", bs.value, {
+        "per_layer": dict(bs.per_layer), "heads": bs.heads, "balanced": bs.balanced, "variant": bs.variant,
+        "curvature": bs.quantity, "curvature_method": bs.hessian_method, "is_hessian": bs.is_hessian,
+        "skipped": list(bs.skipped), "stderr": bs.stderr,
+    })
