@@ -50,6 +50,17 @@ def test_measure_command(checkpoint, tmp_path, capsys):
             "--measures", "log_spectral_product", "--no-progress"]
     assert main(argv) == 0
     assert json.loads((tmp_path / "s" / "measures.json").read_text())["samples"] == 30
+    # the trace estimator and the balanced (attention-symmetry invariant) measure, where the others are
+    argv = ["flatness", "measure", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), "--samples", "30",
+            "--measures", "hessian_trace,balanced_normalized_sharpness,normalized_sharpness", "--trace-method",
+            "xtrace", "--no-progress"]
+    assert main(argv) == 0
+    measures = json.loads((tmp_path / "x" / "measures.json").read_text())["measures"]
+    assert measures["hessian_trace"]["details"]["method"] == "xtrace"
+    assert measures["hessian_trace"]["details"]["probes"] == 100
+    balanced = measures["balanced_normalized_sharpness"]  # no attention: normalized sharpness itself
+    assert balanced["details"]["heads"] == 0
+    assert balanced["value"] == pytest.approx(measures["normalized_sharpness"]["value"], rel=1e-9)
 
 
 def test_cli_defaults():
@@ -72,6 +83,8 @@ def test_cli_defaults():
          "unknown measure\\(s\\) flatness; choose from: normalized_sharpness"),
         (["flatness", "measure", "--checkpoint", "missing.pt", "--out", "OUT"], "missing.pt"),
         (["flatness", "grid", "--out", "OUT", "--bootstrap", "-1"], "expected an integer >= 0"),
+        (["flatness", "measure", "--checkpoint", "CKPT", "--out", "OUT", "--trace-method", "lanczos"],
+         "invalid choice: 'lanczos'"),
     ],
 )
 def test_cli_errors(argv, message, checkpoint, tmp_path, capsys):

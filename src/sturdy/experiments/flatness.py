@@ -23,6 +23,7 @@ from sturdy.experiments.command_report import write_command_report
 from sturdy.experiments.parts import no_train_arguments, no_training_plugin
 from sturdy.experiments.sources import add_source_arguments, load_sources
 from sturdy.flatness import available_measures, check_rescaling_invariance, compute_measures, rescale_nodes
+from sturdy.flatness.sketching import TRACE_METHODS
 from sturdy.validation import check_count
 
 __all__ = ["register_cli", "add_train_arguments", "training_plugin", "demo_section", "measure_checkpoint",
@@ -84,6 +85,9 @@ def register_cli(subparsers: Any) -> None:
                    help="measure on the first N training samples only (default: the whole training split)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
     p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--trace-method", choices=TRACE_METHODS, default="hutchinson",
+                   help="estimator of the hessian_trace measure at its 100 Hessian-vector products: plain "
+                        "Hutchinson probes (default), Hutch++ or XTrace (variance-reduced)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_measure)
 
@@ -159,9 +163,11 @@ def measure_checkpoint(
 
 def measure_model(model: Any, train_set: Any, test_set: Any, *, job: Any, record: Dict[str, Any], out: str | Path,
                   measures: Optional[List[str]] = None, limit: Optional[int] = None, device: str = "cpu",
-                  seed: int = 0, progress: bool = True) -> Dict[str, Any]:
+                  seed: int = 0, progress: bool = True,
+                  settings: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
     """Every measure (or ``measures``) of ``model`` on its training data (with the job's label noise when it
-    comes from a checkpoint, the first ``limit`` samples); writes ``out/measures.json``."""
+    comes from a checkpoint, the first ``limit`` samples; ``settings`` per measure, for those computed);
+    writes ``out/measures.json``."""
     from sturdy.data import apply_label_noise
     from sturdy.experiments.jsonio import results_path, write_results
     from sturdy.training import evaluate, resolve_device
@@ -176,7 +182,8 @@ def measure_model(model: Any, train_set: Any, test_set: Any, *, job: Any, record
         train_set = train_set.subset(torch.arange(min(limit, len(train_set))))
     names = measures if measures else list(available_measures())
     t0 = time.perf_counter()
-    measured = compute_measures(model, train_set, names=names, seed=seed, progress=progress)
+    chosen = {k: v for k, v in (settings or {}).items() if k in names}
+    measured = compute_measures(model, train_set, names=names, seed=seed, progress=progress, settings=chosen)
     train_loss, train_acc = evaluate(model, train_set, device=dev)
     test_loss, test_acc = evaluate(model, test_set, device=dev)
     result = {
@@ -208,10 +215,11 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     sources = load_sources(args, device=resolve_device(args.device))
     result = measure_model(sources.model, sources.train_set, sources.test_set, job=sources.job,
                            record=sources.record, out=args.out, measures=names, limit=args.limit,
-                           device=args.device, seed=args.seed, progress=not args.no_progress)
+                           device=args.device, seed=args.seed, progress=not args.no_progress,
+                           settings={"hessian_trace": {"method": args.trace_method}})
     print(f"gap (train - test accuracy) {result['gap']:.4f}")
     for name, m in result["measures"].items():
-        print(f"  {name:28s} {m['value']:.6g}")
+        print(f"  {name:30s} {m['value']:.6g}")
     print(f"written to {Path(args.out) / 'measures.json'}")
     return 0
 

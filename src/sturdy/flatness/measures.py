@@ -56,6 +56,7 @@ from sturdy.flatness.registry import (
     measure_spec,
     register_measure,
 )
+from sturdy.flatness.sketching import hutchpp_trace
 from sturdy.flatness.symmetry import balanced_normalized_sharpness
 from sturdy.utils import model_device_dtype
 from sturdy.validation import check_model
@@ -157,9 +158,14 @@ def _ggn_trace(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_
 
 @register_measure("hessian_trace", description="Hessian trace, Hutchinson with 100 Rademacher probes")
 def _hessian_trace(model: nn.Module, data: Any, *, seed: int, progress: bool, batch_size: int,
-                   hessian: Optional[HessianDiagonal], probes: int = 100) -> Measure:
-    est = hutchinson_trace(model, data, probes=probes, seed=seed, batch_size=batch_size, progress=progress)
-    return Measure("hessian_trace", est.value, {"stderr": est.stderr, "probes": est.probes})
+                   hessian: Optional[HessianDiagonal], probes: int = 100, method: str = "hutchinson") -> Measure:
+    """``method``: ``"hutchinson"`` (default), or ``"hutch++"``/``"xtrace"`` at ``probes`` products."""
+    if method == "hutchinson":
+        est = hutchinson_trace(model, data, probes=probes, seed=seed, batch_size=batch_size, progress=progress)
+        return Measure("hessian_trace", est.value, {"stderr": est.stderr, "probes": est.probes, "method": method})
+    sketch = hutchpp_trace(model, data, method=method, matvecs=probes, seed=seed, batch_size=batch_size)
+    return Measure("hessian_trace", sketch.value, {"stderr": sketch.stderr, "probes": sketch.matvecs,
+                                                  "method": method})
 
 
 @register_measure("hessian_top_eigenvalue", description="top Hessian eigenvalue (power iteration on HVPs)",
