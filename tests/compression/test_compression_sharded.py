@@ -142,3 +142,14 @@ def test_a_bf16_group_is_reduced_through_the_hook_with_float32_residuals(one_ran
     assert residual.dtype == torch.float32
     assert torch.equal(residual, (grad.float() - sent.float()))
     assert state.statistics().elements_sent == 3 and state.iter == 1
+
+
+def test_a_method_without_a_sharded_form_is_refused_before_any_worker_starts():
+    from sturdy.experiments.lipschitz import LMTPlugin
+    from sturdy.experiments.train_job import check_shardable_plugins
+
+    job = _job(nproc=2, shard=True)
+    with pytest.raises(ConfigurationError, match="--shard: LMTPlugin .* has no sharded form"):
+        check_shardable_plugins(job, [LMTPlugin()])
+    check_shardable_plugins(job, [training_plugin(_job(nproc=2, shard=True, compress="vgc"))])
+    check_shardable_plugins(_job(nproc=2), [LMTPlugin()])  # DDP takes every method

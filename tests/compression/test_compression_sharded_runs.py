@@ -111,6 +111,7 @@ class CrashAt:
     """Cross-entropy objective that raises at ``CRASH_AT`` on every rank (the folder is left as a kill leaves it)."""
 
     crash: bool = False
+    shardable = True  # a plain cross-entropy objective: nothing read outside forward and backward
 
     def setup(self, model, ctx):
         crash = self.crash

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 from torch import nn
@@ -159,6 +159,7 @@ class CompressionPlugin:
     """
 
     options: Dict[str, Any] = field(default_factory=dict)
+    shardable: ClassVar[bool] = True  # --shard: the hooks reduce FSDP2's groups (compression.sharded)
 
     def setup(self, model: nn.Module, ctx: TrainContext) -> TrainHooks:
         """Attach the statistics to ``model`` (the module DDP wraps) and build the state and its hook."""

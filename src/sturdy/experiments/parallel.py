@@ -28,7 +28,7 @@ import torch.distributed as dist
 from sturdy.distributed import init_from_env, launched_by_torchrun, max_local_workers, run_local_workers
 from sturdy.errors import ConfigurationError
 from sturdy.experiments import train_job
-from sturdy.experiments.train_job import TrainJob, TrainPlugin, check_resume, fit
+from sturdy.experiments.train_job import TrainJob, TrainPlugin, check_resume, check_shardable_plugins, fit
 from sturdy.training import resolve_device
 from sturdy.training.config import DATA_PARALLEL_DEFAULTS
 from sturdy.training.sharding import check_shardable
@@ -144,6 +144,7 @@ def run_distributed_training(
         DistributedError: a worker failed or died (the others fail within ``--dist-timeout``).
     """
     opts = parallel_options(job)
+    check_shardable_plugins(job, plugins)  # before any worker starts
     if launched_by_torchrun():
         if resolve_device(job.config.device).type == "cuda":  # one GPU per process: NCCL on cuda:LOCAL_RANK
             job = job.replace(device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")

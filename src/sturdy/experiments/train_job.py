@@ -56,6 +56,7 @@ __all__ = [
     "run_identity",
     "check_same_run",
     "check_resume",
+    "check_shardable_plugins",
 ]
 
 _CONFIG_FIELDS = frozenset(f.name for f in fields(TrainConfig))
@@ -150,6 +151,10 @@ class TrainHooks:
 
 class TrainPlugin(Protocol):
     """A method's contribution to a run; picklable (a frozen dataclass), so workers can receive it.
+
+    A plugin joins a sharded run (``--shard``, FSDP2) only when it says it can, with ``shardable = True``: outside
+    the forward and backward passes FSDP2 holds the weights as shards, which a method reading them there (e.g.
+    a Lipschitz bound) cannot use (:func:`check_shardable_plugins`).
 
     A plugin may also have a ``resume_identity`` mapping: settings a resumed run must share with its
     checkpoint, by unique name (e.g. ``{"compression": {"method": "vgc", "alpha": 5.0, ...}}``). They are
@@ -262,6 +267,7 @@ def fit(
         resume: continue from ``job.out/model.pt`` when it exists.
         progress: progress bar.
     """
+    check_shardable_plugins(job, plugins)
     out = prepare_output_dir(job.out)
     results_file = results_path(out, "train")  # refused before any work when another command's results are there
     train_set, test_set = load_job_data(job)
@@ -319,6 +325,21 @@ def _drop_stale_results(out: Path) -> None:
         remove_results(out / "results.json", "train")
 
 
+
+
+def check_shardable_plugins(job: TrainJob, plugins: Sequence[TrainPlugin]) -> None:
+    """Refuse a sharded job (``--shard``) with a plugin that does not declare ``shardable = True``.
+
+    Raises:
+        ConfigurationError: one line naming the plugin.
+    """
+    if not job.options.get("shard"):
+        return
+    for plugin in plugins:
+        if not getattr(plugin, "shardable", False):
+            raise ConfigurationError(f"--shard: {type(plugin).__name__} (a method of this run) has no sharded form "
+                                     "(FSDP2 holds the weights as shards outside the forward and backward passes); "
+                                     "drop --shard to train it data-parallel with DDP")
 
 
 def run_identity(job: TrainJob, *, world_size: int, plugins: Sequence[TrainPlugin] = ()) -> Dict[str, Any]:
