@@ -4,10 +4,12 @@ Every configuration runs in the same worker processes, interleaved in rounds so 
 hits them alike: ``plain`` (DDP allreduce), ``stats`` (the per-sample statistics routed into a variance buffer,
 plain allreduce) and ``vgc`` (the hook as ``sturdy train --nproc N --compress vgc`` builds it: alpha, gather,
 momentum correction from :data:`sturdy.experiments.compression.DEFAULTS`). Inside the ``vgc`` steps, timers
-around the hook's parts (accumulate, statistics pop, selection + encoding, the size round and the payload round
-of the all-gather, decoding + summing, the lag monitor) give each part's mean per step; the medians of whole
-steps give the ratios. The first ``--warmup-steps`` steps of every configuration are untimed (the start-up
-phase of compression sends thousands of elements per step).
+around the hook's parts (accumulate, statistics pop, selection + encoding, the all-gather, decoding + summing,
+the lag monitor) give each part's mean per step (the all-gather's includes waiting for the other workers);
+the medians of whole steps give the ratios, and the mean CPU time per step (``time.process_time``) the work
+done, free of waiting. ``vgc_exact`` is the same with the two-round exact all-gather. The first
+``--warmup-steps`` steps of every configuration are untimed (the start-up phase of compression sends
+thousands of elements per step).
 
     python benchmarks/compression_profile.py --models mlp,cnn --workers 2 --rounds 10 --steps 20
 """
@@ -33,7 +35,7 @@ from sturdy.experiments.compression import DEFAULTS
 from sturdy.experiments.jsonio import write_json
 from sturdy.models import create_model
 
-CONFIGS = ("plain", "stats", "vgc", "vgc_capacity")  # vgc: the command line's gather; vgc_capacity: one round
+CONFIGS = ("plain", "stats", "vgc", "vgc_exact")  # vgc: the command line's settings; vgc_exact: sizes, then payloads
 PARTS: Dict[str, float] = defaultdict(float)  # seconds per part, summed over the timed vgc steps
 ACTIVE = [False]
 
@@ -70,7 +72,7 @@ def _build(config: str, model_name: str, momentum: float):
     model = create_model(model_name, in_shape=train.image_shape, num_classes=train.num_classes)
     state = hook = None
     if config.startswith("vgc"):
-        gather = "capacity" if config == "vgc_capacity" else DEFAULTS["gather"]
+        gather = "exact" if config == "vgc_exact" else DEFAULTS["gather"]
         state, hook = create_compression("vgc", model=model, alpha=DEFAULTS["alpha"], zeta=DEFAULTS["zeta"],
                                          gather=gather, slack=DEFAULTS["gather_slack"], feedback=DEFAULTS["feedback"],
                                          momentum=momentum, momentum_masking=DEFAULTS["momentum_masking"] == "on")
@@ -98,15 +100,17 @@ def _worker(rank: int, world: int, settings: Dict[str, Any]) -> Any:
     g = torch.Generator().manual_seed(rank)
     batch = settings["global_batch"] // world
     times: Dict[str, List[float]] = {c: [] for c in CONFIGS}
+    cpu: Dict[str, List[float]] = {c: [] for c in CONFIGS}
 
     def step(config: str) -> float:
         ddp, opt, train = built[config]
         idx = torch.randint(0, len(train), (batch,), generator=g)
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         opt.zero_grad()
         F.cross_entropy(ddp(train.images[idx]), train.labels[idx]).backward()
         opt.step()
+        cpu[config].append(time.process_time() - c0)
         return time.perf_counter() - t0
 
     for c in CONFIGS:
@@ -120,6 +124,7 @@ def _worker(rank: int, world: int, settings: Dict[str, Any]) -> Any:
                 ACTIVE[0] = False
     n = len(times["vgc"])
     return {"median_step_s": {c: statistics.median(v) for c, v in times.items()},
+            "mean_step_cpu_s": {c: statistics.mean(v[-len(times[c]):]) for c, v in cpu.items()},
             "parts_s_per_step": {k: v / n for k, v in PARTS.items()}}
 
 
@@ -141,16 +146,21 @@ def main() -> None:
         res = run_local_workers(_worker, nproc=args.workers, args=(settings,), timeout_s=3600)
         med = {c: statistics.mean(r["median_step_s"][c] for r in res) for c in CONFIGS}
         parts = {k: statistics.mean(r["parts_s_per_step"].get(k, 0.0) for r in res) for k in res[0]["parts_s_per_step"]}
+        cpu = {c: statistics.mean(r["mean_step_cpu_s"][c] for r in res) for c in CONFIGS}
         report["models"][name] = {"median_step_ms": {c: 1e3 * v for c, v in med.items()},
                                   "parts_ms_per_step": {k: 1e3 * v for k, v in parts.items()},
+                                  "mean_step_cpu_ms": {c: 1e3 * v for c, v in cpu.items()},
+                                  "cpu_vgc_over_plain": cpu["vgc"] / cpu["plain"],
+                                  "cpu_stats_over_plain": cpu["stats"] / cpu["plain"],
                                   "vgc_over_plain": med["vgc"] / med["plain"],
                                   "stats_over_plain": med["stats"] / med["plain"]}
-        report["models"][name]["vgc_capacity_over_plain"] = med["vgc_capacity"] / med["plain"]
+        report["models"][name]["vgc_exact_over_plain"] = med["vgc_exact"] / med["plain"]
         print(f"{name}: plain {1e3 * med['plain']:.2f} ms, stats {1e3 * med['stats']:.2f} ms "
               f"({med['stats'] / med['plain']:.2f}x), vgc {1e3 * med['vgc']:.2f} ms "
               f"({med['vgc'] / med['plain']:.2f}x), "
-              f"vgc with the capacity gather {1e3 * med['vgc_capacity']:.2f} ms "
-              f"({med['vgc_capacity'] / med['plain']:.2f}x); parts of the vgc steps:")
+              f"vgc with the exact gather {1e3 * med['vgc_exact']:.2f} ms ({med['vgc_exact'] / med['plain']:.2f}x); "
+              f"CPU time per step: stats {cpu['stats'] / cpu['plain']:.2f}x, vgc {cpu['vgc'] / cpu['plain']:.2f}x; "
+              "parts of the vgc steps:")
         for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
             print(f"    {k:40s} {1e3 * v:7.3f} ms per step")
     write_json(report, args.out)
