@@ -63,11 +63,6 @@ def _errors(model: torch.nn.Module, data: Any, dense: torch.Tensor, budgets: Lis
               f"{row['xtrace_trace_rel_rms']:.4f}  hutchinson {row['hutchinson_trace_rel_rms']:.4f}   diag rel rms: "
               f"diag++ {row['hutch++_diag_rel_rms']:.4f}  xdiag {row['xdiag_diag_rel_rms']:.4f}  hutchinson "
               f"{row['hutchinson_diag_rel_rms']:.4f}", flush=True)
-        rows[str(m)] = row
-        print(f"matvecs {m:4d}  trace rel rms: hutch++ {row['hutch++_trace_rel_rms']:.4f}  hutchinson "
-              f"{row['hutchinson_trace_rel_rms']:.4f}  ({row['trace_error_ratio']:.1f}x)   diag rel rms: diag++ "
-              f"{row['hutch++_diag_rel_rms']:.4f}  hutchinson {row['hutchinson_diag_rel_rms']:.4f}  "
-              f"({row['diag_error_ratio']:.1f}x)", flush=True)
     return rows
 
 
