@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -76,14 +77,25 @@ def read_weights_only(path: str | os.PathLike, *, map_location: str | torch.devi
         CheckpointError: the file is missing, not a ``torch.save`` archive, corrupt, or holds pickled objects
             other than tensors and plain containers (refused as unsafe).
     """
-    path = Path(path)
+    return _read_archive(Path(path), map_location, expected, None)
+
+
+def _read_archive(path: Path, map_location: str | torch.device, expected: str, digest: Optional[Any]) -> Any:
+    """:func:`read_weights_only`; with ``digest`` (a hashlib object) the file's bytes are hashed too, in the same
+    single read from disk (the file is memory-mapped, hashed, then unpickled from the mapped pages; the tensors
+    are copied out, so the mapping is closed when this returns)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {str(path)!r} (expected {expected})")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (not a torch.save archive: corrupt, "
                               "truncated or another kind of file)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        if digest is None:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            digest.update(mapped)
+            mapped.seek(0)
+            return torch.load(mapped, map_location=map_location, weights_only=True)  # type: ignore[arg-type]
     except pickle.UnpicklingError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if "global" in ln.lower()]
         if not lines:  # not a forbidden object: the byte stream itself is broken
@@ -112,7 +124,10 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Tens
         CheckpointError: missing, unreadable or unsafe file, no state dict inside, tensors on the meta device or
             with NaN or infinite values.
     """
-    obj = read_weights_only(path, map_location="cpu", expected="a state_dict or a model.pt written by `sturdy train`")
+    digest = hashlib.sha256()
+    obj = _read_archive(Path(path), "cpu", "a state_dict or a model.pt written by `sturdy train`", digest)
+    sha = digest.hexdigest()
+    _remember_sha256(Path(path), sha)
     where = f"weights file {str(path)!r}"
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         obj = obj.get("model")
@@ -129,15 +144,34 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Tens
     if bad:
         raise CheckpointError(f"{where} holds NaN or infinite values in {', '.join(bad[:3])}"
                               f"{' and more' if len(bad) > 3 else ''}; the run that wrote it diverged")
-    return state, file_sha256(path)
+    return state, sha
 
 
 def _is_state(obj: Mapping[Any, Any]) -> bool:
     return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
+_SHA256_SEEN: Dict[Tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime_ns) -> sha256 of a file read
+
+
+def _file_key(path: Path) -> Tuple[str, int, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _remember_sha256(path: Path, sha: str) -> None:
+    try:
+        _SHA256_SEEN[_file_key(path)] = sha
+    except OSError:
+        pass
+
+
 def file_sha256(path: Union[str, os.PathLike]) -> str:
-    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks; a weights file :func:`read_state_dict` read (and
+    hashed in the same read) is not read again while its inode, size and modification time are unchanged."""
+    seen = _SHA256_SEEN.get(_file_key(Path(path)))
+    if seen is not None:
+        return seen
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

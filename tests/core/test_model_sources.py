@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import sys
 import textwrap
 import types
@@ -192,6 +193,34 @@ def test_state_dict_round_trip(tmp_path, wrap):
     torch.testing.assert_close(loaded.model(x), source.model(x), **EXACT)
     assert loaded.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert loaded.to_dict()["weights"] == str(path)
+
+
+def test_weights_are_read_from_disk_once_and_hashed_in_that_read(tmp_path, monkeypatch):
+    import builtins
+
+    from sturdy.checkpoints import file_sha256
+
+    spec = _net_file(tmp_path)
+    path = tmp_path / "weights.pt"
+    torch.save(load_model(spec, input_shape=(3, 2, 2), num_classes=4).model.state_dict(), path)
+    opened = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file) == str(path):
+            opened.append(args[0] if args else kwargs.get("mode", "r"))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    loaded = load_model(spec, input_shape=(3, 2, 2), num_classes=4, weights=path)
+    assert file_sha256(path) == loaded.weights_sha256  # the training record's hash: no new read
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert loaded.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert opened == ["rb", "rb"]  # the zip check (its trailer) and the one read that loads and hashes
+    before = path.stat().st_mtime_ns
+    torch.save({k: v + 1 for k, v in loaded.model.state_dict().items()}, path)  # changed: hashed anew
+    os.utime(path, ns=(before + 10**9, before + 10**9))  # a later time even where clocks are coarse
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_sturdy_checkpoint_round_trip(tmp_path):
