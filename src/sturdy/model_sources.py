@@ -12,7 +12,10 @@
   file is imported (sibling modules).
 * ``torchvision:NAME`` and ``timm:NAME``: ``torchvision.models.get_model(NAME, **model_args)`` and
   ``timm.create_model(NAME, pretrained=False, **model_args)`` when those packages are installed (randomly
-  initialised: give ``weights``). Default input shapes: 3x224x224 for torchvision, the model's
+  initialised: give ``weights``; nothing is downloaded). ``num_classes`` is passed to both, timm's ``in_chans``
+  is the input shape's channels, and the input shape's size is passed as timm's ``img_size`` or torchvision's
+  ``image_size`` to the models that take one (vision transformers built for one size; a convolutional network
+  that takes none is built without it). Default input shapes: 3x224x224 for torchvision, the model's
   ``pretrained_cfg`` for timm.
 
 Without ``input_shape`` the model must tell its own: an ``input_shape`` or ``in_shape`` attribute of ``(C, H,
@@ -263,8 +266,28 @@ def _hub_builder(kind: str, name: str, args: Dict[str, Any], shape: Optional[Tup
         if shape is not None:
             kwargs.setdefault("in_chans", shape[1])
         kwargs.setdefault("pretrained", False)
-        return lambda: hub.create_model(name, **kwargs)
-    return lambda: hub.models.get_model(name, **kwargs)
+        return _sized(lambda **kw: hub.create_model(name, **kw), kwargs, "img_size", shape)
+    return _sized(lambda **kw: hub.models.get_model(name, **kw), kwargs, "image_size", shape)
+
+
+def _sized(create: Callable[..., nn.Module], kwargs: Dict[str, Any], key: str,
+           shape: Optional[Tuple[int, ...]]) -> Builder:
+    """``create(**kwargs)``, told the image size (``key``: timm's ``img_size``, torchvision's ``image_size``) when
+    the input shape is known, for the models built for one size (vision transformers); a model that takes no such
+    argument (a convolutional network, any size) is built without it."""
+    if shape is None or key in kwargs or (key == "image_size" and shape[2] != shape[3]):
+        return lambda: create(**kwargs)
+    size = shape[2] if shape[2] == shape[3] else (shape[2], shape[3])
+
+    def make() -> nn.Module:
+        try:
+            return create(**kwargs, **{key: size})
+        except TypeError as exc:
+            if key not in str(exc):
+                raise
+        return create(**kwargs)
+
+    return make
 
 
 def _import_file(target: str, spec: str) -> ModuleType:

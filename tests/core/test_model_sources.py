@@ -164,6 +164,45 @@ def test_torchvision_and_timm_when_installed(monkeypatch):
     assert "'torchvision:resnet7' raised ValueError: Unknown model resnet7" in _one_line(exc)
 
 
+def test_hub_models_are_told_the_image_size_when_they_take_it(monkeypatch):
+    seen = []
+
+    def vit(num_classes, img_size=224, in_chans=3, pretrained=False):  # built for one size, like a ViT
+        seen.append(("vit", img_size, in_chans))
+        net = nn.Sequential(nn.Flatten(), nn.Linear(in_chans * img_size * img_size, num_classes))
+        net.pretrained_cfg = {"input_size": (3, 224, 224)}
+        return net
+
+    def cnn(num_classes, in_chans=3, pretrained=False):  # any size, no size argument
+        seen.append(("cnn", in_chans))
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_chans, num_classes))
+
+    def create_model(name, **kwargs):
+        return {"vit": vit, "cnn": cnn}[name](**kwargs)
+
+    def get_model(name, **kwargs):
+        if "image_size" in kwargs and name == "resnet18":
+            raise TypeError("ResNet.__init__() got an unexpected keyword argument 'image_size'")
+        side = kwargs.pop("image_size", 224)
+        seen.append((name, side))
+        return nn.Sequential(nn.Flatten(), nn.LazyLinear(kwargs["num_classes"])) if name == "vit_b_16" else \
+            nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, kwargs["num_classes"]))
+
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create_model))
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(models=types.SimpleNamespace(
+        get_model=get_model)))
+    assert load_model("timm:vit", input_shape=(1, 8, 8), num_classes=3).model(torch.rand(2, 1, 8, 8)).shape == (2, 3)
+    assert seen[-1] == ("vit", 8, 1)
+    assert load_model("timm:vit", input_shape=(1, 8, 8), num_classes=3, model_args={"img_size": 8}).num_classes == 3
+    assert load_model("timm:cnn", input_shape=(1, 8, 8), num_classes=3).num_classes == 3 and seen[-1] == ("cnn", 1)
+    assert load_model("torchvision:vit_b_16", input_shape=(3, 8, 8), num_classes=3).num_classes == 3
+    assert seen[-1] == ("vit_b_16", 8)
+    assert load_model("torchvision:resnet18", input_shape=(3, 8, 8), num_classes=3).num_classes == 3
+    assert seen[-1] == ("resnet18", 224)  # built without the size it does not take
+    load_model("torchvision:vit_b_16", input_shape=(3, 8, 6), num_classes=3)  # not square: no image_size
+    assert seen[-1] == ("vit_b_16", 224)
+
+
 @pytest.mark.parametrize("hub", ["torchvision", "timm"])
 def test_torchvision_and_timm_missing(monkeypatch, hub):
     monkeypatch.setitem(sys.modules, hub, None)
