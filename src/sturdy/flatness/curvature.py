@@ -230,12 +230,13 @@ def hessian_diagonal(
             networks, see ``is_hessian``), ``"ggn-mc"`` (its Monte-Carlo estimate) or ``"hutchinson"``
             (stochastic Hessian diagonal, any loss).
         probes: Rademacher probes of ``"hutchinson"`` (>= 2, for the standard error).
-        mc_samples: labels drawn per input by ``"ggn-mc"`` (>= 2); its cost is at most that of the exact
+        mc_samples: labels drawn per input by ``"ggn-mc"`` (>= 2); its cost is about that of the exact
             diagonal of ``mc_samples`` classes: ``min(mc_samples, classes)`` backward passes (fewer classes
             than draws: the output gradients of the draws are combinations of the classes') and one
-            evaluation of the per-sample rules for all draws that keeps the groups apart; a Linear layer
-            with 2-D input takes one product with its squared input per group (docs/design.md section 3;
-            measured ratios in BENCHMARKS.md).
+            evaluation of the per-sample rules for all draws that keeps the groups apart, where a Linear
+            layer with 2-D input takes ``groups`` times the flops of the exact diagonal's one product with
+            its squared input (docs/design.md section 3; measured: 0.9-1.1x on convolutional networks, up
+            to 1.5x on wide MLPs, BENCHMARKS.md).
         mc_groups: groups the draws are split into for standard errors (the largest divisor of
             ``mc_samples`` not above it is used; at least 2); intervals have ``groups - 1`` degrees of freedom.
         seed: seed of the probes and of the sampled labels (drawn on the CPU: identical on CPU and CUDA).
