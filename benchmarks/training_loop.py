@@ -14,12 +14,16 @@ Each timing is one whole call (set-up included) of ``--epochs`` epochs; the two 
 alternates too) after ``--warmup`` pairs, and the ratio of the median steps per second is reported
 (``train / hand``, target >= 0.97).
 
+``ops_per_step``: tensor operations (ATen calls) per step of each loop on the in-memory data, the overhead of
+``train`` in a unit the machine's load does not change.
+
 ``digits_cnn_epoch``: seconds per epoch of the digits CNN with a test-set evaluation per epoch (what
 ``sturdy train --dataset digits --model cnn`` runs), this version against the loop before the training core was
 rewritten (``--before``, a git revision whose ``src/sturdy/training.py`` is loaded; skipped when git cannot read
 it), alternated the same way (target: within 5%).
 
-One torch thread on the CPU.
+One torch thread on the CPU. ``--clock thread`` times the CPU time of that thread instead of the wall time (the loops
+run in it: one torch thread, no loader workers), which a machine busy with other processes disturbs far less.
 
 Usage:
     python benchmarks/training_loop.py --out runs/bench/training_loop.json
@@ -36,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -98,16 +103,20 @@ def _same(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def _alternate(fns: Dict[str, Callable[[], Any]], *, warmup: int, repeats: int) -> Dict[str, List[float]]:
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def _alternate(fns: Dict[str, Callable[[], Any]], *, warmup: int, repeats: int,
+               clock: Callable[[], float] = time.perf_counter) -> Dict[str, List[float]]:
     """Seconds of each function per repeat, the order of the functions reversed every other repeat."""
     times: Dict[str, List[float]] = {k: [] for k in fns}
     names = list(fns)
     for r in range(warmup + repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[name]()
             if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     return times
 
 
@@ -127,7 +136,8 @@ def loop_ratio(data: Any, init: nn.Module, *, streamed: bool, args: argparse.Nam
         hand_loop(models["hand"], data.images, data.labels, epochs=args.epochs, batch=args.batch, lr=1e-3,
                   seed=args.seed, streamed=streamed)
 
-    times = _alternate({"hand": run_hand, "train": run_train}, warmup=args.warmup, repeats=args.repeats)
+    times = _alternate({"hand": run_hand, "train": run_train}, warmup=args.warmup, repeats=args.repeats,
+                       clock=CLOCKS[args.clock])
     steps = args.epochs * math.ceil(len(data) / args.batch)
     rate = {k: steps / statistics.median(v) for k, v in times.items()}
     pair_ratios = [h / t for h, t in zip(times["hand"], times["train"])]
@@ -140,6 +150,36 @@ def loop_ratio(data: Any, init: nn.Module, *, streamed: bool, args: argparse.Nam
         "identical_weights": _same(models["train"], models["hand"]),
         "seconds": times,
     }
+
+
+def ops_per_step(data: Any, init: nn.Module, args: argparse.Namespace) -> Dict[str, Any]:
+    """Tensor operations (ATen calls, counted by a dispatch mode) per step of each loop on the in-memory data: the
+    overhead of ``train`` over the hand loop in a unit the machine's load does not change."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            self.calls[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    steps = args.epochs * math.ceil(len(data) / args.batch)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch, lr=1e-3, optimizer="adam", schedule="cosine",
+                         seed=args.seed, device="cpu")  # the settings of loop_ratio
+    runs = {"train": lambda: train(copy.deepcopy(init), data, config=config, progress=False),
+            "hand": lambda: hand_loop(copy.deepcopy(init), data.images, data.labels, epochs=args.epochs,
+                                      batch=args.batch, lr=config.lr, seed=args.seed, streamed=False)}
+    counts = {}
+    for name, run in runs.items():
+        with Count() as count:
+            run()
+        counts[name] = count.calls
+    extra = counts["train"] - counts["hand"]
+    return {"train": sum(counts["train"].values()) / steps, "hand": sum(counts["hand"].values()) / steps,
+            "extra_per_step": {k: v / steps for k, v in extra.most_common()}}
 
 
 def _load_before(rev: str) -> Optional[Any]:
@@ -186,6 +226,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed pairs first")
     p.add_argument("--repeats", type=int, default=15, help="timed pairs")
     p.add_argument("--before", default="67b0a64^", help="git revision of the loop before the training core")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall time, or the CPU time of the (one) computing thread: steadier on a loaded machine")
     p.add_argument("--out", default="runs/bench/training_loop.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -198,6 +240,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "in_memory": loop_ratio(data, init, streamed=False, args=args),
         "streamed": loop_ratio(data, init, streamed=True, args=args),
         "digits_cnn_epoch": epoch_time(data, test, init, args),
+        "ops_per_step": ops_per_step(data, init, args),
     }
     targets = {f"{k}_train_over_hand": {"value": results[k]["ratio_train_over_hand"], "target": f">= {LOOP_TARGET}",
                                         "met": results[k]["ratio_train_over_hand"] >= LOOP_TARGET}
@@ -214,6 +257,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"{k}: hand {r['hand_steps_per_second']:.0f} steps/s, train {r['train_steps_per_second']:.0f} steps/s, "
               f"identical weights {r['identical_weights']}")
     print("digits cnn seconds per epoch:", results["digits_cnn_epoch"]["seconds_per_epoch"])
+    ops = results["ops_per_step"]
+    print(f"tensor operations per step (in memory): train {ops['train']:.1f}, hand {ops['hand']:.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(results, Path(args.out))
     print(f"wrote {args.out}")
