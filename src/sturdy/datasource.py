@@ -11,11 +11,12 @@ their data through :func:`data_source`, which accepts
 * any iterable of ``(x, y)`` batches (a ``DataLoader``, a generator, ...): read as given, its batches in its order;
 
 plus an optional sample ``count`` (as curvlinops' ``num_data``). Reading (:meth:`DataSource.batches`) checks every
-batch as it arrives with the rules of :mod:`sturdy.validation` (a pair of one sample count; finite inputs of a
-floating-point dtype; with ``classes``, integer labels ``(N,)`` inside the model's class range), moves it to the
-model's device and dtype, and names the batch (its index and samples) in the :class:`~sturdy.errors.DataError`
-of a bad one. At the end of the pass a sample count other than the given ``count`` is refused. The next batch is
-read only when the consumer asks for it: a streamed analysis holds one batch on the device at a time.
+batch as it arrives with the rules of :mod:`sturdy.validation` (a pair of one sample count; samples of the first
+batch's shape; finite inputs of a floating-point dtype; with ``classes``, integer labels ``(N,)`` inside the
+model's class range), moves it to the model's device and dtype, and names the batch (its index and samples) in the
+:class:`~sturdy.errors.DataError` of a bad one. At the end of the pass a sample count other than the given ``count``
+is refused. The next batch is read only when the consumer asks for it: a streamed analysis holds one batch on the
+device at a time.
 
 ``uint8`` pixels (0..255) of an ``ImageDataset`` (the memory-mapped caches of :mod:`sturdy.datasets`) become
 ``[0, 1]`` per batch, on the device; other integer inputs follow :func:`sturdy.validation.check_inputs` (refused,
@@ -143,17 +144,22 @@ class DataSource:
                 ``check_x(x, name)``; a :class:`DataError` it raises is named with the batch.
 
         Raises:
-            DataError: a batch that is not an ``(x, y)`` pair of one sample count, inputs that are not finite
+            DataError: a batch that is not an ``(x, y)`` pair of one sample count, samples of another shape than
+                the first batch's, inputs that are not finite
                 floating-point values, targets that are not class indices in range (with ``classes``), no
                 samples, or a pass of another sample count than ``count``; each naming the batch.
         """
-        seen, k = 0, num_classes
+        seen, k, sample = 0, num_classes, None
         for index, raw in enumerate(self.raw_batches()):
             x, y = self._pair(raw, index, seen)
             n = int(x.shape[0])
             if n == 0:
                 continue
             where = f"batch {index} (samples {seen} to {seen + n - 1})"
+            sample = tuple(x.shape[1:]) if sample is None else sample
+            if tuple(x.shape[1:]) != sample:
+                raise DataError(f"{where}: inputs of shape {tuple(x.shape[1:])} after {sample}; every sample must have "
+                                "one shape (resize them)")
             _check_finite_samples(x, seen, where)
             try:
                 if not (self.pixels and x.dtype == torch.uint8):

@@ -62,6 +62,8 @@ def test_a_bad_batch_is_named_by_its_index():
         _read(data_source(X, Y.float(), batch_size=4))
     with pytest.raises(DataError, match="batch 1.*same number of samples"):
         _read(data_source([(X[:4], Y[:4]), (X[4:], Y[4:6])]))
+    with pytest.raises(DataError, match=r"batch 1 \(samples 4 to 9\): inputs of shape \(1, 4, 3\) after \(1, 4, 4\)"):
+        _read(data_source([(X[:4], Y[:4]), (X[4:, :, :, :3], Y[4:])]))
     with pytest.raises(DataError, match="batch 0: each batch must be an"):
         _read(data_source([X]))
     with pytest.raises(DataError, match="must hold floating-point values.*uint8"):
