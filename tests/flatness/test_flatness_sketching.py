@@ -158,3 +158,18 @@ def test_settings_are_validated(small, kwargs, message):
     model, data, _ = small
     with pytest.raises(ConfigurationError, match=message):
         hutchpp_trace(model, data, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_xdiag_and_xtrace_are_unbiased_over_many_seeds(mlp, curvature):
+    model, (x, y), hessian = mlp
+    dense = hessian if curvature == "hessian" else full_ggn(model, x, y)
+    mean, err = _seed_means(lambda s: hutchpp_trace(model, (x, y), method="xtrace", matvecs=12, seed=s,
+                                                    curvature=curvature).value, range(150))
+    assert abs(float(mean) - float(dense.trace())) <= Z_MEAN * float(err)
+    stack = torch.stack([torch.cat([d.reshape(-1) for d in hutchpp_diagonal(model, (x, y), method="xdiag", matvecs=12,
+                                                                            seed=s, curvature=curvature)
+                                    .diagonal.values()]) for s in range(150)])
+    z = (stack.mean(0) - dense.diagonal()).abs() / (stack.std(0) / len(stack) ** 0.5).clamp_min(1e-12)
+    assert float((z <= Z_MEAN).double().mean()) >= ENTRY_COVERAGE
