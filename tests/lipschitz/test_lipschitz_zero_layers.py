@@ -1,5 +1,6 @@
 """Layers whose operator is exactly zero (timm's ResNets zero-initialise the last BatchNorm of every residual
-block): the guaranteed bound is 0 for them, not an error, on the dense and the FFT path alike."""
+block): the guaranteed bound is 0 for them, not an error, on the dense and the FFT path alike; and a certificate
+with no correct prediction (a randomly initialised model) plots its radius histogram without a warning."""
 
 import pytest
 import torch
@@ -42,3 +43,18 @@ def test_a_zero_initialised_residual_branch_is_bounded(dense_max_entries):
     assert exact <= bound.upper <= exact * (1 + 1e-3)
     branch = [layer for layer in bound.per_layer if "conv" in layer.path]
     assert branch and branch[0].upper == 0.0
+
+
+@pytest.mark.parametrize("correct", [[False, False], [True, False]])
+def test_the_radius_histogram_draws_without_a_warning_when_nothing_is_correct(correct):
+    import warnings
+
+    from sturdy.experiments.lipschitz_certify import plot_radius_histogram
+    from sturdy.lipschitz.certify import Certificate
+
+    cert = Certificate(radius=torch.zeros(2, dtype=torch.float64), predicted=torch.zeros(2, dtype=torch.long),
+                       correct=torch.tensor(correct), bound=None, form="pairwise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when a log scale has no positive value
+        fig = plot_radius_histogram({"model": cert})
+    assert fig.axes[0].get_yscale() == ("log" if any(correct) else "linear")

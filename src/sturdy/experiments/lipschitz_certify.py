@@ -96,7 +96,8 @@ def plot_radius_histogram(certs: Dict[str, Certificate]) -> Figure:
         ax.hist(cert.radius[cert.correct].numpy(), bins=bins, alpha=0.55, label=name)
     ax.set_xlabel("certified L2 radius")
     ax.set_ylabel("test points")
-    ax.set_yscale("log")
+    if any(bool(c.correct.any()) for c in certs.values()):  # no correct point: nothing to put on a log scale
+        ax.set_yscale("log")
     ax.legend()
     ax.set_title("Certified radii (correct predictions)")
     fig.tight_layout()
