@@ -6,12 +6,13 @@ Usage (every rank)::
     ddp = DistributedDataParallel(model)
     state = VarianceCompressionState(statistics=stats, alpha=4.0)
     ddp.register_comm_hook(state, variance_hook)
+    ...  # each step: loss.backward(); state.observe_loss(loss.detach()); opt.step()
 
-The hook has PyTorch's shape (``hook(state, bucket) -> Future[Tensor]``, after
-``torch/distributed/algorithms/ddp_comm_hooks``): the future's tensor is the bucket's gradient averaged
-over ranks (the sum of every rank's decoded update divided by the world size). Until
-``state.iter >= start_iter`` (default 2: DDP rebuilds its buckets after the first iteration) it runs a
-plain allreduce. Residuals and accumulated variances follow parameters
+With ``momentum=m`` (momentum correction) the optimizer must run SGD without momentum. The hook has
+PyTorch's shape (``hook(state, bucket) -> Future[Tensor]``, after ``torch/distributed/algorithms/ddp_comm_hooks``):
+the future's tensor is the bucket's gradient averaged over ranks (the sum of every rank's decoded update
+divided by the world size). Until ``state.iter >= start_iter`` (default 2: DDP rebuilds its buckets after the
+first iteration) it runs a plain allreduce. Residuals and accumulated variances follow parameters
 (:class:`~sturdy.compression.residual.ResidualState`); traffic is counted by
 :class:`~sturdy.compression.traffic.TrafficMeter`.
 """
