@@ -161,7 +161,7 @@ def test_settings_are_forwarded_and_checked():
     with pytest.raises(ConfigurationError, match="settings given for measure\\(s\\) not computed: ggn_trace"):
         compute_measures(model, (x, y), names=["hessian_trace"], settings={"ggn_trace": {}})
     refused = "does not accept the settings"
-    with pytest.raises(ConfigurationError, match=rf"'hessian_trace' {refused} bogus \(accepted: probes\)"):
+    with pytest.raises(ConfigurationError, match=rf"'hessian_trace' {refused} bogus \(accepted: probes, method\)"):
         compute_measures(model, (x, y), names=["hessian_trace"], settings={"hessian_trace": {"bogus": 1}})
     # checked against the signature before anything is computed, also for measures forwarding their settings
     with pytest.raises(ConfigurationError, match=f"'pacbayes_mag_flatness' {refused} eps, magnitude_aware"):
