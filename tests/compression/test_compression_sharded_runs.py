@@ -158,7 +158,14 @@ def resumed(tmp_path_factory):
     return {"root": root, "after_crash": after_crash}
 
 
+# Bytes on the wire depend on the one-round gather's slot sizes, exchange state that is not checkpointed (the
+# first step after a resume may need a second round); what was selected and sent is compared exactly.
+SLOT_DEPENDENT = {"wire_bytes"}
+
+
 def _assert_equal(a, b, where: str) -> None:
+    if where.rsplit(".", 1)[-1] in SLOT_DEPENDENT:
+        return
     if isinstance(a, torch.Tensor):
         assert torch.equal(a, b), where
     elif isinstance(a, dict):
