@@ -306,12 +306,26 @@ def resnet(
     blocks_per_stage: int = 1,
     batchnorm: bool = True,
     layout: str = "pre",
+    bn_init: float = 1.0,
 ) -> nn.Module:
     """Small ResNet (one block per stage by default): ``layout="pre"`` pre-activation blocks, ``"post"``
-    post-activation blocks whose BatchNorm folds into the preceding convolution for the certificate."""
+    post-activation blocks whose BatchNorm folds into the preceding convolution for the certificate.
+
+    ``bn_init`` is the initial BatchNorm scale (``gamma``). Each BatchNorm multiplies the Lipschitz bound by about
+    ``gamma / sigma`` of its input, and on small inputs (8x8 digits) ``sigma`` is small: at ``gamma = 1`` the
+    initial bound is thousands of times the plain CNN's, the LMT margin term ``c L`` dominates the loss and the
+    run can collapse to chance; ``bn_init=0.25`` starts near the CNN's bound (BENCHMARKS.md)."""
     if not widths or min(widths) < 1 or blocks_per_stage < 1:
         raise ConfigurationError("resnet needs non-empty positive widths and blocks_per_stage >= 1")
-    return ResNet(in_shape, num_classes, widths, blocks_per_stage, batchnorm, layout=layout)
+    if not (0 < bn_init < float("inf")):
+        raise ConfigurationError(f"resnet bn_init (the initial BatchNorm scale) must be positive, got {bn_init!r}")
+    model = ResNet(in_shape, num_classes, widths, blocks_per_stage, batchnorm, layout=layout)
+    if bn_init != 1.0:
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.fill_(bn_init)
+    return model
 
 
 @register_model("wrn")
