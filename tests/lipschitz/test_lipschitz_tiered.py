@@ -125,8 +125,13 @@ MASKED_NORM_ABS = 1e-5  # times the operator's norm: the rounding slack is added
 
 @pytest.mark.parametrize("shape, inactive", [((12, 40), 0.3), ((40, 12), 0.1), ((40, 12), 0.7), ((30, 30), 1.0)],
                          ids=["row-side", "column-downdate", "column-direct", "all-inactive"])
-def test_masked_operator_norms_bound_the_dense_svd_of_the_kept_rows(shape, inactive):
+@pytest.mark.parametrize("chunk", [None, 100], ids=["one-chunk", "many-chunks"])
+def test_masked_operator_norms_bound_the_dense_svd_of_the_kept_rows(shape, inactive, chunk, monkeypatch):
+    from sturdy.lipschitz import tiered
     from sturdy.lipschitz.tiered import _MaskedNorm
+
+    if chunk is not None:  # small chunks: the masked rows' products point by point, no outer products
+        monkeypatch.setattr(tiered, "_CHUNK_ENTRIES", chunk)
 
     gen = torch.Generator().manual_seed(3)
     dense = torch.randn(*shape, generator=gen, dtype=torch.float64)

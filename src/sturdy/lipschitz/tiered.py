@@ -44,6 +44,7 @@ TIERED_MAX_DENSE_ENTRIES = 1 << 21  # largest operator whose rows are masked
 TIERED_MAX_GRAM_SIDE = 256  # largest smaller side of a masked operator (one Gram matrix of this side per point)
 ESTIMATE_MARGIN = 1e-6  # the Cholesky certificate tests the power estimate raised by this (bound loose by <= half)
 _POWER_STEPS = 10
+_CHUNK_ENTRIES = 1 << 24  # temporary float64 entries of one chunk of masked Gram matrices (128 MiB)
 _ACTIVE_SLACK = 1e-9  # relative slack of the activity test (float64 rounding of value + deviation)
 
 
@@ -73,6 +74,7 @@ class _MaskedNorm:
         # by at most _gram_relative_error * ||A||^2 (norms.py); twice that for the downdate's second product
         self.slack = 2.0 * _gram_relative_error(rows, cols) * max(norm, float(dense.abs().max())) ** 2 * 2.0
         self.start = torch.linalg.eigh(self.gram)[1][:, -1]  # the unmasked operator's top vector: warm start
+        self._outer: Optional[torch.Tensor] = None
 
     def __call__(self, active: torch.Tensor) -> torch.Tensor:
         """Bounds ``(P,)`` float64 for masks ``active`` ``(P, rows)`` (True: the row may be active)."""
@@ -87,18 +89,33 @@ class _MaskedNorm:
         return (lam + self.slack).clamp_min(0.0).sqrt().clamp_max(self.norm)
 
     def _column_gram(self, active: torch.Tensor) -> torch.Tensor:
-        """``A^T D_p A``: the full Gram matrix less the inactive rows' products (or the active rows' sum)."""
+        """``A^T D_p A``: the full Gram matrix less the inactive rows' products when few rows are inactive, else
+        one matrix product of the masks with every row's outer product (or the masked rows' products), in chunks
+        of points of at most ``_CHUNK_ENTRIES`` temporary entries."""
         inactive = ~active
-        counts = inactive.sum(dim=1)
-        k = int(counts.max())
+        rows, cols = self.dense.shape
+        k = int(inactive.sum(dim=1).max())
         if k == 0:
             return self.gram[None].expand(active.shape[0], -1, -1).clone()
-        if 2 * k <= active.shape[1]:
+        if 4 * k <= rows:
             order = torch.argsort(inactive.to(torch.int8), dim=1, descending=True, stable=True)[:, :k]
-            rows = self.dense[order] * inactive.gather(1, order)[..., None].to(torch.float64)  # (P, k, cols)
-            return self.gram[None] - rows.mT @ rows
-        a = self.dense[None] * active[..., None].to(torch.float64)
-        return a.mT @ a
+            step = max(1, _CHUNK_ENTRIES // (k * cols))
+            parts = []
+            for lo in range(0, active.shape[0], step):
+                o = order[lo : lo + step]
+                r = self.dense[o] * inactive[lo : lo + step].gather(1, o)[..., None].to(torch.float64)
+                parts.append(self.gram[None] - r.mT @ r)
+            return torch.cat(parts)
+        if rows * cols * cols <= _CHUNK_ENTRIES:
+            if self._outer is None:  # every row's outer product, flattened: (rows, cols * cols)
+                self._outer = (self.dense[:, :, None] * self.dense[:, None, :]).reshape(rows, cols * cols)
+            return (active.to(torch.float64) @ self._outer).reshape(-1, cols, cols)
+        step = max(1, _CHUNK_ENTRIES // (rows * cols))
+        parts = []
+        for lo in range(0, active.shape[0], step):
+            a = self.dense[None] * active[lo : lo + step, :, None].to(torch.float64)
+            parts.append(a.mT @ a)
+        return torch.cat(parts)
 
 
 def _lambda_max_upper(g: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
