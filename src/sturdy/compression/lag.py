@@ -24,8 +24,10 @@ loss 0.7 -> 2.4). The **loss watch** does: the training loss, when the caller gi
 (:meth:`LagMonitor.observe_loss`; the command line gives every epoch's mean training loss), is averaged
 over windows of ``loss_window`` observations, and :class:`CompressionLagWarning` is emitted once when
 
-* **the loss climbs back**: a window's mean exceeds ``LOSS_RISE`` times the best window mean so far plus
-  ``LOSS_MARGIN`` (healthy runs only decrease up to noise, which a window mean and the margin absorb); or
+* **the loss climbs back**: ``RISE_WINDOWS`` windows in a row exceed ``LOSS_RISE`` times the best window mean
+  so far plus ``LOSS_MARGIN`` (healthy runs only decrease up to noise, which window means, the margin and the
+  repetition absorb: a single late spike of a small loss, 0.29 -> 0.50 -> 0.29 on ``tokmlp`` with momentum
+  correction, does not count); or
 * **the loss stalls**: after ``STALL_WINDOWS`` windows the best window mean is still above ``STALL_FRACTION``
   of the first window's (``tokmlp`` at alpha 5: 0.86 after 8 windows of 20 steps, where plain training is
   at 0.24 and momentum correction at 0.68). A model that learns slowly in any case (a large data set whose
@@ -57,6 +59,7 @@ LOSS_RISE = 1.5  # a loss window above LOSS_RISE * best window + LOSS_MARGIN: th
 LOSS_MARGIN = 0.1  # nats: absorbs the noise of small losses late in training
 LOSS_WINDOW = 20  # per-step losses averaged per window (the command line gives epoch means: window 1)
 LOSS_WARMUP = 2  # windows before the loss watch may warn
+RISE_WINDOWS = 2  # consecutive windows above the rise threshold
 STALL_WINDOWS = 8  # windows after which the loss must have fallen below STALL_FRACTION of the first window's
 STALL_FRACTION = 0.8
 
@@ -108,6 +111,7 @@ class LagMonitor:
         self._loss_sum: Number = 0.0  # current window's sum (a 0-d tensor is read once per window)
         self._loss_count = 0
         self._windows = 0
+        self._above = 0  # consecutive windows above the rise threshold
         self._first: Optional[float] = None
         self._best: Optional[float] = None
         self._last: Optional[float] = None
@@ -157,9 +161,10 @@ class LagMonitor:
             self._first = mean
         if self._best is None or mean < self._best:
             self._best = mean
+        self._above = self._above + 1 if mean > LOSS_RISE * self._best + LOSS_MARGIN else 0
         if self.loss_warned or self._windows <= LOSS_WARMUP:
             return
-        if mean > LOSS_RISE * self._best + LOSS_MARGIN:
+        if self._above >= RISE_WINDOWS:
             what = f"rose to {mean:.3g} from a best of {self._best:.3g}"
         elif self._windows >= STALL_WINDOWS and self._best > STALL_FRACTION * self._first:
             what = f"stalls: its best is {self._best:.3g} after starting at {self._first:.3g}"
@@ -185,7 +190,7 @@ class LagMonitor:
         self._step = -1
         return {"steps": self.steps, "warned": self.warned, "loss_warned": self.loss_warned,
                 "avg_r2": self._avg_r2, "avg_g2": self._avg_g2, "loss_sum": float(self._loss_sum),
-                "loss_count": self._loss_count, "windows": self._windows, "first": self._first,
+                "loss_count": self._loss_count, "windows": self._windows, "above": self._above, "first": self._first,
                 "best": self._best, "last": self._last}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -195,7 +200,7 @@ class LagMonitor:
             self.loss_warned = bool(state["loss_warned"])
             self._avg_r2, self._avg_g2 = float(state["avg_r2"]), float(state["avg_g2"])
             self._loss_sum, self._loss_count = float(state["loss_sum"]), int(state["loss_count"])
-            self._windows = int(state["windows"])
+            self._windows, self._above = int(state["windows"]), int(state["above"])
             self._first = None if state["first"] is None else float(state["first"])
             self._best = None if state["best"] is None else float(state["best"])
             self._last = None if state["last"] is None else float(state["last"])
