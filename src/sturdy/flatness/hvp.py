@@ -6,12 +6,14 @@ every device gives the same estimate.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from sturdy.flatness._data import (
@@ -75,11 +77,20 @@ def probe_seed(seed: int, k: int) -> int:
     return (seed * 1_000_003 + k) % (2**63 - 1)
 
 
+@contextlib.contextmanager
+def double_backward_graph() -> Iterator[None]:
+    """Gradients kept for a second backward pass: attention (``scaled_dot_product_attention``, as in vision
+    transformers) runs on its plain math kernel, since the fused kernels (flash, memory-efficient) have no second
+    derivative."""
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
 def batch_gradient(
     model: nn.Module, x: Tensor, y: Tensor, params: List[Tensor], loss_fn: LossFn
 ) -> Tuple[Tensor, ...]:
     """Gradient of the batch's **summed** loss, with its graph kept for double backward."""
-    with torch.enable_grad():
+    with double_backward_graph():
         loss = loss_fn(model(x), y) * x.shape[0]
         return torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, materialize_grads=True)
 

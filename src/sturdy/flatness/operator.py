@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from sturdy.errors import ConfigurationError
 from sturdy.flatness._data import LossFn, default_loss, loss_batches, trainable_parameters
-from sturdy.flatness.hvp import batch_gradient, hvp
+from sturdy.flatness.hvp import batch_gradient, double_backward_graph, hvp
 from sturdy.utils import model_device_dtype
 from sturdy.validation import check_int, check_model
 
@@ -97,7 +97,7 @@ class CurvatureOperator:
 
     def _ggn_products(self, x: Tensor, cols: Sequence[List[Tensor]]) -> List[List[Tensor]]:
         """One forward pass and one vector-Jacobian graph for every column of the batch."""
-        with torch.enable_grad():
+        with double_backward_graph():
             logits = self.model(x)
             if logits.dim() != 2:
                 raise ConfigurationError(f"curvature='ggn' needs logits of shape (N, classes), got "
