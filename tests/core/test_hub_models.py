@@ -172,3 +172,11 @@ def test_every_command_on_a_hub_model(tmp_path, images, capsys, spec):
          "--out", str(tmp_path / "flat"), "--no-progress")
     assert set(json.loads((tmp_path / "flat" / "measures.json").read_text())["measures"]) == {
         "normalized_sharpness", "hessian_trace"}
+
+
+def test_flatness_of_a_vision_transformer(tmp_path, images, capsys):
+    pytest.importorskip("timm")  # attention's fused CPU kernel has no second derivative: the math kernel is used
+    _run(capsys, "flatness", "measure", "--model", "timm:vit_tiny_patch16_224", "--data", f"npz:{images}",
+         "--measures", "hessian_trace", "--limit", "4", "--out", str(tmp_path / "flat"), "--no-progress")
+    measures = json.loads((tmp_path / "flat" / "measures.json").read_text())["measures"]
+    assert np.isfinite(measures["hessian_trace"]["value"])
