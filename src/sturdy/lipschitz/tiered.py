@@ -107,9 +107,14 @@ class _MaskedNorm:
                 parts.append(self.gram[None] - r.mT @ r)
             return torch.cat(parts)
         if rows * cols * cols <= _CHUNK_ENTRIES:
-            if self._outer is None:  # every row's outer product, flattened: (rows, cols * cols)
-                self._outer = (self.dense[:, :, None] * self.dense[:, None, :]).reshape(rows, cols * cols)
-            return (active.to(torch.float64) @ self._outer).reshape(-1, cols, cols)
+            iu = torch.triu_indices(cols, cols, device=self.dense.device)
+            if self._outer is None:  # every row's outer product, its upper triangle: (rows, cols (cols + 1) / 2)
+                self._outer = self.dense[:, iu[0]] * self.dense[:, iu[1]]
+            upper = active.to(torch.float64) @ self._outer
+            g = torch.zeros((active.shape[0], cols, cols), dtype=upper.dtype, device=upper.device)
+            g[:, iu[0], iu[1]] = upper
+            g[:, iu[1], iu[0]] = upper
+            return g
         step = max(1, _CHUNK_ENTRIES // (rows * cols))
         parts = []
         for lo in range(0, active.shape[0], step):
@@ -185,20 +190,25 @@ class LocalBounds:
         recorder.run(x)
         return recorder.values
 
-    def bounds_on_ball(self, values: Dict[str, torch.Tensor], ball: torch.Tensor
+    def bounds_on_ball(self, values: Dict[str, torch.Tensor], ball: torch.Tensor, *,
+                       memo: Optional[Dict[str, Any]] = None, points: Optional[torch.Tensor] = None
                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(L(R), L_body(R))`` for every point (row of ``values``), valid on its ball of radius ``ball[p]``."""
+        """``(L(R), L_body(R))`` for every point (row of ``values``), valid on its ball of radius ``ball[p]``.
+
+        With ``memo`` (a dict kept across calls) and ``points`` (each row's index among all points of the memo),
+        a masked operator is bounded again only for the points whose mask changed since their last call."""
         one = torch.ones_like(ball)
         bound: Dict[str, Optional[torch.Tensor]] = {}
         for s in self.program.steps:
-            bound[s.name] = self._step_bound(s, bound, values, ball, one)
+            bound[s.name] = self._step_bound(s, bound, values, ball, one, memo, points)
         last = self.program.last_linear
         body = bound[last.inputs[0]] if last is not None else None
         total = bound[self.program.output]
         return (total if total is not None else torch.zeros_like(ball)), body
 
     def _step_bound(self, s: Step, bound: Dict[str, Optional[torch.Tensor]], values: Dict[str, torch.Tensor],
-                    ball: torch.Tensor, one: torch.Tensor) -> Optional[torch.Tensor]:
+                    ball: torch.Tensor, one: torch.Tensor, memo: Optional[Dict[str, Any]],
+                    points: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if s.kind == "input":
             return one
         if s.kind == "const":
@@ -217,11 +227,12 @@ class LocalBounds:
         out = prev * s.factor
         feed = self.feeds.get(s.inputs[0]) if s.relu else None
         if feed is not None and bound[feed[0].inputs[0]] is not None:
-            out = torch.minimum(out, self._relu_bound(s, feed, bound, values, ball))
+            out = torch.minimum(out, self._relu_bound(s, feed, bound, values, ball, memo, points))
         return out
 
     def _relu_bound(self, s: Step, feed: Tuple[Step, _MaskedNorm], bound: Dict[str, Optional[torch.Tensor]],
-                    values: Dict[str, torch.Tensor], ball: torch.Tensor) -> torch.Tensor:
+                    values: Dict[str, torch.Tensor], ball: torch.Tensor, memo: Optional[Dict[str, Any]],
+                    points: Optional[torch.Tensor]) -> torch.Tensor:
         """The bound after a ReLU fed by a linear operator, without the rows that stay inactive on each ball."""
         op_step, engine = feed
         q = s.inputs[0]
@@ -230,11 +241,22 @@ class LocalBounds:
         active = h + (deviation * (1 + _ACTIVE_SLACK))[:, None] >= 0
         below = bound[op_step.inputs[0]]
         assert below is not None
-        norm = torch.full_like(ball, self.norms[op_step.name])
-        masked = ~active.all(dim=1)
-        if bool(masked.any()):
-            norm[masked] = engine(active[masked])
-        return below * norm
+        if memo is None or points is None:
+            memo, points = {}, torch.arange(active.shape[0], device=active.device)
+        if q not in memo:  # every point starts with every row active: the operator's global norm
+            n = int(points.max()) + 1
+            memo[q] = (torch.ones((n, active.shape[1]), dtype=torch.bool, device=active.device),
+                       torch.full((n,), self.norms[op_step.name], dtype=ball.dtype, device=ball.device))
+        masks, norms = memo[q]
+        changed = (masks[points] != active).any(dim=1)
+        if bool(changed.any()):
+            rows, new = points[changed], active[changed]
+            norm = torch.full((new.shape[0],), self.norms[op_step.name], dtype=ball.dtype, device=ball.device)
+            masked = ~new.all(dim=1)
+            if bool(masked.any()):
+                norm[masked] = engine(new[masked])
+            masks[rows], norms[rows] = new, norm
+        return below * norms[points]
 
 
 def _global_norms(program: Program, bound: LipschitzBound) -> Dict[str, float]:
@@ -260,11 +282,12 @@ def tiered_radii(local: LocalBounds, x: torch.Tensor, logits: torch.Tensor, radi
     base = out[todo].to(x.device)
     ball, best = base.clone(), base.clone()
     live = torch.ones_like(ball, dtype=torch.bool)
+    memo: Dict[str, Any] = {}  # each point's last mask and masked norm per operator: unchanged masks are reused
     for _ in range(TIERED_ITERATIONS):
         idx = live.nonzero().flatten()
         if idx.numel() == 0:
             break
-        total, body = local.bounds_on_ball({k: v[idx] for k, v in values.items()}, ball[idx])
+        total, body = local.bounds_on_ball({k: v[idx] for k, v in values.items()}, ball[idx], memo=memo, points=idx)
         local_l = total if form == "global" else body
         assert local_l is not None
         r = torch.where(local_l > 0, base[idx] * (ref / local_l.clamp_min(1e-300)), math.inf)
