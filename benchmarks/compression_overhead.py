@@ -162,7 +162,7 @@ def _peak_step_bytes(model, x, y, with_stats, *, own_only=False):
         _route_to_buffer(stats, model)
     scope = [False] if own_only else None
     if own_only:
-        for tracked in stats._tracked:
+        for tracked in stats._hooks.tracked:
             tracked.rule = _scoped(tracked.rule, scope)
     for p in model.parameters():
         p.grad = None
