@@ -54,7 +54,8 @@ import torch
 from torch import nn
 
 from sturdy.checkpoints import check_state_dict_shapes, read_state_dict
-from sturdy.errors import CheckpointError, ConfigurationError, MissingDependencyError, SturdyError
+from sturdy.errors import CheckpointError, ConfigurationError, SturdyError
+from sturdy.model_hubs import hub_builder
 from sturdy.models import create_model
 from sturdy.normalize import Normalization, normalized, parse_normalization
 from sturdy.training.devices import resolve_device
@@ -201,7 +202,7 @@ def _builder(spec: str, args: Dict[str, Any], shape: Optional[Tuple[int, ...]],
     if kind == "registry":
         return kind, _registry_builder(target, args, shape, classes)
     if kind in _HUBS:
-        return kind, _hub_builder(kind, name, args, shape, classes)
+        return kind, hub_builder(kind, name, args, shape, classes)
     module = _import_file(target, spec) if kind == "file" else _import_module(target, spec)
     factory = _factory(module, name, spec)
     kwargs = dict(args)
@@ -250,44 +251,6 @@ def _registry_builder(name: str, args: Dict[str, Any], shape: Optional[Tuple[int
         raise ConfigurationError(f"give {', '.join(clash)} of model {name!r} as the input shape and number of "
                                  "classes, not as model arguments")
     return lambda: create_model(name, in_shape=shape[1:], num_classes=classes, **args)
-
-
-def _hub_builder(kind: str, name: str, args: Dict[str, Any], shape: Optional[Tuple[int, ...]],
-                 classes: Optional[int]) -> Builder:
-    try:
-        hub = importlib.import_module(kind)
-    except ImportError as exc:
-        extra = "pip install 'sturdy[vision]' (or torchvision)" if kind == "torchvision" else "pip install timm"
-        raise MissingDependencyError(f"model {kind}:{name} needs the {kind} package: {extra}") from exc
-    kwargs = dict(args)
-    if classes is not None:
-        kwargs.setdefault("num_classes", classes)
-    if kind == "timm":
-        if shape is not None:
-            kwargs.setdefault("in_chans", shape[1])
-        kwargs.setdefault("pretrained", False)
-        return _sized(lambda **kw: hub.create_model(name, **kw), kwargs, "img_size", shape)
-    return _sized(lambda **kw: hub.models.get_model(name, **kw), kwargs, "image_size", shape)
-
-
-def _sized(create: Callable[..., nn.Module], kwargs: Dict[str, Any], key: str,
-           shape: Optional[Tuple[int, ...]]) -> Builder:
-    """``create(**kwargs)``, told the image size (``key``: timm's ``img_size``, torchvision's ``image_size``) when
-    the input shape is known, for the models built for one size (vision transformers); a model that takes no such
-    argument (a convolutional network, any size) is built without it."""
-    if shape is None or key in kwargs or (key == "image_size" and shape[2] != shape[3]):
-        return lambda: create(**kwargs)
-    size = shape[2] if shape[2] == shape[3] else (shape[2], shape[3])
-
-    def make() -> nn.Module:
-        try:
-            return create(**kwargs, **{key: size})
-        except TypeError as exc:
-            if key not in str(exc):
-                raise
-        return create(**kwargs)
-
-    return make
 
 
 def _import_file(target: str, spec: str) -> ModuleType:
