@@ -175,3 +175,22 @@ def test_an_lmt_run_collapsing_to_chance_warns_once_naming_the_remedy(tmp_path):
     collapsed = run(50.0, "collapsed")  # the margin term swamps the loss: accuracy stays at chance
     assert len(collapsed) == 1 and "lower --c" in str(collapsed[0].message)
     assert run(0.1, "healthy") == []
+
+
+def test_the_drift_check_runs_at_powers_of_two_and_at_the_last_epoch():
+    from types import SimpleNamespace
+
+    from sturdy.experiments.lipschitz import LMTDriftCheck
+
+    class Tracker:
+        def check_drift(self, model, *, tolerance, epoch):
+            return {"epoch": epoch}
+
+    check = LMTDriftCheck(Tracker(), tolerance=0.25)  # type: ignore[arg-type]
+    ctx = SimpleNamespace(model=None, config=SimpleNamespace(epochs=20))
+    for epoch in range(1, 21):
+        check.on_epoch_end(ctx, SimpleNamespace(epoch=epoch))  # type: ignore[arg-type]
+    assert [d["epoch"] for d in check.drift] == [1, 2, 4, 8, 16, 20]
+    off = LMTDriftCheck(Tracker(), tolerance=0.0)  # type: ignore[arg-type]
+    off.on_epoch_end(ctx, SimpleNamespace(epoch=1))  # type: ignore[arg-type]
+    assert off.drift == []
