@@ -8,7 +8,7 @@ table gives mean and spread over the seeds of clean accuracy, certified accuracy
 tiered), the tiered / global time per point and the seconds per training epoch; the JSON keeps every run.
 
 Models (``--models``): ``cnn`` (channels 32-64, width 128, no pooling, no BatchNorm), ``resnet-pre`` and
-``resnet-post`` (the registry's ``resnet``, ``layout=pre`` / ``post``, BatchNorm scales initialised at 0.25:
+``resnet-post`` (the registry's ``resnet``, ``layout=pre`` / ``post``, BatchNorm scales initialised at 0.1:
 at 1 the initial bound is thousands of times the CNN's and LMT collapses), ``liresnet`` and ``aol``.
 
 Runs go to parallel worker processes (``--workers``; default: one per run on a GPU, up to the CPU count, and one
@@ -43,8 +43,8 @@ import torch
 EPS = (0.1, 0.25, 0.5)
 MODELS: Dict[str, Any] = {
     "cnn": ("cnn", {"channels": (32, 64), "width": 128, "pool": "none"}),
-    "resnet-pre": ("resnet", {"layout": "pre", "bn_init": 0.25}),
-    "resnet-post": ("resnet", {"layout": "post", "bn_init": 0.25}),
+    "resnet-pre": ("resnet", {"layout": "pre", "bn_init": 0.1}),
+    "resnet-post": ("resnet", {"layout": "post", "bn_init": 0.1}),
     "liresnet": ("liresnet", {}),
     "aol": ("aol", {}),
 }

@@ -314,7 +314,7 @@ def resnet(
     ``bn_init`` is the initial BatchNorm scale (``gamma``). Each BatchNorm multiplies the Lipschitz bound by about
     ``gamma / sigma`` of its input, and on small inputs (8x8 digits) ``sigma`` is small: at ``gamma = 1`` the
     initial bound is thousands of times the plain CNN's, the LMT margin term ``c L`` dominates the loss and the
-    run can collapse to chance; ``bn_init=0.25`` starts near the CNN's bound (BENCHMARKS.md)."""
+    run can collapse to chance; ``bn_init=0.1`` starts near the CNN's bound and certified most (BENCHMARKS.md)."""
     if not widths or min(widths) < 1 or blocks_per_stage < 1:
         raise ConfigurationError("resnet needs non-empty positive widths and blocks_per_stage >= 1")
     if not (0 < bn_init < float("inf")):
