@@ -185,7 +185,9 @@ class DataSource:
 
     def _pair(self, raw: Any, index: int, seen: int) -> Batch:
         if not (isinstance(raw, (tuple, list)) and len(raw) == 2):
-            raise DataError(f"batch {index}: each batch must be an (inputs, targets) pair, got a {type(raw).__name__}")
+            got = f"{len(raw)} items" if isinstance(raw, (tuple, list)) else f"a {type(raw).__name__}"
+            raise DataError(f"batch {index}: each batch must be an (inputs, targets) pair, got {got} (map a batch of "
+                            "another form to (x, y) first, e.g. a generator ((b[0], b[1]) for b in loader))")
         try:
             x, y = torch.as_tensor(raw[0]), torch.as_tensor(raw[1])
         except (TypeError, ValueError, RuntimeError) as exc:
@@ -262,6 +264,9 @@ def data_source(data: Any, y: Optional[Tensor] = None, *, batch_size: int = 256,
     elif isinstance(data, Dataset) and hasattr(data, "__len__"):
         source, known = DataLoader(data, batch_size=batch_size, shuffle=False), len(data)
     elif isinstance(data, DataLoader):
+        if data.batch_size is None and data.batch_sampler is None:
+            raise DataError("the DataLoader has batch_size=None, so it yields single samples, not batches; give it "
+                            "a batch_size (or pass its dataset)")
         source, known = data, _loader_count(data)
     elif isinstance(data, Iterable):
         source, known = data, None

@@ -115,3 +115,14 @@ def test_batches_are_read_one_at_a_time():
     for x, _ in data_source(Stream()).batches(device=CPU, dtype=torch.float32):
         log.append(("used", x.shape[0]))
     assert log == [("read", 0), ("used", 4), ("read", 4), ("used", 4), ("read", 8), ("used", 2)]
+
+
+def test_batches_of_another_form_are_refused_naming_their_form():
+    loader = DataLoader(TensorDataset(X, Y, torch.arange(10)), batch_size=4)  # (x, y, index) batches
+    with pytest.raises(DataError, match=r"batch 0: each batch must be an \(inputs, targets\) pair, got 3 items"):
+        _read(data_source(loader))
+    with pytest.raises(DataError, match="got a dict"):
+        _read(data_source([{"x": X, "y": Y}]))
+    # a DataLoader of batch_size=None yields single samples: refused when the source is built, before any work
+    with pytest.raises(DataError, match="batch_size=None, so it yields single samples"):
+        data_source(DataLoader(TensorDataset(X, Y), batch_size=None))

@@ -75,3 +75,11 @@ def test_streamed_data_is_checked_batch_by_batch():
         certify(model, [(X[:4], y[:4]), (X[4:], torch.full((7,), 3))], self_check=False)
     with pytest.raises(DataError, match=r"batch 1 \(samples 4 to 10\): inputs of shape \(1, 3, 4\) after"):
         certify(model, [(X[:4], y[:4]), (X[4:, :, :3], y[4:])], self_check=False)
+
+
+def test_a_label_out_of_range_in_the_last_batch_is_named_by_its_batch():
+    model = _model()
+    y = _labels(model)
+    y[10] = 7
+    with pytest.raises(ConfigurationError, match=r"batch 2 \(samples 8 to 10\): labels must lie in \[0, 2\]"):
+        certify(model, DataLoader(TensorDataset(X, y), batch_size=4), self_check=False)

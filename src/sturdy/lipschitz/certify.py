@@ -106,7 +106,7 @@ def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
         raise ConfigurationError(f"y must hold integer class labels (int64), got dtype {y.dtype}")
 
 
-def _check_labels(y: torch.Tensor, logits: torch.Tensor, n: int) -> None:
+def _check_labels(y: torch.Tensor, logits: torch.Tensor, n: int, where: str = "") -> None:
     k = logits.shape[1] if logits.dim() == 2 else None
     if k is None or logits.shape[0] != n:
         raise ConfigurationError(
@@ -115,7 +115,7 @@ def _check_labels(y: torch.Tensor, logits: torch.Tensor, n: int) -> None:
         )
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
         raise ConfigurationError(
-            f"labels must lie in [0, {k - 1}] for a model with {k} classes, got labels in [{int(y.min())}, "
+            f"{where}labels must lie in [0, {k - 1}] for a model with {k} classes, got labels in [{int(y.min())}, "
             f"{int(y.max())}]"
         )
 
@@ -228,14 +228,17 @@ def _certify_pass(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.
     if tiered:
         seconds["tiered"] += time.perf_counter() - t0
     preds, radii, labels, local = [], [], [], []
-    for batch, yb in batches:
+    seen = 0
+    for index, (batch, yb) in enumerate(batches):
         t0 = time.perf_counter()
         if tuple(batch.shape[1:]) != shape[1:]:
             raise DataError(f"a batch holds samples of shape {tuple(batch.shape[1:])} after {shape[1:]}; every "
                             "sample of the data must have one shape (resize them)")
         with torch.no_grad():
             logits = check_finite_output(model(batch))  # before the rows are compared
-            _check_labels(yb, logits, batch.shape[0])
+            _check_labels(yb, logits, batch.shape[0],
+                          f"batch {index} (samples {seen} to {seen + batch.shape[0] - 1}): ")
+            seen += int(batch.shape[0])
             check_batch_rows(model, batch, logits, generator=gen)
             r = certified_radius(logits, bound=bound, form=form)
             pred = logits.argmax(dim=1)
