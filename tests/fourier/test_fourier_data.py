@@ -154,3 +154,18 @@ def test_a_dataloader_gives_the_held_out_rates_of_tensors(shifts):
     assert streamed_noise.fooling_rates == noise.fooling_rates
     with pytest.raises(ConfigurationError, match="random_noise_baseline reads the data several times"):
         random_noise_baseline(model, iter([(X, Y)]), count=13, eps=1.0, draws=2)
+
+
+def test_a_one_shot_stream_is_refused_before_its_first_batch_is_read():
+    from sturdy.fourier import fourier_combination_attack, random_noise_baseline, single_fourier_attack
+
+    model = tiny_cnn(SHAPE)
+    for attack in (single_fourier_attack, fourier_combination_attack):
+        stream = iter([(X[:7], Y[:7]), (X[7:], Y[7:])])
+        with pytest.raises(ConfigurationError, match="reads the data several times"):
+            attack(model, stream, count=13, eps=1.0)
+        assert len(list(stream)) == 2  # left untouched: the caller can still use it
+    stream = iter([(X, Y)])
+    with pytest.raises(ConfigurationError, match="reads the data several times"):
+        random_noise_baseline(model, stream, count=13, eps=1.0, draws=2)
+    assert len(list(stream)) == 1

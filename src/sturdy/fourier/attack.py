@@ -195,8 +195,7 @@ def single_fourier_attack(
                                    sizes=(initial_images, eta, screen_images, keep_frequencies, screen_configs),
                                    max_queries=max_queries)
     data = AnalysisImages(model, x, bounds=bounds, labels=False, what="the Single Fourier Attack", count=count,
-                          batch_size=batch_size)
-    data.require_passes(2)  # the clean predictions, then every round of the search
+                          batch_size=batch_size, passes=2)  # the clean predictions, then every round of the search
     eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=data.shape[1:])
     device, model_dtype, dtype = data.device, data.model_dtype, data.dtype
     n, channels, height, width = data.shape

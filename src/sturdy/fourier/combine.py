@@ -160,8 +160,8 @@ def fourier_combination_attack(
     if weights_t.dim() != 1 or len(weights_t) == 0 or not bool((weights_t > 0).all()):
         raise ConfigurationError(f"weights must be a non-empty sequence of numbers > 0, got {weights!r}")
     data = AnalysisImages(model, x, bounds=bounds, labels=False, what="the Fourier combination attack",
-                          count=count, batch_size=batch_size, work=False)
-    data.require_passes(2)  # the clean predictions, the scan, then every halving round
+                          count=count, batch_size=batch_size, work=False,
+                          passes=2)  # the clean predictions, the scan, then every halving round
     n, channels, height, width = data.shape
     eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=data.shape[1:])
     check_rounds(rounds, height, width)  # every count checked against the problem before any work

@@ -214,8 +214,7 @@ def random_noise_baseline(
     check_draws(draws)
     bounds = check_bounds(bounds)
     data = AnalysisImages(model, x, y, bounds=bounds, labels=True, what="random_noise_baseline", count=count,
-                          batch_size=batch_size, work=False)
-    data.require_passes(draws)
+                          batch_size=batch_size, work=False, passes=draws)
     eps = check_eps(eps, norm=norm, bounds=bounds, image_shape=data.shape[1:])
     gen = torch.Generator().manual_seed(seed)
     reports = []

@@ -45,10 +45,13 @@ class AnalysisImages:
         streamed: the images are read batch by batch (not held as tensors).
 
     ``work``: the images are in the perturbation dtype (:func:`work_dtype`), else in the model's own.
+    ``passes``: how many times the analysis reads the data (a one-shot source is refused when more than one,
+    before its first batch is read).
     """
 
     def __init__(self, model: Model, x: Any, y: Any = None, *, bounds: Bounds, labels: bool, what: str,
-                 count: Optional[int] = None, batch_size: Optional[int] = None, work: bool = True) -> None:
+                 count: Optional[int] = None, batch_size: Optional[int] = None, work: bool = True,
+                 passes: int = 1) -> None:
         self.streamed = not isinstance(x, Tensor)
         self.what = what
         if not self.streamed:
@@ -64,6 +67,7 @@ class AnalysisImages:
             raise ConfigurationError(f"{what}: labels y go with image tensors x; a Dataset or an iterable of batches "
                                      "carries its labels in its (x, y) pairs")
         self.source = data_source(x, batch_size=batch_size or DATA_BATCH, count=count)
+        self.require_passes(passes)  # before the first batch is read: a one-shot source is left untouched
         if self.source.count is None:
             raise ConfigurationError(f"{what} needs the number of images before it starts; pass count=N with an "
                                      "iterable of batches")
