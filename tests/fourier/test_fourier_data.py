@@ -169,3 +169,11 @@ def test_a_one_shot_stream_is_refused_before_its_first_batch_is_read():
     with pytest.raises(ConfigurationError, match="reads the data several times"):
         random_noise_baseline(model, stream, count=13, eps=1.0, draws=2)
     assert len(list(stream)) == 1
+
+
+def test_a_label_out_of_range_in_a_streamed_batch_is_named_by_its_batch():
+    model = tiny_cnn(SHAPE)
+    y = Y.clone()
+    y[12] = 9
+    with pytest.raises(DataError, match=r"batch 2 \(samples 10 to 12\): targets must be class indices in \[0, "):
+        fourier_heatmap(model, DataLoader(TensorDataset(X, y), batch_size=5), eps=1.0, frequencies=[(0, 1)])

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from sturdy.datasource import data_source
 from sturdy.errors import ConfigurationError, DataError
-from sturdy.fourier._common import Model, check_labels
+from sturdy.fourier._common import Model, call_model, check_labels
 from sturdy.fourier.batching import BatchSizer, ModelRunner, work_dtype
 from sturdy.fourier.perturbation import Bounds, check_images
 from sturdy.fourier.search import count_fooled
@@ -76,6 +76,7 @@ class AnalysisImages:
         self.dtype = work_dtype(floating) if work else floating
         self._labels = labels
         self._bounds = bounds
+        self._model = model
         self._pending: Optional[Iterator[Tuple[Tensor, Tensor]]] = self._read()
         self._first = next(self._pending)  # the image shape, before any work
         self.shape = (self.source.count, *self._first[0].shape[1:])
@@ -99,7 +100,13 @@ class AnalysisImages:
         def check(x: Tensor, name: str) -> None:
             check_images(x, self._bounds, name=name)
 
-        return self.source.batches(device=self.device, dtype=self.dtype, classes=self._labels, check_x=check)
+        def classes(x: Tensor) -> int:  # the model's output width, from one image: labels are checked per batch
+            floating = self.model_dtype if self.model_dtype.is_floating_point else x.dtype
+            with torch.no_grad():
+                return int(call_model(self._model, x[:1].to(floating)).shape[1])
+
+        return self.source.batches(device=self.device, dtype=self.dtype, classes=self._labels, check_x=check,
+                                   num_classes=classes if self._labels else None)
 
     def passes(self) -> Pass:
         """One pass over the images as ``(offset, x, y)`` (``y`` ``None`` without ``labels``)."""
