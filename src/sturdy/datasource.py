@@ -14,9 +14,9 @@ plus an optional sample ``count`` (as curvlinops' ``num_data``). Reading (:meth:
 batch as it arrives with the rules of :mod:`sturdy.validation` (a pair of one sample count; samples of the first
 batch's shape; finite inputs of a floating-point dtype; with ``classes``, integer labels ``(N,)`` inside the
 model's class range), moves it to the model's device and dtype, and names the batch (its index and samples) in the
-:class:`~sturdy.errors.DataError` of a bad one. At the end of the pass a sample count other than the given ``count``
-is refused. The next batch is read only when the consumer asks for it: a streamed analysis holds one batch on the
-device at a time.
+:class:`~sturdy.errors.DataError` of a bad one. A batch that goes past the given ``count`` is refused when it
+arrives, and at the end of the pass a sample count other than ``count``. The next batch is read only when the
+consumer asks for it: a streamed analysis holds one batch on the device at a time.
 
 ``uint8`` pixels (0..255) of an ``ImageDataset`` (the memory-mapped caches of :mod:`sturdy.datasets`) become
 ``[0, 1]`` per batch, on the device; other integer inputs follow :func:`sturdy.validation.check_inputs` (refused,
@@ -156,6 +156,7 @@ class DataSource:
             if n == 0:
                 continue
             where = f"batch {index} (samples {seen} to {seen + n - 1})"
+            _check_within_count(seen + n, self.count, where)
             sample = tuple(x.shape[1:]) if sample is None else sample
             if tuple(x.shape[1:]) != sample:
                 raise DataError(f"{where}: inputs of shape {tuple(x.shape[1:])} after {sample}; every sample must have "
@@ -216,6 +217,13 @@ def _check_finite_samples(x: Tensor, first: int, where: str) -> None:
             bad = (~finite).nonzero()
             raise DataError(f"{where}: inputs hold NaN or inf values in {len(bad)} sample(s), the first is sample "
                             f"{int(bad[0, 0]) + first}; remove or repair them (e.g. torch.nan_to_num) first")
+
+
+def _check_within_count(seen: int, count: Optional[int], where: str) -> None:
+    """Refuse a batch that goes past the given sample count, before a consumer sized by the count sees it."""
+    if count is not None and seen > count:
+        raise DataError(f"{where}: the data holds more samples than its count says ({count}); pass the count of "
+                        "samples the batches hold (or none)")
 
 
 def _check_range(y: Tensor, k: int, where: str) -> None:

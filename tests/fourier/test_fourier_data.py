@@ -177,3 +177,15 @@ def test_a_label_out_of_range_in_a_streamed_batch_is_named_by_its_batch():
     y[12] = 9
     with pytest.raises(DataError, match=r"batch 2 \(samples 10 to 12\): targets must be class indices in \[0, "):
         fourier_heatmap(model, DataLoader(TensorDataset(X, y), batch_size=5), eps=1.0, frequencies=[(0, 1)])
+
+
+def test_a_count_smaller_than_the_stream_is_refused_at_the_batch_that_passes_it():
+    model = tiny_cnn(SHAPE)
+
+    class Stream:
+        def __iter__(self):
+            for start in range(0, 13, 5):
+                yield X[start : start + 5], Y[start : start + 5]
+
+    with pytest.raises(DataError, match=r"batch 2 \(samples 10 to 12\): the data holds more samples than its count"):
+        fourier_heatmap(model, Stream(), count=11, eps=1.0, frequencies=[(0, 1)])
