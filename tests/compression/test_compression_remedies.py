@@ -298,3 +298,17 @@ def test_the_command_line_hands_the_momentum_to_the_hook():
     assert state.lag_report().loss_windows == 1
     plain, _ = create_compression("vgc", model=torch.nn.Linear(2, 2))
     assert plain.momentum == 0.0 and "velocity" not in plain.buffer_kinds
+
+
+@pytest.mark.parametrize("settings", [dict(compress="topk"), dict(optimizer="adam"), dict(momentum=0.0)])
+def test_momentum_correction_is_refused_where_there_is_no_momentum_to_move(settings):
+    from sturdy.experiments import compression as exp
+    from sturdy.experiments.train_job import TrainJob
+
+    options = {"compress": settings.pop("compress", "vgc"), "nproc": 2, "momentum_correction": "on"}
+    job = TrainJob.from_dict(dict(model="mlp", **{"optimizer": "sgd", "momentum": 0.9, **settings}, options=options))
+    with pytest.raises(ConfigurationError, match="--momentum-correction on"):
+        exp.training_plugin(job)
+    ok = TrainJob.from_dict(dict(model="mlp", optimizer="sgd", momentum=0.9,
+                                 options={"compress": "vgc", "nproc": 2, "momentum_correction": "on"}))
+    assert exp.training_plugin(ok) is not None

@@ -300,6 +300,7 @@ def training_plugin(job: TrainJob) -> Optional[CompressionPlugin]:
     if job.options.get("shard") and opts["compress"] not in SHARDED_METHODS:
         raise ConfigurationError(f"--compress {opts['compress']} has no sharded form; with --shard use one of "
                                  f"{', '.join(SHARDED_METHODS)}, or drop --shard (DDP)")
+    _check_momentum_correction(opts, job)
     explicit = job.options.get("explicit_options")
     adam = job.config.optimizer == "adam" and (explicit is None or "optimizer" in explicit)
     if adam and os.environ.get("RANK", "0") == "0":
@@ -309,6 +310,18 @@ def training_plugin(job: TrainJob) -> Optional[CompressionPlugin]:
     if opts["compress"] == "vgc":
         warm_up()  # compile the kernels once here: workers then load them from numba's cache
     return CompressionPlugin(opts)
+
+
+def _check_momentum_correction(opts: Dict[str, Any], job: TrainJob) -> None:
+    """``--momentum-correction on`` moves the SGD momentum into the vgc hook: refused where there is none to move
+    (another method, another optimizer, a momentum of 0) instead of being silently ignored."""
+    if opts["momentum_correction"] != "on":
+        return
+    if opts["compress"] != "vgc":
+        raise _option_error("momentum_correction", f"on is implemented for --compress vgc only, not {opts['compress']}")
+    if job.config.optimizer != "sgd" or not job.config.momentum:
+        raise _option_error("momentum_correction", "on needs momentum SGD (--optimizer sgd with --momentum > 0), "
+                            f"got --optimizer {job.config.optimizer} --momentum {job.config.momentum:g}")
 
 
 def run_distributed_training(job: TrainJob, *, plugins: Optional[Sequence[TrainPlugin]] = None, resume: bool = True,
