@@ -85,6 +85,8 @@ def test_cli_defaults():
         (["flatness", "grid", "--out", "OUT", "--bootstrap", "-1"], "expected an integer >= 0"),
         (["flatness", "measure", "--checkpoint", "CKPT", "--out", "OUT", "--trace-method", "lanczos"],
          "invalid choice: 'lanczos'"),
+        (["flatness", "measure", "--checkpoint", "CKPT", "--out", "OUT", "--measures", "ggn_trace", "--trace-method",
+          "xtrace"], "--trace-method xtrace is the estimator of the hessian_trace measure, which --measures leaves"),
     ],
 )
 def test_cli_errors(argv, message, checkpoint, tmp_path, capsys):

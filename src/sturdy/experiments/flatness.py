@@ -85,7 +85,7 @@ def register_cli(subparsers: Any) -> None:
                    help="measure on the first N training samples only (default: the whole training split)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
     p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--trace-method", choices=TRACE_METHODS, default="hutchinson",
+    p.add_argument("--trace-method", choices=TRACE_METHODS, default=None,
                    help="estimator of the hessian_trace measure at its 100 Hessian-vector products: plain "
                         "Hutchinson probes (default), Hutch++ or XTrace (variance-reduced)")
     p.add_argument("--no-progress", action="store_true")
@@ -208,6 +208,9 @@ def _cmd_measure(args: argparse.Namespace) -> int:
             raise ConfigurationError(
                 f"unknown measure(s) {', '.join(unknown)}; choose from: {', '.join(available_measures())}"
             )
+        if args.trace_method is not None and "hessian_trace" not in names:
+            raise ConfigurationError(f"--trace-method {args.trace_method} is the estimator of the hessian_trace "
+                                     "measure, which --measures leaves out; add it or drop --trace-method")
     from sturdy.experiments.jsonio import results_path
     from sturdy.training import resolve_device
 
@@ -216,7 +219,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     result = measure_model(sources.model, sources.train_set, sources.test_set, job=sources.job,
                            record=sources.record, out=args.out, measures=names, limit=args.limit,
                            device=args.device, seed=args.seed, progress=not args.no_progress,
-                           settings={"hessian_trace": {"method": args.trace_method}})
+                           settings={"hessian_trace": {"method": args.trace_method or "hutchinson"}})
     print(f"gap (train - test accuracy) {result['gap']:.4f}")
     for name, m in result["measures"].items():
         print(f"  {name:30s} {m['value']:.6g}")
