@@ -189,3 +189,12 @@ def test_a_count_smaller_than_the_stream_is_refused_at_the_batch_that_passes_it(
 
     with pytest.raises(DataError, match=r"batch 2 \(samples 10 to 12\): the data holds more samples than its count"):
         fourier_heatmap(model, Stream(), count=11, eps=1.0, frequencies=[(0, 1)])
+
+
+def test_the_gradient_spectrum_names_the_streamed_batch_of_a_label_out_of_range():
+    from sturdy.fourier import gradient_spectrum
+
+    y = Y.clone()
+    y[12] = 9
+    with pytest.raises(DataError, match=r"batch 2 \(samples 10 to 12\): y must lie in \[0, "):
+        gradient_spectrum(tiny_cnn(SHAPE), DataLoader(TensorDataset(X, y), batch_size=5))

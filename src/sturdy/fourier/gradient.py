@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sturdy.datasource import data_source
-from sturdy.errors import ConfigurationError
+from sturdy.errors import ConfigurationError, DataError
 from sturdy.fourier._common import Model, call_model, check_batch_size, check_label_range, check_labels, in_eval_mode
 from sturdy.fourier.basis import half_plane, to_full_map
 from sturdy.fourier.perturbation import Bounds, check_images
@@ -58,6 +58,14 @@ class GradientSpectrum:
 
 
 @in_eval_mode
+def _check_batch_labels(y: Tensor, logits: Tensor, index: int, first: int) -> None:
+    """The labels of a streamed batch against the model's classes, the batch named in the error."""
+    try:
+        check_label_range(y, logits)
+    except DataError as exc:
+        raise DataError(f"batch {index} (samples {first} to {first + len(y) - 1}): {exc}") from None
+
+
 def gradient_spectrum(
     model: Model, x: Any, y: Optional[Tensor] = None, *, batch_size: int = 256, bounds: Bounds = (0.0, 1.0)
 ) -> GradientSpectrum:
@@ -87,12 +95,15 @@ def gradient_spectrum(
             device=device, dtype=dtype, check_x=lambda xb, name: check_images(xb, bounds, name=name))
     power: Optional[Tensor] = None
     n = 0
-    for xb, yb in batches:
+    for index, (xb, yb) in enumerate(batches):
         xs = xb.to(device=device, dtype=dtype).requires_grad_(True)
         with torch.enable_grad():
             logits = call_model(model, xs)
-            if n == 0 or not isinstance(x, Tensor):
-                check_label_range(y if isinstance(x, Tensor) else yb, logits)
+            if isinstance(x, Tensor):
+                if n == 0:
+                    check_label_range(y, logits)
+            else:
+                _check_batch_labels(yb, logits, index, n)
             loss = F.cross_entropy(logits, yb.to(device), reduction="sum")
             (grad,) = torch.autograd.grad(loss, xs)
         spec = torch.fft.rfft2(grad.double())
