@@ -57,7 +57,6 @@ class GradientSpectrum:
         return {"n_images": self.n_images, "seconds": self.seconds, "power_map": self.full().tolist()}
 
 
-@in_eval_mode
 def _check_batch_labels(y: Tensor, logits: Tensor, index: int, first: int) -> None:
     """The labels of a streamed batch against the model's classes, the batch named in the error."""
     try:
@@ -66,6 +65,7 @@ def _check_batch_labels(y: Tensor, logits: Tensor, index: int, first: int) -> No
         raise DataError(f"batch {index} (samples {first} to {first + len(y) - 1}): {exc}") from None
 
 
+@in_eval_mode
 def gradient_spectrum(
     model: Model, x: Any, y: Optional[Tensor] = None, *, batch_size: int = 256, bounds: Bounds = (0.0, 1.0)
 ) -> GradientSpectrum:
