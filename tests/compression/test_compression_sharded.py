@@ -91,6 +91,19 @@ def test_statistics_of_the_sharded_model_equal_the_unsharded_ones(one_rank_group
                                    msg=name)
 
 
+def test_blocks_sharing_a_weight_stay_in_the_models_unit(one_rank_group):
+    """FSDP2 manages a parameter in one unit: tied blocks are not sharded on their own (the whole model's unit
+    holds them), the others still are, and the model trains."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 3))
+    model[2].weight = model[0].weight
+    groups = shard_model(model)
+    assert [g.module for g in groups if g.module is not model] == [model[3]]
+    assert sorted(n for g in groups for n in g.names) == sorted(n for n, _ in model.named_parameters())
+    nn.functional.cross_entropy(model(torch.rand(5, 4)), torch.randint(0, 3, (5,))).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def _job(**options):
     return TrainJob.from_dict(dict(dataset="digits", model="mlp", out="unused", options=options))
 

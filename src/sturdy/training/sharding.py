@@ -102,7 +102,7 @@ def shard_model(model: nn.Module, *, blocks: Optional[Sequence[nn.Module]] = Non
     kw: Dict[str, Any] = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
     if mixed_precision is not None:
         kw["mp_policy"] = mixed_precision
-    for block in shard_blocks(model) if blocks is None else blocks:
+    for block in _untied(model, shard_blocks(model) if blocks is None else blocks):
         fully_shard(block, **kw)
     fully_shard(model, **kw)
     groups: List[ShardGroup] = []
@@ -115,6 +115,17 @@ def shard_model(model: nn.Module, *, blocks: Optional[Sequence[nn.Module]] = Non
             groups.append(ShardGroup(len(groups), module, tuple(names[id(p)] for p in params), params,
                                      tuple(p.shape for p in params)))
     return tuple(groups)
+
+
+def _untied(model: nn.Module, blocks: Sequence[nn.Module]) -> List[nn.Module]:
+    """``blocks`` less those sharing a parameter with another block or with ``model`` itself (tied weights):
+    FSDP2 manages a parameter in one unit only, so those stay in the whole model's unit."""
+    counts: Dict[int, int] = {}
+    owners = [list(b.parameters()) for b in blocks] + [list(model.parameters(recurse=False))]
+    for params in owners:
+        for p in {id(p) for p in params}:
+            counts[p] = counts.get(p, 0) + 1
+    return [b for b, params in zip(blocks, owners) if all(counts[id(p)] == 1 for p in params)]
 
 
 def _param_groups(module: nn.Module) -> List[Any]:
