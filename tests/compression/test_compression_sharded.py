@@ -166,3 +166,24 @@ def test_a_method_without_a_sharded_form_is_refused_before_any_worker_starts():
         check_shardable_plugins(job, [LMTPlugin()])
     check_shardable_plugins(job, [training_plugin(_job(nproc=2, shard=True, compress="vgc"))])
     check_shardable_plugins(_job(nproc=2), [LMTPlugin()])  # DDP takes every method
+
+
+def test_vgc_under_shard_refuses_a_layer_without_a_per_sample_rule():
+    from sturdy.errors import UnsupportedModuleError
+    from sturdy.experiments.compression import CompressionPlugin
+    from sturdy.experiments.train_job import TrainContext
+
+    class Own(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(4, 3))
+
+        def forward(self, x):
+            return x @ self.w
+
+    job = _job(compress="vgc", nproc=2, shard=True)
+    ctx = TrainContext(job=job, input_shape=(1, 4), num_classes=3, steps_per_epoch=2, device=torch.device("cpu"))
+    plugin = CompressionPlugin(compression_options(job))
+    with pytest.raises(UnsupportedModuleError, match=r"'1' \(Own\) has no per-sample gradient rule"):
+        plugin.setup(nn.Sequential(nn.Linear(4, 4), Own()), ctx)
+    assert plugin.setup(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3)), ctx).shard_hook is not None

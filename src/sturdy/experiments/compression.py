@@ -169,6 +169,8 @@ class CompressionPlugin:
             raise ConfigurationError(f"--compress {opts['compress']} has no sharded form (--shard)")
         if shard and opts["compress"] == "none":
             return TrainHooks()  # FSDP2's own reduce-scatter
+        if shard and opts["compress"] == "vgc":
+            _check_sharded_statistics(model)
         momentum = hook_momentum(opts, ctx.job)
         state, hook = create_compression(
             opts["compress"],
@@ -203,6 +205,21 @@ class CompressionPlugin:
     def resume_identity(self) -> Dict[str, Any]:
         """A resumed run keeps the compression method and its settings (:func:`resume_settings`)."""
         return {"compression": resume_settings(self.options)}
+
+
+def _check_sharded_statistics(model: nn.Module) -> None:
+    """vgc under FSDP2 reads per-sample statistics of registered layer rules only: the torch.func fallback needs
+    the unsharded parameters, which FSDP2 has resharded when the statistics hook runs."""
+    from sturdy.errors import UnsupportedModuleError
+    from sturdy.persample import generic_rule
+    from sturdy.persample.registry import rule_for
+
+    for path, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)) and rule_for(module) is generic_rule:
+            raise UnsupportedModuleError(
+                f"module {path or '(the model)'!r} ({type(module).__name__}) has no per-sample gradient rule, "
+                "which --shard --compress vgc needs; drop --shard (DDP) or use --compress strom|topk|none",
+                module=module, path=path)
 
 
 def hook_momentum(opts: Dict[str, Any], job: TrainJob) -> float:
