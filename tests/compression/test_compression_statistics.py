@@ -11,6 +11,7 @@ from sturdy.persample import per_sample_squared_gradients
 
 REL_TOL = 1e-9
 ABS_TOL = 1e-12
+BF16_REL_NORM = 0.05  # bf16 keeps 8 bits of mantissa: the sums' relative error (norm) through the network
 
 
 def _ce(logits, targets):
@@ -145,3 +146,23 @@ def test_routed_statistics_go_straight_into_the_target_and_are_not_stored():
         stats.route(params[0], torch.zeros(3))
     with pytest.raises(ConfigurationError, match="not tracked"):
         stats.route(torch.zeros(2), torch.zeros(2))
+
+
+def test_statistics_under_bf16_autocast_are_close_to_float32():
+    """Under autocast a layer's input is float32 and its output gradient bf16: the rules see both in float32."""
+    import copy
+
+    from sturdy.compression import attach_squared_gradient_statistics
+    from sturdy.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cnn", in_shape=(1, 8, 8), num_classes=10)
+    plain = copy.deepcopy(model)
+    stats, plain_stats = attach_squared_gradient_statistics(model), attach_squared_gradient_statistics(plain)
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    torch.nn.functional.cross_entropy(plain(x), y).backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        got, want = stats.get(p), plain_stats.get(q)
+        assert float((got.float() - want).norm() / want.norm()) < BF16_REL_NORM

@@ -239,7 +239,10 @@ class SquaredGradientHooks:
                 self._computing = True
                 try:
                     with torch.no_grad():  # (squared_gradients, inlined: this runs for every module and step)
-                        result = tracked.rule(module, saved[0], delta.detach(), self._budget(tracked))
+                        a, d = saved[0], delta.detach()
+                        if {a.dtype, d.dtype} & {torch.bfloat16, torch.float16}:  # autocast: float32 sums
+                            a, d = a.float(), d.float()
+                        result = tracked.rule(module, a, d, self._budget(tracked))
                 finally:
                     self._computing = False
                     saved.clear()
