@@ -80,8 +80,6 @@ __all__ = ["register_cli", "add_train_arguments", "training_plugin", "demo_secti
 DEMO_EPS = 2.0  # L2 budget on 8x8 digits in [0, 1] (image norms are about 3.5)
 
 
-# ------------------------------------------------------------------------------------------------- CLI
-
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
